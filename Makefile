@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` (local swarm) and `make test` (the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-deploy lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip -q
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/p2pfm swarm --peers 3 --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-deploy: setup
+	$(BIN)/python -m pytest -m deploy tests/deploy
+
+lint: setup
+	$(BIN)/ruff check p2pfm tests bench examples
+
+bench: setup
+	$(BIN)/p2pfm bench codecs
+
+clean:
+	rm -rf $(VENV) runs

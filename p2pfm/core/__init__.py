@@ -1,0 +1,14 @@
+"""The pure protocol core: bytes, time and randomness in; decisions and bytes out.
+
+Nothing in this package imports asyncio, socket, time, threading or hivemind (a test
+enforces it), so the live daemon and the simulator drive exactly the same code.
+
+Map:
+- ``errors.py``    typed refusals (:class:`Reject` subclasses with a :class:`RejectReason`).
+- ``identity.py``  Ed25519 keys, peer ids, PEM key files (mode 0600).
+- ``envelope.py``  the signed msgpack envelope: seal, verify, replay window, size limits.
+- ``schema.py``    strict payload schemas per message kind.
+- ``codecs.py``    update codecs (none, fp16, int8, topk) with wire validation.
+- ``feedback.py``  error feedback: the residual of what a lossy codec did not send.
+- ``gossip.py``    the gossip rules: partner choice, merge, robust aggregation, outer step.
+"""
