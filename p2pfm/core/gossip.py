@@ -1,0 +1,259 @@
+"""The gossip rules, pure: who to send to, what to send, how to merge what arrives.
+
+Algorithm (full reasoning in ``protocols/gossip.md``): *gossip SparseLoCo*.
+
+Each round a peer starts from its anchor parameters ``x``, runs H local AdamW steps to
+``y`` (done by the driver: torch in the daemon, numpy in the simulator), and forms the
+pseudo-gradient ``delta = x - y`` (DiLoCo, Douillard et al. 2023). It compresses
+``delta + residual`` with top-k + int8 and keeps what was not sent as the new residual
+(error feedback: Stich 2018, SparseLoCo 2025); it sends the compressed delta to ``fanout``
+random live peers (Epidemic Learning, de Vos 2023). At the round deadline it aggregates
+its own compressed delta with whatever arrived, robustly (clipping around its own update,
+after ClippedGossip, He et al. 2022), and takes an outer Nesterov step on the anchor.
+
+Because peers average different random subsets, their anchors drift apart slowly; every
+``sync_every`` rounds a peer pulls a random live peer's parameters and averages with them
+(:meth:`GossipLearner.mix_with`), the same pull a joining peer uses to get state.
+
+No clocks, sockets or threads: the driver passes rounds, randomness and bytes in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from p2pfm.config import require
+from p2pfm.core.codecs import CodecSpec, decode
+from p2pfm.core.errors import NonFinite, ShapeMismatch, StaleRound
+from p2pfm.core.feedback import ErrorFeedback
+
+Aggregation = Literal["mean", "clipped_mean", "trimmed_mean", "median"]
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """The gossip algorithm's knobs, shared by the daemon and the simulator."""
+
+    inner_steps: int = 10  # H local AdamW steps per round; DiLoCo uses 500 on GPUs, CPUs want fewer
+    fanout: int = 2  # peers each update is pushed to (Epidemic Learning's s); 2 keeps bits/param low
+    codec: CodecSpec = field(default_factory=CodecSpec)  # top-1% with int8 values by default
+    outer_lr: float = 1.0  # SparseLoCo: error feedback already smooths; lr 1 applies the average as is
+    outer_momentum: float = 0.0  # Nesterov momentum on the outer step (DiLoCo: 0.9 with lr 0.7)
+    aggregation: Aggregation = "clipped_mean"
+    clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
+    max_round_lag: int = 4  # updates from rounds further behind than this are refused as stale
+    sync_every: int = 10  # every N rounds pull one random peer's parameters and average (0 = never)
+    sync_weight: float = 0.5  # how far to move towards the pulled parameters
+
+    def __post_init__(self) -> None:
+        require(self.inner_steps >= 1, "gossip.inner_steps", "must be at least 1")
+        require(self.fanout >= 0, "gossip.fanout", "must be non-negative")
+        require(self.outer_lr > 0, "gossip.outer_lr", "must be positive")
+        require(0.0 <= self.outer_momentum < 1.0, "gossip.outer_momentum", "must be in [0, 1)")
+        require(
+            self.aggregation in ("mean", "clipped_mean", "trimmed_mean", "median"),
+            "gossip.aggregation",
+            "must be one of mean, clipped_mean, trimmed_mean, median",
+        )
+        require(self.clip_multiplier > 0, "gossip.clip_multiplier", "must be positive")
+        require(self.max_round_lag >= 0, "gossip.max_round_lag", "must be non-negative")
+        require(self.sync_every >= 0, "gossip.sync_every", "must be non-negative")
+        require(0.0 < self.sync_weight <= 1.0, "gossip.sync_weight", "must be in (0, 1]")
+
+
+def choose_partners(
+    live_peers: Sequence[str], self_id: str, fanout: int, rng: np.random.Generator
+) -> list[str]:
+    """``fanout`` distinct random live peers other than ourselves (fewer if fewer are live).
+
+    Sorting first makes the choice a function of the set and the RNG alone, whatever order
+    the DHT returned peers in: the simulator replays bit-for-bit.
+    """
+    candidates = sorted(set(live_peers) - {self_id})
+    if not candidates or fanout <= 0:
+        return []
+    count = min(fanout, len(candidates))
+    picks = rng.choice(len(candidates), size=count, replace=False)
+    return [candidates[i] for i in sorted(picks)]
+
+
+def aggregate(own: np.ndarray, received: Sequence[np.ndarray], config: GossipConfig) -> np.ndarray:
+    """Combine our own compressed delta with the received ones.
+
+    - ``mean``: plain average (fastest, no protection).
+    - ``clipped_mean``: each received delta is clipped to lie within
+      ``clip_multiplier * ||own||`` of our own, then everything is averaged. Our own update
+      is the one thing we trust (ClippedGossip); honest deltas of similar size pass unchanged,
+      a poisoned one moves us by at most a bounded step.
+    - ``trimmed_mean`` / ``median``: coordinate-wise, over own + received (need >= 3 to trim).
+    """
+    if not received:
+        return own.copy()
+    if config.aggregation == "mean":
+        return (own + np.sum(received, axis=0)) / (1 + len(received))
+    if config.aggregation == "clipped_mean":
+        radius = config.clip_multiplier * float(np.linalg.norm(own))
+        total = own.astype(np.float64, copy=True)
+        for update in received:
+            difference = update - own
+            distance = float(np.linalg.norm(difference))
+            if radius == 0.0:
+                # We sent nothing this round (all in the residual): accept bounded by the
+                # received update's own size; a zero-size own update cannot anchor the clip.
+                total += update
+            elif distance > radius:
+                total += own + difference * (radius / distance)
+            else:
+                total += update
+        return (total / (1 + len(received))).astype(np.float32)
+    stacked = np.stack([own, *received])  # (n, numel)
+    if config.aggregation == "median":
+        return np.median(stacked, axis=0).astype(np.float32)
+    trim = max(1, len(stacked) // 5) if len(stacked) >= 3 else 0
+    if trim == 0:
+        return stacked.mean(axis=0).astype(np.float32)
+    ordered = np.sort(stacked, axis=0)
+    return ordered[trim : len(stacked) - trim].mean(axis=0).astype(np.float32)
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, for metrics."""
+
+    round: int
+    received: int
+    own_norm: float
+    applied_norm: float
+
+
+class GossipLearner:
+    """One peer's gossip state: anchor parameters, outer momentum, error-feedback residual, inbox.
+
+    The driver calls, per round: :meth:`make_update` with the parameters after its local
+    steps (gets a wire dict to sign and send), :meth:`receive` for each verified incoming
+    update, then :meth:`finish_round` at the deadline, which returns the new anchor to load
+    into the model. Parameters are flat float32 vectors.
+    """
+
+    def __init__(self, params: np.ndarray, config: GossipConfig, *, round: int = 0) -> None:
+        if params.dtype != np.float32 or params.ndim != 1:
+            raise ValueError("params must be a flat float32 vector")
+        self.config = config
+        self.params = params.copy()
+        self.momentum = np.zeros_like(self.params)
+        self.feedback = ErrorFeedback(self.params.size)
+        self.round = round
+        self._own: np.ndarray | None = None
+        self._inbox: dict[str, np.ndarray] = {}
+
+    @property
+    def numel(self) -> int:
+        return int(self.params.size)
+
+    def make_update(self, local_params: np.ndarray) -> dict:
+        """Compress this round's pseudo-gradient (anchor - local) with error feedback."""
+        if local_params.shape != self.params.shape:
+            raise ValueError(f"local params have shape {local_params.shape}, expected {self.params.shape}")
+        delta = self.params - local_params
+        wire, sent = self.feedback.compress(delta, self.config.codec)
+        self._own = sent
+        return wire
+
+    def receive(self, sender_id: str, sender_round: int, wire: dict) -> np.ndarray:
+        """Decode and queue a verified peer's update; raises a Reject subclass if unusable.
+
+        One update per sender per round (a later one replaces an earlier one): a peer cannot
+        multiply its influence by sending many.
+        """
+        # [REJECT] STALE_ROUND: updates from far behind would drag us back to old parameters.
+        if sender_round < self.round - self.config.max_round_lag:
+            raise StaleRound(f"update for round {sender_round}, we are at round {self.round}")
+        # [REJECT] STALE_ROUND: an update claiming a round far ahead is either a clock bug or a lie.
+        if sender_round > self.round + max(self.config.max_round_lag, 1) * 4:
+            raise StaleRound(f"update claims round {sender_round}, far ahead of our round {self.round}")
+        decoded = decode(wire, expected_numel=self.numel)
+        if decoded.shape != self.params.shape:  # decode enforces it; keep the rule visible
+            raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
+        if not np.isfinite(decoded).all():
+            raise NonFinite("update contains NaN or Inf")
+        self._inbox[sender_id] = decoded
+        return decoded
+
+    def finish_round(self) -> tuple[np.ndarray, RoundReport]:
+        """Aggregate own + received deltas, take the outer step, return the new anchor."""
+        own = self._own if self._own is not None else np.zeros_like(self.params)
+        received = [self._inbox[k] for k in sorted(self._inbox)]  # order-independent result
+        combined = aggregate(own, received, self.config)
+        step = combined
+        if self.config.outer_momentum > 0.0:
+            mu = self.config.outer_momentum
+            self.momentum = mu * self.momentum + combined
+            step = combined + mu * self.momentum  # Nesterov
+        self.params = (self.params - self.config.outer_lr * step).astype(np.float32)
+        report = RoundReport(
+            round=self.round,
+            received=len(received),
+            own_norm=float(np.linalg.norm(own)),
+            applied_norm=float(np.linalg.norm(step)) * self.config.outer_lr,
+        )
+        self._own = None
+        self._inbox.clear()
+        self.round += 1
+        return self.params.copy(), report
+
+    def should_sync(self) -> bool:
+        """Whether this round ends with a parameter pull from a random peer (consensus)."""
+        every = self.config.sync_every
+        return every > 0 and self.round > 0 and self.round % every == 0
+
+    def mix_with(self, partner_params: np.ndarray, partner_round: int, weight: float | None = None) -> None:
+        """Move towards a peer's parameters (periodic sync). Rounds take the max, so laggards catch up."""
+        if partner_params.shape != self.params.shape:
+            raise ShapeMismatch(f"partner state has {partner_params.size} entries, model has {self.numel}")
+        if not np.isfinite(partner_params).all():
+            raise NonFinite("partner state contains NaN or Inf")
+        alpha = self.config.sync_weight if weight is None else weight
+        self.params = ((1.0 - alpha) * self.params + alpha * partner_params).astype(np.float32)
+        self.round = max(self.round, partner_round)
+
+    def adopt(self, params: np.ndarray, round: int) -> None:
+        """Replace our state with a live peer's (joining, or too far behind to mix)."""
+        self.mix_with(params, round, weight=1.0)
+        self.round = round
+        self.momentum[:] = 0.0
+        self.feedback.reset()
+
+    # --- checkpoints: plain arrays and ints only, nothing executable -----------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "params": self.params,
+            "momentum": self.momentum,
+            "residual": self.feedback.residual,
+            "round": np.array([self.round], dtype=np.int64),
+        }
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in ("params", "momentum", "residual"):
+            if arrays[name].shape != self.params.shape:
+                raise ValueError(
+                    f"checkpoint {name} has shape {arrays[name].shape}, expected {self.params.shape}"
+                )
+        self.params = arrays["params"].astype(np.float32).copy()
+        self.momentum = arrays["momentum"].astype(np.float32).copy()
+        self.feedback.residual[:] = arrays["residual"]
+        self.round = int(arrays["round"][0])
+
+
+def bits_per_param(wire_bytes: int, numel: int) -> float:
+    """Bits on the wire per model parameter (for one message)."""
+    return 8.0 * wire_bytes / max(1, numel)
+
+
+def expected_round_bits_per_param(message_bytes: int, numel: int, fanout: int) -> float:
+    """Bits per parameter a peer sends per round: ``fanout`` copies of one update message."""
+    return bits_per_param(message_bytes * fanout, numel) if numel else math.nan
