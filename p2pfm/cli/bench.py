@@ -1,9 +1,74 @@
-"""``p2pfm bench``: placeholder until its issue lands."""
+"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``; ``swarm`` and ``compare`` to come).
+
+To add one, write ``register_<name>(bench_subparsers)`` that declares its flags and sets
+``handler``, and append it to :data:`BENCHES`. Handlers import the bench module lazily so
+that ``p2pfm --help`` stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """No subcommands yet."""
+    """Add ``p2pfm bench`` and every bench in :data:`BENCHES` under it."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks (codecs, ...)",
+        description="Benchmarks of p2pfm's parts and of whole swarms.",
+    )
+    bench_subparsers = parser.add_subparsers(dest="bench_command", metavar="BENCH")
+
+    def show_help(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(handler=show_help)
+    for register_bench in BENCHES:
+        register_bench(bench_subparsers)
+
+
+def register_codecs(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench codecs``: bits/param and MB/s of every codec inside a signed envelope."""
+    parser = bench_subparsers.add_parser(
+        "codecs",
+        help="bits/param, encode+sign and verify+decode MB/s, error of every codec",
+        description=(
+            "Encode a random fp32 vector with every codec, seal it in a signed update envelope, "
+            "open and decode it; report bits/param on the wire, MB/s of fp32 input (one thread) "
+            "and the relative reconstruction error."
+        ),
+    )
+    parser.add_argument("--size", type=int, default=10_000_000, help="elements of the vector (default: 10,000,000)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per codec, best reported (default: 3)")
+    parser.add_argument("--topk-fraction", type=float, default=0.01, help="share of entries topk keeps (default: 0.01)")
+    parser.add_argument("--block-size", type=int, default=256, help="int8 block size (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the input vector (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
+    parser.set_defaults(handler=_run_codecs)
+
+
+def _run_codecs(args: argparse.Namespace) -> int:
+    import json
+
+    from p2pfm.bench.codecs import CodecBenchConfig, format_table, run_codec_bench
+
+    config = CodecBenchConfig(
+        size=args.size,
+        repeat=args.repeat,
+        topk_fraction=args.topk_fraction,
+        block_size=args.block_size,
+        seed=args.seed,
+    )
+    rows = run_codec_bench(config)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"p2pfm bench codecs: {config.size:,} fp32 elements, best of {config.repeat}, one thread")
+        print(format_table(rows))
+    return 0
+
+
+BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [register_codecs]
+"""Registration functions of every ``p2pfm bench`` subcommand, in help order."""
