@@ -172,7 +172,7 @@ def _canonical(value: Any) -> Any:
     """Maps with keys in sorted order (recursively), so equal payloads pack to equal bytes."""
     if isinstance(value, dict):
         return {k: _canonical(value[k]) for k in sorted(value)}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # exact types: msgpack.ExtType is a namedtuple
         return [_canonical(v) for v in value]
     return value
 
