@@ -371,11 +371,12 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
         return _dequantize_int8(fields["scales"], fields["values"], n, block)
     # topk
     k = fields["k"]
+    if fields["value_bits"] == 8:
+        block = _check_block(fields["block"])
     if not 1 <= k <= n:
         # [REJECT] k outside [1, numel].
         raise ShapeMismatch(f"k={k} outside [1, numel={n}]")
     if fields["value_bits"] == 8:
-        block = _check_block(fields["block"])
         _check_len("scales", fields["scales"], 4 * -(-k // block))
         _check_len("values", fields["values"], k)
     else:
