@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from p2pfm.config import ConfigError, build_config
-from p2pfm.core import errors
+from p2pfm.core import codecs, errors
 from p2pfm.core.codecs import (
     CODEC_IDS,
     FP16_MAX,
@@ -236,6 +236,16 @@ def test_topk_sampled_path_is_exact_on_large_vectors(kind):
         x[:5000] *= 1000  # all large entries packed at the front: a subsample can miss them
     for k in (1, 4000, 40_000):
         assert np.array_equal(topk_indices(x, k), reference_topk(x, k))
+
+
+def test_topk_falls_back_to_the_full_vector_when_the_sample_misleads():
+    """If the subsample sees only large values (too few candidates), the result is still exact."""
+    n, k = 400_000, 100_000
+    positions = np.random.default_rng(codecs._TOPK_SEED).integers(0, n, codecs._TOPK_SAMPLE)
+    x = np.random.default_rng(8).uniform(-1, 1, n).astype(np.float32)
+    x[positions] = 100.0  # the threshold lands at 100: ~63k candidates < k
+    assert np.unique(positions).size < k
+    assert np.array_equal(topk_indices(x, k), reference_topk(x, k))
 
 
 def test_topk_int8_values_within_bound_of_kept_entries():

@@ -25,6 +25,7 @@ Bytes are always read with explicit little-endian dtypes; nothing is ever unpick
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -341,7 +342,8 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
     Every broken rule raises its Reject subclass (UnknownCodec, SchemaViolation, Oversize,
     ShapeMismatch, BadIndex, NonFinite); checks run cheapest first, sizes before contents.
     """
-    if not isinstance(expected_numel, int) or not 1 <= expected_numel <= MAX_NUMEL:
+    expected_numel = operator.index(expected_numel)  # int or numpy integer; TypeError otherwise
+    if not 1 <= expected_numel <= MAX_NUMEL:
         raise ValueError(f"expected_numel must be in [1, {MAX_NUMEL}], got {expected_numel!r}")
     fields = _check_schema(wire)
     codec = fields["codec"]
