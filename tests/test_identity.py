@@ -215,3 +215,8 @@ def test_load_rejects_a_directory(tmp_path):
     (tmp_path / "d").mkdir(mode=0o700)
     with pytest.raises(ConfigError, match="not a regular file"):
         Identity.load(tmp_path / "d")
+
+
+def test_peer_id_of_the_wire_md_example_is_pinned():
+    """The example in protocols/wire.md (seed 00..1f) keeps its documented peer id."""
+    assert Identity.from_private_bytes(SEED).peer_id == "p2pfm1rvctzzdmvkxtmn3q7r4sjyez7qgxuzw6"
