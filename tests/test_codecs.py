@@ -154,7 +154,7 @@ def test_int8_error_within_absmax_over_254(block, x):
     assert (err <= int8_bound(blockwise_absmax(x, block))).all()
 
 
-@pytest.mark.parametrize("scale", [0.0, 1e-45, 1e-40, 1e-37, 1e-30, 1.0, 1e30, 3.4e38])
+@pytest.mark.parametrize("scale", [0.0, 1e-45, 1e-40, 1e-37, 1e-30, 1.0, 1e30, 3.4e38, float(np.finfo(np.float32).max)])
 def test_int8_handles_zero_tiny_and_huge_blocks(scale):
     """Zero, subnormal and near-FLT_MAX magnitudes stay finite and within the bound."""
     rng = np.random.default_rng(1)

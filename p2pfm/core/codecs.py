@@ -211,14 +211,13 @@ def _quantize_int8(x: np.ndarray, block: int) -> tuple[bytes, bytes]:
         raise ValueError("vector contains NaN or Inf; refusing to encode it")
     scales = _int8_scales(absmax)
     safe = np.where(scales > 0, scales, np.float32(1.0))  # all-zero block: q = 0 whatever the divisor
+    # No clip needed: 127*s >= absmax exactly, so |x/s| <= 127 after correctly rounded division
+    # (the one-ulp-down overflow guard can give 127.00001, which still rounds to 127).
     if full:
-        tmp = x[: full * block].reshape(full, block) / safe[:full, None]
-        np.rint(tmp, out=tmp)
-        np.clip(tmp, -127, 127, out=tmp)  # no-op by construction of the scales; a cheap guard
-        q[: full * block] = tmp.reshape(-1)
+        tmp = x[: full * block].reshape(full, block) / safe[:full, None]  # (full, block) float32
+        np.rint(tmp, out=q[: full * block].reshape(full, block), casting="unsafe")  # fused cast
     if tail:
-        tmp = np.clip(np.rint(x[full * block :] / safe[full]), -127, 127)
-        q[full * block :] = tmp
+        np.rint(x[full * block :] / safe[full], out=q[full * block :], casting="unsafe")
     return scales.astype(_F32, copy=False).tobytes(), q.tobytes()
 
 
