@@ -467,6 +467,15 @@ def test_replay_guard_cap_never_lets_a_replay_through():
     guard.check_and_record(b"a" * 32, 10, 110.0, now=110.0)  # newer than everything dropped
 
 
+@pytest.mark.parametrize("ts", [math.nan, math.inf])
+def test_replay_guard_refuses_non_finite_times_without_recording(ts):
+    """A NaN/Inf message time is refused and leaves the guard unchanged."""
+    guard = ReplayGuard()
+    with pytest.raises(Replay, match="not a finite time"):
+        guard.check_and_record(b"a" * 32, 1, ts, now=100.0)
+    assert len(guard) == 0
+
+
 def test_replay_guard_for_limits_uses_the_configured_window():
     """ReplayGuard.for_limits takes the window from EnvelopeLimits."""
     assert ReplayGuard.for_limits(EnvelopeLimits(replay_window_s=900.0)).window_s == 900.0

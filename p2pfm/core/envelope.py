@@ -137,6 +137,11 @@ class ReplayGuard:
 
     def check_and_record(self, sender: bytes, seq: int, timestamp: float, now: float) -> None:
         """Raise Replay if (sender, seq) was seen, or freshness cannot be proven; else record it."""
+        if not math.isfinite(now):
+            raise ValueError(f"now must be finite, got {now!r}")
+        # [REJECT] a NaN/Inf time can be neither compared nor expired.
+        if not math.isfinite(timestamp):
+            raise Replay(f"ts: {timestamp!r} is not a finite time, freshness cannot be checked")
         self._expire(now)
         # [REJECT] older than the window: its first copy may already be forgotten.
         if timestamp < now - self.window_s:
