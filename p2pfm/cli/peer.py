@@ -1,9 +1,85 @@
-"""``p2pfm peer``: placeholder until its issue lands."""
+"""``p2pfm peer``: run the peer daemon on this device.
+
+Flags override the TOML config; every flag maps to one config field (dotted name shown in
+``--help``), so the two ways of configuring a peer cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+# flag -> (config field, type, help)
+PEER_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--key": ("key", Path, "Ed25519 key file (created with mode 0600 if missing)"),
+    "--work-dir": ("work_dir", Path, "checkpoint, metrics.jsonl and status.json go here"),
+    "--run-id": ("run_id", str, "swarm name; all peers of a run must agree"),
+    "--seed": ("seed", int, "run seed (identical initial weights on every peer)"),
+    "--rounds": ("rounds", int, "stop after this round (0 = until stopped)"),
+    "--data": ("data", Path, "folder of text files (default: this machine's Python stdlib)"),
+    "--shard": ("shard", int, "shard index to train on (-1 = derived from the peer id)"),
+    "--num-shards": ("num_shards", int, "number of shards the corpus is split into"),
+    "--device": ("device", str, "device class, announced to others"),
+    "--power-w": ("power_w", float, "active power in W, for energy accounting"),
+    "--inner-steps": ("gossip.inner_steps", int, "local AdamW steps per round (H)"),
+    "--fanout": ("gossip.fanout", int, "peers each update is pushed to"),
+    "--codec": ("gossip.codec.name", str, "update codec: none, fp16, int8, topk"),
+    "--topk-fraction": ("gossip.codec.topk_fraction", float, "fraction of entries topk keeps"),
+    "--aggregation": ("gossip.aggregation", str, "mean, clipped_mean, trimmed_mean or median"),
+    "--sync-every": ("gossip.sync_every", int, "rounds between parameter syncs with a random peer (0 = never)"),
+    "--batch-size": ("train.batch_size", int, "sequences per inner step"),
+    "--lr": ("train.lr", float, "inner AdamW learning rate"),
+    "--threads": ("train.threads", int, "torch threads (0 = all cores)"),
+    "--eval-batches": ("train.eval_batches", int, "held-out batches per evaluation"),
+    "--n-layer": ("model.n_layer", int, "transformer blocks"),
+    "--n-embd": ("model.n_embd", int, "embedding width"),
+    "--n-head": ("model.n_head", int, "attention heads"),
+    "--block-size": ("model.block_size", int, "context length in bytes"),
+    "--announce-ttl": ("net.announce_ttl_s", float, "seconds a DHT announcement lives without refresh"),
+}
+LIST_FLAGS: dict[str, tuple[str, str]] = {
+    "--listen": ("net.listen", "multiaddr(s) to listen on (default /ip4/127.0.0.1/tcp/0)"),
+    "--announce": ("net.announce", "multiaddr(s) to advertise instead of the listen ones"),
+    "--initial-peers": ("net.initial_peers", "multiaddr(s) of any live peer(s) to join through"),
+}
+
+
+def add_peer_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """Declare the training/network flags; the swarm reuses them to pass through to peers."""
+    for flag, (field, kind, text) in PEER_FLAGS.items():
+        if flag not in skip:
+            parser.add_argument(flag, type=kind, default=None, help=f"{text} [{field}]")
+    for flag, (field, text) in LIST_FLAGS.items():
+        if flag not in skip:
+            parser.add_argument(flag, nargs="+", default=None, metavar="MULTIADDR", help=f"{text} [{field}]")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """Dotted config keys for every flag the user gave."""
+    overrides: dict[str, object] = {}
+    for flag, (field, *_rest) in {**PEER_FLAGS, **LIST_FLAGS}.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            overrides[field] = str(value) if isinstance(value, Path) else value
+    return overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """No subcommands yet."""
+    parser = subparsers.add_parser(
+        "peer",
+        help="run a peer daemon (train, gossip, checkpoint)",
+        description="Run one p2pfm peer: joins the swarm through --initial-peers (or starts one), "
+        "trains on its shard, gossips signed compressed updates, checkpoints atomically. "
+        "Ctrl-C leaves gracefully; a restart resumes from the checkpoint.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML config (see peers/peer.example.toml)")
+    add_peer_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from p2pfm.daemon.config import load_peer_config
+    from p2pfm.daemon.peer import run_peer
+
+    config = load_peer_config(args.config, overrides_from_args(args))
+    return run_peer(config)

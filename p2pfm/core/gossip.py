@@ -167,8 +167,9 @@ class GossipLearner:
     def receive(self, sender_id: str, sender_round: int, wire: dict) -> np.ndarray:
         """Decode and queue a verified peer's update; raises a Reject subclass if unusable.
 
-        One update per sender per round (a later one replaces an earlier one): a peer cannot
-        multiply its influence by sending many.
+        One update per sender and round (a duplicate replaces the earlier one): a peer
+        cannot multiply its influence within a round by sending many copies. A faster peer
+        may contribute updates for several of its rounds to one of ours; each is real work.
         """
         # [REJECT] STALE_ROUND: updates from far behind would drag us back to old parameters.
         if sender_round < self.round - self.config.max_round_lag:
@@ -181,7 +182,7 @@ class GossipLearner:
             raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
         if not np.isfinite(decoded).all():
             raise NonFinite("update contains NaN or Inf")
-        self._inbox[sender_id] = decoded
+        self._inbox[f"{sender_id}@{sender_round}"] = decoded
         return decoded
 
     def finish_round(self) -> tuple[np.ndarray, RoundReport]:

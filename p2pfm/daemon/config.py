@@ -1,0 +1,124 @@
+"""The peer daemon's configuration: one frozen dataclass per component, strict loading.
+
+A peer is configured by a TOML file (``peers/peer.example.toml``), flags, or both (flags
+win). Unknown keys and bad values raise :class:`p2pfm.config.ConfigError` naming the field.
+The resolved config is logged at start-up and saved in every checkpoint's metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pfm.config import build_config, load_toml, require
+from p2pfm.core.gossip import GossipConfig
+from p2pfm.model.gpt import GPTConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on this peer's shard."""
+
+    batch_size: int = 16  # sequences per inner step; 16 x 128 bytes fits a phone's RAM easily
+    lr: float = 3e-3  # inner AdamW; small models tolerate a high rate
+    weight_decay: float = 0.0
+    eval_batches: int = 4  # fixed held-out batches evaluated after each round
+    eval_batch_size: int = 16
+    eval_every: int = 1  # rounds between evaluations (0 = never)
+    threads: int = 0  # torch threads; 0 = all cores (the swarm sets cores / peers)
+    max_shard_bytes: int = 4 << 20  # cap on the bytes of text a peer keeps in memory
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        require(self.lr > 0, "train.lr", "must be positive")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+        require(self.eval_batches >= 0, "train.eval_batches", "must be non-negative")
+        require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
+        require(self.eval_every >= 0, "train.eval_every", "must be non-negative")
+        require(self.threads >= 0, "train.threads", "must be non-negative")
+        require(self.max_shard_bytes >= 4096, "train.max_shard_bytes", "must be at least 4096")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Discovery and transport (hivemind DHT + libp2p)."""
+
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # loopback by default: opt in to exposure
+    announce: tuple[str, ...] = ()  # addresses to advertise if they differ from listen (NAT, containers)
+    initial_peers: tuple[str, ...] = ()  # any live peer's multiaddr; empty = start a new swarm
+    announce_ttl_s: float = 15.0  # a dead peer vanishes from discovery within this (hivemind: 60 s+)
+    heartbeat_s: float = 4.0  # re-announce period; well under the TTL so a live peer never lapses
+    request_timeout_s: float = 5.0  # gossip push deadline: a dead partner costs at most this, off the compute path
+    state_timeout_s: float = 60.0  # whole state download deadline before trying another donor
+    max_message_bytes: int = 64 << 20  # larger gossip messages are refused unread
+    max_state_bytes: int = 2 << 30  # cap on a downloaded state snapshot
+    state_chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        require(len(self.listen) > 0, "net.listen", "needs at least one multiaddr")
+        for name, values in (("net.listen", self.listen), ("net.announce", self.announce),
+                             ("net.initial_peers", self.initial_peers)):
+            for value in values:
+                require(value.startswith("/"), name, f"{value!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/31337)")
+        for value in self.initial_peers:
+            require("/p2p/" in value, "net.initial_peers",
+                    f"{value!r} lacks the /p2p/<peer id> part; copy the full address a peer prints at start")
+        require(self.announce_ttl_s >= 2, "net.announce_ttl_s", "must be at least 2 seconds")
+        require(0 < self.heartbeat_s < self.announce_ttl_s, "net.heartbeat_s", "must be positive and below announce_ttl_s")
+        require(self.request_timeout_s > 0, "net.request_timeout_s", "must be positive")
+        require(self.state_timeout_s > 0, "net.state_timeout_s", "must be positive")
+        require(self.max_message_bytes >= 4096, "net.max_message_bytes", "must be at least 4096")
+        require(self.max_state_bytes >= 4096, "net.max_state_bytes", "must be at least 4096")
+        require(self.state_chunk_bytes >= 1024, "net.state_chunk_bytes", "must be at least 1024")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything one peer needs. All peers of a run must agree on run_id, seed and model."""
+
+    key: Path = Path("peer.key")  # Ed25519 private key (PEM, mode 0600); created if missing
+    work_dir: Path = Path("p2pfm-peer")  # checkpoint, metrics.jsonl, status.json
+    run_id: str = "p2pfm-default"  # swarm name: messages of other runs are refused
+    seed: int = 0  # run seed: identical initial weights on every peer
+    rounds: int = 0  # stop after this round (0 = run until stopped)
+    data: Path | None = None  # folder of text files; default: this machine's Python stdlib
+    shard: int = -1  # which shard to train on; -1 = derived from the peer id
+    num_shards: int = 8
+    device: str = "cpu-host"  # device class, announced (energy accounting, scheduling)
+    power_w: float = 15.0  # active power estimate for energy accounting (W)
+    grid_g_per_kwh: float = 475.0  # grid carbon intensity (world average, codecarbon table)
+    checkpoint_every: int = 1  # rounds between checkpoints
+    model: GPTConfig = field(default_factory=GPTConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+
+    def __post_init__(self) -> None:
+        require(0 < len(self.run_id) <= 64 and self.run_id.isprintable(), "run_id", "must be 1-64 printable characters")
+        require(self.rounds >= 0, "rounds", "must be non-negative")
+        require(self.num_shards >= 1, "num_shards", "must be at least 1")
+        require(-1 <= self.shard < self.num_shards, "shard", f"must be -1 (auto) or in [0, {self.num_shards})")
+        require(self.power_w >= 0, "power_w", "must be non-negative")
+        require(self.grid_g_per_kwh >= 0, "grid_g_per_kwh", "must be non-negative")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
+        if self.data is not None:
+            require(self.data.is_dir(), "data", f"{self.data} is not a directory of text files")
+
+
+def _set_nested(values: dict[str, Any], dotted: str, value: Any) -> None:
+    node = values
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_peer_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> PeerConfig:
+    """Read the TOML file (if any), apply ``overrides`` (dotted keys -> values), validate."""
+    values: dict[str, Any] = load_toml(path) if path else {}
+    for dotted, value in overrides.items():
+        if value is not None:
+            _set_nested(values, dotted, value)
+    return build_config(PeerConfig, values)

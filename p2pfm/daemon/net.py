@@ -1,0 +1,202 @@
+"""The network layer: hivemind's Kademlia DHT for discovery, its libp2p P2P for streams.
+
+Discovery: every peer stores a *signed* announcement envelope under the run's DHT key, with
+its p2pfm peer id as subkey and an expiration ``announce_ttl_s`` ahead, refreshed every
+``heartbeat_s``. A record that expired means the peer is gone; a graceful leave overwrites
+the record with an announcement that lists no addresses (a signed tombstone). Readers verify
+every record (signature, run, kind, subkey == sender) and ignore anything else, so a
+stranger cannot invent peers or redirect traffic; the announcement binds our Ed25519
+identity to the libp2p peer id that our streams come from.
+
+Streams: length-prefixed frames over libp2p binary streams, with the length checked against
+a limit *before* reading the body. Every call has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from p2pfm.core.envelope import Envelope, EnvelopeLimits, open_envelope, seal
+from p2pfm.core.errors import Oversize, Reject
+from p2pfm.core.identity import Identity
+from p2pfm.daemon.config import NetConfig
+
+log = logging.getLogger(__name__)
+
+FRAME_HEADER = 4  # big-endian u32 length
+
+
+class FrameTooLarge(Oversize):
+    """A peer announced a frame larger than we accept; the stream is dropped unread."""
+
+
+async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(len(data).to_bytes(FRAME_HEADER, "big"))
+    writer.write(data)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
+    header = await reader.readexactly(FRAME_HEADER)
+    length = int.from_bytes(header, "big")
+    # [REJECT] OVERSIZE: refuse before reading (or allocating) the body.
+    if length > max_bytes:
+        raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {max_bytes}")
+    return await reader.readexactly(length)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A verified announcement of a live peer, as read from the DHT."""
+
+    peer_id: str
+    public_key: bytes
+    libp2p_id: str
+    maddrs: tuple[str, ...]
+    round: int
+    model_hash: bytes
+    device: str
+    power_w: float
+    state_bytes: int
+    seq: int
+
+
+StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class PeerNetwork:
+    """One peer's DHT + P2P endpoints. Create with :meth:`start` inside the daemon's event loop."""
+
+    def __init__(self, config: NetConfig, identity: Identity, run_id: str) -> None:
+        self.config = config
+        self.identity = identity
+        self.run_id = run_id
+        self.dht_key = f"p2pfm/{run_id}/peers"
+        self.dht = None
+        self.p2p = None
+        self.libp2p_id = ""
+        self.maddrs: list[str] = []
+        self._announce_seq = 0
+        self._limits = EnvelopeLimits(max_bytes=64 * 1024)
+
+    async def start(self) -> None:
+        import hivemind  # heavy; imported only when a peer really starts
+
+        loop = asyncio.get_running_loop()
+
+        def create_dht() -> hivemind.DHT:
+            return hivemind.DHT(
+                initial_peers=list(self.config.initial_peers),
+                host_maddrs=list(self.config.listen),
+                announce_maddrs=list(self.config.announce) or None,
+                start=True,
+            )
+
+        try:
+            self.dht = await loop.run_in_executor(None, create_dht)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not start the DHT (listen={list(self.config.listen)}, "
+                f"initial_peers={list(self.config.initial_peers)}): {exc}"
+            ) from exc
+        self.p2p = await self.dht.replicate_p2p()
+        self.libp2p_id = self.dht.peer_id.to_base58()
+        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+
+    async def add_handler(self, name: str, handler: StreamHandler) -> None:
+        """Serve ``name``; ``handler(remote libp2p id, reader, writer)``. Errors never escape."""
+
+        async def wrapped(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            remote = stream_info.peer_id.to_base58()
+            try:
+                await handler(remote, reader, writer)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                log.debug("stream %s from %s ended early: %r", name, remote, exc)
+            except Exception:
+                log.exception("handler %s failed on a stream from %s", name, remote)
+            finally:
+                writer.close()
+
+        await self.p2p.add_binary_stream_handler(f"/p2pfm/{self.run_id}/{name}/1", wrapped)
+
+    async def open_stream(self, libp2p_id: str, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        from hivemind.p2p import PeerID
+
+        _, reader, writer = await self.p2p.call_binary_stream_handler(
+            PeerID.from_base58(libp2p_id), f"/p2pfm/{self.run_id}/{name}/1"
+        )
+        return reader, writer
+
+    # --- discovery -----------------------------------------------------------------
+    async def announce(self, payload: dict, now: float) -> bool:
+        """Store our signed announcement in the DHT for ``announce_ttl_s``."""
+        self._announce_seq += 1
+        record = seal(
+            self.identity, kind="announce", run_id=self.run_id, round=payload["round"],
+            seq=self._announce_seq, timestamp=now, payload=payload,
+        )
+        try:
+            return bool(await self.dht.store(
+                self.dht_key, record, expiration_time=now + self.config.announce_ttl_s,
+                subkey=self.identity.peer_id, return_future=True,
+            ))
+        except Exception as exc:  # DHT hiccups must not stop training
+            log.warning("announcement failed: %r", exc)
+            return False
+
+    async def live_peers(self, now: float) -> dict[str, Announcement]:
+        """Verified, unexpired announcements of other peers with at least one address."""
+        try:
+            found = await self.dht.get(self.dht_key, latest=True, return_future=True)
+        except Exception as exc:
+            log.warning("peer lookup failed: %r", exc)
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        peers: dict[str, Announcement] = {}
+        for subkey, item in found.value.items():
+            try:
+                announcement = self.parse_announcement(subkey, item.value, now)
+            except Reject as exc:
+                log.info("ignored a DHT record under %r: %s", subkey, exc)
+                continue
+            if announcement.peer_id != self.identity.peer_id and announcement.maddrs:
+                peers[announcement.peer_id] = announcement
+        return peers
+
+    def parse_announcement(self, subkey: object, record: object, now: float) -> Announcement:
+        if not isinstance(record, bytes):
+            raise Reject("announcement record is not bytes")
+        # Records are re-read for up to a TTL after signing: allow that age on top of skew.
+        limits = EnvelopeLimits(
+            max_bytes=self._limits.max_bytes,
+            max_clock_skew_s=self._limits.max_clock_skew_s + self.config.announce_ttl_s,
+        )
+        envelope: Envelope = open_envelope(record, run_id=self.run_id, now=now, limits=limits)
+        if envelope.kind != "announce":
+            raise Reject(f"record of kind {envelope.kind!r} where an announcement belongs")
+        if subkey != envelope.sender_id:
+            raise Reject(f"record under subkey {subkey!r} is signed by {envelope.sender_id}")
+        p = envelope.payload
+        return Announcement(
+            peer_id=envelope.sender_id, public_key=envelope.sender, libp2p_id=p["libp2p_id"],
+            maddrs=tuple(p["maddrs"]), round=p["round"], model_hash=p["model_hash"], device=p["device"],
+            power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq,
+        )
+
+    async def withdraw(self, payload: dict) -> None:
+        """Graceful leave: replace our record with a signed tombstone (no addresses)."""
+        await self.announce({**payload, "maddrs": []}, now=time.time())
+
+    async def shutdown(self) -> None:
+        try:
+            if self.p2p is not None:
+                await self.p2p.shutdown()
+        except Exception as exc:
+            log.debug("p2p shutdown: %r", exc)
+        if self.dht is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)

@@ -1,0 +1,477 @@
+"""The peer daemon: local SGD on its shard, signed compressed gossip, churn-proof state.
+
+One process, one event loop (hivemind's DHT child process aside). Inner training steps run in
+a worker thread, so the loop keeps serving gossip and state downloads while we compute; no
+network call is ever awaited on the compute path except a bounded state download when we
+are too far behind to be useful. Round structure (see ``protocols/gossip.md``):
+
+1. H local AdamW steps from the anchor (worker thread);
+2. compress the pseudo-gradient with error feedback, seal, push to ``fanout`` random live
+   peers in the background (each push has a deadline);
+3. merge whatever updates arrived meanwhile, take the outer step, load the new anchor;
+4. every ``sync_every`` rounds pull a random live peer's parameters and average; if we are
+   more than ``max_round_lag`` rounds behind the swarm, download the newest state instead;
+5. evaluate, write metrics, checkpoint atomically, refresh the signed DHT announcement.
+
+SIGINT/SIGTERM: graceful leave (tombstone announcement, final checkpoint). SIGKILL: the
+others' pushes time out and the DHT record expires within ``announce_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import torch
+
+from p2pfm.config import ConfigError, config_to_dict
+from p2pfm.core.envelope import EnvelopeLimits, ReplayGuard, open_envelope, seal
+from p2pfm.core.errors import Reject, ShapeMismatch
+from p2pfm.core.gossip import GossipLearner, choose_partners
+from p2pfm.core.identity import Identity
+from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
+from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
+from p2pfm.daemon.config import PeerConfig
+from p2pfm.daemon.metrics import MetricsLog
+from p2pfm.daemon.net import Announcement, PeerNetwork, read_frame, write_frame
+from p2pfm.daemon.trainer import LocalTrainer
+from p2pfm.model.data import ByteDataset, ShardSpec
+from p2pfm.model.gpt import build_model
+
+log = logging.getLogger("p2pfm.peer")
+
+BAN_AFTER_REJECTIONS = 50  # a sender whose messages keep failing checks is dropped unread
+
+
+def load_or_create_identity(path: Path) -> Identity:
+    """Load the peer's key; create it (mode 0600) on first start."""
+    if path.exists():
+        return Identity.load(path)
+    identity = Identity.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity.save(path)
+    log.info("created a new key at %s (peer id %s)", path, identity.peer_id)
+    return identity
+
+
+def shard_for(config: PeerConfig, peer_id: str) -> ShardSpec:
+    if config.shard >= 0:
+        return ShardSpec(config.shard, config.num_shards)
+    return ShardSpec(int.from_bytes(digest(peer_id.encode())[:8], "little") % config.num_shards, config.num_shards)
+
+
+class PeerDaemon:
+    """A running peer. ``await run()`` returns when the configured rounds are done or on stop."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.identity = load_or_create_identity(config.key)
+        self.peer_id = self.identity.peer_id
+        threads = config.train.threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        self.shard = shard_for(config, self.peer_id)
+        dataset = ByteDataset(
+            config.data, self.shard, block_size=config.model.block_size, max_shard_bytes=config.train.max_shard_bytes
+        )
+        model = build_model(config.model, config.seed)
+        self.trainer = LocalTrainer(
+            model, dataset, lr=config.train.lr, weight_decay=config.train.weight_decay,
+            batch_size=config.train.batch_size, seed=int.from_bytes(digest(self.peer_id.encode())[:4], "little"),
+            eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,
+        )
+        self.learner = GossipLearner(self.trainer.flat(), config.gossip)
+        self.numel = self.learner.numel
+        self.rng = np.random.default_rng(int.from_bytes(secrets.token_bytes(8), "little"))
+        self.seq = time.time_ns() // 1_000_000  # monotone across restarts: never reuse (key, seq)
+        self.limits = EnvelopeLimits(max_bytes=config.net.max_message_bytes)
+        self.replay_guard = ReplayGuard.for_limits(self.limits)
+        self.net = PeerNetwork(config.net, self.identity, config.run_id)
+        self.metrics = MetricsLog(config.work_dir)
+        self.stop_event = asyncio.Event()
+        self.stop_flag = threading.Event()  # seen by the training thread between steps
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.rejections_by_remote: Counter[str] = Counter()
+        self.live: dict[str, Announcement] = {}
+        self.snapshot = b""
+        self.snapshot_hash = bytes(32)
+        self.eval_loss = float("nan")
+        self.train_loss = float("nan")
+        self.compute_seconds = 0.0
+        self.started = time.time()
+        self.background: set[asyncio.Task] = set()
+
+    # --- state: checkpoint and snapshot ---------------------------------------------
+    def _state_meta(self) -> dict:
+        return {
+            "round": self.learner.round, "seq": self.seq, "peer_id": self.peer_id, "numel": self.numel,
+            "config": {k: v for k, v in config_to_dict(self.config).items() if k in ("run_id", "seed", "model")},
+        }
+
+    def restore_checkpoint(self) -> bool:
+        found = load_checkpoint(self.config.work_dir)
+        if found is None:
+            return False
+        arrays, meta = found
+        expected = {"run_id": self.config.run_id, "seed": self.config.seed, "model": config_to_dict(self.config.model)}
+        saved = meta.get("config", {})
+        if {k: saved.get(k) for k in expected} != expected:
+            raise ConfigError(
+                f"work_dir: {self.config.work_dir} holds a checkpoint of another run or model ({saved}); "
+                "use a fresh --work-dir or the same run_id, seed and model"
+            )
+        self.learner.load_state_arrays({k: arrays[k] for k in ("params", "momentum", "residual", "round")})
+        self.trainer.load_flat(self.learner.params)
+        self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("adam.")})
+        self.seq = max(self.seq, int(meta.get("seq", 0)) + 1)
+        log.info("resumed from checkpoint at round %d", self.learner.round)
+        return True
+
+    def write_checkpoint(self) -> None:
+        arrays = {**self.learner.state_arrays(), **self.trainer.optimizer_arrays()}
+        save_checkpoint(self.config.work_dir, arrays, self._state_meta())
+
+    def refresh_snapshot(self) -> None:
+        """The state we serve to joiners: exactly what our next announcement's hash covers."""
+        # Inner AdamW moments travel too: a joiner that restarted Adam from zero would take
+        # sign-sized first steps at full lr and wreck the model it just downloaded.
+        self.snapshot = pack_arrays(
+            {"params": self.learner.params, "round": np.array([self.learner.round], dtype=np.int64),
+             **self.trainer.optimizer_arrays()},
+            {"numel": self.numel},
+        )
+        self.snapshot_hash = digest(self.snapshot)
+
+    def announcement_payload(self) -> dict:
+        return {
+            "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.learner.round,
+            "model_hash": self.snapshot_hash, "device": self.config.device[:64],
+            "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot),
+        }
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    # --- handlers ----------------------------------------------------------------------
+    def _count_reject(self, remote: str, exc: Reject) -> None:
+        self.rejected[exc.reason.value] += 1
+        self.rejections_by_remote[remote] += 1
+        log.warning("rejected a message from libp2p peer %s: %s", remote, exc)
+
+    async def handle_gossip(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.rejections_by_remote[remote] >= BAN_AFTER_REJECTIONS:
+            self.rejected["banned"] += 1
+            return
+        try:
+            data = await asyncio.wait_for(read_frame(reader, self.config.net.max_message_bytes),
+                                          self.config.net.request_timeout_s * 4)
+        except Reject as exc:
+            self._count_reject(remote, exc)
+            await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+            return
+        self.counters["bytes_received"] += len(data)
+        try:
+            envelope = open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
+                                     replay_guard=self.replay_guard)
+            if envelope.kind != "update":
+                raise ShapeMismatch(f"kind {envelope.kind!r} sent to the gossip handler, which takes updates")
+            self.learner.receive(envelope.sender_id, envelope.round, envelope.payload["tensor"])
+        except Reject as exc:
+            self._count_reject(remote, exc)
+            await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+            return
+        self.counters["messages_accepted"] += 1
+        await write_frame(writer, msgpack.packb({"ok": True}))
+
+    async def handle_state(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
+        data = await asyncio.wait_for(read_frame(reader, 4096), self.config.net.request_timeout_s)
+        try:
+            open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
+                          replay_guard=self.replay_guard)
+        except Reject as exc:
+            self._count_reject(remote, exc)
+            return
+        snapshot, snapshot_hash, round_ = self.snapshot, self.snapshot_hash, self.learner.round
+        chunk = self.config.net.state_chunk_bytes
+        chunks = [snapshot[i : i + chunk] for i in range(0, len(snapshot), chunk)]
+        manifest = seal(
+            self.identity, kind="state_manifest", run_id=self.config.run_id, round=round_, seq=self.next_seq(),
+            timestamp=time.time(),
+            payload={"round": round_, "model_hash": snapshot_hash, "total_bytes": len(snapshot),
+                     "chunk_size": chunk, "chunk_hashes": [digest(c) for c in chunks]},
+        )
+        await write_frame(writer, manifest)
+        for piece in chunks:
+            await write_frame(writer, piece)
+        self.counters["state_bytes_served"] += len(snapshot)
+
+    # --- outgoing ----------------------------------------------------------------------
+    async def push_update(self, target: Announcement, message: bytes) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(self.net.open_stream(target.libp2p_id, "gossip"),
+                                                    self.config.net.request_timeout_s)
+            try:
+                await asyncio.wait_for(write_frame(writer, message), self.config.net.request_timeout_s)
+                reply = await asyncio.wait_for(read_frame(reader, 1024), self.config.net.request_timeout_s)
+            finally:
+                writer.close()
+            self.counters["bytes_sent"] += len(message)
+            self.counters["update_bytes_sent"] += len(message)
+            answer = msgpack.unpackb(reply)
+            if not answer.get("ok"):
+                log.info("peer %s refused our update: %s", target.peer_id, answer.get("reason"))
+                self.counters["updates_refused"] += 1
+        except Exception as exc:  # timeouts, dead peers, resets: never our compute's problem
+            self.counters["push_failures"] += 1
+            log.info("push to %s failed: %r", target.peer_id, exc)
+
+    async def download_state(self, donor: Announcement) -> tuple[dict[str, np.ndarray], int]:
+        """Fetch and verify a donor's snapshot; raise on any mismatch or timeout."""
+        net = self.config.net
+
+        async def fetch() -> tuple[dict[str, np.ndarray], int]:
+            reader, writer = await self.net.open_stream(donor.libp2p_id, "state")
+            try:
+                request = seal(self.identity, kind="state_request", run_id=self.config.run_id,
+                               round=self.learner.round, seq=self.next_seq(), timestamp=time.time(),
+                               payload={"round": self.learner.round, "nonce": secrets.token_bytes(16)})
+                await write_frame(writer, request)
+                manifest = open_envelope(await read_frame(reader, 4 << 20), run_id=self.config.run_id,
+                                         now=time.time(), limits=self.limits)
+                m = manifest.payload
+                # The donor's announced key must have signed the manifest: no stranger's state.
+                if manifest.kind != "state_manifest" or manifest.sender != donor.public_key:
+                    raise ShapeMismatch("state manifest not signed by the announced donor")
+                if m["model_hash"] != donor.model_hash and m["round"] < donor.round:
+                    raise ShapeMismatch("state manifest matches neither the announced hash nor a newer round")
+                if m["total_bytes"] > net.max_state_bytes:
+                    raise ShapeMismatch(f"state of {m['total_bytes']} bytes exceeds max_state_bytes")
+                expected_chunks = -(-m["total_bytes"] // m["chunk_size"])
+                if expected_chunks != len(m["chunk_hashes"]):
+                    raise ShapeMismatch("state manifest chunk count disagrees with its size")
+                pieces = []
+                for index, chunk_hash in enumerate(m["chunk_hashes"]):
+                    piece = await read_frame(reader, m["chunk_size"])
+                    if digest(piece) != chunk_hash:
+                        raise ShapeMismatch(f"state chunk {index} does not match its hash")
+                    pieces.append(piece)
+                blob = b"".join(pieces)
+                if len(blob) != m["total_bytes"] or digest(blob) != m["model_hash"]:
+                    raise ShapeMismatch("downloaded state does not match the manifest hash")
+            finally:
+                writer.close()
+            self.counters["state_bytes_downloaded"] += len(blob)
+            self.counters["bytes_received"] += len(blob)
+            arrays, _ = unpack_arrays(blob, max_bytes=net.max_state_bytes)
+            params = arrays.get("params")
+            if params is None or params.dtype != np.float32 or params.shape != (self.numel,):
+                raise ShapeMismatch("donor state has no float32 params of our model's size")
+            if "round" not in arrays or arrays["round"].shape != (1,) or arrays["round"].dtype != np.int64:
+                raise ShapeMismatch("donor state has no round counter")
+            return arrays, int(arrays["round"][0])
+
+        return await asyncio.wait_for(fetch(), net.state_timeout_s)
+
+    async def fetch_from_some_donor(
+        self, candidates: list[Announcement]
+    ) -> tuple[dict[str, np.ndarray], int, str] | None:
+        """Try candidates in random order (spreads joiners over donors); None if all fail."""
+        order = self.rng.permutation(len(candidates))
+        for index in order[:3]:
+            donor = candidates[index]
+            try:
+                arrays, round_ = await self.download_state(donor)
+                return arrays, round_, donor.peer_id
+            except (Reject, Exception) as exc:
+                log.warning("state download from %s failed: %r", donor.peer_id, exc)
+        return None
+
+    # --- the main loop -----------------------------------------------------------------
+    async def refresh_live(self) -> None:
+        self.live = await self.net.live_peers(time.time())
+
+    async def heartbeat(self) -> None:
+        while not self.stop_event.is_set():
+            await self.net.announce(self.announcement_payload(), time.time())
+            await self.refresh_live()
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), self.config.net.heartbeat_s)
+            except TimeoutError:
+                pass
+
+    async def catch_up_if_behind(self, reason: str, *, force: bool = False) -> bool:
+        """Adopt the newest state of the swarm if we are far behind it (or force, on first join)."""
+        if not self.live:
+            return False
+        newest = max(a.round for a in self.live.values())
+        behind = newest - self.learner.round
+        if not force and behind <= self.config.gossip.max_round_lag:
+            return False
+        if force and newest == 0:
+            return False
+        donors = [a for a in self.live.values() if a.round >= newest - 1]
+        got = await self.fetch_from_some_donor(donors)
+        if got is None:
+            return False
+        arrays, round_, donor = got
+        self.learner.adopt(arrays["params"], round_)
+        self.trainer.load_flat(self.learner.params)
+        try:
+            self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("adam.")})
+        except (ValueError, KeyError) as exc:
+            log.warning("donor optimizer state unusable (%s); keeping ours", exc)
+        self.refresh_snapshot()
+        self.metrics.write({"event": "state_download", "reason": reason, "donor": donor, "round": round_,
+                            "behind": behind, "wall_time": time.time() - self.started})
+        log.info("adopted state of round %d from %s (%s)", round_, donor, reason)
+        return True
+
+    async def sync_with_random_peer(self) -> None:
+        """Periodic consensus pull: average parameters with one random live peer."""
+        partners = choose_partners(list(self.live), self.peer_id, 1, self.rng)
+        if not partners:
+            return
+        donor = self.live[partners[0]]
+        try:
+            arrays, round_ = await self.download_state(donor)
+        except Exception as exc:
+            log.info("sync with %s failed: %r", donor.peer_id, exc)
+            return
+        self.learner.mix_with(arrays["params"], round_)
+        self.trainer.load_flat(self.learner.params)
+        self.counters["syncs"] += 1
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+    def request_stop(self) -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping: leaving the swarm gracefully")
+        self.stop_event.set()
+        self.stop_flag.set()
+
+    def write_status(self, state: str) -> None:
+        self.metrics.status({
+            "peer_id": self.peer_id, "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs,
+            "round": self.learner.round, "live_peers": sorted(self.live), "eval_loss": self.eval_loss,
+            "state": state, "shard": self.shard.index, "pid": os.getpid(), "run_id": self.config.run_id,
+        })
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signal_handlers()
+        log.info("config: %s", config_to_dict(self.config))
+        resumed = self.restore_checkpoint()
+        self.refresh_snapshot()
+        await self.net.start()
+        await self.net.add_handler("gossip", self.handle_gossip)
+        await self.net.add_handler("state", self.handle_state)
+        log.info("peer %s (libp2p %s) listening on %s", self.peer_id, self.net.libp2p_id, " ".join(self.net.maddrs))
+        print(f"p2pfm peer {self.peer_id} ready; others join with --initial-peers {self.net.maddrs[0]}", flush=True)
+        self.write_status("joining")
+        await self.net.announce(self.announcement_payload(), time.time())
+        # Give the DHT a moment to show us the swarm if we were pointed at one.
+        for _ in range(10 if self.config.net.initial_peers else 1):
+            await self.refresh_live()
+            if self.live or not self.config.net.initial_peers:
+                break
+            await asyncio.sleep(0.5)
+        initial_eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
+        self.metrics.write({"event": "start", "round": self.learner.round, "resumed": resumed,
+                            "params": self.numel, "shard": self.shard.index, "initial_eval_loss": initial_eval_loss,
+                            "wall_time": time.time() - self.started})
+        joined = await self.catch_up_if_behind("join", force=not resumed)
+        self.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
+        heartbeat = asyncio.create_task(self.heartbeat())
+        self.write_status("training")
+        try:
+            while not self.stop_event.is_set():
+                if self.config.rounds and self.learner.round >= self.config.rounds:
+                    break
+                await self.one_round(loop)
+        finally:
+            self.stop_flag.set()
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            if self.background:
+                await asyncio.wait(self.background, timeout=self.config.net.request_timeout_s)
+            await loop.run_in_executor(None, self.write_checkpoint)
+            await self.net.withdraw(self.announcement_payload())
+            self.metrics.write({"event": "leave", "round": self.learner.round, "wall_time": time.time() - self.started})
+            self.write_status("left")
+            self.metrics.close()
+            await self.net.shutdown()
+        return 0
+
+    async def one_round(self, loop: asyncio.AbstractEventLoop) -> None:
+        round_start = time.perf_counter()
+        stats = await loop.run_in_executor(None, self.trainer.train_steps, self.config.gossip.inner_steps, self.stop_flag)
+        if stats.steps < self.config.gossip.inner_steps:  # stopping mid-round: keep the anchor
+            self.trainer.load_flat(self.learner.params)
+            return
+        self.compute_seconds += stats.compute_seconds
+        self.train_loss = stats.mean_loss
+        gossip_start = time.perf_counter()
+        wire = self.learner.make_update(self.trainer.flat())
+        message = seal(
+            self.identity, kind="update", run_id=self.config.run_id, round=self.learner.round, seq=self.next_seq(),
+            timestamp=time.time(),
+            payload={"tensor": wire, "weight": float(stats.samples), "inner_steps": stats.steps,
+                     "train_loss": float(stats.mean_loss), "model_hash": self.snapshot_hash},
+        )
+        for target in choose_partners(list(self.live), self.peer_id, self.config.gossip.fanout, self.rng):
+            task = asyncio.create_task(self.push_update(self.live[target], message))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+        params, report = self.learner.finish_round()
+        self.trainer.load_flat(params)
+        synced = False
+        if not await self.catch_up_if_behind("lagging") and self.learner.should_sync():
+            await self.sync_with_random_peer()
+            synced = True
+        self.refresh_snapshot()
+        gossip_seconds = time.perf_counter() - gossip_start
+        eval_start = time.perf_counter()
+        every = self.config.train.eval_every
+        if every and self.learner.round % every == 0:
+            self.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
+        eval_seconds = time.perf_counter() - eval_start
+        if self.learner.round % self.config.checkpoint_every == 0:
+            await loop.run_in_executor(None, self.write_checkpoint)
+        energy_wh = self.config.power_w * self.compute_seconds / 3600.0
+        self.metrics.write({
+            "event": "round", "round": self.learner.round, "step": self.trainer.steps_done,
+            "samples": self.trainer.samples_seen, "train_loss": self.train_loss, "eval_loss": self.eval_loss,
+            "received_updates": report.received, "synced": synced, "live_peers": len(self.live),
+            "bytes_sent": self.counters["bytes_sent"], "update_bytes_sent": self.counters["update_bytes_sent"],
+            "bytes_received": self.counters["bytes_received"],
+            "state_bytes_downloaded": self.counters["state_bytes_downloaded"],
+            "messages_accepted": self.counters["messages_accepted"], "messages_rejected": dict(self.rejected),
+            "push_failures": self.counters["push_failures"], "compute_seconds": self.compute_seconds,
+            "round_seconds": time.perf_counter() - round_start, "gossip_seconds": gossip_seconds,
+            "eval_seconds": eval_seconds, "wall_time": time.time() - self.started, "energy_wh": energy_wh,
+            "carbon_g": energy_wh / 1000.0 * self.config.grid_g_per_kwh, "params": self.numel,
+        })
+        self.write_status("training")
+        await self.net.announce(self.announcement_payload(), time.time())
+
+
+def run_peer(config: PeerConfig) -> int:
+    """Run one peer until done or stopped; the CLI's ``p2pfm peer`` calls this."""
+    return asyncio.run(PeerDaemon(config).run())

@@ -1,0 +1,119 @@
+"""Local training: H inner AdamW steps on this peer's shard, parameters as one flat vector.
+
+Runs in a worker thread of the daemon (torch releases the GIL), so the event loop keeps
+answering gossip and state requests while we compute. Between rounds the gossip core hands
+back a new anchor, which :meth:`LocalTrainer.load_flat` copies into the model; the inner
+optimizer's moments stay local, as in DiLoCo.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from p2pfm.model.data import ByteDataset, evaluate
+
+
+def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
+    """All parameters as one float32 vector (a copy), in ``model.parameters()`` order."""
+    with torch.no_grad():
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
+
+
+def load_flat_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)), model.parameters())
+
+
+@dataclass
+class StepStats:
+    steps: int
+    samples: int
+    mean_loss: float
+    compute_seconds: float
+
+
+class LocalTrainer:
+    """Owns the model, the inner optimizer and the data sampler of one peer."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataset: ByteDataset,
+        *,
+        lr: float,
+        weight_decay: float,
+        batch_size: int,
+        seed: int,
+        eval_batches: int,
+        eval_batch_size: int,
+    ) -> None:
+        self.model = model
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_set = dataset.eval_batches(eval_batches, eval_batch_size) if eval_batches > 0 else []
+        self.samples_seen = 0
+        self.steps_done = 0
+
+    def train_steps(self, steps: int, stop: threading.Event | None = None) -> StepStats:
+        """Run up to ``steps`` AdamW steps (fewer if ``stop`` is set); returns loss and timing."""
+        start = time.perf_counter()
+        losses = []
+        self.model.train()
+        for _ in range(steps):
+            if stop is not None and stop.is_set():
+                break
+            inputs, targets = self.dataset.batch(self.generator, self.batch_size)
+            _, loss = self.model(inputs, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        self.samples_seen += len(losses) * self.batch_size
+        self.steps_done += len(losses)
+        return StepStats(
+            steps=len(losses),
+            samples=len(losses) * self.batch_size,
+            mean_loss=float(np.mean(losses)) if losses else float("nan"),
+            compute_seconds=time.perf_counter() - start,
+        )
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.eval_set) if self.eval_set else float("nan")
+
+    def flat(self) -> np.ndarray:
+        return flatten_parameters(self.model)
+
+    def load_flat(self, flat: np.ndarray) -> None:
+        load_flat_parameters(self.model, flat)
+
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """AdamW moments and step counts as flat arrays, for checkpoints (no pickled state)."""
+        arrays: dict[str, np.ndarray] = {}
+        for index, param in enumerate(self.model.parameters()):
+            state = self.optimizer.state.get(param)
+            if not state:
+                continue
+            arrays[f"adam.{index}.exp_avg"] = state["exp_avg"].detach().numpy().ravel().astype(np.float32)
+            arrays[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].detach().numpy().ravel().astype(np.float32)
+            arrays[f"adam.{index}.step"] = np.array([float(state["step"])], dtype=np.float32)
+        return arrays
+
+    def load_optimizer_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for index, param in enumerate(self.model.parameters()):
+            key = f"adam.{index}.exp_avg"
+            if key not in arrays:
+                continue
+            if arrays[key].size != param.numel():
+                raise ValueError(f"checkpoint optimizer state for parameter {index} has the wrong size")
+            self.optimizer.state[param] = {
+                "step": torch.tensor(float(arrays[f"adam.{index}.step"][0])),
+                "exp_avg": torch.from_numpy(arrays[key].copy()).view_as(param),
+                "exp_avg_sq": torch.from_numpy(arrays[f"adam.{index}.exp_avg_sq"].copy()).view_as(param),
+            }
