@@ -1,0 +1,558 @@
+"""The discrete-event engine: a virtual clock, a heap of events, and N peers driving the real core.
+
+Time model (all virtual seconds; nothing here reads a clock):
+
+- Rounds are paced by a deadline of ``round_seconds``, as the daemon paces them: round r
+  runs on [r*T, (r+1)*T). At the start every online, ready peer runs H local steps
+  (``inner_steps``) taking ``H * step_seconds`` of its device; a peer that cannot finish
+  before the deadline is a straggler and sends nothing that round.
+- When its computation ends, a peer calls ``GossipLearner.make_update``, seals one envelope
+  per partner (``choose_partners`` over the live peers it learned from the DHT) and sends
+  them one after another on its uplink: each takes ``size / min(up_sender, down_receiver)``
+  plus both ends' latency. Sizes are the real sealed bytes.
+- On arrival the receiver runs ``open_envelope`` (signature, clock skew, replay, schema)
+  and ``GossipLearner.receive``; refusals are counted by reason. A message is lost if its
+  sender left before the last byte went out, or the receiver is offline, left and came
+  back, or is still downloading state.
+- At the deadline each peer that took part calls ``finish_round``; when ``should_sync`` says
+  so it pulls a random live peer's parameters (download time on both links) and
+  ``mix_with``es them at the start of the next round.
+- Churn: leaving loses the computation and the messages in flight, and keeps the state
+  (a checkpoint). A rejoining peer restarts from that stale checkpoint, downloads a live
+  peer's state over its own link, and ``adopt``s it (further behind than ``max_round_lag``)
+  or ``mix_with``es it; it trains again from the next round.
+
+Determinism: one seed feeds a :class:`numpy.random.SeedSequence` whose children drive
+devices, churn, data, partner choice and identities; heap entries are ``(time, priority,
+counter)`` so equal times resolve the same way every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from p2pfm.core.codecs import CodecSpec, encode
+from p2pfm.core.envelope import (
+    PROTOCOL_VERSION,
+    EnvelopeLimits,
+    ReplayGuard,
+    open_envelope,
+    pack_body,
+    pack_wire,
+    seal,
+)
+from p2pfm.core.errors import Reject
+from p2pfm.core.gossip import GossipLearner, choose_partners
+from p2pfm.core.identity import SIGNATURE_BYTES, Identity
+from p2pfm.sim.churn import build_availability
+from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
+from p2pfm.sim.scenario import Scenario
+from p2pfm.sim.traces import load_trace
+
+# Event kinds; the number is also the tie-break priority at equal times (lower first):
+# departures before arrivals, a round's end before the next round's start.
+LEAVE, JOIN, ROUND_END, ROUND_START, COMPUTE_DONE, MESSAGE, STATE, SYNC = range(8)
+
+RUN_ID = "p2pfm-sim"
+UNSIGNED = bytes(SIGNATURE_BYTES)  # verify_signatures = false: same size on the wire, no Ed25519
+
+
+@dataclass
+class Tracker:
+    """A rejoined peer being watched until its loss is back near the live mean."""
+
+    joined_round: int
+    rounds: int = 0
+
+
+@dataclass
+class Metrics:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    online_curve: list[tuple[float, int]] = field(default_factory=list)
+    catchup: list[int] = field(default_factory=list)
+    catchup_interrupted: int = 0
+    leaves: int = 0
+    joins: int = 0
+    messages_sent: int = 0
+    messages_delivered: int = 0
+    lost_sender_left: int = 0
+    lost_receiver_gone: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    computations_lost: int = 0
+    straggler_rounds: int = 0
+    state_downloads: int = 0
+    adopted: int = 0
+    mixed: int = 0
+    syncs: int = 0
+    useful_steps: int = 0
+    time_to_target_s: float | None = None
+
+
+class Simulation:
+    """One run of a scenario; :meth:`run` returns the raw results for :mod:`p2pfm.sim.report`."""
+
+    def __init__(self, scenario: Scenario, *, progress: bool = False) -> None:
+        self.scenario = scenario
+        self.progress = progress
+        sc = scenario
+        streams = np.random.SeedSequence(sc.seed).spawn(6)
+        rng_devices, rng_churn, rng_work, rng_partners, rng_view, rng_keys = (
+            np.random.default_rng(s) for s in streams
+        )
+        self.rng_partners, self.rng_view = rng_partners, rng_view
+        n = sc.peers
+        self.n = n
+        base = sc.resolve(".")
+        self.profiles: dict[str, DeviceProfile] = resolve_profiles(sc.devices, base)
+        self.device_of = assign_devices(sc.devices.mix, n, rng_devices)
+        trace = load_trace(sc.resolve(sc.churn.trace)) if sc.churn.model == "trace" else None
+        self.availability = build_availability(sc.churn, n, rng_churn, trace)
+        self.workload = _build_workload(sc, rng_work)
+        self.gossip = sc.gossip
+        # Identities are derived from the seed, so peer ids (and partner choices) replay.
+        self.identities = [Identity.from_private_bytes(rng_keys.bytes(32)) for _ in range(n)]
+        self.ids = [ident.peer_id for ident in self.identities]
+        self.index_of = {pid: i for i, pid in enumerate(self.ids)}
+        self.model_hash = hashlib.sha256(repr((sc.workload, self.workload.numel)).encode()).digest()
+        init = self.workload.initial_params()
+        self.learners = [GossipLearner(init, sc.gossip) for _ in range(n)]
+        self.checkpoints: list[dict[str, np.ndarray] | None] = [None] * n
+        self.limits = EnvelopeLimits()
+        self.guards = [ReplayGuard.for_limits(self.limits) for _ in range(n)]
+        # Per-device arrays, indexed by peer.
+        prof = [self.profiles[d] for d in self.device_of]
+        self.step_s = np.array([p.step_seconds(self.workload.flops_per_step) for p in prof])
+        self.up = np.array([p.up_bytes_per_s for p in prof])
+        self.down = np.array([p.down_bytes_per_s for p in prof])
+        self.latency = np.array([p.latency_ms / 1000.0 for p in prof])
+        self.state_bytes = len(msgpack.packb(encode(init, CodecSpec(name="none")), use_bin_type=True))
+        self.update_bytes = self._probe_update_bytes(init)
+        self.round_seconds = sc.round_seconds or self._auto_round_seconds()
+        # Peer state.
+        self.online = np.zeros(n, bool)
+        self.ready = np.zeros(n, bool)  # online and holding current state (not downloading)
+        self.in_round = np.zeros(n, bool)  # started the current round's computation
+        self.straggling = np.zeros(n, bool)  # cannot finish this round's computation by the deadline
+        self.session = np.zeros(n, np.int64)  # bumped on every leave and join
+        self.left_at = np.full(n, -math.inf)
+        self.online_since = np.zeros(n)
+        self.online_s = np.zeros(n)
+        self.compute_s = np.zeros(n)
+        self.busy_start = np.zeros(n)
+        self.busy_end = np.full(n, -math.inf)
+        self.uplink_free = np.zeros(n)
+        self.seq = np.zeros(n, np.int64)
+        self.bytes_sent = np.zeros(n)
+        self.bytes_received = np.zeros(n)
+        self.local: list[tuple[np.ndarray, float] | None] = [None] * n
+        self.pending_mix: list[tuple[np.ndarray, int] | None] = [None] * n
+        self.trackers: dict[int, Tracker] = {}
+        self.metrics = Metrics()
+        self.round = 0
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, tuple]] = []
+        self._counter = 0
+        self._live_cache: tuple[list[str], np.ndarray] | None = None
+        self._ready_cache: tuple[list[str], np.ndarray] | None = None
+
+    # --- setup helpers ------------------------------------------------------------------
+    def _probe_update_bytes(self, init: np.ndarray) -> int:
+        """Size of one sealed update message, measured on a throwaway learner and key."""
+        probe = GossipLearner(init, self.gossip)
+        noise = np.random.default_rng(0).standard_normal(init.size).astype(np.float32) * 1e-3
+        wire = probe.make_update(init + noise)
+        return len(self._seal(0, 0, 1, wire, 0.0, 0.0))
+
+    def _auto_round_seconds(self) -> float:
+        """The slowest peer's compute + sending fanout updates + latency, with 25% slack."""
+        h, fanout = self.gossip.inner_steps, max(1, self.gossip.fanout)
+        needed = h * self.step_s + fanout * self.update_bytes / self.up + 2 * self.latency.max()
+        return float(round(1.25 * needed.max(), 3))
+
+    # --- event heap -----------------------------------------------------------------------
+    def _push(self, time: float, kind: int, data: tuple) -> None:
+        self._counter += 1
+        heapq.heappush(self._heap, (time, kind, self._counter, data))
+
+    def _invalidate_views(self) -> None:
+        self._live_cache = None
+        self._ready_cache = None
+
+    def _live(self) -> tuple[list[str], np.ndarray]:
+        if self._live_cache is None:
+            idx = np.flatnonzero(self.online)
+            self._live_cache = ([self.ids[i] for i in idx], idx)
+        return self._live_cache
+
+    def _ready_peers(self) -> tuple[list[str], np.ndarray]:
+        if self._ready_cache is None:
+            idx = np.flatnonzero(self.ready)
+            self._ready_cache = ([self.ids[i] for i in idx], idx)
+        return self._ready_cache
+
+    def _view(self, pool: tuple[list[str], np.ndarray]) -> list[str]:
+        """The live peers a peer learns from the DHT: a random sample of ``view_size`` of them."""
+        names, _ = pool
+        size = self.scenario.view_size
+        if size == 0 or len(names) <= size:
+            return names
+        picks = self.rng_view.integers(0, len(names), size=size)
+        return [names[i] for i in picks]
+
+    def _pick(self, peer: int, pool: tuple[list[str], np.ndarray], count: int) -> list[int]:
+        chosen = choose_partners(self._view(pool), self.ids[peer], count, self.rng_partners)
+        return [self.index_of[pid] for pid in chosen]
+
+    # --- wire -----------------------------------------------------------------------------
+    def _seal(self, peer: int, round: int, seq: int, wire: dict, train_loss: float, now: float) -> bytes:
+        payload = {
+            "tensor": wire,
+            "weight": float(self.workload.samples_per_step * self.gossip.inner_steps),
+            "inner_steps": self.gossip.inner_steps,
+            "train_loss": float(train_loss),
+            "model_hash": self.model_hash,
+        }
+        identity = self.identities[peer]
+        if self.scenario.verify_signatures:
+            return seal(
+                identity, kind="update", run_id=RUN_ID, round=round, seq=seq, timestamp=now, payload=payload
+            )
+        body = pack_body(
+            {"v": PROTOCOL_VERSION, "kind": "update", "run": RUN_ID, "sender": identity.public_key_bytes,
+             "round": round, "seq": seq, "ts": float(now), "payload": payload}
+        )  # fmt: skip
+        return pack_wire(body, UNSIGNED)
+
+    def _transfer(self, sender: int, receiver: int, size: int, start: float) -> tuple[float, float]:
+        """(last byte leaves, arrival) for ``size`` bytes on the sender's serial uplink."""
+        begin = max(start, self.uplink_free[sender])
+        done = begin + size / min(self.up[sender], self.down[receiver])
+        self.uplink_free[sender] = done
+        return done, done + self.latency[sender] + self.latency[receiver]
+
+    # --- the run --------------------------------------------------------------------------
+    def run(self) -> Simulation:
+        sc = self.scenario
+        for peer in range(self.n):
+            if self.availability.initial_online(peer):
+                self.online[peer] = self.ready[peer] = True
+            change = self.availability.next_change(peer, 0.0, bool(self.online[peer]))
+            if change is not None:
+                self._push(change, LEAVE if self.online[peer] else JOIN, (peer,))
+        self.metrics.online_curve.append((0.0, int(self.online.sum())))
+        initial = self.workload.evaluate(self.learners[0].params[None, :])
+        self.initial_loss = float(initial[0])
+        self._push(0.0, ROUND_START, (0,))
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sc.rounds, desc=sc.name, unit="round", leave=False)
+        heap = self._heap
+        while heap:
+            time, kind, _, data = heapq.heappop(heap)
+            self.now = time
+            if kind == MESSAGE:
+                self._on_message(*data)
+            elif kind == COMPUTE_DONE:
+                self._on_compute_done(*data)
+            elif kind == ROUND_START:
+                self._on_round_start(*data)
+            elif kind == ROUND_END:
+                self._on_round_end(*data)
+                if bar is not None:
+                    bar.update(1)
+                if data[0] == sc.rounds - 1:
+                    break
+            elif kind == LEAVE:
+                self._on_leave(*data)
+            elif kind == JOIN:
+                self._on_join(*data)
+            elif kind == STATE:
+                self._on_state(*data)
+            elif kind == SYNC:
+                self._on_sync(*data)
+        if bar is not None:
+            bar.close()
+        self.end_time = self.now
+        for peer in np.flatnonzero(self.online):
+            self.online_s[peer] += self.end_time - self.online_since[peer]
+        return self
+
+    # --- rounds ---------------------------------------------------------------------------
+    def _on_round_start(self, r: int) -> None:
+        self.round = r
+        period = self.round_seconds
+        for time, peer, joins in self.availability.round_events(r, self.now, period, self.online.copy()):
+            self._push(time, JOIN if joins else LEAVE, (peer,))
+        active = np.flatnonzero(self.ready)
+        for peer in active:
+            pending = self.pending_mix[peer]
+            if pending is not None:
+                self.learners[peer].mix_with(*pending)
+                self.pending_mix[peer] = None
+        self.in_round[:] = False
+        self.in_round[active] = True
+        if active.size:
+            anchors = np.stack([self.learners[i].params for i in active])
+            local, losses = self.workload.local_steps(active, anchors, self.gossip.inner_steps)
+            durations = self.gossip.inner_steps * self.step_s[active]
+            for row, peer in enumerate(active.tolist()):
+                self.busy_start[peer] = self.now
+                if durations[row] < period:
+                    self.busy_end[peer] = self.now + durations[row]
+                    self.local[peer] = (local[row], float(losses[row]))
+                    self._push(self.now + durations[row], COMPUTE_DONE, (peer, int(self.session[peer])))
+                else:  # straggler: works until the deadline, then drops the round's work
+                    self.busy_end[peer] = self.now + period
+                    self.local[peer] = None
+                    self.straggling[peer] = True
+        self._push(self.now + period, ROUND_END, (r,))
+        if r + 1 < self.scenario.rounds:
+            self._push((r + 1) * period, ROUND_START, (r + 1,))
+
+    def _on_compute_done(self, peer: int, session: int) -> None:
+        if self.session[peer] != session:
+            return  # left mid-computation; the loss is accounted in _on_leave
+        local = self.local[peer]
+        self.local[peer] = None
+        self.compute_s[peer] += self.now - self.busy_start[peer]
+        self.busy_end[peer] = -math.inf
+        if local is None:
+            return
+        params, train_loss = local
+        self.metrics.useful_steps += self.gossip.inner_steps
+        learner = self.learners[peer]
+        wire = learner.make_update(params)
+        for partner in self._pick(peer, self._live(), self.gossip.fanout):
+            self.seq[peer] += 1
+            data = self._seal(peer, learner.round, int(self.seq[peer]), wire, train_loss, self.now)
+            done, arrival = self._transfer(peer, partner, len(data), self.now)
+            self.bytes_sent[peer] += len(data)
+            self.metrics.messages_sent += 1
+            self._push(
+                arrival,
+                MESSAGE,
+                (peer, int(self.session[peer]), partner, int(self.session[partner]), done, data),
+            )
+
+    def _on_message(
+        self, sender: int, sender_session: int, receiver: int, receiver_session: int, done: float, data: bytes
+    ) -> None:
+        if self.session[sender] != sender_session and self.left_at[sender] < done:
+            self.metrics.lost_sender_left += 1  # connection died before the last byte
+            return
+        if self.session[receiver] != receiver_session or not self.ready[receiver]:
+            self.metrics.lost_receiver_gone += 1
+            return
+        self.bytes_received[receiver] += len(data)
+        try:
+            envelope = open_envelope(
+                data,
+                run_id=RUN_ID,
+                now=self.now,
+                limits=self.limits,
+                replay_guard=self.guards[receiver],
+                verify_signature=self.scenario.verify_signatures,
+            )
+            self.learners[receiver].receive(self.ids[sender], envelope.round, envelope.payload["tensor"])
+        except Reject as exc:
+            reason = exc.reason.value
+            self.metrics.rejected[reason] = self.metrics.rejected.get(reason, 0) + 1
+            return
+        self.metrics.messages_delivered += 1
+
+    def _on_round_end(self, r: int) -> None:
+        period = self.round_seconds
+        finishing = np.flatnonzero(self.in_round & self.online)
+        for peer in finishing.tolist():
+            if self.straggling[peer]:  # computed until the deadline for nothing
+                self.compute_s[peer] += period
+                self.busy_end[peer] = -math.inf
+                self.metrics.straggler_rounds += 1
+            self.learners[peer].finish_round()
+        self.straggling[:] = False
+        self.in_round[:] = False
+        syncing = [p for p in finishing.tolist() if self.learners[p].should_sync()]
+        for peer in syncing:
+            donors = self._pick(peer, self._ready_peers(), 1)
+            if donors:
+                donor = donors[0]
+                snapshot = (self.learners[donor].params.copy(), self.learners[donor].round)
+                done, arrival = self._transfer(donor, peer, self.state_bytes, self.now)
+                self.bytes_sent[donor] += self.state_bytes
+                self._push(
+                    arrival,
+                    SYNC,
+                    (peer, int(self.session[peer]), donor, int(self.session[donor]), done, snapshot),
+                )
+        self._measure(r)
+
+    def _measure(self, r: int) -> None:
+        sc = self.scenario
+        full = r % sc.eval_every == 0 or r == sc.rounds - 1
+        ready = np.flatnonzero(self.ready)
+        tracked = [p for p in sorted(self.trackers) if self.ready[p]]
+        for peer in sorted(self.trackers):
+            self.trackers[peer].rounds += 1
+        if not full and not tracked:
+            return
+        if full:
+            sample = ready
+        else:
+            untracked = np.setdiff1d(ready, np.array(tracked, dtype=np.int64))
+            size = min(sc.catchup_sample, untracked.size)
+            sample = np.sort(self.rng_view.choice(untracked, size=size, replace=False)) if size else untracked
+        evaluate = np.union1d(sample, np.array(tracked, dtype=np.int64)).astype(np.int64)
+        losses = (
+            dict(
+                zip(
+                    evaluate.tolist(),
+                    self.workload.evaluate(np.stack([self.learners[i].params for i in evaluate])).tolist(),
+                    strict=True,
+                )
+            )
+            if evaluate.size
+            else {}
+        )
+        reference_peers = [p for p in sample.tolist() if p not in self.trackers] or sample.tolist()
+        if reference_peers:
+            reference = float(np.mean([losses[p] for p in reference_peers]))
+            for peer in tracked:
+                if losses[peer] <= reference * (1.0 + sc.catchup_tolerance):
+                    self.metrics.catchup.append(self.trackers.pop(peer).rounds)
+        if not full or ready.size == 0:
+            return
+        params = np.stack([self.learners[i].params for i in ready]).astype(np.float64)
+        distance = float(np.linalg.norm(params - params.mean(axis=0), axis=1).mean())
+        mean_loss = float(np.mean([losses[p] for p in ready.tolist()]))
+        if (
+            self.metrics.time_to_target_s is None
+            and sc.target_loss is not None
+            and mean_loss <= sc.target_loss
+        ):
+            self.metrics.time_to_target_s = self.now
+        self.metrics.rows.append(
+            {
+                "round": r + 1,
+                "time_s": self.now,
+                "online": int(self.online.sum()),
+                "ready": int(ready.size),
+                "mean_loss": mean_loss,
+                "min_loss": float(min(losses[p] for p in ready.tolist())),
+                "max_loss": float(max(losses[p] for p in ready.tolist())),
+                "consensus_distance": distance,
+                "bytes_sent": float(self.bytes_sent.sum()),
+                "messages_sent": self.metrics.messages_sent,
+                "messages_lost": self.metrics.lost_sender_left + self.metrics.lost_receiver_gone,
+                "rejected": sum(self.metrics.rejected.values()),
+            }
+        )
+
+    # --- churn ----------------------------------------------------------------------------
+    def _on_leave(self, peer: int) -> None:
+        if not self.online[peer]:
+            return
+        self.metrics.leaves += 1
+        self.online[peer] = self.ready[peer] = False
+        self._invalidate_views()
+        self.session[peer] += 1
+        self.left_at[peer] = self.now
+        self.online_s[peer] += self.now - self.online_since[peer]
+        if self.busy_end[peer] > self.now:  # dies mid-computation: energy spent, work lost
+            self.compute_s[peer] += self.now - self.busy_start[peer]
+            self.metrics.computations_lost += 1
+        self.busy_end[peer] = -math.inf
+        self.in_round[peer] = self.straggling[peer] = False
+        self.local[peer] = None
+        self.pending_mix[peer] = None
+        if self.trackers.pop(peer, None) is not None:
+            self.metrics.catchup_interrupted += 1
+        self.checkpoints[peer] = {k: v.copy() for k, v in self.learners[peer].state_arrays().items()}
+        self.metrics.online_curve.append((self.now, int(self.online.sum())))
+        change = self.availability.next_change(peer, self.now, False)
+        if change is not None:
+            self._push(max(change, self.now), JOIN, (peer,))
+
+    def _on_join(self, peer: int) -> None:
+        if self.online[peer]:
+            return
+        self.metrics.joins += 1
+        self.online[peer] = True
+        self._invalidate_views()
+        self.session[peer] += 1
+        self.online_since[peer] = self.now
+        self.uplink_free[peer] = self.now
+        # A restart: a fresh learner from the peer's own (stale) checkpoint, a fresh replay guard.
+        learner = GossipLearner(self.learners[peer].params, self.gossip, round=self.learners[peer].round)
+        if self.checkpoints[peer] is not None:
+            learner.load_state_arrays(self.checkpoints[peer])
+        self.learners[peer] = learner
+        self.guards[peer] = ReplayGuard.for_limits(self.limits)
+        self.trackers[peer] = Tracker(joined_round=self.round)
+        self.metrics.online_curve.append((self.now, int(self.online.sum())))
+        self._request_state(peer)
+        change = self.availability.next_change(peer, self.now, True)
+        if change is not None:
+            self._push(max(change, self.now), LEAVE, (peer,))
+
+    def _request_state(self, peer: int) -> None:
+        donors = self._pick(peer, self._ready_peers(), 1)
+        if not donors:  # nobody to ask: carry on from the checkpoint
+            self.ready[peer] = True
+            self._invalidate_views()
+            return
+        donor = donors[0]
+        snapshot = (self.learners[donor].params.copy(), self.learners[donor].round)
+        done, arrival = self._transfer(donor, peer, self.state_bytes, self.now)
+        self.bytes_sent[donor] += self.state_bytes
+        self.metrics.state_downloads += 1
+        self._push(
+            arrival, STATE, (peer, int(self.session[peer]), donor, int(self.session[donor]), done, snapshot)
+        )
+
+    def _on_state(
+        self, peer: int, session: int, donor: int, donor_session: int, done: float, snapshot: tuple
+    ) -> None:
+        if self.session[peer] != session:
+            return  # left again while downloading
+        if self.session[donor] != donor_session and self.left_at[donor] < done:
+            self._request_state(peer)  # donor vanished mid-transfer: ask someone else
+            return
+        self.bytes_received[peer] += self.state_bytes
+        params, round = snapshot
+        learner = self.learners[peer]
+        if round - learner.round > self.gossip.max_round_lag:
+            learner.adopt(params, round)
+            self.metrics.adopted += 1
+        else:
+            learner.mix_with(params, round)
+            self.metrics.mixed += 1
+        self.ready[peer] = True
+        self._invalidate_views()
+
+    def _on_sync(
+        self, peer: int, session: int, donor: int, donor_session: int, done: float, snapshot: tuple
+    ) -> None:
+        if self.session[peer] != session or not self.ready[peer]:
+            return
+        if self.session[donor] != donor_session and self.left_at[donor] < done:
+            return  # donor left mid-transfer; the next sync will try again
+        self.bytes_received[peer] += self.state_bytes
+        self.pending_mix[peer] = snapshot  # applied at the next round start, between computations
+        self.metrics.syncs += 1
+
+
+def _build_workload(scenario: Scenario, rng: np.random.Generator):
+    from p2pfm.sim.workloads import GPTWorkload, MLPWorkload
+
+    if scenario.workload.kind == "mlp":
+        return MLPWorkload(scenario.workload.mlp, scenario.peers, rng)
+    return GPTWorkload(scenario.workload.gpt, scenario.peers, rng, base_dir=scenario.base_dir)

@@ -1,0 +1,202 @@
+"""Results of a run: ``summary.json``, ``metrics.csv``, ``timing.json`` and PNG plots.
+
+``summary.json`` depends only on the scenario and the seed (floats rounded to 6 significant
+digits), so the same run gives the same bytes; wall-clock time lives in ``timing.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2pfm.config import config_to_dict
+from p2pfm.core.gossip import expected_round_bits_per_param
+from p2pfm.sim.energy import account
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+TIMING_FILE = "timing.json"
+
+
+def _tidy(value: Any) -> Any:
+    """JSON-friendly and stable: 6 significant digits, no NaN (null instead)."""
+    if isinstance(value, dict):
+        return {str(k): _tidy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tidy(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.6g}")
+    return value
+
+
+def summarize(sim) -> dict[str, Any]:
+    """The summary of a finished :class:`~p2pfm.sim.engine.Simulation`."""
+    sc, m = sim.scenario, sim.metrics
+    last = m.rows[-1] if m.rows else {}
+    energy = account(
+        sc.energy,
+        sim.profiles,
+        sim.device_of,
+        sim.compute_s,
+        sim.online_s,
+        sim.bytes_sent,
+        sim.bytes_received,
+        useful_flops=m.useful_steps * sim.workload.flops_per_step,
+    )
+    catch = np.array(m.catchup, dtype=np.float64)
+    catchup = {
+        "count": int(catch.size),
+        "mean": float(catch.mean()) if catch.size else None,
+        "median": float(np.median(catch)) if catch.size else None,
+        "p90": float(np.percentile(catch, 90)) if catch.size else None,
+        "max": int(catch.max()) if catch.size else None,
+        "within_1_round": float((catch <= 1).mean()) if catch.size else None,
+        "not_caught_up_at_end": len(sim.trackers),
+        "interrupted_by_leaving": m.catchup_interrupted,
+        "tolerance": sc.catchup_tolerance,
+    }
+    peer_rounds = m.useful_steps // sc.gossip.inner_steps
+    online_time = np.array([t for t, _ in m.online_curve] + [sim.end_time])
+    online_counts = np.array([c for _, c in m.online_curve], dtype=np.float64)
+    mean_online = float((np.diff(online_time) * online_counts).sum() / max(sim.end_time, 1e-12)) / sc.peers
+    summary = {
+        "scenario": sc.name,
+        "seed": sc.seed,
+        "peers": sc.peers,
+        "rounds": sc.rounds,
+        "workload": sc.workload.kind,
+        "params": sim.workload.numel,
+        "signatures": sc.verify_signatures,
+        "round_seconds": sim.round_seconds,
+        "virtual_seconds": sim.end_time,
+        "initial_loss": sim.initial_loss,
+        "final_loss": last.get("mean_loss"),
+        "final_loss_min": last.get("min_loss"),
+        "final_loss_max": last.get("max_loss"),
+        "target_loss": sc.target_loss,
+        "time_to_target_s": m.time_to_target_s,
+        "consensus_distance": last.get("consensus_distance"),
+        "bytes_sent_total": float(sim.bytes_sent.sum()),
+        "update_message_bytes": sim.update_bytes,
+        "state_bytes": sim.state_bytes,
+        "bits_per_param_per_round": expected_round_bits_per_param(
+            sim.update_bytes, sim.workload.numel, sc.gossip.fanout
+        ),
+        "energy_wh": energy.energy_wh,
+        "energy_breakdown_wh": {
+            "compute": energy.compute_wh,
+            "idle": energy.idle_wh,
+            "network": energy.network_wh,
+        },
+        "energy_by_device_wh": energy.by_device_wh,
+        "carbon_g": energy.carbon_g,
+        "grid_g_per_kwh": energy.grid_g_per_kwh,
+        "datacenter_energy_wh": energy.datacenter_energy_wh,
+        "datacenter_carbon_g": energy.datacenter_carbon_g,
+        "useful_flops": m.useful_steps * sim.workload.flops_per_step,
+        "churn_model": sc.churn.model,
+        "churn_events": {"leaves": m.leaves, "joins": m.joins},
+        "mean_online_fraction": mean_online,
+        "rejoin_catchup_rounds": catchup,
+        "state_downloads": {
+            "total": m.state_downloads,
+            "adopted": m.adopted,
+            "mixed": m.mixed,
+            "periodic_syncs": m.syncs,
+        },
+        "messages": {
+            "sent": m.messages_sent,
+            "delivered": m.messages_delivered,
+            "lost_sender_left": m.lost_sender_left,
+            "lost_receiver_gone": m.lost_receiver_gone,
+            "rejected": dict(sorted(m.rejected.items())),
+        },
+        "computations_lost": m.computations_lost,
+        "straggler_rounds": m.straggler_rounds,
+        "peer_rounds_computed": peer_rounds,
+        "devices": {name: sim.device_of.count(name) for name in sorted(sim.profiles)},
+    }
+    return _tidy(summary)
+
+
+def write_results(sim, out: Path, wall_seconds: float, *, plots: bool = True) -> dict[str, Any]:
+    """Write summary.json, metrics.csv, timing.json, scenario.json and plots to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(sim)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    scenario = config_to_dict(sim.scenario)
+    scenario.pop("base_dir", None)
+    (out / "scenario.json").write_text(json.dumps(_tidy(scenario), indent=2) + "\n")
+    timing = {
+        "wall_seconds": round(wall_seconds, 2),
+        "peer_rounds_per_second": round(summary["peer_rounds_computed"] / max(wall_seconds, 1e-9), 1),
+    }
+    (out / TIMING_FILE).write_text(json.dumps(timing, indent=2) + "\n")
+    rows = sim.metrics.rows
+    if rows:
+        with (out / METRICS_FILE).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    if plots:
+        plot_run(sim, summary, out)
+    return summary
+
+
+def plot_run(sim, summary: dict[str, Any], out: Path) -> None:
+    """loss.png (loss vs virtual time), online.png (online peers), energy.png (by device class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sim.metrics.rows
+    name = sim.scenario.name
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
+    t = [r["time_s"] / 60 for r in rows]
+    ax.plot(t, [r["mean_loss"] for r in rows], label="mean over live peers")
+    ax.fill_between(
+        t, [r["min_loss"] for r in rows], [r["max_loss"] for r in rows], alpha=0.25, label="min-max"
+    )
+    ax.set_xlabel("virtual time (min)")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title(f"{name}: loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
+    curve = sim.metrics.online_curve + [(sim.end_time, sim.metrics.online_curve[-1][1])]
+    ax.step([c[0] / 60 for c in curve], [c[1] for c in curve], where="post")
+    ax.set_ylim(0, sim.scenario.peers * 1.05)
+    ax.set_xlabel("virtual time (min)")
+    ax.set_ylabel("online peers")
+    ax.set_title(f"{name}: online peers ({sim.scenario.churn.model} churn)")
+    fig.tight_layout()
+    fig.savefig(out / "online.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
+    by_device = summary["energy_by_device_wh"]
+    names = list(by_device) + ["datacentre\nbaseline"]
+    values = list(by_device.values()) + [summary["datacenter_energy_wh"]]
+    ax.bar(names, values, color=["tab:blue"] * len(by_device) + ["tab:gray"])
+    ax.set_ylabel("energy at the wall (Wh)")
+    ax.set_yscale("log")
+    ax.set_title(f"{name}: energy by device class")
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "energy.png")
+    plt.close(fig)

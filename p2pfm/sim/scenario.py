@@ -1,0 +1,270 @@
+"""Scenario files: frozen dataclasses built strictly from TOML (unknown keys are errors).
+
+A scenario names everything a run depends on besides the seed: the swarm size and length,
+the workload, the gossip knobs (the daemon's own :class:`~p2pfm.core.gossip.GossipConfig`),
+churn, devices and the energy model. :func:`load_scenario` reads a TOML file through
+:func:`p2pfm.config.build_config`, so every error names its field (``churn.fraction: must
+be in [0, 1)``). Relative paths (``churn.trace``) are resolved against the scenario file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from p2pfm.config import ConfigError, build_config, load_toml, require
+from p2pfm.core.gossip import GossipConfig
+
+DEFAULT_DIURNAL_CURVE: tuple[float, ...] = (
+    # Online probability by local hour 0..23. Shape after Berta, Bilicki & Jelasity (P2P 2014),
+    # BRIEF s7: ~35% at night (phones charging), ~16% in the afternoon, ~23% on average.
+    0.35, 0.36, 0.36, 0.35, 0.34, 0.31,  # 00-05: night, charging
+    0.27, 0.22, 0.19, 0.18, 0.17, 0.17,  # 06-11: morning, unplugged
+    0.16, 0.16, 0.16, 0.16, 0.17, 0.18,  # 12-17: afternoon minimum
+    0.19, 0.20, 0.22, 0.25, 0.29, 0.33,  # 18-23: evening, back on chargers
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """The fast workload: a one-hidden-layer MLP on a seeded Gaussian-mixture task (numpy)."""
+
+    features: int = 32  # input dimension; with hidden 64 and 10 classes: 2,762 parameters
+    hidden: int = 64
+    classes: int = 10
+    clusters_per_class: int = 2  # each class is a mixture, so a linear model cannot solve it
+    separation: float = 0.5  # distance scale of cluster centres; lower = harder task, higher loss floor
+    noise: float = 1.0  # per-feature standard deviation around a centre
+    samples_per_peer: int = 200  # local shard size (mean, Dirichlet shards vary)
+    eval_samples: int = 500  # shared held-out set every peer is evaluated on
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5  # class skew for partition = "dirichlet" (0.1 = very skewed)
+    batch_size: int = 32
+    lr: float = 0.1  # local SGD step size
+
+    def __post_init__(self) -> None:
+        for name in (
+            "features",
+            "hidden",
+            "classes",
+            "clusters_per_class",
+            "samples_per_peer",
+            "eval_samples",
+            "batch_size",
+        ):
+            require(getattr(self, name) >= 1, f"workload.mlp.{name}", "must be at least 1")
+        require(self.classes >= 2, "workload.mlp.classes", "must be at least 2")
+        require(self.separation > 0, "workload.mlp.separation", "must be positive")
+        require(self.noise > 0, "workload.mlp.noise", "must be positive")
+        require(self.dirichlet_alpha > 0, "workload.mlp.dirichlet_alpha", "must be positive")
+        require(self.lr > 0, "workload.mlp.lr", "must be positive")
+
+
+@dataclass(frozen=True)
+class GPTWorkloadConfig:
+    """The daemon's byte-level GPT (p2pfm.model) on this machine's stdlib, for small swarms."""
+
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 32  # ~30k parameters: 8 peers x 100 rounds in a couple of minutes on 2 cores
+    block_size: int = 32
+    batch_size: int = 8
+    lr: float = 3e-3  # AdamW, as the daemon's inner optimizer
+    eval_batches: int = 4
+    max_shard_bytes: int = 262144
+    data: str = ""  # folder of text files; empty = the Python stdlib (BRIEF s1)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "eval_batches",
+            "max_shard_bytes",
+        ):
+            require(getattr(self, name) >= 1, f"workload.gpt.{name}", "must be at least 1")
+        require(
+            self.n_embd % self.n_head == 0, "workload.gpt.n_embd", "must be divisible by workload.gpt.n_head"
+        )
+        require(self.lr > 0, "workload.gpt.lr", "must be positive")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    kind: Literal["mlp", "gpt"] = "mlp"
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    gpt: GPTWorkloadConfig = field(default_factory=GPTWorkloadConfig)
+
+
+ChurnModel = Literal["none", "exponential", "diurnal", "trace", "fraction"]
+
+
+@dataclass(frozen=True)
+class ChurnConfig:
+    """Who is online when. Each model uses only its own fields; the others are ignored."""
+
+    model: ChurnModel = "none"
+    # exponential: alternating sessions, Exp(mean_online_s) online then Exp(mean_offline_s) offline.
+    mean_online_s: float = 600.0
+    mean_offline_s: float = 300.0
+    # fraction: every `every_rounds` rounds, `fraction` of the peers leave at random times within
+    # the window and come back `offline_rounds` rounds later with stale state (the issue's target).
+    fraction: float = 0.3
+    every_rounds: int = 10
+    offline_rounds: int = 0  # 0 = every_rounds
+    # diurnal: online probability by local hour; peers spread over `timezone_spread_h` hours.
+    diurnal_curve: tuple[float, ...] = DEFAULT_DIURNAL_CURVE
+    mean_session_s: float = 7200.0  # BRIEF s7: mean session ~2 h (median ~30 min)
+    day_length_s: float = 86400.0  # shrink to compress a day into a short run
+    timezone_spread_h: int = 24
+    # trace: CSV of online intervals `device,start_s,end_s`, devices mapped round-robin onto peers.
+    trace: str = ""
+
+    def __post_init__(self) -> None:
+        require(self.mean_online_s > 0, "churn.mean_online_s", "must be positive")
+        require(self.mean_offline_s > 0, "churn.mean_offline_s", "must be positive")
+        require(0.0 <= self.fraction < 1.0, "churn.fraction", "must be in [0, 1)")
+        require(self.every_rounds >= 1, "churn.every_rounds", "must be at least 1")
+        require(self.offline_rounds >= 0, "churn.offline_rounds", "must be non-negative")
+        require(
+            len(self.diurnal_curve) == 24,
+            "churn.diurnal_curve",
+            f"needs 24 hourly values, got {len(self.diurnal_curve)}",
+        )
+        require(
+            all(0.0 < p < 1.0 for p in self.diurnal_curve), "churn.diurnal_curve", "values must be in (0, 1)"
+        )
+        require(self.mean_session_s > 0, "churn.mean_session_s", "must be positive")
+        require(self.day_length_s > 0, "churn.day_length_s", "must be positive")
+        require(0 <= self.timezone_spread_h <= 24, "churn.timezone_spread_h", "must be in [0, 24]")
+        require(
+            self.model != "trace" or bool(self.trace), "churn.trace", 'is required when churn.model = "trace"'
+        )
+
+
+@dataclass(frozen=True)
+class DeviceOverride:
+    """Any field of a device profile, replaced for this scenario."""
+
+    gflops: float | None = None
+    step_overhead_s: float | None = None
+    up_mbps: float | None = None
+    down_mbps: float | None = None
+    latency_ms: float | None = None
+    active_w: float | None = None
+    idle_w: float | None = None
+    wall_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    # Share of peers per device class (normalised); names from p2pfm/sim/data/devices.toml.
+    mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "raspberry_pi_4": 0.25,
+            "raspberry_pi_5": 0.15,
+            "jetson_orin_nano": 0.1,
+            "phone": 0.3,
+            "laptop": 0.2,
+        }
+    )
+    overrides: dict[str, DeviceOverride] = field(default_factory=dict)
+    profiles: str = ""  # another devices TOML file; empty = the shipped one
+
+    def __post_init__(self) -> None:
+        require(len(self.mix) > 0, "devices.mix", "needs at least one device class")
+        require(all(w >= 0 for w in self.mix.values()), "devices.mix", "weights must be non-negative")
+        require(sum(self.mix.values()) > 0, "devices.mix", "weights must not all be zero")
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    """Energy and carbon model; every default is documented in p2pfm/sim/energy.py."""
+
+    country: str = "WORLD"  # key into grid_g_per_kwh
+    grid_g_per_kwh: dict[str, float] = field(default_factory=dict)  # extra/overriding country values
+    network_nj_per_byte: float = 20.0  # per byte sent and per byte received (see energy.py)
+    datacenter_gflops_per_w: float = 150.0  # delivered fp32/tf32 throughput per GPU watt (see energy.py)
+    datacenter_pue: float = 1.2
+    datacenter_country: str = "WORLD"
+
+    def __post_init__(self) -> None:
+        require(self.network_nj_per_byte >= 0, "energy.network_nj_per_byte", "must be non-negative")
+        require(self.datacenter_gflops_per_w > 0, "energy.datacenter_gflops_per_w", "must be positive")
+        require(self.datacenter_pue >= 1.0, "energy.datacenter_pue", "must be at least 1")
+        require(
+            all(v >= 0 for v in self.grid_g_per_kwh.values()),
+            "energy.grid_g_per_kwh",
+            "values must be non-negative",
+        )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated experiment. ``p2pfm sim FILE.toml`` runs it; the seed may be overridden."""
+
+    name: str
+    peers: int
+    rounds: int
+    description: str = ""
+    seed: int = 0
+    round_seconds: float = 0.0  # round deadline; 0 = auto: the slowest device's compute + send, x1.25
+    eval_every: int = 10  # rounds between full evaluations (loss of every live peer)
+    target_loss: float | None = None  # for time_to_target_s
+    catchup_tolerance: float = 0.02  # a rejoined peer is caught up within 2% of the live mean loss
+    catchup_sample: int = 32  # live peers evaluated per round as the reference for catch-up
+    view_size: int = 32  # live peers a peer learns from the DHT per round (0 = all of them)
+    verify_signatures: bool = True  # sign with Ed25519 and verify; false = unsigned bytes of equal size
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    churn: ChurnConfig = field(default_factory=ChurnConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    base_dir: str = ""  # directory relative paths are resolved against (set by load_scenario)
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        require(self.peers >= 2, "peers", "must be at least 2")
+        require(self.rounds >= 1, "rounds", "must be at least 1")
+        require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+        require(
+            math.isfinite(self.round_seconds) and self.round_seconds >= 0,
+            "round_seconds",
+            "must be >= 0 (0 = auto)",
+        )
+        require(self.eval_every >= 1, "eval_every", "must be at least 1")
+        require(self.target_loss is None or self.target_loss > 0, "target_loss", "must be positive")
+        require(self.catchup_tolerance > 0, "catchup_tolerance", "must be positive")
+        require(self.catchup_sample >= 1, "catchup_sample", "must be at least 1")
+        require(self.view_size >= 0, "view_size", "must be non-negative")
+
+    def resolve(self, path: str) -> Path:
+        """A path from the scenario, relative to the scenario file's directory."""
+        candidate = Path(path)
+        return candidate if candidate.is_absolute() else Path(self.base_dir or ".") / candidate
+
+    def with_changes(self, **changes: Any) -> Scenario:
+        return dataclasses.replace(self, **changes)
+
+
+def scenario_from_dict(values: dict[str, Any], *, base_dir: str | Path = "") -> Scenario:
+    """Build and validate a scenario from a parsed TOML table."""
+    if "base_dir" in values:
+        raise ConfigError("base_dir: is set from the scenario file's location, not in the file")
+    scenario = build_config(Scenario, values)
+    return dataclasses.replace(scenario, base_dir=str(base_dir))
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read a scenario TOML file; errors name the file and the field."""
+    path = Path(path)
+    values = load_toml(path)
+    try:
+        return scenario_from_dict(values, base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

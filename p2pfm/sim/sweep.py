@@ -1,0 +1,116 @@
+"""Churn-resilience curves: one scenario at several churn rates.
+
+The churn rate r is "fraction r of the peers leave (and come back later) every
+``churn.every_rounds`` rounds": each point runs the scenario with ``churn.model =
+"fraction"`` and ``churn.fraction = r`` (r = 0 is no churn), same seed, same everything else.
+Output: ``sweep.json``, ``sweep.md`` (a table) and ``churn_curve.png`` (final loss vs rate),
+plus each point's own results in ``rate_<r>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from p2pfm.config import ConfigError
+from p2pfm.sim.run import run_scenario
+from p2pfm.sim.scenario import Scenario
+
+
+def parse_rates(text: str) -> list[float]:
+    """``"0,0.1,0.3"`` -> [0.0, 0.1, 0.3]; each in [0, 1)."""
+    rates = []
+    for item in text.split(","):
+        try:
+            rate = float(item)
+        except ValueError:
+            raise ConfigError(f"--churn-rates: {item.strip()!r} is not a number") from None
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"--churn-rates: {rate:g} is outside [0, 1)")
+        rates.append(rate)
+    if not rates:
+        raise ConfigError("--churn-rates: give at least one rate")
+    return rates
+
+
+def at_rate(scenario: Scenario, rate: float) -> Scenario:
+    churn = dataclasses.replace(scenario.churn, model="fraction" if rate > 0 else "none", fraction=rate)
+    return dataclasses.replace(scenario, churn=churn, name=f"{scenario.name}-churn{rate:g}")
+
+
+def run_sweep(scenario: Scenario, rates: list[float], out: Path, *, progress: bool = False) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    points = []
+    for rate in rates:
+        summary = run_scenario(
+            at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=False
+        )
+        points.append(
+            {
+                "churn_rate": rate,
+                "final_loss": summary["final_loss"],
+                "consensus_distance": summary["consensus_distance"],
+                "energy_wh": summary["energy_wh"],
+                "carbon_g": summary["carbon_g"],
+                "bytes_sent_total": summary["bytes_sent_total"],
+                "mean_online_fraction": summary["mean_online_fraction"],
+                "catchup_median_rounds": summary["rejoin_catchup_rounds"]["median"],
+                "catchup_within_1_round": summary["rejoin_catchup_rounds"]["within_1_round"],
+            }
+        )
+    baseline = next((p["final_loss"] for p in points if p["churn_rate"] == 0), None)
+    for point in points:
+        point["loss_vs_no_churn"] = (point["final_loss"] / baseline - 1.0) if baseline else None
+    result = {
+        "scenario": scenario.name,
+        "seed": scenario.seed,
+        "peers": scenario.peers,
+        "rounds": scenario.rounds,
+        "every_rounds": scenario.churn.every_rounds,
+        "points": points,
+    }
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(sweep_table(result))
+    _plot(result, out / "churn_curve.png")
+    return result
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"Churn sweep of `{result['scenario']}` ({result['peers']} peers, {result['rounds']} rounds, seed {result['seed']}; "
+        f"rate = fraction of peers leaving and rejoining every {result['every_rounds']} rounds)",
+        "",
+        "| churn rate | final loss | vs no churn | online | catch-up (median rounds) | energy (Wh) | carbon (g) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in result["points"]:
+        delta = "" if p["loss_vs_no_churn"] is None else f"{100 * p['loss_vs_no_churn']:+.2f}%"
+        catch = "-" if p["catchup_median_rounds"] is None else f"{p['catchup_median_rounds']:g}"
+        lines.append(
+            f"| {p['churn_rate']:g} | {p['final_loss']:.4f} | {delta} | {100 * p['mean_online_fraction']:.0f}% | {catch} "
+            f"| {p['energy_wh']:.3g} | {p['carbon_g']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [p["churn_rate"] for p in result["points"]]
+    losses = [p["final_loss"] for p in result["points"]]
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=80)
+    ax.plot(rates, losses, marker="o")
+    if result["points"] and result["points"][0]["churn_rate"] == 0:
+        ax.axhline(losses[0] * 1.02, color="gray", linestyle="--", label="no churn + 2%")
+        ax.legend()
+    ax.set_xlabel(f"fraction of peers leaving/rejoining every {result['every_rounds']} rounds")
+    ax.set_ylabel("final held-out loss")
+    ax.set_title(f"{result['scenario']}: churn resilience")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
