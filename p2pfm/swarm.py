@@ -195,7 +195,7 @@ def consensus_distance(vectors: list[np.ndarray]) -> float | None:
 def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: list[int] | None = None) -> dict[str, Any]:
     """The swarm's ``summary.json`` from the peers' metrics files and final checkpoints."""
     per_peer, initial, params, bytes_sent, update_bytes, rejected, rounds = {}, [], [], 0, 0, {}, 0
-    numel = 0
+    numel, sync_bytes = 0, 0
     for peer in peers:
         records = peer.metrics()
         starts = [r for r in records if r.get("event") == "start"]
@@ -216,13 +216,15 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
             runs.append(last)
         bytes_sent += sum(r.get("bytes_sent", 0) for r in runs)
         update_bytes += sum(r.get("update_bytes_sent", 0) for r in runs)
+        sync_bytes += sum(r.get("sync_bytes_sent", 0) for r in runs)
         for r in runs:
             for reason, count in r.get("messages_rejected", {}).items():
                 rejected[reason] = rejected.get(reason, 0) + count
         if round_records:
             rounds = max(rounds, round_records[-1]["round"])
             if alive_at_end is None or peer.index in alive_at_end:
-                per_peer[str(peer.index)] = round_records[-1]["eval_loss"]
+                evaluated = [r for r in records if r.get("event") in ("round", "drain") and "eval_loss" in r]
+                per_peer[str(peer.index)] = evaluated[-1]["eval_loss"]
         vector = final_params(peer.work_dir)
         if vector is not None and (alive_at_end is None or peer.index in alive_at_end):
             params.append(vector)
@@ -236,7 +238,11 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
         "final_eval_loss": float(np.mean(finals)) if finals else None,
         "final_eval_loss_per_peer": per_peer,
         "bytes_sent_total": bytes_sent,
-        "bits_per_param_per_round": 8.0 * update_bytes / max(1, numel) / peer_rounds,
+        # Everything a peer sends per round to keep training: updates plus consensus syncs
+        # (state served to joiners is one-off and counted in bytes_sent_total only).
+        "bits_per_param_per_round": 8.0 * (update_bytes + sync_bytes) / max(1, numel) / peer_rounds,
+        "update_bits_per_param_per_round": 8.0 * update_bytes / max(1, numel) / peer_rounds,
+        "sync_bits_per_param_per_round": 8.0 * sync_bytes / max(1, numel) / peer_rounds,
         "consensus_distance": consensus_distance(params),
         "messages_rejected": rejected,
         "wall_seconds": wall_seconds,
@@ -296,7 +302,8 @@ def run_swarm(options: SwarmOptions) -> dict[str, Any]:
         raise ConfigError(f"--out: {out} is not empty; choose a new directory (runs are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     threads = options.threads_per_peer or max(1, (os.cpu_count() or 1) // options.peers)
-    peer_args = ["--rounds", str(options.rounds), "--seed", str(options.seed), *options.peer_args]
+    peer_args = ["--rounds", str(options.rounds), "--seed", str(options.seed), "--min-peers", str(options.peers),
+                 *options.peer_args]
     start = time.time()
     with LocalSwarm(out, peer_args, threads_per_peer=threads, run_id=options.run_id) as swarm:
         for index in range(options.peers):

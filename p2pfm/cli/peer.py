@@ -19,6 +19,7 @@ PEER_FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data", Path, "folder of text files (default: this machine's Python stdlib)"),
     "--shard": ("shard", int, "shard index to train on (-1 = derived from the peer id)"),
     "--num-shards": ("num_shards", int, "number of shards the corpus is split into"),
+    "--min-peers": ("min_peers", int, "wait for this many live peers (us included) before training"),
     "--device": ("device", str, "device class, announced to others"),
     "--power-w": ("power_w", float, "active power in W, for energy accounting"),
     "--inner-steps": ("gossip.inner_steps", int, "local AdamW steps per round (H)"),

@@ -9,7 +9,7 @@ from pathlib import Path
 from p2pfm.cli.peer import add_peer_flags, overrides_from_args
 
 SWARM_MANAGED = ("--key", "--work-dir", "--run-id", "--seed", "--rounds", "--shard", "--num-shards",
-                 "--threads", "--listen", "--announce", "--initial-peers")
+                 "--threads", "--min-peers", "--listen", "--announce", "--initial-peers")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -46,9 +46,10 @@ class GossipConfig:
     outer_momentum: float = 0.0  # Nesterov momentum on the outer step (DiLoCo: 0.9 with lr 0.7)
     aggregation: Aggregation = "clipped_mean"
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
-    max_round_lag: int = 4  # updates from rounds further behind than this are refused as stale
-    sync_every: int = 10  # every N rounds pull one random peer's parameters and average (0 = never)
+    max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
+    sync_every: int = 50  # every N rounds pull one random peer's parameters (int8) and average (0 = never)
     sync_weight: float = 0.5  # how far to move towards the pulled parameters
+    sync_codec: CodecSpec = field(default_factory=lambda: CodecSpec(name="int8"))  # of params - initial params
 
     def __post_init__(self) -> None:
         require(self.inner_steps >= 1, "gossip.inner_steps", "must be at least 1")
@@ -82,7 +83,9 @@ def choose_partners(
     return [candidates[i] for i in sorted(picks)]
 
 
-def aggregate(own: np.ndarray, received: Sequence[np.ndarray], config: GossipConfig) -> np.ndarray:
+def aggregate(
+    own: np.ndarray, received: Sequence[np.ndarray], config: GossipConfig, expected_received: int | None = None
+) -> np.ndarray:
     """Combine our own compressed delta with the received ones.
 
     - ``mean``: plain average (fastest, no protection).
@@ -91,11 +94,20 @@ def aggregate(own: np.ndarray, received: Sequence[np.ndarray], config: GossipCon
       is the one thing we trust (ClippedGossip); honest deltas of similar size pass unchanged,
       a poisoned one moves us by at most a bounded step.
     - ``trimmed_mean`` / ``median``: coordinate-wise, over own + received (need >= 3 to trim).
+
+    ``expected_received`` fixes the denominator of the (clipped) mean at ``1 + expected``
+    instead of ``1 + len(received)``. In steady state every peer receives ``fanout`` updates
+    per round, so each update then carries total weight 1 across the swarm whenever it
+    arrives: sums commute, and peers that saw the same updates in different rounds end up
+    with the same parameters. A count-based mean instead weighs an update by the accident
+    of how many others arrived beside it, and peers drift apart.
     """
+    denominator = 1 + (len(received) if expected_received is None else max(expected_received, 0))
+    denominator = max(denominator, 1)
     if not received:
-        return own.copy()
+        return own / denominator if expected_received is not None else own.copy()
     if config.aggregation == "mean":
-        return (own + np.sum(received, axis=0)) / (1 + len(received))
+        return (own + np.sum(received, axis=0)) / denominator
     if config.aggregation == "clipped_mean":
         radius = config.clip_multiplier * float(np.linalg.norm(own))
         total = own.astype(np.float64, copy=True)
@@ -110,7 +122,7 @@ def aggregate(own: np.ndarray, received: Sequence[np.ndarray], config: GossipCon
                 total += own + difference * (radius / distance)
             else:
                 total += update
-        return (total / (1 + len(received))).astype(np.float32)
+        return (total / denominator).astype(np.float32)
     stacked = np.stack([own, *received])  # (n, numel)
     if config.aggregation == "median":
         return np.median(stacked, axis=0).astype(np.float32)
@@ -185,11 +197,15 @@ class GossipLearner:
         self._inbox[f"{sender_id}@{sender_round}"] = decoded
         return decoded
 
-    def finish_round(self) -> tuple[np.ndarray, RoundReport]:
-        """Aggregate own + received deltas, take the outer step, return the new anchor."""
+    def finish_round(self, expected_received: int | None = None) -> tuple[np.ndarray, RoundReport]:
+        """Aggregate own + received deltas, take the outer step, return the new anchor.
+
+        Pass ``expected_received = min(fanout, live peers)`` for sum-preserving weights (see
+        :func:`aggregate`); None averages over what actually arrived.
+        """
         own = self._own if self._own is not None else np.zeros_like(self.params)
         received = [self._inbox[k] for k in sorted(self._inbox)]  # order-independent result
-        combined = aggregate(own, received, self.config)
+        combined = aggregate(own, received, self.config, expected_received)
         step = combined
         if self.config.outer_momentum > 0.0:
             mu = self.config.outer_momentum
@@ -206,6 +222,22 @@ class GossipLearner:
         self._inbox.clear()
         self.round += 1
         return self.params.copy(), report
+
+    def drain(self, expected_received: int | None = None) -> tuple[np.ndarray, int]:
+        """Apply updates that arrived after our last round, without a round or update of our own.
+
+        Used once at the end of a run: peers finish their last round at different moments,
+        so each one's final updates would otherwise be missing from the peers that finished
+        first. Returns the new anchor and how many updates were applied.
+        """
+        received = [self._inbox[k] for k in sorted(self._inbox)]
+        self._inbox.clear()
+        if received:
+            combined = aggregate(np.zeros_like(self.params), received, self.config, expected_received)
+            if self.config.aggregation == "clipped_mean":  # nothing of ours to clip around: plain mean
+                combined = np.sum(received, axis=0) / (1 + (expected_received or len(received)))
+            self.params = (self.params - self.config.outer_lr * combined).astype(np.float32)
+        return self.params.copy(), len(received)
 
     def should_sync(self) -> bool:
         """Whether this round ends with a parameter pull from a random peer (consensus)."""

@@ -297,6 +297,16 @@ register_kind(
     ),
 )
 register_kind("state_request", Map({"round": Int(), "nonce": Bytes(length=16)}))
+register_kind(
+    "params_sync",
+    Map(
+        {
+            "tensor": AnyMap(),  # codec dict of (params - initial params), validated by codecs.decode
+            "round": Int(),  # the donor's round
+            "nonce": Bytes(length=16),  # echoes the request's nonce: an answer cannot be replayed to another ask
+        }
+    ),
+)
 
 
 def validate_payload(kind: str, payload: Any, *, max_depth: int = 8, max_opaque_items: int = 4096) -> None:

@@ -90,6 +90,9 @@ class PeerConfig:
     power_w: float = 15.0  # active power estimate for energy accounting (W)
     grid_g_per_kwh: float = 475.0  # grid carbon intensity (world average, codecarbon table)
     checkpoint_every: int = 1  # rounds between checkpoints
+    min_peers: int = 1  # wait until this many peers (us included) are live before training
+    min_peers_timeout_s: float = 300.0  # ... but no longer than this: then train with whoever is there
+    final_drain_s: float = 30.0  # after the last round, wait at most this for slower peers' last updates
     model: GPTConfig = field(default_factory=GPTConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -103,6 +106,9 @@ class PeerConfig:
         require(self.power_w >= 0, "power_w", "must be non-negative")
         require(self.grid_g_per_kwh >= 0, "grid_g_per_kwh", "must be non-negative")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
+        require(self.min_peers >= 1, "min_peers", "must be at least 1")
+        require(self.min_peers_timeout_s >= 0, "min_peers_timeout_s", "must be non-negative")
+        require(self.final_drain_s >= 0, "final_drain_s", "must be non-negative")
         if self.data is not None:
             require(self.data.is_dir(), "data", f"{self.data} is not a directory of text files")
 

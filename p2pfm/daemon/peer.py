@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from p2pfm.config import ConfigError, config_to_dict
+from p2pfm.core.codecs import decode, encode
 from p2pfm.core.envelope import EnvelopeLimits, ReplayGuard, open_envelope, seal
-from p2pfm.core.errors import Reject, ShapeMismatch
+from p2pfm.core.errors import Reject, RejectReason, ShapeMismatch
 from p2pfm.core.gossip import GossipLearner, choose_partners
 from p2pfm.core.identity import Identity
 from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
@@ -88,7 +89,10 @@ class PeerDaemon:
             batch_size=config.train.batch_size, seed=int.from_bytes(digest(self.peer_id.encode())[:4], "little"),
             eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,
         )
-        self.learner = GossipLearner(self.trainer.flat(), config.gossip)
+        # Every peer builds the same initial weights from the run seed: the shared reference
+        # that parameter syncs are encoded against.
+        self.initial_params = self.trainer.flat()
+        self.learner = GossipLearner(self.initial_params, config.gossip)
         self.numel = self.learner.numel
         self.rng = np.random.default_rng(int.from_bytes(secrets.token_bytes(8), "little"))
         self.seq = time.time_ns() // 1_000_000  # monotone across restarts: never reuse (key, seq)
@@ -165,7 +169,9 @@ class PeerDaemon:
     # --- handlers ----------------------------------------------------------------------
     def _count_reject(self, remote: str, exc: Reject) -> None:
         self.rejected[exc.reason.value] += 1
-        self.rejections_by_remote[remote] += 1
+        # [IGNORE] a stale round is an honest laggard's misfortune, not misbehaviour: no penalty.
+        if exc.reason is not RejectReason.STALE_ROUND:
+            self.rejections_by_remote[remote] += 1
         log.warning("rejected a message from libp2p peer %s: %s", remote, exc)
 
     async def handle_gossip(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -215,6 +221,50 @@ class PeerDaemon:
         for piece in chunks:
             await write_frame(writer, piece)
         self.counters["state_bytes_served"] += len(snapshot)
+        self.counters["bytes_sent"] += len(snapshot)
+
+    async def handle_params(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve our parameters for a consensus pull: int8 of (params - initial), signed."""
+        data = await asyncio.wait_for(read_frame(reader, 4096), self.config.net.request_timeout_s)
+        try:
+            request = open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
+                                    replay_guard=self.replay_guard)
+            if request.kind != "state_request":
+                raise ShapeMismatch(f"kind {request.kind!r} sent to the params handler, which takes state_request")
+        except Reject as exc:
+            self._count_reject(remote, exc)
+            return
+        loop = asyncio.get_running_loop()
+        difference = self.learner.params - self.initial_params
+        wire = await loop.run_in_executor(None, encode, difference, self.config.gossip.sync_codec)
+        message = seal(self.identity, kind="params_sync", run_id=self.config.run_id, round=self.learner.round,
+                       seq=self.next_seq(), timestamp=time.time(),
+                       payload={"tensor": wire, "round": self.learner.round, "nonce": request.payload["nonce"]})
+        await write_frame(writer, message)
+        self.counters["bytes_sent"] += len(message)
+        self.counters["sync_bytes_sent"] += len(message)
+
+    async def pull_params(self, donor: Announcement) -> tuple[np.ndarray, int]:
+        """A live peer's parameters (decoded against the shared initial weights) and its round."""
+        timeout = self.config.net.request_timeout_s * 2
+        reader, writer = await asyncio.wait_for(self.net.open_stream(donor.libp2p_id, "params"), timeout)
+        try:
+            nonce = secrets.token_bytes(16)
+            request = seal(self.identity, kind="state_request", run_id=self.config.run_id, round=self.learner.round,
+                           seq=self.next_seq(), timestamp=time.time(), payload={"round": self.learner.round, "nonce": nonce})
+            await write_frame(writer, request)
+            data = await asyncio.wait_for(read_frame(reader, self.config.net.max_message_bytes), timeout)
+        finally:
+            writer.close()
+        self.counters["bytes_received"] += len(data)
+        answer = open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
+                               replay_guard=self.replay_guard)
+        # [REJECT] the answer must come from the peer we asked, for the ask we made.
+        if answer.kind != "params_sync" or answer.sender != donor.public_key or answer.payload["nonce"] != nonce:
+            raise ShapeMismatch("params answer is not from the donor we asked, or not for our request")
+        difference = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: decode(answer.payload["tensor"], expected_numel=self.numel))
+        return self.initial_params + difference, answer.payload["round"]
 
     # --- outgoing ----------------------------------------------------------------------
     async def push_update(self, target: Announcement, message: bytes) -> None:
@@ -344,13 +394,38 @@ class PeerDaemon:
             return
         donor = self.live[partners[0]]
         try:
-            arrays, round_ = await self.download_state(donor)
+            params, round_ = await self.pull_params(donor)
         except Exception as exc:
             log.info("sync with %s failed: %r", donor.peer_id, exc)
             return
-        self.learner.mix_with(arrays["params"], round_)
+        self.learner.mix_with(params, round_)
         self.trainer.load_flat(self.learner.params)
         self.counters["syncs"] += 1
+
+    async def final_drain(self) -> None:
+        """Run finished: wait (bounded) for peers still in earlier rounds, then apply their last updates.
+
+        We stay announced meanwhile, so their final pushes still reach us; without this the
+        peers that finish first would miss the others' last rounds and the run would end with
+        its models a round apart.
+        """
+        final = self.learner.round
+        deadline = time.time() + self.config.final_drain_s
+        self.write_status("draining")
+        while time.time() < deadline and not self.stop_event.is_set():
+            await self.refresh_live()
+            if all(a.round >= final for a in self.live.values()):
+                break
+            await asyncio.sleep(0.3)
+        # The last announcements go out right after the pushes are started: give them a moment.
+        await asyncio.sleep(min(2.0, max(0.0, deadline - time.time())))
+        params, applied = self.learner.drain(expected_received=min(self.config.gossip.fanout, len(self.live)))
+        self.trainer.load_flat(params)
+        self.refresh_snapshot()
+        if self.config.train.eval_every:
+            self.eval_loss = await asyncio.get_running_loop().run_in_executor(None, self.trainer.evaluate)
+        self.metrics.write({"event": "drain", "round": final, "applied": applied, "eval_loss": self.eval_loss,
+                            "wall_time": time.time() - self.started})
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -382,14 +457,19 @@ class PeerDaemon:
         await self.net.start()
         await self.net.add_handler("gossip", self.handle_gossip)
         await self.net.add_handler("state", self.handle_state)
+        await self.net.add_handler("params", self.handle_params)
         log.info("peer %s (libp2p %s) listening on %s", self.peer_id, self.net.libp2p_id, " ".join(self.net.maddrs))
         print(f"p2pfm peer {self.peer_id} ready; others join with --initial-peers {self.net.maddrs[0]}", flush=True)
         self.write_status("joining")
         await self.net.announce(self.announcement_payload(), time.time())
-        # Give the DHT a moment to show us the swarm if we were pointed at one.
-        for _ in range(10 if self.config.net.initial_peers else 1):
+        # Give the DHT a moment to show us the swarm if we were pointed at one, and wait for
+        # a quorum if asked (a local swarm starts its peers together).
+        deadline = time.time() + self.config.min_peers_timeout_s
+        for attempt in range(10**9):
             await self.refresh_live()
-            if self.live or not self.config.net.initial_peers:
+            quorum = len(self.live) + 1 >= self.config.min_peers
+            settled = bool(self.live) or not self.config.net.initial_peers or attempt >= 10
+            if (quorum and settled) or time.time() > deadline or self.stop_event.is_set():
                 break
             await asyncio.sleep(0.5)
         initial_eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
@@ -403,6 +483,7 @@ class PeerDaemon:
         try:
             while not self.stop_event.is_set():
                 if self.config.rounds and self.learner.round >= self.config.rounds:
+                    await self.final_drain()
                     break
                 await self.one_round(loop)
         finally:
@@ -439,7 +520,7 @@ class PeerDaemon:
             task = asyncio.create_task(self.push_update(self.live[target], message))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
-        params, report = self.learner.finish_round()
+        params, report = self.learner.finish_round(expected_received=min(self.config.gossip.fanout, len(self.live)))
         self.trainer.load_flat(params)
         synced = False
         if not await self.catch_up_if_behind("lagging") and self.learner.should_sync():
@@ -460,6 +541,7 @@ class PeerDaemon:
             "samples": self.trainer.samples_seen, "train_loss": self.train_loss, "eval_loss": self.eval_loss,
             "received_updates": report.received, "synced": synced, "live_peers": len(self.live),
             "bytes_sent": self.counters["bytes_sent"], "update_bytes_sent": self.counters["update_bytes_sent"],
+            "sync_bytes_sent": self.counters["sync_bytes_sent"], "state_bytes_served": self.counters["state_bytes_served"],
             "bytes_received": self.counters["bytes_received"],
             "state_bytes_downloaded": self.counters["state_bytes_downloaded"],
             "messages_accepted": self.counters["messages_accepted"], "messages_rejected": dict(self.rejected),

@@ -1,0 +1,102 @@
+"""Send hand-crafted messages to a live peer: how tests (and operators) check its defences.
+
+    python -m p2pfm.daemon.probe --peer MULTIADDR --run-id RUN --numel N --case forged
+
+Cases: ``valid`` (a correctly signed zero update), ``replayed`` (the same valid bytes twice),
+``forged`` (signature made with another key), ``tampered`` (one payload byte flipped after
+signing), ``wrong-run``, ``garbage`` (random bytes), ``oversize`` (a frame header announcing
+more than the peer accepts). Prints one JSON line per message sent with the peer's answer.
+Runs as its own process: it needs its own libp2p host (hivemind's P2P daemon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import time
+
+import msgpack
+import numpy as np
+
+from p2pfm.core.codecs import CodecSpec, encode
+from p2pfm.core.envelope import seal
+from p2pfm.core.identity import Identity
+from p2pfm.daemon.net import read_frame, write_frame
+
+CASES = ("valid", "replayed", "forged", "tampered", "wrong-run", "garbage", "oversize")
+
+
+def build_update(identity: Identity, run_id: str, numel: int, round_: int) -> bytes:
+    wire = encode(np.zeros(numel, dtype=np.float32), CodecSpec())
+    return seal(identity, kind="update", run_id=run_id, round=round_, seq=time.time_ns(), timestamp=time.time(),
+                payload={"tensor": wire, "weight": 1.0, "inner_steps": 1, "train_loss": 0.0,
+                         "model_hash": bytes(32)})
+
+
+def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes | int]:
+    """The byte strings to send (an int means: announce a frame of that many bytes, send nothing)."""
+    me = Identity.generate()
+    valid = build_update(me, run_id, numel, round_)
+    if case == "valid":
+        return [valid]
+    if case == "replayed":
+        return [valid, valid]
+    if case == "forged":
+        other = Identity.generate()
+        body_sig_split = len(valid) - 64
+        return [valid[:body_sig_split] + other.sign(b"not this message")]
+    if case == "tampered":
+        index = len(valid) // 2
+        return [valid[:index] + bytes([valid[index] ^ 0x01]) + valid[index + 1 :]]
+    if case == "wrong-run":
+        return [build_update(me, run_id + "-other", numel, round_)]
+    if case == "garbage":
+        return [secrets.token_bytes(512)]
+    if case == "oversize":
+        return [2**31]
+    raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+
+
+async def probe(peer_maddr: str, run_id: str, numel: int, case: str, round_: int) -> list[dict]:
+    from hivemind.p2p import P2P, PeerID
+
+    p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    target = PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
+    results = []
+    try:
+        for message in messages_for(case, run_id, numel, round_):
+            _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/gossip/1")
+            try:
+                if isinstance(message, int):
+                    writer.write(message.to_bytes(4, "big"))
+                    await writer.drain()
+                else:
+                    await write_frame(writer, message)
+                try:
+                    answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 4096), 10))
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    answer = {"ok": False, "reason": "closed"}
+            finally:
+                writer.close()
+            results.append({"case": case, **answer})
+    finally:
+        await p2p.shutdown()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", required=True, help="the target peer's full multiaddr (with /p2p/...)")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--numel", type=int, required=True, help="the model's parameter count")
+    parser.add_argument("--case", choices=CASES, required=True)
+    parser.add_argument("--round", type=int, default=0, help="round to claim in the update")
+    args = parser.parse_args()
+    for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round)):
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
