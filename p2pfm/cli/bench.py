@@ -70,5 +70,50 @@ def _run_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [register_codecs]
+def register_compare(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench compare``: p2pfm beside hivemind, DDP and one process on the same task."""
+    from pathlib import Path
+
+    parser = bench_subparsers.add_parser(
+        "compare",
+        help="p2pfm vs p2pfm-uncompressed, hivemind, DDP and a single process: loss vs time and bytes",
+        description=(
+            "Train the same model on the same shards with the same peers, batch and samples per peer "
+            "as p2pfm (real peer processes), p2pfm --codec none, hivemind.Optimizer, torch DDP (gloo) and "
+            "one process; report final eval loss, time to a target loss, bytes sent, bits/param/round and "
+            "CPU utilisation, and plot loss vs wall time and vs bytes. See p2pfm/bench/compare.py."
+        ),
+    )
+    parser.add_argument("--peers", type=int, default=None, help="processes per distributed variant (default 4; quick 2)")
+    parser.add_argument("--samples-per-peer", type=int, default=None,
+                        help="training sequences per peer (default 2400; quick 480); a multiple of inner_steps*batch")
+    parser.add_argument("--target-loss", type=float, default=None,
+                        help="eval loss for time_to_target_s (default: 5%% above single's final loss)")
+    parser.add_argument("--quick", action="store_true", help="2 peers, ~0.1M-param GPT, 480 samples/peer: minutes")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset (default p2pfm,p2pfm-uncompressed,hivemind,ddp,single; "
+                        "also hivemind-local)")
+    parser.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"),
+                        help="writes compare.json, compare.png and raw/ logs here (default runs/compare)")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    parser.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from p2pfm.bench.compare import config_from_args, format_table, run_compare
+
+    config = config_from_args(args)
+    result = run_compare(config, progress=not args.json)
+    if args.json:
+        print(json.dumps(result["rows"], indent=2))
+    else:
+        print(format_table(result["rows"], result["target_loss"]))
+        print(f"wrote {config.out_dir / 'compare.json'} and {config.out_dir / 'compare.png'}")
+    return 0 if not any(row["error"] for row in result["rows"]) else 1
+
+
+BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [register_codecs, register_compare]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""
