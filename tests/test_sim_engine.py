@@ -201,3 +201,12 @@ def test_gpt_workload_trains_the_daemon_model(tmp_path):
     summary = run_scenario(scenario)
     assert summary["workload"] == "gpt" and summary["messages"]["delivered"] == 3 * 3 * 2
     assert summary["final_loss"] < summary["initial_loss"]
+
+
+def test_signing_changes_cost_not_results():
+    """Signed and unsigned runs send the same bytes, so everything but the flag is identical."""
+    churn = {"model": "fraction", "fraction": 0.3, "every_rounds": 4}
+    signed = run_scenario(tiny(churn=churn))
+    unsigned = run_scenario(tiny(churn=churn, verify_signatures=False))
+    assert signed.pop("signatures") is True and unsigned.pop("signatures") is False
+    assert signed == unsigned

@@ -18,12 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim",
         help="simulate a swarm with churn on a virtual clock",
         description="Run a churn-resilience scenario (sim/scenarios/*.toml), or `sim sweep` over churn rates.",
-        usage="p2pfm sim SCENARIO.toml [--out DIR] [--seed N]\n       p2pfm sim sweep SCENARIO.toml --churn-rates 0,0.1,0.3 [--out DIR] [--seed N]",
+        usage="p2pfm sim SCENARIO.toml [--out DIR] [--seed N] [--rounds N]\n       p2pfm sim sweep SCENARIO.toml --churn-rates 0,0.1,0.3 [--out DIR] [--seed N]",
     )
     parser.add_argument("target", metavar="SCENARIO.toml", help="scenario file, or `sweep` followed by one")
     parser.add_argument("scenario", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="results directory (default sim/results/<name>[-sweep])")
     parser.add_argument("--seed", type=int, help="override the scenario's seed")
+    parser.add_argument("--rounds", type=int, help="override the scenario's number of rounds (quick checks)")
     parser.add_argument("--churn-rates", help="sweep only: comma-separated fractions, e.g. 0,0.1,0.3,0.5")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=handle)
@@ -54,6 +55,10 @@ def handle(args: argparse.Namespace) -> int:
         if not 0 <= args.seed < 2**63:
             raise ConfigError("--seed: must be in [0, 2**63)")
         scenario = scenario.with_changes(seed=args.seed)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise ConfigError("--rounds: must be at least 1")
+        scenario = scenario.with_changes(rounds=args.rounds)
     progress = not args.no_progress
     if sweep:
         from p2pfm.sim.sweep import parse_rates, run_sweep, sweep_table

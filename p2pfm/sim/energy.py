@@ -21,9 +21,9 @@ sending and once on the receiving side (40 nJ per byte end to end). Configurable
 
 **Datacentre baseline (assumption).** The same useful work (FLOPs of all completed inner
 steps, see each workload's ``flops_per_step``) on datacentre GPUs: an A100 (312 TFLOPS
-dense bf16/tf32-sparse-free peak, 400 W) at ~20% model FLOPs utilisation gives ~150 GFLOPS
-per GPU watt; times the facility's PUE (1.2: hyperscalers report ~1.1, the industry average
-is ~1.5, Uptime Institute 2023) and the datacentre's grid intensity. Communication inside
+dense bf16 peak at 400 W) at ~20% model-FLOPs utilisation gives ~150 GFLOPS per GPU watt;
+times the facility's PUE (1.2: hyperscalers report ~1.1, the industry average is ~1.5,
+Uptime Institute 2023) and the datacentre's grid intensity. Host CPUs, networking inside
 the datacentre and idle GPUs are not counted, so the baseline flatters the datacentre.
 
 Grid intensities (gCO2e/kWh): world average and countries from codecarbon's table, BRIEF s7.

@@ -200,3 +200,26 @@ def plot_run(sim, summary: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "energy.png")
     plt.close(fig)
+
+
+def comparison_table(summaries: list[dict[str, Any]], baseline: str | None = None) -> str:
+    """A markdown table comparing runs; ``baseline`` names the run the loss change is relative to."""
+    base = next((s for s in summaries if s["scenario"] == baseline), None)
+    lines = [
+        "| scenario | churn | mean online | leaves | final loss | vs baseline | consensus dist. "
+        "| catch-up rounds (median; <= 1) | sent (MB) | energy (Wh) | carbon (g) | datacentre (g) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        delta = "" if base is None else f"{100 * (s['final_loss'] / base['final_loss'] - 1):+.2f}%"
+        catch = s["rejoin_catchup_rounds"]
+        catch_text = (
+            "-" if catch["median"] is None else f"{catch['median']:g}; {100 * catch['within_1_round']:.0f}%"
+        )
+        lines.append(
+            f"| {s['scenario']} | {s['churn_model']} | {100 * s['mean_online_fraction']:.0f}% "
+            f"| {s['churn_events']['leaves']} | {s['final_loss']:.4f} | {delta} | {s['consensus_distance']:.3g} "
+            f"| {catch_text} | {s['bytes_sent_total'] / 1e6:.3g} | {s['energy_wh']:.3g} | {s['carbon_g']:.3g} "
+            f"| {s['datacenter_carbon_g']:.2g} |"
+        )
+    return "\n".join(lines) + "\n"
