@@ -82,6 +82,7 @@ class CompareConfig:
     out_dir: Path = Path("runs/compare")
     threads: int = 0  # 0: max(1, cores // peers)
     timeout_s: float = 1800.0  # per variant; a variant that overruns is killed and reported as failed
+    time_cap_s: float | None = None  # per variant: stop here and report what it reached (completed: false)
     quick: bool = False
     command: str = ""
 
@@ -98,6 +99,7 @@ class CompareConfig:
         require(not unknown and len(self.variants) > 0, "variants",
                 f"unknown {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS + OPTIONAL_VARIANTS)}")
         require(self.threads >= 0, "threads", "must be non-negative")
+        require(self.time_cap_s is None or self.time_cap_s > 0, "time_cap_s", "must be positive")
 
     @property
     def steps(self) -> int:
@@ -237,6 +239,7 @@ class VariantRun:
     params: int
     processes: int
     error: str | None = None
+    completed: bool = True  # False: stopped at the time cap before its samples were done
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -272,18 +275,36 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _wait_all(processes: list[subprocess.Popen], deadline: float, sampler: ProcessSampler) -> str | None:
+TIME_CAP = "stopped at the time cap"
+
+
+def _deadline(config: CompareConfig, t0: float) -> tuple[float, bool]:
+    """(when to stop the variant, whether that is the time cap rather than the failure timeout)."""
+    if config.time_cap_s is not None and config.time_cap_s < config.timeout_s:
+        return t0 + config.time_cap_s, True
+    return t0 + config.timeout_s, False
+
+
+def _wait_all(processes: list[subprocess.Popen], deadline: tuple[float, bool], sampler: ProcessSampler) -> str | None:
     """Wait for every process; on overrun or a failure kill all groups. Returns an error or None."""
     error = None
     while any(p.poll() is None for p in processes):
-        if time.time() > deadline:
-            error = "timed out"
-            break
+        if time.time() > deadline[0]:
+            return _stop_all(processes, sampler, TIME_CAP if deadline[1] else "timed out")
         failed = [p for p in processes if p.poll() not in (None, 0)]
         if failed:
             error = f"process {failed[0].args[:4]} exited with {failed[0].returncode}"
             break
         time.sleep(0.2)
+    error = _stop_all(processes, sampler, error)
+    if error is None:
+        bad = [p for p in processes if p.returncode != 0]
+        if bad:
+            error = f"process {bad[0].args[:4]} exited with {bad[0].returncode}"
+    return error
+
+
+def _stop_all(processes: list[subprocess.Popen], sampler: ProcessSampler, error: str | None) -> str | None:
     sampler.sample()
     for p in processes:
         if p.poll() is None:
@@ -294,10 +315,6 @@ def _wait_all(processes: list[subprocess.Popen], deadline: float, sampler: Proce
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    if error is None:
-        bad = [p for p in processes if p.returncode != 0]
-        if bad:
-            error = f"process {bad[0].args[:4]} exited with {bad[0].returncode}"
     return error
 
 
@@ -365,10 +382,12 @@ def run_p2pfm(config: CompareConfig, variant: str, work: Path) -> VariantRun:
                 sampler.watch(peer.process.pid)
                 if index == 0:
                     swarm.bootstrap = peer.wait_ready()["maddrs"][0]
-            error = _wait_all([p.process for p in swarm.peers], t0 + config.timeout_s, sampler)
+            error = _wait_all([p.process for p in swarm.peers], _deadline(config, t0), sampler)
         except (RuntimeError, TimeoutError) as exc:
             error = str(exc)
         t_end = time.time()
+    completed = error != TIME_CAP
+    error = None if error == TIME_CAP else error
     if error:
         error += "\n" + "\n".join(_error_tail(p.log_path) for p in swarm.peers)
     per_peer = []
@@ -391,7 +410,7 @@ def run_p2pfm(config: CompareConfig, variant: str, work: Path) -> VariantRun:
         variant=variant, points=points, wall_s=t_end - t0, cpu_s=sampler.cpu_seconds, bytes_sent=sampler.wire_bytes,
         payload_bytes=float(sum(_payload(r) for r in last)),
         comm_rounds=float(np.mean([r.get("round", 0) for r in last])) if last else None, params=params,
-        processes=config.peers, error=error,
+        processes=config.peers, error=error, completed=completed,
         extra={"update_bytes": int(sum(r.get("update_bytes_sent", 0) for r in last)),
                "sync_bytes": int(sum(r.get("sync_bytes_sent", 0) for r in last)),
                "state_bytes_downloaded": int(sum(r.get("state_bytes_downloaded", 0) for r in last))},
@@ -443,12 +462,14 @@ def run_workers(config: CompareConfig, variant: str, work: Path) -> VariantRun:
                         _wait_for_file(maddr_file, processes[0], t0 + 120)
             for p in processes:
                 sampler.watch(p.pid)
-            error = _wait_all(processes, t0 + config.timeout_s, sampler)
+            error = _wait_all(processes, _deadline(config, t0), sampler)
         except (RuntimeError, TimeoutError) as exc:
             error = str(exc)
             for p in processes:
                 _kill_group(p)
         t_end = time.time()
+    completed = error != TIME_CAP
+    error = None if error == TIME_CAP else error
     if error:
         error += "\n" + "\n".join(_error_tail(work / f"rank-{r}.log") for r in range(world))
     records = [_read_jsonl(log) for log in logs]
@@ -490,6 +511,7 @@ def run_workers(config: CompareConfig, variant: str, work: Path) -> VariantRun:
     return VariantRun(
         variant=variant, points=points, wall_s=t_end - t0, cpu_s=sampler.cpu_seconds, bytes_sent=wire_total,
         payload_bytes=payload_total, comm_rounds=comm_rounds, params=params, processes=world, error=error,
+        completed=completed,
     )
 
 
@@ -547,6 +569,7 @@ def summarize_runs(config: CompareConfig, runs: list[VariantRun]) -> tuple[list[
             "params": run.params,
             "target_loss": target,
             "error": run.error,
+            "completed": run.completed,
             **run.extra,
         })
     base = next((r for r in rows if r["variant"] == "p2pfm"), None)
@@ -580,6 +603,7 @@ def format_table(rows: list[dict[str, Any]], target: float | None) -> str:
             f"{_fmt(row['time_to_target_vs_p2pfm'], '.2f'):>8} {row['wall_s']:>7.1f} {_fmt_bytes(row['bytes_sent']):>10} "
             f"{_fmt_bytes(row['payload_bytes']):>10} {_fmt(row['bits_per_param_per_round'], '.3f'):>14} "
             f"{100 * row['cpu_utilisation']:>6.0f}" + ("  FAILED" if row["error"] else "")
+            + ("" if row["completed"] else f"  (time cap: {row['samples_per_peer']} samples/peer)")
         )
     return "\n".join(lines)
 
@@ -676,7 +700,7 @@ def _git_state() -> str:
 def config_from_args(args: Any) -> CompareConfig:
     """Build the config from ``p2pfm bench compare`` flags (``--quick`` picks the small defaults)."""
     variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
-    common = {"peers": args.peers, "samples_per_peer": args.samples_per_peer, "target_loss": args.target_loss,
+    common = {"peers": args.peers, "time_cap_s": args.time_cap, "samples_per_peer": args.samples_per_peer, "target_loss": args.target_loss,
               "seed": args.seed, "variants": variants, "out_dir": args.out, "command": "p2pfm " + " ".join(sys.argv[1:])}
     if args.quick:
         return quick_config(**common)

@@ -94,6 +94,8 @@ def register_compare(bench_subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated subset (default p2pfm,p2pfm-uncompressed,hivemind,ddp,single; "
                         "also hivemind-local)")
     parser.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    parser.add_argument("--time-cap", type=float, default=None,
+                        help="stop each variant after this many seconds and report what it reached (default: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"),
                         help="writes compare.json, compare.png and raw/ logs here (default runs/compare)")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
