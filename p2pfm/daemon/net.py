@@ -134,24 +134,30 @@ class PeerNetwork:
     # --- discovery -----------------------------------------------------------------
     async def announce(self, payload: dict, now: float) -> bool:
         """Store our signed announcement in the DHT for ``announce_ttl_s``."""
+        if not self.dht.is_alive():  # e.g. Ctrl-C reached the DHT child first: nothing to tell
+            return False
         self._announce_seq += 1
         record = seal(
             self.identity, kind="announce", run_id=self.run_id, round=payload["round"],
             seq=self._announce_seq, timestamp=now, payload=payload,
         )
         try:
-            return bool(await self.dht.store(
+            return bool(await asyncio.wait_for(self.dht.store(
                 self.dht_key, record, expiration_time=now + self.config.announce_ttl_s,
                 subkey=self.identity.peer_id, return_future=True,
-            ))
-        except Exception as exc:  # DHT hiccups must not stop training
+            ), self.config.request_timeout_s))
+        except Exception as exc:  # DHT hiccups (or a DHT child killed by Ctrl-C) must not stop us
             log.warning("announcement failed: %r", exc)
             return False
 
     async def live_peers(self, now: float) -> dict[str, Announcement]:
         """Verified, unexpired announcements of other peers with at least one address."""
+        if not self.dht.is_alive():
+            return {}
         try:
-            found = await self.dht.get(self.dht_key, latest=True, return_future=True)
+            found = await asyncio.wait_for(
+                self.dht.get(self.dht_key, latest=True, return_future=True), self.config.request_timeout_s
+            )
         except Exception as exc:
             log.warning("peer lookup failed: %r", exc)
             return {}
@@ -193,10 +199,18 @@ class PeerNetwork:
         await self.announce({**payload, "maddrs": []}, now=time.time())
 
     async def shutdown(self) -> None:
+        """Stop our libp2p replica and the DHT child, each with a deadline (they may be dead already)."""
         try:
             if self.p2p is not None:
-                await self.p2p.shutdown()
+                await asyncio.wait_for(self.p2p.shutdown(), self.config.request_timeout_s)
         except Exception as exc:
             log.debug("p2p shutdown: %r", exc)
         if self.dht is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, self.dht.shutdown), self.config.request_timeout_s)
+            except Exception as exc:
+                log.debug("dht shutdown: %r", exc)
+            if self.dht.is_alive():  # never leave an orphan that blocks interpreter exit
+                self.dht.kill()
+                self.dht.join(5)

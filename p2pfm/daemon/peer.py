@@ -450,11 +450,13 @@ class PeerDaemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._install_signal_handlers()
         log.info("config: %s", config_to_dict(self.config))
         resumed = self.restore_checkpoint()
         self.refresh_snapshot()
+        # Fork the DHT child before installing our signal handlers: a child inheriting them
+        # would swallow SIGTERM/SIGINT (Ctrl-C reaches the whole process group) and never exit.
         await self.net.start()
+        self._install_signal_handlers()
         await self.net.add_handler("gossip", self.handle_gossip)
         await self.net.add_handler("state", self.handle_state)
         await self.net.add_handler("params", self.handle_params)

@@ -59,14 +59,14 @@ def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes 
     raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
-async def probe(peer_maddr: str, run_id: str, numel: int, case: str, round_: int) -> list[dict]:
+async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], round_: int) -> list[dict]:
     from hivemind.p2p import P2P, PeerID
 
     p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     target = PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
     results = []
     try:
-        for message in messages_for(case, run_id, numel, round_):
+        for case, message in [(c, m) for c in cases for m in messages_for(c, run_id, numel, round_)]:
             _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/gossip/1")
             try:
                 if isinstance(message, int):
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--peer", required=True, help="the target peer's full multiaddr (with /p2p/...)")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--numel", type=int, required=True, help="the model's parameter count")
-    parser.add_argument("--case", choices=CASES, required=True)
+    parser.add_argument("--case", choices=CASES, nargs="+", required=True, help="one or more cases, sent in order")
     parser.add_argument("--round", type=int, default=0, help="round to claim in the update")
     args = parser.parse_args()
     for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round)):
