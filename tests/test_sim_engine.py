@@ -19,7 +19,7 @@ TINY = {
     "seed": 5,
     "eval_every": 4,
     "workload": {"mlp": {"samples_per_peer": 64, "eval_samples": 128, "hidden": 16}},
-    "gossip": {"inner_steps": 3, "sync_every": 4},
+    "gossip": {"inner_steps": 3, "sync_every": 4, "max_round_lag": 4},
 }
 
 

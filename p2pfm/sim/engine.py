@@ -14,13 +14,15 @@ Time model (all virtual seconds; nothing here reads a clock):
   and ``GossipLearner.receive``; refusals are counted by reason. A message is lost if its
   sender left before the last byte went out, or the receiver is offline, left and came
   back, or is still downloading state.
-- At the deadline each peer that took part calls ``finish_round``; when ``should_sync`` says
-  so it pulls a random live peer's parameters (download time on both links) and
+- At the deadline each peer that took part calls ``finish_round`` with the daemon's
+  sum-preserving weights (``expected_received = min(fanout, live peers)``); when
+  ``should_sync`` says so it pulls a random live peer's parameters as the daemon does
+  (``sync_codec`` of params - initial params; download time on both links) and
   ``mix_with``es them at the start of the next round.
 - Churn: leaving loses the computation and the messages in flight, and keeps the state
   (a checkpoint). A rejoining peer restarts from that stale checkpoint, downloads a live
-  peer's state over its own link, and ``adopt``s it (further behind than ``max_round_lag``)
-  or ``mix_with``es it; it trains again from the next round.
+  peer's full fp32 state over its own link and ``adopt``s it, as the daemon does on (re)join;
+  it trains again from the next round.
 
 Determinism: one seed feeds a :class:`numpy.random.SeedSequence` whose children drive
 devices, churn, data, partner choice and identities; heap entries are ``(time, priority,
@@ -38,7 +40,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from p2pfm.core.codecs import CodecSpec, encode
+from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.envelope import (
     PROTOCOL_VERSION,
     EnvelopeLimits,
@@ -122,6 +124,7 @@ class Simulation:
         self.index_of = {pid: i for i, pid in enumerate(self.ids)}
         self.model_hash = hashlib.sha256(repr((sc.workload, self.workload.numel)).encode()).digest()
         init = self.workload.initial_params()
+        self.initial = init
         self.learners = [GossipLearner(init, sc.gossip) for _ in range(n)]
         self.checkpoints: list[dict[str, np.ndarray] | None] = [None] * n
         self.limits = EnvelopeLimits()
@@ -134,6 +137,7 @@ class Simulation:
         self.latency = np.array([p.latency_ms / 1000.0 for p in prof])
         self.state_bytes = len(msgpack.packb(encode(init, CodecSpec(name="none")), use_bin_type=True))
         self.update_bytes = self._probe_update_bytes(init)
+        self.envelope_overhead = self.update_bytes - self._probe_wire_bytes
         self.round_seconds = sc.round_seconds or self._auto_round_seconds()
         # Peer state.
         self.online = np.zeros(n, bool)
@@ -168,6 +172,7 @@ class Simulation:
         probe = GossipLearner(init, self.gossip)
         noise = np.random.default_rng(0).standard_normal(init.size).astype(np.float32) * 1e-3
         wire = probe.make_update(init + noise)
+        self._probe_wire_bytes = len(msgpack.packb(wire, use_bin_type=True))
         return len(self._seal(0, 0, 1, wire, 0.0, 0.0))
 
     def _auto_round_seconds(self) -> float:
@@ -372,12 +377,14 @@ class Simulation:
     def _on_round_end(self, r: int) -> None:
         period = self.round_seconds
         finishing = np.flatnonzero(self.in_round & self.online)
+        # As the daemon: sum-preserving weights, expecting `fanout` updates if that many peers are live.
+        expected = min(self.gossip.fanout, max(0, int(self.online.sum()) - 1))
         for peer in finishing.tolist():
             if self.straggling[peer]:  # computed until the deadline for nothing
                 self.compute_s[peer] += period
                 self.busy_end[peer] = -math.inf
                 self.metrics.straggler_rounds += 1
-            self.learners[peer].finish_round()
+            self.learners[peer].finish_round(expected_received=expected)
         self.straggling[:] = False
         self.in_round[:] = False
         syncing = [p for p in finishing.tolist() if self.learners[p].should_sync()]
@@ -385,9 +392,13 @@ class Simulation:
             donors = self._pick(peer, self._ready_peers(), 1)
             if donors:
                 donor = donors[0]
-                snapshot = (self.learners[donor].params.copy(), self.learners[donor].round)
-                done, arrival = self._transfer(donor, peer, self.state_bytes, self.now)
-                self.bytes_sent[donor] += self.state_bytes
+                # The daemon serves a consensus pull as sync_codec(params - initial params).
+                wire = encode(self.learners[donor].params - self.initial, self.gossip.sync_codec)
+                size = len(msgpack.packb(wire, use_bin_type=True)) + self.envelope_overhead
+                pulled = self.initial + decode(wire, expected_numel=self.workload.numel)
+                snapshot = (pulled.astype(np.float32), self.learners[donor].round, size)
+                done, arrival = self._transfer(donor, peer, size, self.now)
+                self.bytes_sent[donor] += size
                 self._push(
                     arrival,
                     SYNC,
@@ -530,11 +541,10 @@ class Simulation:
         params, round = snapshot
         learner = self.learners[peer]
         if round - learner.round > self.gossip.max_round_lag:
-            learner.adopt(params, round)
-            self.metrics.adopted += 1
+            self.metrics.adopted += 1  # too far behind to mix
         else:
-            learner.mix_with(params, round)
-            self.metrics.mixed += 1
+            self.metrics.mixed += 1  # close enough that mixing would do; the daemon adopts anyway
+        learner.adopt(params, round)  # the daemon's catch_up_if_behind(force=True) on (re)join
         self.ready[peer] = True
         self._invalidate_views()
 
@@ -545,8 +555,9 @@ class Simulation:
             return
         if self.session[donor] != donor_session and self.left_at[donor] < done:
             return  # donor left mid-transfer; the next sync will try again
-        self.bytes_received[peer] += self.state_bytes
-        self.pending_mix[peer] = snapshot  # applied at the next round start, between computations
+        params, round, size = snapshot
+        self.bytes_received[peer] += size
+        self.pending_mix[peer] = (params, round)  # applied at the next round start, between computations
         self.metrics.syncs += 1
 
 

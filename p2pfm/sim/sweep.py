@@ -45,7 +45,7 @@ def run_sweep(scenario: Scenario, rates: list[float], out: Path, *, progress: bo
     points = []
     for rate in rates:
         summary = run_scenario(
-            at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=False
+            at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=True
         )
         points.append(
             {
