@@ -504,7 +504,10 @@ def run_workers(config: CompareConfig, variant: str, work: Path) -> VariantRun:
         comm_rounds = float(config.steps)
         payload_total = wire_total = config.steps * ring * world
     else:
-        epochs = [e.get("epochs", 0) for e in ends]
+        # A rank stopped at the time cap wrote no "end": its last evaluation has its epoch.
+        epochs = [end["epochs"] if "epochs" in end else max((r.get("epoch", 0) for r in recs if r["event"] == "eval"),
+                                                            default=0)
+                  for end, recs in zip(ends, records, strict=True)]
         comm_rounds = float(np.mean(epochs)) if epochs else None
         payload_total = sum(epochs) * per_epoch
         wire_total = sampler.wire_bytes
