@@ -63,6 +63,8 @@ from p2pfm.model.gpt import GPTConfig
 
 ALL_VARIANTS = ("p2pfm", "p2pfm-uncompressed", "hivemind", "ddp", "single")
 OPTIONAL_VARIANTS = ("hivemind-local",)
+SHAPED_VARIANTS = ("p2pfm", "p2pfm-uncompressed", "ddp")
+EDGE_LINK = (50.0, 30.0)  # Mbit/s and ms of delay on each host's link: a good home/edge uplink
 QUICK_MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)  # ~0.1M params: seconds per round
 
 
@@ -84,6 +86,7 @@ class CompareConfig:
     timeout_s: float = 1800.0  # per variant; a variant that overruns is killed and reported as failed
     time_cap_s: float | None = None  # per variant: stop here and report what it reached (completed: false)
     quick: bool = False
+    shaped: tuple[float, float] | None = None  # (Mbit/s, ms one way per link end): each process in its own netns
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class CompareConfig:
                 f"unknown {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS + OPTIONAL_VARIANTS)}")
         require(self.threads >= 0, "threads", "must be non-negative")
         require(self.time_cap_s is None or self.time_cap_s > 0, "time_cap_s", "must be positive")
+        require(self.shaped is None or set(self.variants) <= set(SHAPED_VARIANTS), "variants",
+                f"with --shaped only {', '.join(SHAPED_VARIANTS)} run (one network namespace per process)")
 
     @property
     def steps(self) -> int:
@@ -213,6 +218,27 @@ class ProcessSampler:
     @property
     def wire_bytes(self) -> float:
         return sum(self.p2pd_written.values()) / 2.0
+
+
+# --- shaped links: tests/deploy/netns.py ------------------------------------------------------
+def load_netlab() -> Any:
+    """The network-namespace harness of the repository's deploy tests (root, iproute2).
+
+    It lives beside the tests, not in the package: loaded from the source tree by path.
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tests" / "deploy" / "netns.py"
+    if not path.exists():
+        raise ConfigError(f"--shaped: needs the netns harness at {path} (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location("p2pfm_bench_netns", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    reason = module.available()
+    if reason:
+        raise ConfigError(f"--shaped: {reason}")
+    return module
 
 
 # --- running variants ---------------------------------------------------------------------------
@@ -360,7 +386,7 @@ def _payload(record: dict[str, Any]) -> int:
     return int(record.get("bytes_sent", 0)) + int(record.get("state_bytes_downloaded", 0))
 
 
-def run_p2pfm(config: CompareConfig, variant: str, work: Path) -> VariantRun:
+def run_p2pfm(config: CompareConfig, variant: str, work: Path, lab: Any = None) -> VariantRun:
     from p2pfm.cli.peer import PEER_FLAGS
     from p2pfm.swarm import LocalSwarm
 
@@ -377,8 +403,15 @@ def run_p2pfm(config: CompareConfig, variant: str, work: Path) -> VariantRun:
         t0 = time.time()
         try:
             for index in range(config.peers):
-                peer = swarm.add_peer(shard=index, num_shards=config.peers)
-                peer.start()
+                if lab is None:
+                    peer = swarm.add_peer(shard=index, num_shards=config.peers)
+                    peer.start()
+                else:  # the same peer, run inside host ``index`` of the lab, listening on its address
+                    listen = ["--listen", f"/ip4/{lab.addrs[index]}/tcp/0"]
+                    peer = swarm.add_peer(shard=index, num_shards=config.peers, extra=listen)
+                    peer.work_dir.mkdir(parents=True, exist_ok=True)
+                    peer.process = lab.popen(index, [sys.executable, "-m", "p2pfm", "peer", *peer.args],
+                                             log=peer.log_path, env=swarm.env)
                 sampler.watch(peer.process.pid)
                 if index == 0:
                     swarm.bootstrap = peer.wait_ready()["maddrs"][0]
@@ -424,7 +457,7 @@ def _launch(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen
                                 start_new_session=True, env=env)
 
 
-def run_workers(config: CompareConfig, variant: str, work: Path) -> VariantRun:
+def run_workers(config: CompareConfig, variant: str, work: Path, lab: Any = None) -> VariantRun:
     """hivemind, ddp and single: our own worker modules, one process per rank."""
     work.mkdir(parents=True, exist_ok=True)
     env = _env(config.torch_threads)
@@ -438,6 +471,13 @@ def run_workers(config: CompareConfig, variant: str, work: Path) -> VariantRun:
             if variant == "single":
                 flags = _worker_flags(config, 0, config.peers, config.steps, logs[0])
                 processes.append(_launch(["p2pfm.bench.compare_ddp", "single", *flags], work / "rank-0.log", env))
+            elif variant == "ddp" and lab is not None:
+                env["GLOO_SOCKET_IFNAME"] = "eth0"  # the lab host's link, not its loopback
+                for rank in range(world):
+                    flags = _worker_flags(config, rank, world, config.steps, logs[rank])
+                    cmd = [sys.executable, "-m", "p2pfm.bench.compare_ddp", "ddp", "--host", lab.addrs[0],
+                           "--port", "29500", *flags]
+                    processes.append(lab.popen(rank, cmd, log=work / f"rank-{rank}.log", env=env))
             elif variant == "ddp":
                 port = _free_port()
                 for rank in range(world):
@@ -528,9 +568,36 @@ def _wait_for_file(path: Path, process: subprocess.Popen, deadline: float) -> No
 
 
 def run_variant(config: CompareConfig, variant: str, work: Path) -> VariantRun:
-    if variant.startswith("p2pfm"):
-        return run_p2pfm(config, variant, work)
-    return run_workers(config, variant, work)
+    """One variant; with ``config.shaped`` in a fresh lab of one namespace per process, links shaped."""
+    runner = run_p2pfm if variant.startswith("p2pfm") else run_workers
+    if config.shaped is None:
+        return runner(config, variant, work)
+    netns = load_netlab()
+    rate_mbit, delay_ms = config.shaped
+    with netns.NetLab(config.peers) as lab:
+        link = shape_links(lab, rate_mbit, delay_ms)
+        run = runner(config, variant, work, lab)
+    run.extra["link"] = link
+    return run
+
+
+def shape_links(lab: Any, rate_mbit: float, delay_ms: float) -> str:
+    """Shape every host's link both ways with netem; where the kernel lacks netem, rate only (tbf).
+
+    Returns what was applied, for the report.
+    """
+    try:
+        lab.shape_all(rate_mbit=rate_mbit, delay_ms=delay_ms)
+        return f"{rate_mbit:g} Mbit/s and {delay_ms:g} ms on each link end (netem, both directions)"
+    except subprocess.CalledProcessError:
+        pass
+    # tbf: rate with a burst of ~1 ms of traffic and a queue bounded to 200 ms; adds no delay.
+    tbf = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", f"{max(2, int(rate_mbit * 1000 / 8 / 1000))}kb",
+           "latency", "200ms"]
+    for i in range(lab.k):
+        lab.exec(i, "tc", "qdisc", "replace", "dev", "eth0", "root", *tbf)
+        lab.sw("tc", "qdisc", "replace", "dev", f"p{i}", "root", *tbf)
+    return f"{rate_mbit:g} Mbit/s on each link end (tbf), no added delay: this kernel has no netem qdisc"
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -668,7 +735,8 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> dict[str, An
     rows, target = summarize_runs(config, runs)
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     title = (f"p2pfm bench compare: {config.peers} peers, {runs[0].params if runs else 0:,} params, "
-             f"{config.samples_per_peer} samples/peer, {os.cpu_count()} cores ({date})")
+             f"{config.samples_per_peer} samples/peer, {os.cpu_count()} cores"
+             + (f", links {config.shaped[0]:g} Mbit/s {config.shaped[1]:g} ms" if config.shaped else "") + f" ({date})")
     plot(runs, target, out / "compare.png", title)
     result = {
         "date": date,
@@ -703,7 +771,10 @@ def _git_state() -> str:
 def config_from_args(args: Any) -> CompareConfig:
     """Build the config from ``p2pfm bench compare`` flags (``--quick`` picks the small defaults)."""
     variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
-    common = {"peers": args.peers, "time_cap_s": args.time_cap, "samples_per_peer": args.samples_per_peer, "target_loss": args.target_loss,
+    if getattr(args, "shaped", False) and variants is None:
+        variants = ("p2pfm", "ddp")
+    shaped = getattr(args, "shaped", False)
+    common = {"peers": args.peers, "time_cap_s": args.time_cap, "shaped": EDGE_LINK if shaped else None, "samples_per_peer": args.samples_per_peer, "target_loss": args.target_loss,
               "seed": args.seed, "variants": variants, "out_dir": args.out, "command": "p2pfm " + " ".join(sys.argv[1:])}
     if args.quick:
         return quick_config(**common)

@@ -41,7 +41,7 @@ def run_ddp(args: argparse.Namespace) -> int:
     log = WorkerLog(args.log)
     model, dataset, eval_set = setup(args)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world,
+        "gloo", init_method=f"tcp://{args.host}:{args.port}", rank=args.rank, world_size=args.world,
     )
     ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights: identical start anyway
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, betas=ADAM_BETAS)
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m p2pfm.bench.compare_ddp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("ddp", "single"))
-    parser.add_argument("--port", type=int, default=0, help="ddp: rank 0's TCP port on 127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="ddp: rank 0's address")
+    parser.add_argument("--port", type=int, default=0, help="ddp: rank 0's TCP port")
     add_worker_flags(parser)
     args = parser.parse_args(argv)
     return run_ddp(args) if args.mode == "ddp" else run_single(args)
