@@ -63,6 +63,43 @@ class Announcement:
     power_w: float
     state_bytes: int
     seq: int
+    timestamp: float
+
+
+class PeerBook:
+    """What we know of the swarm, merged over DHT lookups: the newest announcement per peer.
+
+    A peer is live while its newest announcement is younger than the TTL and lists addresses;
+    a tombstone (no addresses) or an expired record removes it. Merging makes discovery
+    monotone: one partial lookup cannot make live peers vanish.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._known: dict[str, Announcement] = {}
+        self._suspects: dict[str, tuple[float, int]] = {}
+
+    def merge(self, found: dict[str, Announcement]) -> None:
+        for peer_id, announcement in found.items():
+            known = self._known.get(peer_id)
+            if known is None or (announcement.timestamp, announcement.seq) > (known.timestamp, known.seq):
+                self._known[peer_id] = announcement
+
+    def suspect(self, peer_id: str) -> None:
+        """A call to this peer failed: treat it as gone until it announces again (heartbeats
+        come every few seconds), instead of waiting out its record's TTL."""
+        known = self._known.get(peer_id)
+        if known is not None:
+            self._suspects[peer_id] = (known.timestamp, known.seq)
+
+    def live(self, now: float) -> dict[str, Announcement]:
+        for peer_id in [p for p, a in self._known.items() if a.timestamp + self.ttl_s < now]:
+            del self._known[peer_id]
+            self._suspects.pop(peer_id, None)
+        return {
+            p: a for p, a in self._known.items()
+            if a.maddrs and (a.timestamp, a.seq) > self._suspects.get(p, (float("-inf"), -1))
+        }
 
 
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -134,7 +171,7 @@ class PeerNetwork:
     # --- discovery -----------------------------------------------------------------
     async def announce(self, payload: dict, now: float) -> bool:
         """Store our signed announcement in the DHT for ``announce_ttl_s``."""
-        if not self.dht.is_alive():  # e.g. Ctrl-C reached the DHT child first: nothing to tell
+        if self.dht is None or not self.dht.is_alive():  # e.g. Ctrl-C reached the DHT child first: nothing to tell
             return False
         self._announce_seq += 1
         record = seal(
@@ -150,9 +187,13 @@ class PeerNetwork:
             log.warning("announcement failed: %r", exc)
             return False
 
-    async def live_peers(self, now: float) -> dict[str, Announcement]:
-        """Verified, unexpired announcements of other peers with at least one address."""
-        if not self.dht.is_alive():
+    async def lookup(self, now: float) -> dict[str, Announcement]:
+        """Verified announcements of other peers found in the DHT now, tombstones included.
+
+        A single lookup may miss records (Kademlia replicas answer with what they hold, and
+        a loaded node may be skipped): callers merge lookups in a :class:`PeerBook`.
+        """
+        if self.dht is None or not self.dht.is_alive():
             return {}
         try:
             found = await asyncio.wait_for(
@@ -170,7 +211,7 @@ class PeerNetwork:
             except Reject as exc:
                 log.info("ignored a DHT record under %r: %s", subkey, exc)
                 continue
-            if announcement.peer_id != self.identity.peer_id and announcement.maddrs:
+            if announcement.peer_id != self.identity.peer_id:
                 peers[announcement.peer_id] = announcement
         return peers
 
@@ -191,7 +232,7 @@ class PeerNetwork:
         return Announcement(
             peer_id=envelope.sender_id, public_key=envelope.sender, libp2p_id=p["libp2p_id"],
             maddrs=tuple(p["maddrs"]), round=p["round"], model_hash=p["model_hash"], device=p["device"],
-            power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq,
+            power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq, timestamp=envelope.timestamp,
         )
 
     async def withdraw(self, payload: dict) -> None:

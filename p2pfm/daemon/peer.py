@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -43,8 +44,8 @@ from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
 from p2pfm.daemon.metrics import MetricsLog
-from p2pfm.daemon.net import Announcement, PeerNetwork, read_frame, write_frame
-from p2pfm.daemon.trainer import LocalTrainer
+from p2pfm.daemon.net import Announcement, PeerBook, PeerNetwork, read_frame, write_frame
+from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter, StepStats
 from p2pfm.model.data import ByteDataset, ShardSpec
 from p2pfm.model.gpt import build_model
 
@@ -73,22 +74,26 @@ def shard_for(config: PeerConfig, peer_id: str) -> ShardSpec:
 class PeerDaemon:
     """A running peer. ``await run()`` returns when the configured rounds are done or on stop."""
 
-    def __init__(self, config: PeerConfig) -> None:
+    def __init__(self, config: PeerConfig, adapter: ModelAdapter | None = None) -> None:
+        """``adapter``: a user's own model and optimizer (library API); None = the default GPT workload."""
         self.config = config
         self.identity = load_or_create_identity(config.key)
         self.peer_id = self.identity.peer_id
-        threads = config.train.threads or os.cpu_count() or 1
-        torch.set_num_threads(threads)
         self.shard = shard_for(config, self.peer_id)
-        dataset = ByteDataset(
-            config.data, self.shard, block_size=config.model.block_size, max_shard_bytes=config.train.max_shard_bytes
-        )
-        model = build_model(config.model, config.seed)
-        self.trainer = LocalTrainer(
-            model, dataset, lr=config.train.lr, weight_decay=config.train.weight_decay,
-            batch_size=config.train.batch_size, seed=int.from_bytes(digest(self.peer_id.encode())[:4], "little"),
-            eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,
-        )
+        if adapter is None:
+            threads = config.train.threads or os.cpu_count() or 1
+            torch.set_num_threads(threads)
+            dataset = ByteDataset(
+                config.data, self.shard, block_size=config.model.block_size,
+                max_shard_bytes=config.train.max_shard_bytes,
+            )
+            adapter = LocalTrainer(
+                build_model(config.model, config.seed), dataset, lr=config.train.lr,
+                weight_decay=config.train.weight_decay, batch_size=config.train.batch_size,
+                seed=int.from_bytes(digest(self.peer_id.encode())[:4], "little"),
+                eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,
+            )
+        self.trainer = adapter
         # Every peer builds the same initial weights from the run seed: the shared reference
         # that parameter syncs are encoded against.
         self.initial_params = self.trainer.flat()
@@ -106,6 +111,7 @@ class PeerDaemon:
         self.rejected: Counter[str] = Counter()
         self.rejections_by_remote: Counter[str] = Counter()
         self.live: dict[str, Announcement] = {}
+        self.peer_book = PeerBook(config.net.announce_ttl_s)
         self.snapshot = b""
         self.snapshot_hash = bytes(32)
         self.eval_loss = float("nan")
@@ -113,6 +119,9 @@ class PeerDaemon:
         self.compute_seconds = 0.0
         self.started = time.time()
         self.background: set[asyncio.Task] = set()
+        self._heartbeat: asyncio.Task | None = None
+        self.resumed = False
+        self.on_online: Callable[[list[str]], None] | None = None  # called with our addresses once reachable
 
     # --- state: checkpoint and snapshot ---------------------------------------------
     def _state_meta(self) -> dict:
@@ -135,7 +144,7 @@ class PeerDaemon:
             )
         self.learner.load_state_arrays({k: arrays[k] for k in ("params", "momentum", "residual", "round")})
         self.trainer.load_flat(self.learner.params)
-        self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("adam.")})
+        self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
         self.seq = max(self.seq, int(meta.get("seq", 0)) + 1)
         log.info("resumed from checkpoint at round %d", self.learner.round)
         return True
@@ -284,6 +293,7 @@ class PeerDaemon:
                 self.counters["updates_refused"] += 1
         except Exception as exc:  # timeouts, dead peers, resets: never our compute's problem
             self.counters["push_failures"] += 1
+            self.peer_book.suspect(target.peer_id)
             log.info("push to %s failed: %r", target.peer_id, exc)
 
     async def download_state(self, donor: Announcement) -> tuple[dict[str, np.ndarray], int]:
@@ -349,7 +359,8 @@ class PeerDaemon:
 
     # --- the main loop -----------------------------------------------------------------
     async def refresh_live(self) -> None:
-        self.live = await self.net.live_peers(time.time())
+        self.peer_book.merge(await self.net.lookup(time.time()))
+        self.live = self.peer_book.live(time.time())
 
     async def heartbeat(self) -> None:
         while not self.stop_event.is_set():
@@ -378,7 +389,7 @@ class PeerDaemon:
         self.learner.adopt(arrays["params"], round_)
         self.trainer.load_flat(self.learner.params)
         try:
-            self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("adam.")})
+            self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
         except (ValueError, KeyError) as exc:
             log.warning("donor optimizer state unusable (%s); keeping ours", exc)
         self.refresh_snapshot()
@@ -448,10 +459,11 @@ class PeerDaemon:
             "state": state, "shard": self.shard.index, "pid": os.getpid(), "run_id": self.config.run_id,
         })
 
-    async def run(self) -> int:
+    async def start(self) -> None:
+        """Restore, go online, join the swarm (download state if it moved ahead), start heartbeats."""
         loop = asyncio.get_running_loop()
         log.info("config: %s", config_to_dict(self.config))
-        resumed = self.restore_checkpoint()
+        self.resumed = self.restore_checkpoint()
         self.refresh_snapshot()
         # Fork the DHT child before installing our signal handlers: a child inheriting them
         # would swallow SIGTERM/SIGINT (Ctrl-C reaches the whole process group) and never exit.
@@ -463,6 +475,8 @@ class PeerDaemon:
         log.info("peer %s (libp2p %s) listening on %s", self.peer_id, self.net.libp2p_id, " ".join(self.net.maddrs))
         print(f"p2pfm peer {self.peer_id} ready; others join with --initial-peers {self.net.maddrs[0]}", flush=True)
         self.write_status("joining")
+        if self.on_online is not None:
+            self.on_online(list(self.net.maddrs))
         await self.net.announce(self.announcement_payload(), time.time())
         # Give the DHT a moment to show us the swarm if we were pointed at one, and wait for
         # a quorum if asked (a local swarm starts its peers together).
@@ -475,39 +489,62 @@ class PeerDaemon:
                 break
             await asyncio.sleep(0.5)
         initial_eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
-        self.metrics.write({"event": "start", "round": self.learner.round, "resumed": resumed,
+        self.metrics.write({"event": "start", "round": self.learner.round, "resumed": self.resumed,
                             "params": self.numel, "shard": self.shard.index, "initial_eval_loss": initial_eval_loss,
                             "wall_time": time.time() - self.started})
-        joined = await self.catch_up_if_behind("join", force=not resumed)
+        joined = await self.catch_up_if_behind("join", force=not self.resumed)
         self.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
-        heartbeat = asyncio.create_task(self.heartbeat())
+        self._heartbeat = asyncio.create_task(self.heartbeat())
         self.write_status("training")
+
+    async def stop(self) -> None:
+        """Graceful leave: finish pushes, checkpoint, withdraw the announcement, go offline."""
+        loop = asyncio.get_running_loop()
+        self.stop_flag.set()
+        self.stop_event.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.background:
+            await asyncio.wait(self.background, timeout=self.config.net.request_timeout_s)
+        await loop.run_in_executor(None, self.write_checkpoint)
+        await self.net.withdraw(self.announcement_payload())
+        self.metrics.write({"event": "leave", "round": self.learner.round, "wall_time": time.time() - self.started})
+        self.write_status("left")
+        self.metrics.close()
+        await self.net.shutdown()
+
+    async def run(self) -> int:
+        """The daemon: start, train round after round until done or stopped, leave."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.net.shutdown()
+            self.metrics.close()
+            raise
         try:
             while not self.stop_event.is_set():
                 if self.config.rounds and self.learner.round >= self.config.rounds:
                     await self.final_drain()
                     break
-                await self.one_round(loop)
+                await self.one_round()
         finally:
-            self.stop_flag.set()
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
-            if self.background:
-                await asyncio.wait(self.background, timeout=self.config.net.request_timeout_s)
-            await loop.run_in_executor(None, self.write_checkpoint)
-            await self.net.withdraw(self.announcement_payload())
-            self.metrics.write({"event": "leave", "round": self.learner.round, "wall_time": time.time() - self.started})
-            self.write_status("left")
-            self.metrics.close()
-            await self.net.shutdown()
+            await self.stop()
         return 0
 
-    async def one_round(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def one_round(self) -> None:
+        """H inner steps in the worker thread, then a gossip round."""
+        loop = asyncio.get_running_loop()
         round_start = time.perf_counter()
         stats = await loop.run_in_executor(None, self.trainer.train_steps, self.config.gossip.inner_steps, self.stop_flag)
         if stats.steps < self.config.gossip.inner_steps:  # stopping mid-round: keep the anchor
             self.trainer.load_flat(self.learner.params)
             return
+        await self.gossip_round(stats, round_start)
+
+    async def gossip_round(self, stats: StepStats, round_start: float) -> None:
+        """Compress and push our pseudo-gradient, merge what arrived, sync/catch up, record."""
+        loop = asyncio.get_running_loop()
         self.compute_seconds += stats.compute_seconds
         self.train_loss = stats.mean_loss
         gossip_start = time.perf_counter()

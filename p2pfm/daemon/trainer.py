@@ -37,7 +37,58 @@ class StepStats:
     compute_seconds: float
 
 
-class LocalTrainer:
+class ModelAdapter:
+    """A torch model and its (inner) optimizer, seen as flat vectors by the gossip core.
+
+    Used as is by the library API (:class:`p2pfm.api.GossipOptimizer`) for a user's own model
+    and optimizer; :class:`LocalTrainer` adds the default data and inner loop.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.samples_seen = 0
+        self.steps_done = 0
+
+    def flat(self) -> np.ndarray:
+        return flatten_parameters(self.model)
+
+    def load_flat(self, flat: np.ndarray) -> None:
+        load_flat_parameters(self.model, flat)
+
+    def evaluate(self) -> float:
+        return float("nan")
+
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """Optimizer state (e.g. AdamW moments, step counts) as plain float32 arrays, no pickle."""
+        arrays: dict[str, np.ndarray] = {}
+        for index, param in enumerate(self.model.parameters()):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    arrays[f"opt.{index}.{key}"] = value.detach().cpu().numpy().astype(np.float32).ravel()
+                elif isinstance(value, (int, float)):
+                    arrays[f"opt.{index}.{key}"] = np.array([value], dtype=np.float32)
+        return arrays
+
+    def load_optimizer_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`optimizer_arrays` saved; sizes are checked against our parameters."""
+        for index, param in enumerate(self.model.parameters()):
+            prefix = f"opt.{index}."
+            entries = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if not entries:
+                continue
+            state = {}
+            for key, value in entries.items():
+                if value.size == param.numel():
+                    state[key] = torch.from_numpy(value.astype(np.float32)).view_as(param).clone()
+                elif value.size == 1:
+                    state[key] = torch.tensor(float(value[0]))
+                else:
+                    raise ValueError(f"optimizer state {prefix}{key} has {value.size} entries, parameter has {param.numel()}")
+            self.optimizer.state[param] = state
+
+
+class LocalTrainer(ModelAdapter):
     """Owns the model, the inner optimizer and the data sampler of one peer."""
 
     def __init__(
@@ -52,14 +103,12 @@ class LocalTrainer:
         eval_batches: int,
         eval_batch_size: int,
     ) -> None:
-        self.model = model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+        super().__init__(model, optimizer)
         self.dataset = dataset
         self.batch_size = batch_size
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_set = dataset.eval_batches(eval_batches, eval_batch_size) if eval_batches > 0 else []
-        self.samples_seen = 0
-        self.steps_done = 0
 
     def train_steps(self, steps: int, stop: threading.Event | None = None) -> StepStats:
         """Run up to ``steps`` AdamW steps (fewer if ``stop`` is set); returns loss and timing."""
@@ -86,34 +135,3 @@ class LocalTrainer:
 
     def evaluate(self) -> float:
         return evaluate(self.model, self.eval_set) if self.eval_set else float("nan")
-
-    def flat(self) -> np.ndarray:
-        return flatten_parameters(self.model)
-
-    def load_flat(self, flat: np.ndarray) -> None:
-        load_flat_parameters(self.model, flat)
-
-    def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        """AdamW moments and step counts as flat arrays, for checkpoints (no pickled state)."""
-        arrays: dict[str, np.ndarray] = {}
-        for index, param in enumerate(self.model.parameters()):
-            state = self.optimizer.state.get(param)
-            if not state:
-                continue
-            arrays[f"adam.{index}.exp_avg"] = state["exp_avg"].detach().numpy().ravel().astype(np.float32)
-            arrays[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].detach().numpy().ravel().astype(np.float32)
-            arrays[f"adam.{index}.step"] = np.array([float(state["step"])], dtype=np.float32)
-        return arrays
-
-    def load_optimizer_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        for index, param in enumerate(self.model.parameters()):
-            key = f"adam.{index}.exp_avg"
-            if key not in arrays:
-                continue
-            if arrays[key].size != param.numel():
-                raise ValueError(f"checkpoint optimizer state for parameter {index} has the wrong size")
-            self.optimizer.state[param] = {
-                "step": torch.tensor(float(arrays[f"adam.{index}.step"][0])),
-                "exp_avg": torch.from_numpy(arrays[key].copy()).view_as(param),
-                "exp_avg_sq": torch.from_numpy(arrays[f"adam.{index}.exp_avg_sq"].copy()).view_as(param),
-            }
