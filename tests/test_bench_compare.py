@@ -82,6 +82,13 @@ def test_config_rejects_unknown_variants():
         CompareConfig(variants=("p2pfm", "horovod"))
 
 
+def test_shaped_config_accepts_only_network_variants():
+    """--shaped runs p2pfm and ddp only (hivemind and single have no namespace launcher)."""
+    CompareConfig(variants=("p2pfm", "ddp"), shaped=(50.0, 30.0))
+    with pytest.raises(ConfigError, match="shaped"):
+        CompareConfig(variants=("p2pfm", "single"), shaped=(50.0, 30.0))
+
+
 def test_quick_config_rounds_match_samples_per_peer():
     """rounds * inner_steps * batch_size == samples per peer."""
     config = quick_config()

@@ -14,7 +14,15 @@ and scores the same fixed held-out batches every ``inner_steps`` local steps:
 - ``ddp``                DistributedDataParallel over gloo, all-reduce every step (:mod:`p2pfm.bench.compare_ddp`);
 - ``single``             one process, total batch ``peers * batch_size``, same total samples.
 
-Every process gets ``max(1, cores // peers)`` torch threads, ``single`` included.
+Every process gets ``max(1, cores // peers)`` torch threads, ``single`` included. Processes
+of a distributed variant wait for each other before training (p2pfm: ``--min-peers``;
+hivemind: a file barrier after ``load_state_from_peers``; DDP: ``init_process_group``), and
+variants run back to back, never concurrently. ``--time-cap`` stops a variant that runs
+longer and reports what it reached (``completed: false``).
+
+``--shaped`` (root; ``tests/deploy/netns.py``) runs p2pfm and ddp with every process in its
+own network namespace behind a veth link shaped to 50 Mbit/s and 30 ms at each end (netem). On
+a kernel without the netem qdisc it applies the rate alone (tbf) and says so in ``link``.
 
 What is measured, per variant (one row each):
 
