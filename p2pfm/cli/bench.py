@@ -1,4 +1,4 @@
-"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``; ``swarm`` and ``compare`` to come).
+"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``).
 
 To add one, write ``register_<name>(bench_subparsers)`` that declares its flags and sets
 ``handler``, and append it to :data:`BENCHES`. Handlers import the bench module lazily so
@@ -120,5 +120,39 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0 if not any(row["error"] for row in result["rows"]) else 1
 
 
-BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [register_codecs, register_compare]
+def register_swarm(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench swarm``: bits/param/round, time shares and swarm efficiency of a local swarm."""
+    from pathlib import Path
+
+    parser = bench_subparsers.add_parser(
+        "swarm",
+        help="local swarm: bits/param/round, share of time outside compute, efficiency vs one process",
+        description=(
+            "Run a real local swarm of the default model, then one process with all cores on the same "
+            "model; report bits/param/round, the share of round time in compute, gossip and eval, and "
+            "swarm efficiency (samples/s of all peers over samples/s of one process). See p2pfm/bench/swarm.py."
+        ),
+    )
+    parser.add_argument("--peers", type=int, default=3, help="peer processes (default 3)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per peer (default 15)")
+    parser.add_argument("--inner-steps", type=int, default=10, help="inner steps per round (default 10)")
+    parser.add_argument("--single-seconds", type=float, default=30.0, help="one-process baseline duration (default 30)")
+    parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=_run_swarm)
+
+
+def _run_swarm(args: argparse.Namespace) -> int:
+    import json
+
+    from p2pfm.bench.swarm import SwarmBenchConfig, format_report, run_swarm_bench
+
+    config = SwarmBenchConfig(peers=args.peers, rounds=args.rounds, inner_steps=args.inner_steps,
+                              single_seconds=args.single_seconds, out_dir=args.out)
+    result = run_swarm_bench(config, progress=not args.json)
+    print(json.dumps(result, indent=1, sort_keys=True) if args.json else format_report(result))
+    return 0
+
+
+BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [register_codecs, register_swarm, register_compare]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""

@@ -32,6 +32,7 @@ PEER_FLAGS: dict[str, tuple[str, type, str]] = {
     "--lr": ("train.lr", float, "inner AdamW learning rate"),
     "--threads": ("train.threads", int, "torch threads (0 = all cores)"),
     "--eval-batches": ("train.eval_batches", int, "held-out batches per evaluation"),
+    "--eval-every": ("train.eval_every", int, "rounds between evaluations (0 = never)"),
     "--n-layer": ("model.n_layer", int, "transformer blocks"),
     "--n-embd": ("model.n_embd", int, "embedding width"),
     "--n-head": ("model.n_head", int, "attention heads"),

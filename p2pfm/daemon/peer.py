@@ -590,7 +590,6 @@ class PeerDaemon:
             "carbon_g": energy_wh / 1000.0 * self.config.grid_g_per_kwh, "params": self.numel,
         })
         self.write_status("training")
-        await self.net.announce(self.announcement_payload(), time.time())
 
 
 def run_peer(config: PeerConfig) -> int:
