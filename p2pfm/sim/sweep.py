@@ -4,7 +4,7 @@ The churn rate r is "fraction r of the peers leave (and come back later) every
 ``churn.every_rounds`` rounds": each point runs the scenario with ``churn.model =
 "fraction"`` and ``churn.fraction = r`` (r = 0 is no churn), same seed, same everything else.
 Output: ``sweep.json``, ``sweep.md`` (a table) and ``churn_curve.png`` (final loss vs rate),
-plus each point's own results in ``rate_<r>/``.
+plus each point's own results and plots in ``rate_<r>/``.
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ def run_sweep(scenario: Scenario, rates: list[float], out: Path, *, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     points = []
     for rate in rates:
-        summary = run_scenario(
-            at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=True
-        )
+        summary = run_scenario(at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=True)
         points.append(
             {
                 "churn_rate": rate,
