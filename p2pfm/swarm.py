@@ -224,7 +224,8 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
             rounds = max(rounds, round_records[-1]["round"])
             if alive_at_end is None or peer.index in alive_at_end:
                 evaluated = [r for r in records if r.get("event") in ("round", "drain") and "eval_loss" in r]
-                per_peer[str(peer.index)] = evaluated[-1]["eval_loss"]
+                loss = evaluated[-1]["eval_loss"]
+                per_peer[str(peer.index)] = loss if loss is not None and np.isfinite(loss) else None  # JSON has no NaN
         vector = final_params(peer.work_dir)
         if vector is not None and (alive_at_end is None or peer.index in alive_at_end):
             params.append(vector)

@@ -81,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from p2pfm.daemon.config import load_peer_config
+
+    config = load_peer_config(args.config, overrides_from_args(args))  # fail fast, before heavy imports
     from p2pfm.daemon.peer import run_peer
 
-    config = load_peer_config(args.config, overrides_from_args(args))
     return run_peer(config)

@@ -235,7 +235,8 @@ class GossipLearner:
         if received:
             combined = aggregate(np.zeros_like(self.params), received, self.config, expected_received)
             if self.config.aggregation == "clipped_mean":  # nothing of ours to clip around: plain mean
-                combined = np.sum(received, axis=0) / (1 + (expected_received or len(received)))
+                count = len(received) if expected_received is None else max(expected_received, 0)
+                combined = np.sum(received, axis=0) / (1 + count)
             self.params = (self.params - self.config.outer_lr * combined).astype(np.float32)
         return self.params.copy(), len(received)
 

@@ -37,7 +37,7 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None
     """Serialize named arrays (and a small msgpack-able ``meta`` map) to bytes."""
     entries, blobs, offset = [], [], 0
     for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         code = np.dtype(dtype).str
         if code not in ALLOWED_DTYPES:

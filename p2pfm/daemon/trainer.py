@@ -25,8 +25,16 @@ def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
 
 
 def load_flat_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
+    """Copy a flat vector into the parameters in place, keeping each parameter's dtype and device."""
+    source = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+    offset = 0
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)), model.parameters())
+        for param in model.parameters():
+            count = param.numel()
+            param.copy_(source[offset : offset + count].view_as(param))
+            offset += count
+    if offset != source.numel():
+        raise ValueError(f"flat vector has {source.numel()} entries, the model {offset}")
 
 
 @dataclass
@@ -80,7 +88,7 @@ class ModelAdapter:
             state = {}
             for key, value in entries.items():
                 if value.size == param.numel():
-                    state[key] = torch.from_numpy(value.astype(np.float32)).view_as(param).clone()
+                    state[key] = torch.from_numpy(value.astype(np.float32)).view_as(param).to(param.dtype).clone()
                 elif value.size == 1:
                     state[key] = torch.tensor(float(value[0]))
                 else:
