@@ -200,7 +200,7 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
         records = peer.metrics()
         starts = [r for r in records if r.get("event") == "start"]
         round_records = [r for r in records if r.get("event") == "round"]
-        if starts and "initial_eval_loss" in starts[0]:
+        if starts and starts[0].get("initial_eval_loss") is not None:
             initial.append(starts[0]["initial_eval_loss"])
         if starts:
             numel = starts[0].get("params", numel)
@@ -257,16 +257,20 @@ def plot_losses(peers: list[PeerProcess], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for peer in peers:
-        records = peer.metrics()
-        starts = [r for r in records if r.get("event") == "start"]
-        points = [(r["wall_time"] + 0.0, r["eval_loss"]) for r in records if r.get("event") == "round"]
-        if starts and "initial_eval_loss" in starts[0]:
-            points.insert(0, (0.0, starts[0]["initial_eval_loss"]))
+    all_records = [peer.metrics() for peer in peers]
+    times = [r["time"] for records in all_records for r in records if "time" in r]
+    origin = min(times) if times else 0.0
+    for peer, records in zip(peers, all_records, strict=True):
+        points = []
+        for r in records:
+            if r.get("event") == "start" and r.get("initial_eval_loss") is not None:
+                points.append((r["time"] - origin, r["initial_eval_loss"]))
+            elif r.get("event") in ("round", "drain") and r.get("eval_loss") is not None:
+                points.append((r["time"] - origin, r["eval_loss"]))
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker=".", label=f"peer {peer.index}")
-    ax.set_xlabel("wall time since the peer started (s)")
+    ax.set_xlabel("wall time since the first peer started (s)")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title("p2pfm local swarm: eval loss per peer")
     ax.grid(alpha=0.3)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from p2pfm.daemon.checkpoint import atomic_write_bytes
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/Infinity: write null instead (readers of other languages choke on NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 class MetricsLog:
@@ -21,10 +33,12 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record, stamped with the unix time (plots align peers on it)."""
-        self._handle.write(json.dumps({"time": time.time(), **record}, sort_keys=True) + "\n")
+        record = _finite_or_none({"time": time.time(), **record})
+        self._handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
 
     def status(self, record: dict[str, Any]) -> None:
-        atomic_write_bytes(self.status_path, json.dumps(record, sort_keys=True, indent=1).encode())
+        text = json.dumps(_finite_or_none(record), sort_keys=True, indent=1, allow_nan=False)
+        atomic_write_bytes(self.status_path, text.encode())
 
     def close(self) -> None:
         self._handle.close()
