@@ -8,14 +8,13 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip -q
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/p2pfm swarm --peers 3 --out runs/demo
+	$(BIN)/p2pfm swarm --peers 3 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(BIN)/python -m pytest

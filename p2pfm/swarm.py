@@ -307,6 +307,8 @@ def run_swarm(options: SwarmOptions) -> dict[str, Any]:
         raise ConfigError(f"--out: {out} is not empty; choose a new directory (runs are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     threads = options.threads_per_peer or max(1, (os.cpu_count() or 1) // options.peers)
+    # SIGTERM (e.g. `kill`, a CI timeout) must stop our peers too, not orphan them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     peer_args = ["--rounds", str(options.rounds), "--seed", str(options.seed), "--min-peers", str(options.peers),
                  *options.peer_args]
     start = time.time()
