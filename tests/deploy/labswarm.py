@@ -106,12 +106,14 @@ class LabSwarm:
         spread = np.sqrt(((stacked - mean) ** 2).sum(axis=1).mean())
         return float(spread / np.linalg.norm(mean))
 
-    def wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str, *, exits_ok: bool = False) -> None:
+        """Poll ``condition``; fail on timeout, or as soon as a peer exits (unless ``exits_ok``:
+        peers given --rounds leave by themselves, with exit code 0)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
                 return
-            dead = [i for i, p in self.procs.items() if p.poll() is not None]
+            dead = [i for i, p in self.procs.items() if p.poll() not in (None, *((0,) if exits_ok else ()))]
             if dead:
                 raise RuntimeError(f"peer(s) {dead} exited while waiting for {what}:\n{self.tails(dead)}")
             time.sleep(0.5)
