@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from p2pfm.config import require
-from p2pfm.core.codecs import CodecSpec, decode
+from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.errors import NonFinite, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
@@ -81,6 +81,40 @@ def choose_partners(
     count = min(fanout, len(candidates))
     picks = rng.choice(len(candidates), size=count, replace=False)
     return [candidates[i] for i in sorted(picks)]
+
+
+def expected_received(fanout: int, live_others: int) -> int:
+    """Updates a peer can expect per round: ``fanout``, or fewer if fewer peers are live.
+
+    The denominator of the sum-preserving merge (section 3 of gossip.md); both drivers call this.
+    """
+    return min(fanout, max(0, live_others))
+
+
+def needs_catch_up(own_round: int, newest_round: int, config: GossipConfig, *, joining: bool) -> bool:
+    """Whether to download a live peer's full state instead of training on.
+
+    On (re)join without a checkpoint: whenever the swarm is past round 0. Otherwise: when the
+    swarm's newest round is more than ``max_round_lag`` ahead, beyond which our updates would
+    be refused as stale and theirs would drag us along a round at a time.
+    """
+    if joining:
+        return newest_round > 0
+    return newest_round - own_round > config.max_round_lag
+
+
+def encode_sync(params: np.ndarray, initial: np.ndarray, config: GossipConfig) -> dict:
+    """A consensus-pull answer: ``sync_codec`` of the parameters' difference from the run's initial ones.
+
+    Every peer builds the initial parameters from the run seed, so the codec's error is relative to
+    what training changed, not to the weights themselves.
+    """
+    return encode(params - initial, config.sync_codec)
+
+
+def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:
+    """Parameters from an :func:`encode_sync` answer (raises a Reject subclass on bad input)."""
+    return (initial + decode(wire, expected_numel=initial.size)).astype(np.float32)
 
 
 def aggregate(

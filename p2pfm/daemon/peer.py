@@ -35,10 +35,16 @@ import numpy as np
 import torch
 
 from p2pfm.config import ConfigError, config_to_dict
-from p2pfm.core.codecs import decode, encode
 from p2pfm.core.envelope import EnvelopeLimits, ReplayGuard, open_envelope, seal
 from p2pfm.core.errors import Reject, RejectReason, ShapeMismatch
-from p2pfm.core.gossip import GossipLearner, choose_partners
+from p2pfm.core.gossip import (
+    GossipLearner,
+    choose_partners,
+    decode_sync,
+    encode_sync,
+    expected_received,
+    needs_catch_up,
+)
 from p2pfm.core.identity import Identity
 from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
@@ -244,8 +250,8 @@ class PeerDaemon:
             self._count_reject(remote, exc)
             return
         loop = asyncio.get_running_loop()
-        difference = self.learner.params - self.initial_params
-        wire = await loop.run_in_executor(None, encode, difference, self.config.gossip.sync_codec)
+        wire = await loop.run_in_executor(None, encode_sync, self.learner.params, self.initial_params,
+                                          self.config.gossip)
         message = seal(self.identity, kind="params_sync", run_id=self.config.run_id, round=self.learner.round,
                        seq=self.next_seq(), timestamp=time.time(),
                        payload={"tensor": wire, "round": self.learner.round, "nonce": request.payload["nonce"]})
@@ -271,9 +277,9 @@ class PeerDaemon:
         # [REJECT] the answer must come from the peer we asked, for the ask we made.
         if answer.kind != "params_sync" or answer.sender != donor.public_key or answer.payload["nonce"] != nonce:
             raise ShapeMismatch("params answer is not from the donor we asked, or not for our request")
-        difference = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: decode(answer.payload["tensor"], expected_numel=self.numel))
-        return self.initial_params + difference, answer.payload["round"]
+        params = await asyncio.get_running_loop().run_in_executor(
+            None, decode_sync, answer.payload["tensor"], self.initial_params)
+        return params, answer.payload["round"]
 
     # --- outgoing ----------------------------------------------------------------------
     async def push_update(self, target: Announcement, message: bytes) -> None:
@@ -377,9 +383,7 @@ class PeerDaemon:
             return False
         newest = max(a.round for a in self.live.values())
         behind = newest - self.learner.round
-        if not force and behind <= self.config.gossip.max_round_lag:
-            return False
-        if force and newest == 0:
+        if not needs_catch_up(self.learner.round, newest, self.config.gossip, joining=force):
             return False
         donors = [a for a in self.live.values() if a.round >= newest - 1]
         got = await self.fetch_from_some_donor(donors)
@@ -430,7 +434,7 @@ class PeerDaemon:
             await asyncio.sleep(0.3)
         # The last announcements go out right after the pushes are started: give them a moment.
         await asyncio.sleep(min(2.0, max(0.0, deadline - time.time())))
-        params, applied = self.learner.drain(expected_received=min(self.config.gossip.fanout, len(self.live)))
+        params, applied = self.learner.drain(expected_received(self.config.gossip.fanout, len(self.live)))
         self.trainer.load_flat(params)
         self.refresh_snapshot()
         if self.config.train.eval_every:
@@ -559,7 +563,7 @@ class PeerDaemon:
             task = asyncio.create_task(self.push_update(self.live[target], message))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
-        params, report = self.learner.finish_round(expected_received=min(self.config.gossip.fanout, len(self.live)))
+        params, report = self.learner.finish_round(expected_received(self.config.gossip.fanout, len(self.live)))
         self.trainer.load_flat(params)
         synced = False
         if not await self.catch_up_if_behind("lagging") and self.learner.should_sync():

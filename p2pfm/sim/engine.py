@@ -40,7 +40,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from p2pfm.core.codecs import CodecSpec, decode, encode
+from p2pfm.core.codecs import CodecSpec, encode
 from p2pfm.core.envelope import (
     PROTOCOL_VERSION,
     EnvelopeLimits,
@@ -51,7 +51,7 @@ from p2pfm.core.envelope import (
     seal,
 )
 from p2pfm.core.errors import Reject
-from p2pfm.core.gossip import GossipLearner, choose_partners
+from p2pfm.core.gossip import GossipLearner, choose_partners, decode_sync, encode_sync, expected_received
 from p2pfm.core.identity import SIGNATURE_BYTES, Identity
 from p2pfm.sim.churn import build_availability
 from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
@@ -378,7 +378,7 @@ class Simulation:
         period = self.round_seconds
         finishing = np.flatnonzero(self.in_round & self.online)
         # As the daemon: sum-preserving weights, expecting `fanout` updates if that many peers are live.
-        expected = min(self.gossip.fanout, max(0, int(self.online.sum()) - 1))
+        expected = expected_received(self.gossip.fanout, int(self.online.sum()) - 1)
         for peer in finishing.tolist():
             if self.straggling[peer]:  # computed until the deadline for nothing
                 self.compute_s[peer] += period
@@ -393,9 +393,9 @@ class Simulation:
             if donors:
                 donor = donors[0]
                 # The daemon serves a consensus pull as sync_codec(params - initial params).
-                wire = encode(self.learners[donor].params - self.initial, self.gossip.sync_codec)
+                wire = encode_sync(self.learners[donor].params, self.initial, self.gossip)
                 size = len(msgpack.packb(wire, use_bin_type=True)) + self.envelope_overhead
-                pulled = self.initial + decode(wire, expected_numel=self.workload.numel)
+                pulled = decode_sync(wire, self.initial)
                 snapshot = (pulled.astype(np.float32), self.learners[donor].round, size)
                 done, arrival = self._transfer(donor, peer, size, self.now)
                 self.bytes_sent[donor] += size
