@@ -37,7 +37,8 @@ set -euo pipefail
 log() { echo "p2pfm-entrypoint: $*" >&2; }
 die() { log "error: $*"; exit 2; }
 
-WORK_DIR_NOTE=/tmp/p2pfm-work-dir  # where `health` finds the work dir this run chose
+# Where `health` finds the work dir this run chose (overridable for the entrypoint's tests).
+WORK_DIR_NOTE=${P2PFM_WORK_DIR_NOTE:-/tmp/p2pfm-work-dir}
 
 health() {
     local work status age max=${P2PFM_HEALTH_MAX_AGE:-600}
@@ -171,7 +172,7 @@ fi
 
 # Variables this script consumes itself; not daemon flags.
 own=" DATA WORK_DIR KEY INITIAL_PEERS BOOTSTRAP_FILE BOOTSTRAP_HOST BOOTSTRAP_PORT BOOTSTRAP_GLOB \
-BOOTSTRAP_TIMEOUT BOOTSTRAP_MAX_AGE CONFIG EXTRA_ARGS HEALTH_MAX_AGE "
+BOOTSTRAP_TIMEOUT BOOTSTRAP_MAX_AGE CONFIG EXTRA_ARGS HEALTH_MAX_AGE WORK_DIR_NOTE "
 while IFS='=' read -r name value; do
     key=${name#P2PFM_}
     [[ "$own" == *" $key "* ]] && continue
