@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-deploy lint bench clean
+.PHONY: setup demo test test-deploy lint bench bench-shaped clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/p2pfm bench codecs
+
+bench-shaped: setup
+	$(BIN)/python tests/deploy/bench_shaped.py
 
 clean:
 	rm -rf $(VENV) runs

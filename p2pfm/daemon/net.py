@@ -78,9 +78,11 @@ class PeerBook:
         self.ttl_s = ttl_s
         self._known: dict[str, Announcement] = {}
         self._suspects: dict[str, tuple[float, int]] = {}
+        self._lost: dict[str, Announcement] = {}  # expired without a tombstone, kept for re-dialing
 
     def merge(self, found: dict[str, Announcement]) -> None:
         for peer_id, announcement in found.items():
+            self._lost.pop(peer_id, None)
             known = self._known.get(peer_id)
             if known is None or (announcement.timestamp, announcement.seq) > (known.timestamp, known.seq):
                 self._known[peer_id] = announcement
@@ -92,14 +94,39 @@ class PeerBook:
         if known is not None:
             self._suspects[peer_id] = (known.timestamp, known.seq)
 
+    def lost(self) -> dict[str, Announcement]:
+        """Peers whose records expired without a tombstone: maybe dead, maybe behind a partition."""
+        return dict(self._lost)
+
     def live(self, now: float) -> dict[str, Announcement]:
         for peer_id in [p for p, a in self._known.items() if a.timestamp + self.ttl_s < now]:
+            if self._known[peer_id].maddrs:
+                self._lost[peer_id] = self._known[peer_id]
             del self._known[peer_id]
             self._suspects.pop(peer_id, None)
         return {
             p: a for p, a in self._known.items()
             if a.maddrs and (a.timestamp, a.seq) > self._suspects.get(p, (float("-inf"), -1))
         }
+
+
+async def _redial_in_dht_process(_dht, node, targets: list[tuple[str, list[str]]]) -> int:
+    """Runs inside hivemind's DHT process: connect to each (libp2p id, maddrs) and ping it into
+    the routing table. Returns how many answered. Module-level so that it can be pickled."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    answered = 0
+    for libp2p_id, maddrs in targets:
+        peer = PeerID.from_base58(libp2p_id)
+        try:
+            transport = [Multiaddr(m.split("/p2p/")[0]) for m in maddrs]  # connect() wants them without /p2p/
+            await asyncio.wait_for(node.p2p._client.connect(peer, transport), 3.0)
+            if await asyncio.wait_for(node.protocol.call_ping(peer), 3.0) is not None:
+                answered += 1
+        except Exception:  # unreachable still: try again at the next heartbeat
+            continue
+    return answered
 
 
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -234,6 +261,24 @@ class PeerNetwork:
             maddrs=tuple(p["maddrs"]), round=p["round"], model_hash=p["model_hash"], device=p["device"],
             power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq, timestamp=envelope.timestamp,
         )
+
+    async def redial(self, targets: list[tuple[str, list[str]]]) -> int:
+        """Reconnect the DHT to peers we knew but no longer see (e.g. after a network partition).
+
+        Kademlia drops unreachable nodes from its routing table during a partition; when the
+        link heals nothing would bring the two halves back together, so the daemon re-dials the
+        addresses it remembers (from signed announcements) and the initial peers.
+        """
+        if not targets or self.dht is None or not self.dht.is_alive():
+            return 0
+        from functools import partial
+
+        try:
+            future = self.dht.run_coroutine(partial(_redial_in_dht_process, targets=targets), return_future=True)
+            return int(await asyncio.wait_for(future, 3.0 * 2 * len(targets) + 2.0))
+        except Exception as exc:
+            log.debug("re-dial failed: %r", exc)
+            return 0
 
     async def withdraw(self, payload: dict) -> None:
         """Graceful leave: replace our record with a signed tombstone (no addresses)."""

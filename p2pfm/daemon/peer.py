@@ -369,9 +369,17 @@ class PeerDaemon:
         self.live = self.peer_book.live(time.time())
 
     async def heartbeat(self) -> None:
+        beats = 0
         while not self.stop_event.is_set():
             await self.net.announce(self.announcement_payload(), time.time())
             await self.refresh_live()
+            beats += 1
+            lost = self.peer_book.lost()
+            if lost and beats % 3 == 0:  # every ~12 s while peers are missing: heal partitions
+                targets = [(a.libp2p_id, list(a.maddrs)) for a in lost.values()][:8]
+                if await self.net.redial(targets):
+                    log.info("re-dialed %d lost peer(s); refreshing the swarm view", len(targets))
+                    await self.refresh_live()
             try:
                 await asyncio.wait_for(self.stop_event.wait(), self.config.net.heartbeat_s)
             except TimeoutError:
