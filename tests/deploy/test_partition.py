@@ -61,6 +61,7 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
 
             with phases("partition test: heal, swarm finds itself, models reconverge"):
                 held = time.monotonic() - cut_at
+                print(f"healing after a {held:.0f} s partition")
                 lab.heal()
                 healed_rounds = {i: swarm.round(i) for i in everyone}
                 # Each half's DHT drops the other half's nodes during the cut; the daemon's
