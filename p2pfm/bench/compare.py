@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from p2pfm.config import ConfigError, require
+from p2pfm.daemon.metrics import read_metrics
 from p2pfm.model.gpt import GPTConfig
 
 ALL_VARIANTS = ("p2pfm", "p2pfm-uncompressed", "hivemind", "ddp", "single")
@@ -353,14 +354,7 @@ def _stop_all(processes: list[subprocess.Popen], sampler: ProcessSampler, error:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return read_metrics(path)  # the daemon's reader: skips a torn last line
 
 
 def _curve(per_process: list[list[dict[str, Any]]], t0: float) -> list[tuple[float, float, int, list[dict]]]:
