@@ -39,12 +39,14 @@ class PeerProcess:
     args: list[str]
     env: dict[str, str]
     process: subprocess.Popen | None = None
+    terminating: bool = False
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_path = self.work_dir / "peer.log"
 
     def start(self) -> None:
+        self.terminating = False
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -79,12 +81,18 @@ class PeerProcess:
         if self.process is not None:
             self.process.wait()
 
+    def terminate(self) -> None:
+        """Ask for a graceful leave (SIGTERM), once: a second signal during shutdown would kill it."""
+        if self.alive and not self.terminating:
+            self.terminating = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """Graceful leave: SIGTERM, wait, then SIGKILL whatever is left of the group."""
         if self.process is None:
             return None
         if self.alive:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -163,8 +171,7 @@ class LocalSwarm:
 
     def stop_all(self) -> None:
         for peer in self.peers:
-            if peer.alive:
-                peer.process.send_signal(signal.SIGTERM)
+            peer.terminate()
         for peer in self.peers:
             peer.stop()
 

@@ -94,12 +94,14 @@ def expected_received(fanout: int, live_others: int) -> int:
 def needs_catch_up(own_round: int, newest_round: int, config: GossipConfig, *, joining: bool) -> bool:
     """Whether to download a live peer's full state instead of training on.
 
-    On (re)join without a checkpoint: whenever the swarm is past round 0. Otherwise: when the
-    swarm's newest round is more than ``max_round_lag`` ahead, beyond which our updates would
-    be refused as stale and theirs would drag us along a round at a time.
+    On (re)join: whenever the swarm is ahead of us at all. Gossiped deltas share progress but
+    never pull parameters together, so a restarted peer that resumed a few rounds behind would
+    stay behind (until a sync); adopting the swarm's state costs one download. While training:
+    when the swarm's newest round is more than ``max_round_lag`` ahead, beyond which our updates
+    would be refused as stale.
     """
     if joining:
-        return newest_round > 0
+        return newest_round > own_round
     return newest_round - own_round > config.max_round_lag
 
 

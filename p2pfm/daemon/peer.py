@@ -504,7 +504,7 @@ class PeerDaemon:
         self.metrics.write({"event": "start", "round": self.learner.round, "resumed": self.resumed,
                             "params": self.numel, "shard": self.shard.index, "initial_eval_loss": initial_eval_loss,
                             "wall_time": time.time() - self.started})
-        joined = await self.catch_up_if_behind("join", force=not self.resumed)
+        joined = await self.catch_up_if_behind("rejoin" if self.resumed else "join", force=True)
         self.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
         self._heartbeat = asyncio.create_task(self.heartbeat())
         self.write_status("training")

@@ -14,6 +14,24 @@ from tests.integration.conftest import round_of, round_records, wait_all_exit, w
 pytestmark = pytest.mark.integration
 
 
+def rounds_of_run(peer, run: int) -> list[dict]:
+    """Round records of the peer's ``run``-th start (0-based); empty until that run has started."""
+    records = peer.metrics()
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    if len(starts) <= run:
+        return []
+    end = starts[run + 1] if len(starts) > run + 1 else len(records)
+    return [r for r in records[starts[run]:end] if r.get("event") == "round"]
+
+
+def stop_gracefully(peers) -> None:
+    """SIGTERM every peer (graceful leave: final checkpoint), then check they all exited cleanly."""
+    for peer in peers:
+        peer.terminate()
+    for peer in peers:
+        assert peer.stop(timeout=60) == 0, f"peer {peer.index} did not leave cleanly"
+
+
 def test_three_peers_loss_falls_and_consensus_is_small(make_swarm):
     """3 peers, no churn: eval loss falls far below ln 256 and the peers agree on their parameters."""
     swarm = make_swarm(["--rounds", "20", "--inner-steps", "8", "--min-peers", "3"])
@@ -34,7 +52,8 @@ def test_three_peers_loss_falls_and_consensus_is_small(make_swarm):
 
 def test_killed_peer_does_not_stall_others_and_rejoins(make_swarm):
     """SIGKILL one peer mid-run: the others keep their pace; restarted, it resumes and ends near them."""
-    swarm = make_swarm(["--rounds", "70", "--inner-steps", "8", "--announce-ttl", "6", "--min-peers", "3"])
+    # Peers run until stopped: a fast machine must not finish the run before the victim is back.
+    swarm = make_swarm(["--rounds", "0", "--inner-steps", "8", "--announce-ttl", "6", "--min-peers", "3"])
     for index in range(3):
         swarm.start_peer(swarm.add_peer(shard=index, num_shards=3), wait=index == 0)
     victim, survivors = swarm.peers[2], swarm.peers[:2]
@@ -50,7 +69,9 @@ def test_killed_peer_does_not_stall_others_and_rejoins(make_swarm):
     checkpoint_round = int(final_params(victim.work_dir) is not None)
     assert checkpoint_round == 1, "the victim left a readable checkpoint"
     swarm.restart_peer(victim)
-    wait_all_exit(swarm.peers, timeout=300)
+    wait_for(lambda: len(rounds_of_run(victim, 1)) >= 8, 240, "the restarted victim to train 8 rounds",
+             swarm.peers)
+    stop_gracefully(swarm.peers)
     records = victim.metrics()
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] is True, starts
@@ -62,13 +83,14 @@ def test_killed_peer_does_not_stall_others_and_rejoins(make_swarm):
 
 def test_late_joiner_downloads_state_and_catches_up(make_swarm):
     """A 4th peer joining mid-run downloads a live peer's state and trains at the swarm's level at once."""
-    swarm = make_swarm(["--rounds", "45", "--inner-steps", "8", "--min-peers", "3"])
+    swarm = make_swarm(["--rounds", "0", "--inner-steps", "8", "--min-peers", "3"])  # until stopped
     for index in range(3):
         swarm.start_peer(swarm.add_peer(shard=index, num_shards=4), wait=index == 0)
     wait_for(lambda: min(round_of(p) for p in swarm.peers) >= 12, 180, "round 12", swarm.peers)
     joiner = swarm.add_peer(shard=3, num_shards=4)
     swarm.start_peer(joiner)
-    wait_all_exit(swarm.peers, timeout=300)
+    wait_for(lambda: len(round_records(joiner)) >= 10, 240, "the joiner to train 10 rounds", swarm.peers)
+    stop_gracefully(swarm.peers)
     records = joiner.metrics()
     downloads = [r for r in records if r.get("event") == "state_download"]
     assert downloads and downloads[0]["reason"] == "join" and downloads[0]["round"] >= 10, records[:3]
@@ -79,7 +101,7 @@ def test_late_joiner_downloads_state_and_catches_up(make_swarm):
     others = np.mean([round_records(p)[-1]["eval_loss"] for p in swarm.peers[:3]])
     assert abs(round_records(joiner)[-1]["eval_loss"] - others) < 0.25
     vectors = [final_params(p.work_dir) for p in swarm.peers]
-    assert consensus_distance(vectors) < 0.1
+    assert consensus_distance(vectors) < 0.15  # stopped mid-run: a round's updates may be in flight
 
 
 def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(make_swarm):
