@@ -22,6 +22,7 @@ from p2pfm.core.gossip import GossipConfig, GossipLearner, choose_partners
 from p2pfm.daemon.trainer import LocalTrainer
 from p2pfm.model.data import ByteDataset, ShardSpec
 from p2pfm.model.gpt import GPTConfig, build_model
+from p2pfm.swarm import consensus_distance
 
 VARIANTS = {
     "none": GossipConfig(codec=CodecSpec(name="none"), sync_every=0),
@@ -32,11 +33,6 @@ VARIANTS = {
     "topk-nesterov": GossipConfig(sync_every=0, outer_lr=0.7, outer_momentum=0.9),
     "topk3": GossipConfig(codec=CodecSpec(topk_fraction=0.03), sync_every=0),
 }
-
-
-def consensus_distance(vectors: list[np.ndarray]) -> float:
-    mean = np.mean(vectors, axis=0)
-    return float(np.mean([np.linalg.norm(v - mean) for v in vectors]) / np.linalg.norm(mean))
 
 
 def run(variant: str, peers: int, rounds: int, seed: int) -> dict:

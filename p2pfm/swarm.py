@@ -202,11 +202,12 @@ def consensus_distance(vectors: list[np.ndarray]) -> float | None:
 def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: list[int] | None = None) -> dict[str, Any]:
     """The swarm's ``summary.json`` from the peers' metrics files and final checkpoints."""
     per_peer, initial, params, bytes_sent, update_bytes, rejected, rounds = {}, [], [], 0, 0, {}, 0
-    numel, sync_bytes = 0, 0
+    numel, sync_bytes, peer_rounds = 0, 0, 0
     for peer in peers:
         records = peer.metrics()
         starts = [r for r in records if r.get("event") == "start"]
         round_records = [r for r in records if r.get("event") == "round"]
+        peer_rounds += len(round_records)
         if starts and starts[0].get("initial_eval_loss") is not None:
             initial.append(starts[0]["initial_eval_loss"])
         if starts:
@@ -237,7 +238,7 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
         if vector is not None and (alive_at_end is None or peer.index in alive_at_end):
             params.append(vector)
     finals = [v for v in per_peer.values() if v is not None and np.isfinite(v)]
-    peer_rounds = max(1, sum(len([r for r in p.metrics() if r.get("event") == "round"]) for p in peers))
+    peer_rounds = max(1, peer_rounds)
     return {
         "peers": len(peers),
         "rounds": rounds,

@@ -353,10 +353,6 @@ def _stop_all(processes: list[subprocess.Popen], sampler: ProcessSampler, error:
     return error
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_metrics(path)  # the daemon's reader: skips a torn last line
-
-
 def _curve(per_process: list[list[dict[str, Any]]], t0: float) -> list[tuple[float, float, int, list[dict]]]:
     """Group the k-th records of every process: (t of the last, mean loss, samples, records)."""
     count = min((len(r) for r in per_process), default=0)
@@ -514,7 +510,7 @@ def run_workers(config: CompareConfig, variant: str, work: Path, lab: Any = None
     error = None if error == TIME_CAP else error
     if error:
         error += "\n" + "\n".join(_error_tail(work / f"rank-{r}.log") for r in range(world))
-    records = [_read_jsonl(log) for log in logs]
+    records = [read_metrics(log) for log in logs]
     starts = [next((r for r in recs if r["event"] == "start"), None) for recs in records]
     params = next((s["params"] for s in starts if s), 0)
     ends = [next((r for r in recs if r["event"] == "end"), {}) for recs in records]

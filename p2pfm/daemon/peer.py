@@ -359,7 +359,7 @@ class PeerDaemon:
             try:
                 arrays, round_ = await self.download_state(donor)
                 return arrays, round_, donor.peer_id
-            except (Reject, Exception) as exc:
+            except Exception as exc:  # Reject, timeouts, resets: try the next donor
                 log.warning("state download from %s failed: %r", donor.peer_id, exc)
         return None
 
