@@ -126,6 +126,7 @@ class PeerDaemon:
         self.started = time.time()
         self.background: set[asyncio.Task] = set()
         self._heartbeat: asyncio.Task | None = None
+        self.sync_soon = False  # set when lost peers reappear: sync at the next round
         self.resumed = False
         self.on_online: Callable[[list[str]], None] | None = None  # called with our addresses once reachable
 
@@ -380,6 +381,9 @@ class PeerDaemon:
                 if await self.net.redial(targets):
                     log.info("re-dialed %d lost peer(s); refreshing the swarm view", len(targets))
                     await self.refresh_live()
+                    # Peers came back (a healed partition): models drifted apart meanwhile, and
+                    # only a parameter sync pulls them together, so do one next round.
+                    self.sync_soon = True
             try:
                 await asyncio.wait_for(self.stop_event.wait(), self.config.net.heartbeat_s)
             except TimeoutError:
@@ -574,7 +578,8 @@ class PeerDaemon:
         params, report = self.learner.finish_round(expected_received(self.config.gossip.fanout, len(self.live)))
         self.trainer.load_flat(params)
         synced = False
-        if not await self.catch_up_if_behind("lagging") and self.learner.should_sync():
+        if not await self.catch_up_if_behind("lagging") and (self.learner.should_sync() or self.sync_soon):
+            self.sync_soon = False
             await self.sync_with_random_peer()
             synced = True
         self.refresh_snapshot()
