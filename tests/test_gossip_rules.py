@@ -10,7 +10,7 @@ import pytest
 from p2pfm.config import ConfigError
 from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.errors import NonFinite, Reject, ShapeMismatch, StaleRound
-from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners
+from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_interval
 from p2pfm.core.tensorfile import pack_arrays, unpack_arrays
 
 NUMEL = 64
@@ -459,8 +459,32 @@ def test_should_sync_every_n_rounds_never_at_round_zero(every, rounds_true):
 
 
 @pytest.mark.parametrize(
+    ("live_others", "interval"), [(0, 50), (1, 50), (2, 50), (3, 33), (7, 14), (19, 5), (99, 2), (999, 2)]
+)
+def test_auto_sync_interval_falls_with_the_share_of_updates_heard(live_others, interval):
+    """sync_every = "auto": 50 rounds when a peer hears every update, down to 2 in large swarms."""
+    assert sync_interval(config(sync_every="auto", fanout=2), live_others) == interval
+    assert sync_interval(config(sync_every=7, fanout=2), live_others) == 7  # a number is taken as is
+
+
+def test_auto_sync_pulls_more_often_in_a_larger_swarm():
+    """The same learner syncs every 50 rounds among 3 peers and every 2 among 100."""
+    node = GossipLearner(np.zeros(4, np.float32), config(sync_every="auto", fanout=2))
+    small, large = set(), set()
+    for r in range(1, 101):
+        node.round = r
+        if node.should_sync(live_others=2):
+            small.add(r)
+        if node.should_sync(live_others=99):
+            large.add(r)
+    assert small == {50, 100}
+    assert large == set(range(2, 101, 2))
+
+
+@pytest.mark.parametrize(
     ("changes", "field_name"),
     [
+        ({"sync_every": "often"}, "gossip.sync_every"),
         ({"inner_steps": 0}, "gossip.inner_steps"),
         ({"fanout": -1}, "gossip.fanout"),
         ({"outer_lr": 0.0}, "gossip.outer_lr"),

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+
+def sync_every_value(text: str) -> int | str:
+    """``--sync-every``: the word auto or a number of rounds."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "auto" or an integer, got {text!r}') from None
+
 
 # flag -> (config field, type, help)
-PEER_FLAGS: dict[str, tuple[str, type, str]] = {
+PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--key": ("key", Path, "Ed25519 key file (created with mode 0600 if missing)"),
     "--work-dir": ("work_dir", Path, "checkpoint, metrics.jsonl and status.json go here"),
     "--run-id": ("run_id", str, "swarm name; all peers of a run must agree"),
@@ -27,7 +39,7 @@ PEER_FLAGS: dict[str, tuple[str, type, str]] = {
     "--codec": ("gossip.codec.name", str, "update codec: none, fp16, int8, topk"),
     "--topk-fraction": ("gossip.codec.topk_fraction", float, "fraction of entries topk keeps"),
     "--aggregation": ("gossip.aggregation", str, "mean, clipped_mean, trimmed_mean or median"),
-    "--sync-every": ("gossip.sync_every", int, "rounds between parameter syncs with a random peer (0 = never)"),
+    "--sync-every": ("gossip.sync_every", sync_every_value, 'rounds between parameter syncs with a random peer: "auto" (by swarm size) or N (0 = never)'),
     "--batch-size": ("train.batch_size", int, "sequences per inner step"),
     "--lr": ("train.lr", float, "inner AdamW learning rate"),
     "--threads": ("train.threads", int, "torch threads (0 = all cores)"),

@@ -11,8 +11,8 @@ random live peers (Epidemic Learning, de Vos 2023). At the round deadline it agg
 its own compressed delta with whatever arrived, robustly (clipping around its own update,
 after ClippedGossip, He et al. 2022), and takes an outer Nesterov step on the anchor.
 
-Because peers average different random subsets, their anchors drift apart slowly; every
-``sync_every`` rounds a peer pulls a random live peer's parameters and averages with them
+Because peers average different random subsets, their anchors drift apart; every
+:func:`sync_interval` rounds (often when the swarm is much larger than the fanout) a peer pulls a random live peer's parameters and averages with them
 (:meth:`GossipLearner.mix_with`), the same pull a joining peer uses to get state.
 
 No clocks, sockets or threads: the driver passes rounds, randomness and bytes in.
@@ -47,7 +47,7 @@ class GossipConfig:
     aggregation: Aggregation = "clipped_mean"
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
-    sync_every: int = 50  # every N rounds pull one random peer's parameters (int8) and average (0 = never)
+    sync_every: int | Literal["auto"] = "auto"  # rounds between parameter pulls (0 = never); see sync_interval
     sync_weight: float = 0.5  # how far to move towards the pulled parameters
     sync_codec: CodecSpec = field(default_factory=lambda: CodecSpec(name="int8"))  # of params - initial params
 
@@ -63,7 +63,11 @@ class GossipConfig:
         )
         require(self.clip_multiplier > 0, "gossip.clip_multiplier", "must be positive")
         require(self.max_round_lag >= 0, "gossip.max_round_lag", "must be non-negative")
-        require(self.sync_every >= 0, "gossip.sync_every", "must be non-negative")
+        require(
+            self.sync_every == "auto" or (isinstance(self.sync_every, int) and self.sync_every >= 0),
+            "gossip.sync_every",
+            f'must be "auto" or a non-negative integer, got {self.sync_every!r}',
+        )
         require(0.0 < self.sync_weight <= 1.0, "gossip.sync_weight", "must be in (0, 1]")
 
 
@@ -89,6 +93,29 @@ def expected_received(fanout: int, live_others: int) -> int:
     The denominator of the sum-preserving merge (section 3 of gossip.md); both drivers call this.
     """
     return min(fanout, max(0, live_others))
+
+
+AUTO_SYNC_MAX_INTERVAL = 50  # small swarms: every peer hears (nearly) every update, syncs are rare
+AUTO_SYNC_MIN_INTERVAL = 2  # large swarms: measured in the simulator (protocols/gossip.md section 3)
+
+
+def sync_interval(config: GossipConfig, live_others: int) -> int:
+    """Rounds between consensus pulls (0 = never), for ``sync_every = "auto"`` a function of the swarm.
+
+    Gossiped pseudo-gradients share progress but never pull parameters together; peers drift
+    apart at a rate set by the share of the swarm's updates each one never hears,
+    ``1 - fanout / live_others``. When a peer hears every update (swarm <= fanout + 1) there is
+    nothing to correct and a pull every 50 rounds only mops up lost messages; as the share
+    heard falls, so does the interval, down to a pull every 2 rounds for swarms much larger
+    than the fanout. The two ends are measured (3-peer daemon swarms; 100-peer simulator:
+    ``sim/results/README.md``); between them the interval is proportional to the share heard.
+    """
+    if config.sync_every != "auto":
+        return int(config.sync_every)
+    if live_others <= 0:
+        return AUTO_SYNC_MAX_INTERVAL
+    heard = min(1.0, config.fanout / live_others)
+    return max(AUTO_SYNC_MIN_INTERVAL, round(AUTO_SYNC_MAX_INTERVAL * heard))
 
 
 def needs_catch_up(own_round: int, newest_round: int, config: GossipConfig, *, joining: bool) -> bool:
@@ -276,9 +303,12 @@ class GossipLearner:
             self.params = (self.params - self.config.outer_lr * combined).astype(np.float32)
         return self.params.copy(), len(received)
 
-    def should_sync(self) -> bool:
-        """Whether this round ends with a parameter pull from a random peer (consensus)."""
-        every = self.config.sync_every
+    def should_sync(self, live_others: int = 0) -> bool:
+        """Whether this round ends with a parameter pull from a random peer (consensus).
+
+        ``live_others`` (live peers besides us) sets the interval when ``sync_every = "auto"``.
+        """
+        every = sync_interval(self.config, live_others)
         return every > 0 and self.round > 0 and self.round % every == 0
 
     def mix_with(self, partner_params: np.ndarray, partner_round: int, weight: float | None = None) -> None:

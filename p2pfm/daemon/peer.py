@@ -578,7 +578,7 @@ class PeerDaemon:
         params, report = self.learner.finish_round(expected_received(self.config.gossip.fanout, len(self.live)))
         self.trainer.load_flat(params)
         synced = False
-        if not await self.catch_up_if_behind("lagging") and (self.learner.should_sync() or self.sync_soon):
+        if not await self.catch_up_if_behind("lagging") and (self.learner.should_sync(len(self.live)) or self.sync_soon):
             self.sync_soon = False
             await self.sync_with_random_peer()
             synced = True

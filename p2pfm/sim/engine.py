@@ -154,6 +154,7 @@ class Simulation:
         self.uplink_free = np.zeros(n)
         self.seq = np.zeros(n, np.int64)
         self.bytes_sent = np.zeros(n)
+        self.sync_bytes_sent = 0  # the consensus pulls' share of bytes_sent (the rest: updates, state)
         self.bytes_received = np.zeros(n)
         self.local: list[tuple[np.ndarray, float] | None] = [None] * n
         self.pending_mix: list[tuple[np.ndarray, int] | None] = [None] * n
@@ -387,7 +388,8 @@ class Simulation:
             self.learners[peer].finish_round(expected_received=expected)
         self.straggling[:] = False
         self.in_round[:] = False
-        syncing = [p for p in finishing.tolist() if self.learners[p].should_sync()]
+        live_others = int(self.online.sum()) - 1
+        syncing = [p for p in finishing.tolist() if self.learners[p].should_sync(live_others)]
         for peer in syncing:
             donors = self._pick(peer, self._ready_peers(), 1)
             if donors:
@@ -399,6 +401,7 @@ class Simulation:
                 snapshot = (pulled.astype(np.float32), self.learners[donor].round, size)
                 done, arrival = self._transfer(donor, peer, size, self.now)
                 self.bytes_sent[donor] += size
+                self.sync_bytes_sent += size
                 self._push(
                     arrival,
                     SYNC,

@@ -92,6 +92,7 @@ def summarize(sim) -> dict[str, Any]:
         "bits_per_param_per_round": expected_round_bits_per_param(
             sim.update_bytes, sim.workload.numel, sc.gossip.fanout
         ),
+        "sync_bits_per_param_per_round": 8.0 * sim.sync_bytes_sent / max(1, sim.workload.numel * peer_rounds),
         "energy_wh": energy.energy_wh,
         "energy_breakdown_wh": {
             "compute": energy.compute_wh,
@@ -207,8 +208,9 @@ def comparison_table(summaries: list[dict[str, Any]], baseline: str | None = Non
     base = next((s for s in summaries if s["scenario"] == baseline), None)
     lines = [
         "| scenario | churn | mean online | leaves | final loss | vs baseline | consensus dist. "
-        "| catch-up rounds (median; <= 1) | sent (MB) | energy (Wh) | carbon (g) | datacentre (g) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| catch-up rounds (median; <= 1) | sent (MB) | sync bits/param/round | energy (Wh) | carbon (g) "
+        "| datacentre (g) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         delta = "" if base is None else f"{100 * (s['final_loss'] / base['final_loss'] - 1):+.2f}%"
@@ -219,7 +221,8 @@ def comparison_table(summaries: list[dict[str, Any]], baseline: str | None = Non
         lines.append(
             f"| {s['scenario']} | {s['churn_model']} | {100 * s['mean_online_fraction']:.0f}% "
             f"| {s['churn_events']['leaves']} | {s['final_loss']:.4f} | {delta} | {s['consensus_distance']:.3g} "
-            f"| {catch_text} | {s['bytes_sent_total'] / 1e6:.3g} | {s['energy_wh']:.3g} | {s['carbon_g']:.3g} "
+            f"| {catch_text} | {s['bytes_sent_total'] / 1e6:.3g} | {s.get('sync_bits_per_param_per_round', 0):.3g} "
+            f"| {s['energy_wh']:.3g} | {s['carbon_g']:.3g} "
             f"| {s['datacenter_carbon_g']:.2g} |"
         )
     return "\n".join(lines) + "\n"
