@@ -127,6 +127,13 @@ def build_config(cls: type[T], values: Mapping[str, Any], *, where: str = "") ->
         return cls(**kwargs)
     except TypeError as exc:  # missing required fields
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+    except ConfigError as exc:
+        # Reusable configs (a CodecSpec is both gossip.codec and gossip.sync_codec) name their
+        # fields bare; say which table the value came from.
+        message = str(exc)
+        if where and not message.startswith(prefix):
+            raise ConfigError(prefix + message) from None
+        raise
 
 
 def require(condition: bool, field: str, problem: str) -> None:

@@ -98,8 +98,22 @@ def test_data_directory_is_accepted_as_path(tmp_path):
 
 def test_unknown_codec_name_is_refused_naming_the_field_and_value():
     """gossip.codec.name outside the registry is refused, naming the field and the bad value."""
-    with pytest.raises(ConfigError, match=r"name: must be one of none, fp16, int8, topk, got 'zip'"):
+    with pytest.raises(ConfigError, match=r"^gossip\.codec\.name: must be one of none, fp16, int8, topk, got 'zip'"):
         load_peer_config(None, {"gossip.codec.name": "zip"})
+
+
+def test_sync_codec_errors_name_the_sync_codec_table():
+    """The same CodecSpec serves gossip.codec and gossip.sync_codec; errors say which one was wrong."""
+    with pytest.raises(ConfigError, match=r"^gossip\.sync_codec\.topk_fraction: must be a number in \(0, 1\]"):
+        load_peer_config(None, {"gossip.sync_codec.topk_fraction": 2.0})
+
+
+def test_sync_every_accepts_auto_or_a_count_and_names_bad_values():
+    """gossip.sync_every is "auto" (default) or a non-negative integer."""
+    assert load_peer_config(None, {}).gossip.sync_every == "auto"
+    assert load_peer_config(None, {"gossip.sync_every": 7}).gossip.sync_every == 7
+    with pytest.raises(ConfigError, match=r"gossip\.sync_every"):
+        load_peer_config(None, {"gossip.sync_every": "sometimes"})
 
 
 def test_unknown_key_in_nested_table_is_named_with_its_path(tmp_path):
