@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from p2pfm.core.errors import Reject
+from p2pfm.core.gossip import consensus_distance
 from p2pfm.core.tensorfile import unpack_arrays
 from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
 from p2pfm.daemon.metrics import read_metrics
@@ -188,15 +189,6 @@ def final_params(work_dir: Path) -> np.ndarray | None:
     except (OSError, Reject):
         return None
     return arrays.get("params")
-
-
-def consensus_distance(vectors: list[np.ndarray]) -> float | None:
-    """Mean L2 distance of peers' parameters to their mean, over the norm of the mean."""
-    if len(vectors) < 2:
-        return 0.0 if vectors else None
-    stacked = np.stack(vectors).astype(np.float64)
-    mean = stacked.mean(axis=0)
-    return float(np.mean(np.linalg.norm(stacked - mean, axis=1)) / max(np.linalg.norm(mean), 1e-12))
 
 
 def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: list[int] | None = None) -> dict[str, Any]:

@@ -349,6 +349,19 @@ class GossipLearner:
         self.round = int(arrays["round"][0])
 
 
+def consensus_distance(vectors: Sequence[np.ndarray]) -> float | None:
+    """Mean L2 distance of peers' parameters to their mean, over the norm of the mean.
+
+    Relative, so that it reads the same for any model: 0.01 means the peers agree to about 1 %.
+    The daemon's swarm summary and the simulator both report this.
+    """
+    if len(vectors) < 2:
+        return 0.0 if len(vectors) else None
+    stacked = np.stack(vectors).astype(np.float64)
+    mean = stacked.mean(axis=0)
+    return float(np.mean(np.linalg.norm(stacked - mean, axis=1)) / max(np.linalg.norm(mean), 1e-12))
+
+
 def bits_per_param(wire_bytes: int, numel: int) -> float:
     """Bits on the wire per model parameter (for one message)."""
     return 8.0 * wire_bytes / max(1, numel)

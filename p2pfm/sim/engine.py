@@ -51,7 +51,14 @@ from p2pfm.core.envelope import (
     seal,
 )
 from p2pfm.core.errors import Reject
-from p2pfm.core.gossip import GossipLearner, choose_partners, decode_sync, encode_sync, expected_received
+from p2pfm.core.gossip import (
+    GossipLearner,
+    choose_partners,
+    consensus_distance,
+    decode_sync,
+    encode_sync,
+    expected_received,
+)
 from p2pfm.core.identity import SIGNATURE_BYTES, Identity
 from p2pfm.sim.churn import build_availability
 from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
@@ -444,8 +451,7 @@ class Simulation:
                     self.metrics.catchup.append(self.trackers.pop(peer).rounds)
         if not full or ready.size == 0:
             return
-        params = np.stack([self.learners[i].params for i in ready]).astype(np.float64)
-        distance = float(np.linalg.norm(params - params.mean(axis=0), axis=1).mean())
+        distance = consensus_distance([self.learners[i].params for i in ready.tolist()])
         mean_loss = float(np.mean([losses[p] for p in ready.tolist()]))
         if (
             self.metrics.time_to_target_s is None
