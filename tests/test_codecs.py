@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -404,6 +405,16 @@ def test_varint_encoders_refuse_values_of_2_pow_35_and_above():
         varint_encode(np.full(1000, 2**35, np.uint64))
 
 
+@FAST
+@given(st.sets(st.integers(0, 2**32 - 1), min_size=1, max_size=300))
+def test_index_bytes_are_the_varints_of_the_gaps(indices):
+    """topk's index field (Python path up to 128 indices, numpy beyond) is varint_encode of the gaps."""
+    idx = np.array(sorted(indices), np.int64)
+    expected = varint_encode(np.diff(idx, prepend=0).astype(np.uint64))
+    assert codecs._index_bytes(idx) == expected
+    assert codecs._gaps(idx).tolist() == np.diff(idx, prepend=0).tolist()
+
+
 def varint_outcome(decoder, data: bytes, count: int):
     """(values, None) or (None, (Reject type, detail)) of one varint decoder."""
     try:
@@ -445,6 +456,85 @@ def test_varint_decode_rejects_the_same_on_both_sides_of_the_size_switch(size):
         assert len(data) == size
         with pytest.raises(reject):
             varint_decode(data, count)
+
+
+FLT_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 28, 255, 256])
+@pytest.mark.parametrize(
+    "scale", [0.0, FLT_TINY, 1e-42, 1e-38, 1e-3, 1.0, 3.0e38, 3.3e38, FLT_MAX], ids=lambda v: f"{v:g}"
+)
+def test_int8_one_block_path_gives_the_blockwise_bytes(n, scale):
+    """The scalar path for vectors within one block equals the blockwise path, scales and values."""
+    rng = np.random.default_rng(n)
+    for x in (
+        (rng.uniform(-1, 1, n) * scale).astype(np.float32),
+        np.full(n, scale, np.float32),
+        -np.full(n, scale, np.float32),
+        np.where(rng.random(n) < 0.5, -0.0, 0.0).astype(np.float32),
+    ):
+        one_scales, one_q = codecs._quantize_int8_one_block(x)
+        scales, q = codecs._quantize_int8_blocks(x, 256)
+        assert (one_scales.dtype, one_q.dtype) == (scales.dtype, q.dtype)
+        assert one_scales.tobytes() == scales.tobytes() and one_q.tobytes() == q.tobytes()
+
+
+@FAST
+@given(x=hnp.arrays(np.float32, st.integers(1, 256), elements=finite_f32))
+def test_int8_one_block_path_matches_blockwise_on_any_vector(x):
+    one_scales, one_q = codecs._quantize_int8_one_block(x)
+    scales, q = codecs._quantize_int8_blocks(x, 256)
+    assert one_scales.tobytes() == scales.tobytes() and one_q.tobytes() == q.tobytes()
+
+
+def test_int8_one_block_path_refuses_non_finite_input():
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError):
+            codecs._quantize_int8_one_block(np.array([1.0, bad], np.float32))
+
+
+def reference_positions(gaps: list[int], n: int):
+    """The topk index rules on a list of gaps: positions, or (Reject type, detail)."""
+    if 0 in gaps[1:]:
+        return errors.BadIndex, "indices: not strictly increasing (zero gap)"
+    positions = list(itertools.accumulate(gaps))
+    if positions[-1] >= n:
+        return errors.BadIndex, f"indices: index {positions[-1]} out of bounds for numel={n}"
+    return positions
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gaps=st.lists(st.integers(0, 300), min_size=1, max_size=400)
+    | st.lists(st.integers(1, 2**20), min_size=1, max_size=120),
+    slack=st.integers(-3, 3),
+)
+def test_topk_positions_follow_the_rules_on_both_sides_of_the_size_switch(gaps, slack):
+    """Short (Python) and long (numpy) index streams: same positions, or the same Reject and text."""
+    n = max(1, sum(gaps) + 1 + slack)  # around the out-of-bounds boundary
+    data = varint_encode(np.array(gaps, np.uint64))
+    try:
+        got = [int(i) for i in codecs._topk_positions(data, len(gaps), n)]
+    except errors.Reject as exc:
+        got = (type(exc), exc.detail)
+    assert got == reference_positions(gaps, n)
+
+
+@pytest.mark.parametrize("n", [600, 60_000])  # index bytes below / above _SMALL_VARINT_BYTES
+def test_topk_decode_index_rejections_for_short_and_long_index_streams(n):
+    """Duplicate and out-of-bounds indices are BadIndex whichever path decodes them."""
+    x = np.linspace(-3, 3, n, dtype=np.float32)
+    wire = encode(x, CodecSpec("topk", topk_fraction=0.05, value_bits=16))
+    k = wire["k"]
+    assert (len(wire["indices"]) <= codecs._SMALL_VARINT_BYTES) == (n == 600)
+    ones = b"\x00" + b"\x01" * (k - 1)  # positions 0..k-1: valid
+    assert np.flatnonzero(decode(mutate(wire, indices=ones), expected_numel=n)).size <= k
+    with pytest.raises(errors.BadIndex, match="zero gap"):
+        decode(mutate(wire, indices=b"\x00" * k), expected_numel=n)
+    last = varint_encode(np.array([n], np.uint64))
+    with pytest.raises(errors.BadIndex, match=f"index {k - 2 + n} out of bounds"):
+        decode(mutate(wire, indices=ones[:-1] + last), expected_numel=n)
 
 
 def slow_scale_reason(scale: np.float32) -> type | None:

@@ -24,8 +24,10 @@ Bytes are always read with explicit little-endian dtypes; nothing is ever unpick
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,6 +65,10 @@ _U32 = np.dtype("<u4")
 
 # q * s stays finite iff the exact product is below FLT_MAX + half an ulp (round to nearest).
 _SCALE_PRODUCT_LIMIT = 2.0**128 - 2.0**103
+_F32_127 = np.float32(127.0)
+_F32_ONE = np.float32(1.0)
+_F32_INF = np.float32(np.inf)
+_F32_ZERO = np.float32(0.0)
 
 # Top-k threshold estimation: a fixed-seed subsample, so the *work* is reproducible; the
 # *result* never depends on it (the selection is exact whatever the sample says).
@@ -183,7 +189,7 @@ def _encode(
             "numel": n,
             "k": k,
             "value_bits": spec.value_bits,
-            "indices": varint_encode(_gaps(idx)),
+            "indices": _index_bytes(idx),
         }
         values: np.ndarray | None = None
         if spec.value_bits == 8:
@@ -204,12 +210,20 @@ def _encode(
     raise ValueError(f"unknown codec {spec.name!r}")  # unreachable: CodecSpec validates name
 
 
-def _gaps(idx: np.ndarray) -> np.ndarray:
-    """Gaps between sorted indices as uint64, the first gap being idx[0] itself.
+def _index_bytes(idx: np.ndarray) -> bytes:
+    """The topk ``indices`` field: :func:`varint_encode` of the gaps between sorted indices.
 
-    Same values as ``np.diff(idx, prepend=0)``, without its Python-level overhead
-    (concatenate, broadcast), which dominated for the few dozen indices of a small model.
+    The first gap is idx[0] itself. A few dozen indices (a small model's top-k) are differenced
+    and encoded as Python ints, more with numpy; both give varint_encode's bytes.
     """
+    if idx.size <= _SMALL_VARINT_COUNT:
+        positions = idx.tolist()
+        return _varint_encode_small(map(operator.sub, positions, [0, *positions[:-1]]))
+    return _varint_encode_vector(_gaps(idx))
+
+
+def _gaps(idx: np.ndarray) -> np.ndarray:
+    """Gaps between sorted indices as uint64, the first gap being idx[0] itself (np.diff, prepend 0)."""
     gaps = np.empty(idx.size, np.uint64)
     gaps[:1] = idx[:1]
     np.subtract(idx[1:], idx[:-1], out=gaps[1:], casting="unsafe")  # sorted: never negative
@@ -241,13 +255,12 @@ def _to_fp16(x: np.ndarray) -> np.ndarray:
 def _int8_scales(absmax: np.ndarray) -> np.ndarray:
     """Per-block fp32 scales s ~ absmax/127, rounded so |x|/s <= 127 and 127*s stays finite."""
     absmax = np.abs(absmax)  # max(-0.0, +0.0) may be -0.0; canonical scales are never negative
-    s = absmax / np.float32(127.0)  # float32 / float32 scalar: a new float32 array
-    wide = s.astype(np.float64) * 127.0  # exact: 24-bit mantissa times 7 bits fits a double
-    low = wide < absmax  # absmax widens exactly; rounded down: bump up one ulp so no |q| exceeds 127
+    s = (absmax / np.float32(127.0)).astype(np.float32)
+    wide = s.astype(np.float64) * 127.0
+    low = wide < absmax.astype(np.float64)  # rounded down: bump up one ulp so no |q| exceeds 127
     if low.any():
         s[low] = np.nextafter(s[low], np.float32(np.inf))
-        wide = s.astype(np.float64) * 127.0
-    high = wide >= _SCALE_PRODUCT_LIMIT  # would decode to inf
+    high = s.astype(np.float64) * 127.0 >= _SCALE_PRODUCT_LIMIT  # would decode to inf
     if high.any():
         s[high] = np.nextafter(s[high], np.float32(0.0))
     return s
@@ -255,6 +268,13 @@ def _int8_scales(absmax: np.ndarray) -> np.ndarray:
 
 def _quantize_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax int8: returns (scales as float32, q as int8); the wire holds their bytes."""
+    if x.size <= block:
+        return _quantize_int8_one_block(x)
+    return _quantize_int8_blocks(x, block)
+
+
+def _quantize_int8_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_quantize_int8` for any size, vectorised over the blocks."""
     n = x.size
     full = n // block
     tail = n - full * block
@@ -281,6 +301,27 @@ def _quantize_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return scales, q
 
 
+def _quantize_int8_one_block(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_quantize_int8` of a vector that fits in one block (every small model's top-k).
+
+    The same float32 and float64 operations as :func:`_int8_scales` on one numpy float32 scalar
+    instead of one-element arrays: the scale needs no array call at all, which leaves a third of
+    the numpy calls. A test checks it gives the bytes of the blockwise path.
+    """
+    absmax = max(np.maximum.reduce(x), -np.minimum.reduce(x))
+    if not math.isfinite(absmax):
+        raise ValueError("vector contains NaN or Inf; refusing to encode it")
+    absmax = abs(absmax)  # a float32 scalar; -0.0 becomes +0.0
+    s = absmax / _F32_127  # float32 division, as in _int8_scales
+    if float(s) * 127.0 < float(absmax):  # exact in float64; rounded down: one ulp up
+        s = np.nextafter(s, _F32_INF)
+    if float(s) * 127.0 >= _SCALE_PRODUCT_LIMIT:  # would decode to inf: one ulp down
+        s = np.nextafter(s, _F32_ZERO)
+    q = np.empty(x.size, _I8)
+    np.rint(x / (s if s > 0 else _F32_ONE), out=q, casting="unsafe")  # all-zero: q = 0
+    return np.array([s], np.float32), q
+
+
 def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     """Sorted int64 indices of exactly the k entries with the largest |x|; ties go to the lower index.
 
@@ -293,7 +334,7 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     a = np.abs(x)
-    if not np.isfinite(a.max()):
+    if not math.isfinite(np.maximum.reduce(a)):
         raise ValueError("vector contains NaN or Inf; refusing to encode it")
     if k == n:
         return np.arange(n, dtype=np.int64)
@@ -309,7 +350,7 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
             cand = found
     values = a if cand is None else a[cand]
     kth = np.partition(values, values.size - k)[values.size - k]  # k-th largest magnitude
-    picked = np.flatnonzero(values >= kth)  # at least k: everything above kth, and every tie with it
+    picked = (values >= kth).nonzero()[0]  # at least k: everything above kth, and every tie with it
     if picked.size != k:  # ties at the k-th magnitude: all above it, then the lowest-index ties
         keep = values > kth
         need = k - int(np.count_nonzero(keep))
@@ -358,7 +399,7 @@ def _varint_encode_vector(v: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def _varint_encode_small(values: list[int]) -> bytes:
+def _varint_encode_small(values: Iterable[int]) -> bytes:
     """:func:`varint_encode` for a short list of Python ints (same bytes, same ValueError)."""
     out = bytearray()
     append = out.append
@@ -420,19 +461,23 @@ def _varint_decode_small(data: bytes, count: int) -> list[int]:
         # [REJECT] the last varint has its continuation bit set: truncated.
         raise BadIndex("indices: last varint is truncated (continuation bit set on the final byte)")
     values: list[int] = []
+    append = values.append
     longest = 1
     overlong = False
     value = shift = 0
     for byte in data:
-        value |= (byte & 0x7F) << shift
-        if byte & 0x80:
+        if byte & 0x80:  # a continuation byte: 7 more bits of the current value
+            value |= (byte & 0x7F) << shift
             shift += 7
-            continue
-        if shift:  # a varint of shift // 7 + 1 bytes ends here
-            longest = max(longest, shift // 7 + 1)
-            overlong = overlong or byte == 0
-        values.append(value)
-        value = shift = 0
+        elif shift:  # the last byte of a varint of shift // 7 + 1 bytes
+            append(value | (byte << shift))
+            if shift >= 7 * longest:
+                longest = shift // 7 + 1
+            if not byte:
+                overlong = True
+            value = shift = 0
+        else:  # a one-byte varint, the common case for dense top-k indices
+            append(byte)
     if len(values) != count:
         # [REJECT] the index bytes hold a different number of varints than k.
         raise ShapeMismatch(f"indices: {len(values)} varints, expected k={count}")
@@ -515,21 +560,43 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
     if len(fields["indices"]) > MAX_VARINT_BYTES * k:
         # [REJECT] more index bytes than k varints can take (cheap bound before scanning).
         raise ShapeMismatch(f"indices: {len(fields['indices'])} bytes for k={k}")
-    gaps = varint_decode(fields["indices"], k)
-    if k > 1 and not gaps[1:].all():
-        # [REJECT] a zero gap after the first index: duplicated / not strictly increasing.
-        raise BadIndex("indices: not strictly increasing (zero gap)")
-    idx = np.cumsum(gaps)  # uint64; no overflow: k * 2**35 < 2**64
-    if idx[-1] >= n:
-        # [REJECT] the last (largest) index is out of bounds.
-        raise BadIndex(f"indices: index {int(idx[-1])} out of bounds for numel={n}")
+    idx = _topk_positions(fields["indices"], k, n)
     if fields["value_bits"] == 8:
         values = _dequantize_int8(fields["scales"], fields["values"], k, fields["block"])
     else:
         values = _fp16_values(fields["values"])
     out = np.zeros(n, np.float32)
-    out[idx.astype(np.int64)] = values
+    out[idx] = values
     return out
+
+
+def _topk_positions(indices: bytes, k: int, n: int) -> np.ndarray | list[int]:
+    """The k positions a topk wire's index bytes encode, checked: strictly increasing, below numel.
+
+    A short stream stays in Python ints throughout (varints, zero-gap check, running sum):
+    for a small model's few dozen indices numpy's fixed cost per call was most of the work.
+    A long one is done in numpy. Both apply the same two rules, in the same order, with the
+    same texts (tests compare them on both sides of the switch).
+    """
+    if len(indices) <= _SMALL_VARINT_BYTES:
+        gaps = _varint_decode_small(indices, k)
+        if 0 in gaps[1:]:
+            # [REJECT] a zero gap after the first index: duplicated / not strictly increasing.
+            raise BadIndex("indices: not strictly increasing (zero gap)")
+        positions = list(itertools.accumulate(gaps))
+        if positions[-1] >= n:
+            # [REJECT] the last (largest) index is out of bounds.
+            raise BadIndex(f"indices: index {positions[-1]} out of bounds for numel={n}")
+        return positions
+    gaps_array = _varint_decode_vector(indices, k)
+    if k > 1 and not gaps_array[1:].all():
+        # [REJECT] a zero gap after the first index: duplicated / not strictly increasing.
+        raise BadIndex("indices: not strictly increasing (zero gap)")
+    idx = gaps_array.cumsum()  # uint64; no overflow: k * 2**35 < 2**64
+    if idx[-1] >= n:
+        # [REJECT] the last (largest) index is out of bounds.
+        raise BadIndex(f"indices: index {int(idx[-1])} out of bounds for numel={n}")
+    return idx.astype(np.int64)
 
 
 def _check_schema(wire: Any) -> dict[str, Any]:
@@ -596,8 +663,13 @@ def _fp16_values(data: bytes) -> np.ndarray:
 def _dequantize_int8(scales_bytes: bytes, q_bytes: bytes, n: int, block: int) -> np.ndarray:
     scales = np.frombuffer(scales_bytes, _F32)
     # One comparison accepts every valid scale vector (see _MAX_SCALE_BITS); only a failing one
-    # goes through the three rules below, in order, to name the right reason.
-    if np.frombuffer(scales_bytes, _U32).max() > _MAX_SCALE_BITS:
+    # goes through the three rules below, in order, to name the right reason. A single scale (a
+    # small top-k) is compared as a Python int: no array call for one number.
+    if len(scales_bytes) == 4:
+        worst = int.from_bytes(scales_bytes, "little")
+    else:
+        worst = int(np.maximum.reduce(np.frombuffer(scales_bytes, _U32)))
+    if worst > _MAX_SCALE_BITS:
         if not np.isfinite(scales).all():
             # [REJECT] NaN or Inf scale.
             raise NonFinite("scales: NaN or Inf")
@@ -609,10 +681,10 @@ def _dequantize_int8(scales_bytes: bytes, q_bytes: bytes, n: int, block: int) ->
             # [REJECT] 127 * scale overflows float32: the decoded values would be infinite.
             raise NonFinite("scales: 127 * scale overflows float32")
         raise AssertionError("unreachable: every scale above _MAX_SCALE_BITS breaks a rule")
-    q = np.frombuffer(q_bytes, _I8)
-    if q.min() == -128:
+    if b"\x80" in q_bytes:  # the int8 -128 is the byte 0x80: a C byte search, no array needed
         # [REJECT] -128 is never produced (symmetric range [-127, 127]).
         raise SchemaViolation("values: int8 value -128 outside [-127, 127]")
+    q = np.frombuffer(q_bytes, _I8)
     return _dequantize(scales, q, n, block)
 
 
