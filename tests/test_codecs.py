@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -23,6 +24,7 @@ from p2pfm.core.codecs import (
     CodecSpec,
     decode,
     encode,
+    encode_with_decoded,
     encoded_size_estimate,
     topk_count,
     topk_indices,
@@ -275,6 +277,76 @@ def test_topk_one_percent_int8_is_under_a_fifth_of_a_bit_per_param():
     assert size * 8 / x.size < 0.2
 
 
+# ----------------------------------------------------------------------------- encode_with_decoded
+
+# Every codec, both topk value formats, blocks that do and do not divide the sizes below.
+DECODED_SPECS = [
+    CodecSpec("none"),
+    CodecSpec("fp16"),
+    CodecSpec("int8"),
+    CodecSpec("int8", block_size=7),
+    CodecSpec("int8", block_size=1),
+    CodecSpec("topk"),
+    CodecSpec("topk", value_bits=16),
+    CodecSpec("topk", topk_fraction=0.1, block_size=7),
+    CodecSpec("topk", topk_fraction=0.3, value_bits=16),
+    CodecSpec("topk", topk_fraction=0.5, block_size=3),
+    CodecSpec("topk", topk_fraction=1.0, block_size=5),
+]
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def spec_id(spec: CodecSpec) -> str:
+    return f"{spec.name}-{spec.topk_fraction}-{spec.value_bits}-{spec.block_size}"
+
+
+def assert_decoded_matches_wire(x: np.ndarray, spec: CodecSpec) -> None:
+    """encode_with_decoded gives encode's wire and the exact bits decode() reads from it."""
+    before = x.copy()
+    wire, sent = encode_with_decoded(x, spec)
+    assert msgpack.packb(wire) == msgpack.packb(encode(x, spec))  # same fields, same order, same bytes
+    received = decode(msgpack.unpackb(msgpack.packb(wire), raw=False), expected_numel=x.size)
+    assert sent.dtype == np.float32 and sent.shape == x.shape
+    assert sent.tobytes() == received.tobytes()  # bit for bit: signed zeros, subnormals
+    assert np.array_equal(x, before, equal_nan=True)  # input untouched
+    assert sent.flags.writeable and not np.shares_memory(sent, x)  # the caller may update it in place
+
+
+@pytest.mark.parametrize("spec", DECODED_SPECS, ids=spec_id)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 255, 256, 257, 300, 513, 2762, 70_001, 300_001])
+def test_encode_with_decoded_is_bit_identical_to_decode(spec, n):
+    """For every codec and size (block multiples or not, top-k's sampled path), sent == decode(wire)."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    assert_decoded_matches_wire(x, spec)
+    assert_decoded_matches_wire(x * np.float32(1e-40), spec)  # subnormals (and fp16 underflow)
+    assert_decoded_matches_wire(np.zeros(n, np.float32), spec)  # zero scales, ties everywhere
+    assert_decoded_matches_wire(-np.zeros(n, np.float32), spec)  # signed zeros
+    huge = (rng.uniform(-1, 1, n) * FLT_MAX).astype(np.float32)
+    huge[0] = FLT_MAX  # the int8 overflow guard and fp16 saturation
+    assert_decoded_matches_wire(huge, spec)
+    assert_decoded_matches_wire(rng.integers(-2, 3, n).astype(np.float32), spec)  # many ties
+
+
+@pytest.mark.parametrize("spec", DECODED_SPECS, ids=spec_id)
+@FAST
+@given(x=vectors())
+def test_encode_with_decoded_matches_decode_on_any_finite_vector(spec, x):
+    """Property: for any finite float32 vector, the encoder's decoded vector is decode(wire)'s bits."""
+    assert_decoded_matches_wire(x, spec)
+
+
+def test_encode_with_decoded_refuses_what_encode_refuses():
+    """Same ValueError and TypeError as encode for bad input."""
+    bad = np.ones(10, np.float32)
+    bad[3] = np.nan
+    for spec in DECODED_SPECS:
+        with pytest.raises(ValueError):
+            encode_with_decoded(bad, spec)
+    with pytest.raises(TypeError):
+        encode_with_decoded(np.ones(10, np.float32), "topk")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- varints
 
 
@@ -312,6 +384,192 @@ def test_varint_decode_rejects_truncated_overflowing_overlong_and_miscounted(dat
     """Broken varint streams raise BadIndex (or ShapeMismatch for a wrong count)."""
     with pytest.raises(reject):
         varint_decode(data, count)
+
+
+@FAST
+@given(st.lists(st.integers(0, 2**35 - 1), max_size=300))
+def test_varint_small_and_vectorised_encoders_agree(values):
+    """The Python loop for short streams and the vectorised encoder give the same bytes."""
+    array = np.array(values, np.uint64)
+    assert codecs._varint_encode_small(values) == codecs._varint_encode_vector(array)
+
+
+def test_varint_encoders_refuse_values_of_2_pow_35_and_above():
+    """Both encoders raise the same ValueError for a value that needs more than 5 bytes."""
+    for values in ([2**35], [1, 2, 2**40]):
+        with pytest.raises(ValueError, match="too large"):
+            codecs._varint_encode_small(values)
+        with pytest.raises(ValueError, match="too large"):
+            codecs._varint_encode_vector(np.array(values, np.uint64))
+    with pytest.raises(ValueError, match="too large"):
+        varint_encode(np.full(1000, 2**35, np.uint64))
+
+
+@FAST
+@given(st.sets(st.integers(0, 2**32 - 1), min_size=1, max_size=300))
+def test_index_bytes_are_the_varints_of_the_gaps(indices):
+    """topk's index field (Python path up to 128 indices, numpy beyond) is varint_encode of the gaps."""
+    idx = np.array(sorted(indices), np.int64)
+    expected = varint_encode(np.diff(idx, prepend=0).astype(np.uint64))
+    assert codecs._index_bytes(idx) == expected
+    assert codecs._gaps(idx).tolist() == np.diff(idx, prepend=0).tolist()
+
+
+def varint_outcome(decoder, data: bytes, count: int):
+    """(values, None) or (None, (Reject type, detail)) of one varint decoder."""
+    try:
+        return [int(v) for v in decoder(data, count)], None
+    except errors.Reject as exc:
+        return None, (type(exc), exc.detail)
+
+
+varint_streams = st.one_of(
+    st.binary(max_size=40),
+    st.lists(st.integers(0, 2**35 - 1), max_size=20).map(lambda v: varint_encode(np.array(v, np.uint64))),
+    st.lists(
+        st.sampled_from([b"\x00", b"\x01", b"\x7f", b"\x80", b"\xff", b"\x81\x00", b"\xff" * 5]), max_size=12
+    ).map(b"".join),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=varint_streams, extra=st.integers(-2, 2))
+def test_varint_small_and_vectorised_decoders_agree_on_any_bytes(data, extra):
+    """Same values, or the same Reject with the same text, from both decoders, on valid and broken streams."""
+    count = max(0, sum(1 for byte in data if byte < 0x80) + extra)
+    assert varint_outcome(codecs._varint_decode_small, data, count) == varint_outcome(
+        codecs._varint_decode_vector, data, count
+    )
+
+
+@pytest.mark.parametrize("size", [codecs._SMALL_VARINT_BYTES + d for d in (-1, 0, 1)])
+def test_varint_decode_rejects_the_same_on_both_sides_of_the_size_switch(size):
+    """Every varint rule still holds just below, at and above the stream size where decoding switches path."""
+    good = b"\x81\x01" + b"\x05" * (size - 2)  # count = size - 1
+    assert varint_decode(good, size - 1).tolist() == [129] + [5] * (size - 2)
+    for data, count, reject in [
+        (good[:-1] + b"\x85", size - 2, errors.BadIndex),  # truncated
+        (good, size, errors.ShapeMismatch),  # miscounted
+        (b"\xff" * 6 + b"\x01" + b"\x05" * (size - 7), size - 6, errors.BadIndex),  # overflow
+        (b"\x80\x00" + b"\x05" * (size - 2), size - 1, errors.BadIndex),  # overlong
+    ]:
+        assert len(data) == size
+        with pytest.raises(reject):
+            varint_decode(data, count)
+
+
+FLT_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 28, 255, 256])
+@pytest.mark.parametrize(
+    "scale", [0.0, FLT_TINY, 1e-42, 1e-38, 1e-3, 1.0, 3.0e38, 3.3e38, FLT_MAX], ids=lambda v: f"{v:g}"
+)
+def test_int8_one_block_path_gives_the_blockwise_bytes(n, scale):
+    """The scalar path for vectors within one block equals the blockwise path, scales and values."""
+    rng = np.random.default_rng(n)
+    for x in (
+        (rng.uniform(-1, 1, n) * scale).astype(np.float32),
+        np.full(n, scale, np.float32),
+        -np.full(n, scale, np.float32),
+        np.where(rng.random(n) < 0.5, -0.0, 0.0).astype(np.float32),
+    ):
+        one_scales, one_q = codecs._quantize_int8_one_block(x)
+        scales, q = codecs._quantize_int8_blocks(x, 256)
+        assert (one_scales.dtype, one_q.dtype) == (scales.dtype, q.dtype)
+        assert one_scales.tobytes() == scales.tobytes() and one_q.tobytes() == q.tobytes()
+
+
+@FAST
+@given(x=hnp.arrays(np.float32, st.integers(1, 256), elements=finite_f32))
+def test_int8_one_block_path_matches_blockwise_on_any_vector(x):
+    one_scales, one_q = codecs._quantize_int8_one_block(x)
+    scales, q = codecs._quantize_int8_blocks(x, 256)
+    assert one_scales.tobytes() == scales.tobytes() and one_q.tobytes() == q.tobytes()
+
+
+def test_int8_one_block_path_refuses_non_finite_input():
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError):
+            codecs._quantize_int8_one_block(np.array([1.0, bad], np.float32))
+
+
+def reference_positions(gaps: list[int], n: int):
+    """The topk index rules on a list of gaps: positions, or (Reject type, detail)."""
+    if 0 in gaps[1:]:
+        return errors.BadIndex, "indices: not strictly increasing (zero gap)"
+    positions = list(itertools.accumulate(gaps))
+    if positions[-1] >= n:
+        return errors.BadIndex, f"indices: index {positions[-1]} out of bounds for numel={n}"
+    return positions
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gaps=st.lists(st.integers(0, 300), min_size=1, max_size=400)
+    | st.lists(st.integers(1, 2**20), min_size=1, max_size=120),
+    slack=st.integers(-3, 3),
+)
+def test_topk_positions_follow_the_rules_on_both_sides_of_the_size_switch(gaps, slack):
+    """Short (Python) and long (numpy) index streams: same positions, or the same Reject and text."""
+    n = max(1, sum(gaps) + 1 + slack)  # around the out-of-bounds boundary
+    data = varint_encode(np.array(gaps, np.uint64))
+    try:
+        got = [int(i) for i in codecs._topk_positions(data, len(gaps), n)]
+    except errors.Reject as exc:
+        got = (type(exc), exc.detail)
+    assert got == reference_positions(gaps, n)
+
+
+@pytest.mark.parametrize("n", [600, 60_000])  # index bytes below / above _SMALL_VARINT_BYTES
+def test_topk_decode_index_rejections_for_short_and_long_index_streams(n):
+    """Duplicate and out-of-bounds indices are BadIndex whichever path decodes them."""
+    x = np.linspace(-3, 3, n, dtype=np.float32)
+    wire = encode(x, CodecSpec("topk", topk_fraction=0.05, value_bits=16))
+    k = wire["k"]
+    assert (len(wire["indices"]) <= codecs._SMALL_VARINT_BYTES) == (n == 600)
+    ones = b"\x00" + b"\x01" * (k - 1)  # positions 0..k-1: valid
+    assert np.flatnonzero(decode(mutate(wire, indices=ones), expected_numel=n)).size <= k
+    with pytest.raises(errors.BadIndex, match="zero gap"):
+        decode(mutate(wire, indices=b"\x00" * k), expected_numel=n)
+    last = varint_encode(np.array([n], np.uint64))
+    with pytest.raises(errors.BadIndex, match=f"index {k - 2 + n} out of bounds"):
+        decode(mutate(wire, indices=ones[:-1] + last), expected_numel=n)
+
+
+def slow_scale_reason(scale: np.float32) -> type | None:
+    """The three int8 scale rules in protocols/codecs.md order, one scale at a time."""
+    if not np.isfinite(scale):
+        return errors.NonFinite
+    if np.signbit(scale):
+        return errors.SchemaViolation
+    if float(scale) * 127.0 >= codecs._SCALE_PRODUCT_LIMIT:
+        return errors.NonFinite
+    return None
+
+
+def scale_candidates() -> list[np.float32]:
+    top = np.array([codecs._MAX_SCALE_BITS], "<u4").view("<f4")[0]
+    up, down = np.float32(np.inf), np.float32(0.0)
+    values = [0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, 3e38, FLT_MAX, -FLT_MAX, np.inf, -np.inf, np.nan, -np.nan]
+    return [np.float32(v) for v in values] + [top, np.nextafter(top, up), np.nextafter(top, down)]
+
+
+@pytest.mark.parametrize("scale", scale_candidates(), ids=lambda s: hex(np.array([s], "<f4").view("<u4")[0]))
+def test_int8_scale_check_accepts_and_rejects_exactly_as_the_three_rules(scale):
+    """The one-comparison scale check accepts what the three rules accept, else raises their reason."""
+    x = np.linspace(-1, 1, 10, dtype=np.float32)
+    wire = dict(encode(x, CodecSpec("int8", block_size=5)))
+    wire["scales"] = np.array([0.5, scale], "<f4").tobytes()
+    reason = slow_scale_reason(scale)
+    if reason is None:
+        assert np.isfinite(decode(wire, expected_numel=10)).all()
+    else:
+        with pytest.raises(reason):
+            decode(wire, expected_numel=10)
+    top = np.array([codecs._MAX_SCALE_BITS], "<u4").view("<f4")[0]  # the boundary itself is right
+    assert slow_scale_reason(top) is None
+    assert slow_scale_reason(np.nextafter(top, np.float32(np.inf))) is not None
 
 
 # ----------------------------------------------------------------------------- sizes

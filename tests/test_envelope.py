@@ -19,6 +19,8 @@ from p2pfm.core.envelope import (
     ReplayGuard,
     open_envelope,
     pack_body,
+    pack_body_with_payload,
+    pack_payload,
     pack_wire,
     seal,
     signing_bytes,
@@ -142,6 +144,43 @@ def test_body_header_is_in_canonical_field_order():
     """The body map's keys appear in HEADER_FIELDS order."""
     body, _ = envelope_module._decode_outer(sealed())
     assert tuple(msgpack.unpackb(body)) == HEADER_FIELDS
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_body_with_a_payload_packed_once_is_pack_body_byte_for_byte(kind):
+    """pack_body_with_payload(header, pack_payload(p)) == pack_body({**header, "payload": p})."""
+    fields = body_fields(kind)
+    header = {k: v for k, v in fields.items() if k != "payload"}
+    payload = dict(reversed(list(fields["payload"].items())))  # canonicalised in both paths
+    assert pack_body_with_payload(header, pack_payload(payload)) == pack_body(fields)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    header=st.dictionaries(
+        st.text(max_size=6).filter(lambda k: k != "payload"),
+        st.one_of(st.integers(0, 2**64 - 1), st.floats(allow_nan=False), st.binary(max_size=40), st.text()),
+        max_size=40,
+    ),
+    payload=st.dictionaries(
+        st.text(max_size=6),
+        st.recursive(
+            st.one_of(st.none(), st.booleans(), st.integers(0, 2**32), st.binary(max_size=300), st.text()),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+            max_leaves=10,
+        ),
+        max_size=20,
+    ),
+)
+def test_body_with_packed_payload_matches_pack_body_for_any_map_size(header, payload):
+    """Also across msgpack's fixmap/map16 boundary (15 vs 16 entries) and with nested payloads."""
+    expected = pack_body({**header, "payload": payload})
+    assert pack_body_with_payload(header, pack_payload(payload)) == expected
+
+
+def test_body_with_packed_payload_refuses_a_header_that_has_one():
+    with pytest.raises(ValueError, match="payload"):
+        pack_body_with_payload({"v": 1, "payload": {}}, pack_payload({}))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from p2pfm.config import ConfigError
+from p2pfm.core import gossip
 from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.errors import NonFinite, Reject, ShapeMismatch, StaleRound
 from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_interval
@@ -146,6 +147,23 @@ def test_clipped_mean_with_zero_own_accepts_updates_as_sent():
     own = np.zeros(3, np.float32)
     received = [np.array([2, 2, 2], np.float32)]
     assert np.allclose(aggregate(own, received, config(aggregation="clipped_mean")), [1, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 2762, 100_003])
+def test_vector_norm_helper_is_numpys_norm_bit_for_bit(dtype, n):
+    """gossip._norm (used by the clip and the round report) equals float(np.linalg.norm(x)) exactly."""
+    rng = np.random.default_rng(n)
+    for x in (
+        rng.standard_normal(n),
+        rng.standard_normal(n) * 1e-30,
+        rng.standard_normal(n) * 1e15,
+        np.zeros(n),
+        np.where(rng.random(n) < 0.99, 0.0, rng.standard_normal(n)),  # sparse, like top-k deltas
+    ):
+        x = x.astype(dtype)
+        assert gossip._norm(x) == float(np.linalg.norm(x))
+        assert gossip._norm(x[1:] - x[:-1]) == float(np.linalg.norm(x[1:] - x[:-1]))
 
 
 def test_median_is_coordinatewise():

@@ -24,8 +24,10 @@ Bytes are always read with explicit little-endian dtypes; nothing is ever unpick
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,9 +61,14 @@ _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _I8 = np.dtype("i1")
 _U8 = np.dtype("u1")
+_U32 = np.dtype("<u4")
 
 # q * s stays finite iff the exact product is below FLT_MAX + half an ulp (round to nearest).
 _SCALE_PRODUCT_LIMIT = 2.0**128 - 2.0**103
+_F32_127 = np.float32(127.0)
+_F32_ONE = np.float32(1.0)
+_F32_INF = np.float32(np.inf)
+_F32_ZERO = np.float32(0.0)
 
 # Top-k threshold estimation: a fixed-seed subsample, so the *work* is reproducible; the
 # *result* never depends on it (the selection is exact whatever the sample says).
@@ -124,38 +131,103 @@ def encode(vector: np.ndarray, spec: CodecSpec) -> dict[str, Any]:
     Raises ValueError (a local bug, not a Reject) for non-float32, non-1-D, empty,
     oversized or non-finite input.
     """
+    return _encode(vector, spec, with_decoded=False)[0]
+
+
+def encode_with_decoded(vector: np.ndarray, spec: CodecSpec) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`encode`, plus the float32 vector every receiver will reconstruct from the wire.
+
+    The second item is bit-identical to ``decode(wire, expected_numel=vector.size)`` (a test
+    checks it for every codec), but is built from the encoder's own arrays instead of parsing
+    and re-validating the bytes just produced. Error feedback needs exactly this vector every
+    round; for small models decoding our own wire again used to cost as much as encoding it.
+    The returned array is fresh: the caller may modify it.
+    """
+    wire, decoded = _encode(vector, spec, with_decoded=True)
+    assert decoded is not None  # with_decoded=True always builds it
+    return wire, decoded
+
+
+def _encode(
+    vector: np.ndarray, spec: CodecSpec, *, with_decoded: bool
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The one encoder behind :func:`encode` and :func:`encode_with_decoded`.
+
+    The decoded vector is computed with the same operations :func:`decode` applies to the
+    bytes (fp16 -> fp32 cast, int8 * fp32 scale per block, scatter into zeros), from arrays
+    that hold exactly those bytes, so both paths give the same bits.
+    """
     if not isinstance(spec, CodecSpec):
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
     x = _check_input(vector)
     n = int(x.size)
     if spec.name == "none":
         _require_finite(x)
-        return {"codec": "none", "numel": n, "values": x.astype(_F32, copy=False).tobytes()}
+        wire: dict[str, Any] = {"codec": "none", "numel": n, "values": x.astype(_F32, copy=False).tobytes()}
+        return wire, (x.copy() if with_decoded else None)  # lossless: the bytes are x
     if spec.name == "fp16":
         _require_finite(x)
-        return {"codec": "fp16", "numel": n, "values": _to_fp16(x)}
+        half = _to_fp16(x)
+        wire = {"codec": "fp16", "numel": n, "values": half.tobytes()}
+        return wire, (half.astype(np.float32) if with_decoded else None)
     if spec.name == "int8":
         scales, q = _quantize_int8(x, spec.block_size)  # checks finiteness via the block maxima
-        return {"codec": "int8", "numel": n, "block": spec.block_size, "scales": scales, "values": q}
+        wire = {
+            "codec": "int8",
+            "numel": n,
+            "block": spec.block_size,
+            "scales": scales.tobytes(),
+            "values": q.tobytes(),
+        }
+        return wire, (_dequantize(scales, q, n, spec.block_size) if with_decoded else None)
     if spec.name == "topk":
         k = topk_count(n, spec.topk_fraction)
         idx = topk_indices(x, k)  # checks finiteness
         picked = x[idx]
-        gaps = np.diff(idx, prepend=0).astype(np.uint64)  # first gap is idx[0] itself
-        wire: dict[str, Any] = {
+        wire = {
             "codec": "topk",
             "numel": n,
             "k": k,
             "value_bits": spec.value_bits,
-            "indices": varint_encode(gaps),
+            "indices": _index_bytes(idx),
         }
+        values: np.ndarray | None = None
         if spec.value_bits == 8:
             scales, q = _quantize_int8(picked, spec.block_size)
-            wire.update(block=spec.block_size, scales=scales, values=q)
+            wire.update(block=spec.block_size, scales=scales.tobytes(), values=q.tobytes())
+            if with_decoded:
+                values = _dequantize(scales, q, k, spec.block_size)
         else:
-            wire["values"] = _to_fp16(picked)
-        return wire
+            half = _to_fp16(picked)
+            wire["values"] = half.tobytes()
+            if with_decoded:
+                values = half.astype(np.float32)
+        if values is None:
+            return wire, None
+        out = np.zeros(n, np.float32)
+        out[idx] = values
+        return wire, out
     raise ValueError(f"unknown codec {spec.name!r}")  # unreachable: CodecSpec validates name
+
+
+def _index_bytes(idx: np.ndarray) -> bytes:
+    """The topk ``indices`` field: :func:`varint_encode` of the gaps between sorted indices.
+
+    The first gap is idx[0] itself. A few dozen indices (a small model's top-k) are differenced
+    and encoded as Python ints, more with numpy; both give varint_encode's bytes.
+    """
+    if idx.size <= _SMALL_VARINT_COUNT:
+        positions = idx.tolist()
+        return _varint_encode_small(map(operator.sub, positions, [0, *positions[:-1]]))
+    return _varint_encode_vector(_gaps(idx))
+
+
+def _gaps(idx: np.ndarray) -> np.ndarray:
+    """Gaps between sorted indices as uint64, the first gap being idx[0] itself (np.diff, prepend 0)."""
+    gaps = np.empty(idx.size, np.uint64)
+    gaps[:1] = idx[:1]
+    np.subtract(idx[1:], idx[:-1], out=gaps[1:], casting="unsafe")  # sorted: never negative
+    return gaps
 
 
 def _check_input(vector: np.ndarray) -> np.ndarray:
@@ -174,9 +246,10 @@ def _require_finite(x: np.ndarray) -> None:
         raise ValueError("vector contains NaN or Inf; refusing to encode it")
 
 
-def _to_fp16(x: np.ndarray) -> bytes:
+def _to_fp16(x: np.ndarray) -> np.ndarray:
+    """x as little-endian halves; the caller sends ``.tobytes()``."""
     # Saturate instead of overflowing to inf: receivers reject inf, so inf would lose the update.
-    return np.clip(x, -FP16_MAX, FP16_MAX).astype(_F16).tobytes()
+    return np.clip(x, -FP16_MAX, FP16_MAX).astype(_F16)
 
 
 def _int8_scales(absmax: np.ndarray) -> np.ndarray:
@@ -193,8 +266,15 @@ def _int8_scales(absmax: np.ndarray) -> np.ndarray:
     return s
 
 
-def _quantize_int8(x: np.ndarray, block: int) -> tuple[bytes, bytes]:
-    """Blockwise absmax int8: returns (scales as <f4 bytes, q as int8 bytes)."""
+def _quantize_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise absmax int8: returns (scales as float32, q as int8); the wire holds their bytes."""
+    if x.size <= block:
+        return _quantize_int8_one_block(x)
+    return _quantize_int8_blocks(x, block)
+
+
+def _quantize_int8_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_quantize_int8` for any size, vectorised over the blocks."""
     n = x.size
     full = n // block
     tail = n - full * block
@@ -218,7 +298,28 @@ def _quantize_int8(x: np.ndarray, block: int) -> tuple[bytes, bytes]:
         np.rint(tmp, out=q[: full * block].reshape(full, block), casting="unsafe")  # fused cast
     if tail:
         np.rint(x[full * block :] / safe[full], out=q[full * block :], casting="unsafe")
-    return scales.astype(_F32, copy=False).tobytes(), q.tobytes()
+    return scales, q
+
+
+def _quantize_int8_one_block(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_quantize_int8` of a vector that fits in one block (every small model's top-k).
+
+    The same float32 and float64 operations as :func:`_int8_scales` on one numpy float32 scalar
+    instead of one-element arrays: the scale needs no array call at all, which leaves a third of
+    the numpy calls. A test checks it gives the bytes of the blockwise path.
+    """
+    absmax = max(np.maximum.reduce(x), -np.minimum.reduce(x))
+    if not math.isfinite(absmax):
+        raise ValueError("vector contains NaN or Inf; refusing to encode it")
+    absmax = abs(absmax)  # a float32 scalar; -0.0 becomes +0.0
+    s = absmax / _F32_127  # float32 division, as in _int8_scales
+    if float(s) * 127.0 < float(absmax):  # exact in float64; rounded down: one ulp up
+        s = np.nextafter(s, _F32_INF)
+    if float(s) * 127.0 >= _SCALE_PRODUCT_LIMIT:  # would decode to inf: one ulp down
+        s = np.nextafter(s, _F32_ZERO)
+    q = np.empty(x.size, _I8)
+    np.rint(x / (s if s > 0 else _F32_ONE), out=q, casting="unsafe")  # all-zero: q = 0
+    return np.array([s], np.float32), q
 
 
 def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
@@ -233,7 +334,7 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     a = np.abs(x)
-    if not np.isfinite(a.max()):
+    if not math.isfinite(np.maximum.reduce(a)):
         raise ValueError("vector contains NaN or Inf; refusing to encode it")
     if k == n:
         return np.arange(n, dtype=np.int64)
@@ -247,21 +348,35 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
         found = np.flatnonzero(a >= threshold)
         if found.size >= k:
             cand = found
-    if cand is None:
-        cand = np.arange(n, dtype=np.int64)
-        values = a
-    else:
-        values = a[cand]
+    values = a if cand is None else a[cand]
     kth = np.partition(values, values.size - k)[values.size - k]  # k-th largest magnitude
-    keep = values > kth
-    need = k - int(np.count_nonzero(keep))
-    keep[np.flatnonzero(values == kth)[:need]] = True  # ties: lowest indices first (cand is sorted)
-    return cand[np.flatnonzero(keep)].astype(np.int64, copy=False)
+    picked = (values >= kth).nonzero()[0]  # at least k: everything above kth, and every tie with it
+    if picked.size != k:  # ties at the k-th magnitude: all above it, then the lowest-index ties
+        keep = values > kth
+        need = k - int(np.count_nonzero(keep))
+        keep[np.flatnonzero(values == kth)[:need]] = True  # cand is sorted, so lowest indices first
+        picked = np.flatnonzero(keep)
+    return (picked if cand is None else cand[picked]).astype(np.int64, copy=False)
+
+
+# Varint streams up to these sizes are coded by a plain Python loop: for the few dozen indices
+# of a small model's top-k, numpy's fixed cost per call (~20 calls) is 5-10x the loop's cost.
+# Larger ones go through the vectorised code, whose cost per value is far lower. Both paths
+# give the same bytes, values and Reject for every input (tests compare them).
+_SMALL_VARINT_COUNT = 128
+_SMALL_VARINT_BYTES = 256
 
 
 def varint_encode(values: np.ndarray) -> bytes:
     """Unsigned LEB128 of each value (< 2**35), concatenated: 7 bits per byte, low first, high bit = more."""
     v = np.asarray(values, dtype=np.uint64)
+    if v.size <= _SMALL_VARINT_COUNT:
+        return _varint_encode_small(v.tolist())
+    return _varint_encode_vector(v)
+
+
+def _varint_encode_vector(v: np.ndarray) -> bytes:
+    """:func:`varint_encode` of a uint64 array, vectorised: a few passes per byte position."""
     if v.size == 0:
         return b""
     lengths = np.ones(v.size, np.int64)
@@ -284,8 +399,29 @@ def varint_encode(values: np.ndarray) -> bytes:
     return out.tobytes()
 
 
+def _varint_encode_small(values: Iterable[int]) -> bytes:
+    """:func:`varint_encode` for a short list of Python ints (same bytes, same ValueError)."""
+    out = bytearray()
+    append = out.append
+    for value in values:
+        if value >> (7 * MAX_VARINT_BYTES):
+            raise ValueError("varint value too large")
+        while value >= 0x80:
+            append((value & 0x7F) | 0x80)
+            value >>= 7
+        append(value)
+    return bytes(out)
+
+
 def varint_decode(data: bytes, count: int) -> np.ndarray:
     """Exactly ``count`` canonical LEB128 values from ``data`` as uint64; BadIndex/ShapeMismatch otherwise."""
+    if len(data) <= _SMALL_VARINT_BYTES:
+        return np.array(_varint_decode_small(data, count), dtype=np.uint64)
+    return _varint_decode_vector(data, count)
+
+
+def _varint_decode_vector(data: bytes, count: int) -> np.ndarray:
+    """:func:`varint_decode`, vectorised: terminators, lengths and shifts as whole arrays."""
     b = np.frombuffer(data, _U8)
     if b.size and b[-1] & 0x80:
         # [REJECT] the last varint has its continuation bit set: truncated.
@@ -313,6 +449,45 @@ def varint_decode(data: bytes, count: int) -> np.ndarray:
     shift = (np.arange(b.size, dtype=np.int64) - np.repeat(starts, lengths)) * 7
     payload <<= shift.astype(np.uint64)
     return np.add.reduceat(payload, starts)
+
+
+def _varint_decode_small(data: bytes, count: int) -> list[int]:
+    """:func:`varint_decode` for a short byte string, as Python ints: the same rules, in the same order.
+
+    The whole string is scanned before any rule is applied, so the Reject (and its text, which
+    names the longest varint) is the one the vectorised path raises.
+    """
+    if data and data[-1] & 0x80:
+        # [REJECT] the last varint has its continuation bit set: truncated.
+        raise BadIndex("indices: last varint is truncated (continuation bit set on the final byte)")
+    values: list[int] = []
+    append = values.append
+    longest = 1
+    overlong = False
+    value = shift = 0
+    for byte in data:
+        if byte & 0x80:  # a continuation byte: 7 more bits of the current value
+            value |= (byte & 0x7F) << shift
+            shift += 7
+        elif shift:  # the last byte of a varint of shift // 7 + 1 bytes
+            append(value | (byte << shift))
+            if shift >= 7 * longest:
+                longest = shift // 7 + 1
+            if not byte:
+                overlong = True
+            value = shift = 0
+        else:  # a one-byte varint, the common case for dense top-k indices
+            append(byte)
+    if len(values) != count:
+        # [REJECT] the index bytes hold a different number of varints than k.
+        raise ShapeMismatch(f"indices: {len(values)} varints, expected k={count}")
+    if longest > MAX_VARINT_BYTES:
+        # [REJECT] a varint longer than 5 bytes overflows every valid index.
+        raise BadIndex(f"indices: varint of {longest} bytes overflows (at most {MAX_VARINT_BYTES})")
+    if overlong:
+        # [REJECT] overlong encoding (trailing zero group): one value, one byte string.
+        raise BadIndex("indices: non-canonical varint (overlong encoding)")
+    return values
 
 
 # --------------------------------------------------------------------------- decode
@@ -385,21 +560,43 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
     if len(fields["indices"]) > MAX_VARINT_BYTES * k:
         # [REJECT] more index bytes than k varints can take (cheap bound before scanning).
         raise ShapeMismatch(f"indices: {len(fields['indices'])} bytes for k={k}")
-    gaps = varint_decode(fields["indices"], k)
-    if k > 1 and not gaps[1:].all():
-        # [REJECT] a zero gap after the first index: duplicated / not strictly increasing.
-        raise BadIndex("indices: not strictly increasing (zero gap)")
-    idx = np.cumsum(gaps)  # uint64; no overflow: k * 2**35 < 2**64
-    if idx[-1] >= n:
-        # [REJECT] the last (largest) index is out of bounds.
-        raise BadIndex(f"indices: index {int(idx[-1])} out of bounds for numel={n}")
+    idx = _topk_positions(fields["indices"], k, n)
     if fields["value_bits"] == 8:
         values = _dequantize_int8(fields["scales"], fields["values"], k, fields["block"])
     else:
         values = _fp16_values(fields["values"])
     out = np.zeros(n, np.float32)
-    out[idx.astype(np.int64)] = values
+    out[idx] = values
     return out
+
+
+def _topk_positions(indices: bytes, k: int, n: int) -> np.ndarray | list[int]:
+    """The k positions a topk wire's index bytes encode, checked: strictly increasing, below numel.
+
+    A short stream stays in Python ints throughout (varints, zero-gap check, running sum):
+    for a small model's few dozen indices numpy's fixed cost per call was most of the work.
+    A long one is done in numpy. Both apply the same two rules, in the same order, with the
+    same texts (tests compare them on both sides of the switch).
+    """
+    if len(indices) <= _SMALL_VARINT_BYTES:
+        gaps = _varint_decode_small(indices, k)
+        if 0 in gaps[1:]:
+            # [REJECT] a zero gap after the first index: duplicated / not strictly increasing.
+            raise BadIndex("indices: not strictly increasing (zero gap)")
+        positions = list(itertools.accumulate(gaps))
+        if positions[-1] >= n:
+            # [REJECT] the last (largest) index is out of bounds.
+            raise BadIndex(f"indices: index {positions[-1]} out of bounds for numel={n}")
+        return positions
+    gaps_array = _varint_decode_vector(indices, k)
+    if k > 1 and not gaps_array[1:].all():
+        # [REJECT] a zero gap after the first index: duplicated / not strictly increasing.
+        raise BadIndex("indices: not strictly increasing (zero gap)")
+    idx = gaps_array.cumsum()  # uint64; no overflow: k * 2**35 < 2**64
+    if idx[-1] >= n:
+        # [REJECT] the last (largest) index is out of bounds.
+        raise BadIndex(f"indices: index {int(idx[-1])} out of bounds for numel={n}")
+    return idx.astype(np.int64)
 
 
 def _check_schema(wire: Any) -> dict[str, Any]:
@@ -465,20 +662,34 @@ def _fp16_values(data: bytes) -> np.ndarray:
 
 def _dequantize_int8(scales_bytes: bytes, q_bytes: bytes, n: int, block: int) -> np.ndarray:
     scales = np.frombuffer(scales_bytes, _F32)
-    if not np.isfinite(scales).all():
-        # [REJECT] NaN or Inf scale.
-        raise NonFinite("scales: NaN or Inf")
-    if np.signbit(scales).any():
-        # [REJECT] negative scale, -0.0 included (canonical scales are absmax/127 >= +0).
-        raise SchemaViolation("scales: negative scale")
-    wide = scales.astype(np.float64)
-    if (wide * 127.0 >= _SCALE_PRODUCT_LIMIT).any():
-        # [REJECT] 127 * scale overflows float32: the decoded values would be infinite.
-        raise NonFinite("scales: 127 * scale overflows float32")
-    q = np.frombuffer(q_bytes, _I8)
-    if (q == -128).any():
+    # One comparison accepts every valid scale vector (see _MAX_SCALE_BITS); only a failing one
+    # goes through the three rules below, in order, to name the right reason. A single scale (a
+    # small top-k) is compared as a Python int: no array call for one number.
+    if len(scales_bytes) == 4:
+        worst = int.from_bytes(scales_bytes, "little")
+    else:
+        worst = int(np.maximum.reduce(np.frombuffer(scales_bytes, _U32)))
+    if worst > _MAX_SCALE_BITS:
+        if not np.isfinite(scales).all():
+            # [REJECT] NaN or Inf scale.
+            raise NonFinite("scales: NaN or Inf")
+        if np.signbit(scales).any():
+            # [REJECT] negative scale, -0.0 included (canonical scales are absmax/127 >= +0).
+            raise SchemaViolation("scales: negative scale")
+        wide = scales.astype(np.float64)
+        if (wide * 127.0 >= _SCALE_PRODUCT_LIMIT).any():
+            # [REJECT] 127 * scale overflows float32: the decoded values would be infinite.
+            raise NonFinite("scales: 127 * scale overflows float32")
+        raise AssertionError("unreachable: every scale above _MAX_SCALE_BITS breaks a rule")
+    if b"\x80" in q_bytes:  # the int8 -128 is the byte 0x80: a C byte search, no array needed
         # [REJECT] -128 is never produced (symmetric range [-127, 127]).
         raise SchemaViolation("values: int8 value -128 outside [-127, 127]")
+    q = np.frombuffer(q_bytes, _I8)
+    return _dequantize(scales, q, n, block)
+
+
+def _dequantize(scales: np.ndarray, q: np.ndarray, n: int, block: int) -> np.ndarray:
+    """q * scale of its block, as float32: the one formula both decode and encode_with_decoded use."""
     out = np.empty(n, np.float32)
     full = n // block
     if full:
@@ -490,6 +701,24 @@ def _dequantize_int8(scales_bytes: bytes, q_bytes: bytes, n: int, block: int) ->
     if n > full * block:
         np.multiply(q[full * block :], scales[full], out=out[full * block :])
     return out
+
+
+def _largest_valid_scale_bits() -> int:
+    """Bit pattern of the largest float32 scale s with 127 * s finite (exactly: below _SCALE_PRODUCT_LIMIT).
+
+    A valid scale is +0.0 or positive, finite and at most this. As uint32, the bit patterns of
+    non-negative floats sort like their values, inf and NaN above every finite one, and every
+    negative float (sign bit set) above all of them: so "bits <= this" is the whole rule.
+    """
+    s = np.float32(_SCALE_PRODUCT_LIMIT / 127.0)
+    while float(s) * 127.0 >= _SCALE_PRODUCT_LIMIT:
+        s = np.nextafter(s, np.float32(0.0))
+    while float(np.nextafter(s, np.float32(np.inf))) * 127.0 < _SCALE_PRODUCT_LIMIT:
+        s = np.nextafter(s, np.float32(np.inf))
+    return int(np.array([s], _F32).view(_U32)[0])
+
+
+_MAX_SCALE_BITS = _largest_valid_scale_bits()
 
 
 # --------------------------------------------------------------------------- sizes
@@ -565,6 +794,7 @@ __all__ = [
     "MAX_NUMEL",
     "decode",
     "encode",
+    "encode_with_decoded",
     "encoded_size_estimate",
     "topk_count",
     "topk_indices",

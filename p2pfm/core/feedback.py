@@ -11,6 +11,8 @@ training (Stich 2018, "Sparsified SGD with memory"; Deep Gradient Compression). 
 
 so after T rounds ``sum(updates) - sum(sent) == residual``: nothing is lost, only delayed.
 For topk the residual stays bounded (each round sends the k largest corrected entries).
+``sent`` comes from :func:`~p2pfm.core.codecs.encode_with_decoded`: the same bits as
+decoding the wire, without parsing the bytes just produced.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pfm.core.codecs import CodecSpec, decode, encode
+from p2pfm.core.codecs import CodecSpec, encode_with_decoded
 
 
 class ErrorFeedback:
@@ -42,9 +44,9 @@ class ErrorFeedback:
                 f"{getattr(update, 'dtype', type(update).__name__)} {getattr(update, 'shape', '')}"
             )
         corrected = update + self.residual  # (numel,) float32, a new array
-        wire = encode(corrected, spec)
-        # Decode our own bytes: the residual must be relative to what receivers really get.
-        sent = decode(wire, expected_numel=self.numel)
+        # The residual must be relative to what receivers really get: the encoder returns the
+        # vector decode(wire) gives (bit for bit), without parsing its own bytes again.
+        wire, sent = encode_with_decoded(corrected, spec)
         np.subtract(corrected, sent, out=corrected)
         self.residual = corrected
         return wire, sent

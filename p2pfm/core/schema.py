@@ -181,18 +181,23 @@ class Map(Spec):
             raise SchemaViolation(f"{path}: expected map, got {_type_name(value)}")
         if depth + 1 > walk.max_depth:
             raise SchemaViolation(f"{path}: nesting deeper than {walk.max_depth}")
-        extra = [k for k in value if k not in self.fields]
-        if extra:
-            raise SchemaViolation(f"{path}: unexpected field {_first_key(extra)}")
-        missing = [k for k in self.fields if k not in value and k not in self.optional]
-        if missing:
-            raise SchemaViolation(f"{path}.{missing[0]}: missing field")
+        if value.keys() != self.fields.keys():  # exactly the fields: nothing extra, nothing missing
+            extra = [k for k in value if k not in self.fields]
+            if extra:
+                raise SchemaViolation(f"{path}: unexpected field {_first_key(extra)}")
+            missing = [k for k in self.fields if k not in value and k not in self.optional]
+            if missing:
+                raise SchemaViolation(f"{path}.{missing[0]}: missing field")
         for name, spec in self.fields.items():
             if name in value:
                 spec.check(value[name], f"{path}.{name}", walk, depth + 1)
 
     def describe(self) -> str:
         return "map"
+
+
+_LEAF_TYPES = (bool, int, str, bytes)
+"""Opaque-map values with nothing inside to check (floats are leaves too, but may be NaN)."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,7 @@ class AnyMap(Spec):
         walk.opaque_items += 1
         if walk.opaque_items > walk.max_opaque_items:
             raise SchemaViolation(f"{path}: opaque map has more than {walk.max_opaque_items} items")
-        if value is None or isinstance(value, (bool, int, str, bytes)):
+        if value is None or isinstance(value, _LEAF_TYPES):
             return
         if isinstance(value, float):
             walk.note_float(value, path)
@@ -228,6 +233,15 @@ class AnyMap(Spec):
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise SchemaViolation(f"{path}: map key {key!r} is not a string")
+                if item is None or isinstance(item, _LEAF_TYPES):
+                    # What _walk does for a leaf, without building its path (a codec map is all
+                    # leaves, and every gossip update carries one): count it, check the budget.
+                    walk.opaque_items += 1
+                    if walk.opaque_items > walk.max_opaque_items:
+                        raise SchemaViolation(
+                            f"{path}.{key}: opaque map has more than {walk.max_opaque_items} items"
+                        )
+                    continue
                 self._walk(item, f"{path}.{key}", walk, depth + 1)
             return
         raise SchemaViolation(f"{path}: unsupported type {_type_name(value)}")

@@ -46,7 +46,8 @@ from p2pfm.core.envelope import (
     EnvelopeLimits,
     ReplayGuard,
     open_envelope,
-    pack_body,
+    pack_body_with_payload,
+    pack_payload,
     pack_wire,
     seal,
 )
@@ -181,7 +182,8 @@ class Simulation:
         noise = np.random.default_rng(0).standard_normal(init.size).astype(np.float32) * 1e-3
         wire = probe.make_update(init + noise)
         self._probe_wire_bytes = len(msgpack.packb(wire, use_bin_type=True))
-        return len(self._seal(0, 0, 1, wire, 0.0, 0.0))
+        payload = self._payload(wire, 0.0)
+        return len(self._seal(0, 0, 1, payload, self._pack(payload), 0.0))
 
     def _auto_round_seconds(self) -> float:
         """The slowest peer's compute + sending fanout updates + latency, with 25% slack."""
@@ -217,29 +219,44 @@ class Simulation:
         if size == 0 or len(names) <= size:
             return names
         picks = self.rng_view.integers(0, len(names), size=size)
-        return [names[i] for i in picks]
+        return [names[i] for i in picks.tolist()]  # Python ints index a list faster than numpy's
 
     def _pick(self, peer: int, pool: tuple[list[str], np.ndarray], count: int) -> list[int]:
         chosen = choose_partners(self._view(pool), self.ids[peer], count, self.rng_partners)
         return [self.index_of[pid] for pid in chosen]
 
     # --- wire -----------------------------------------------------------------------------
-    def _seal(self, peer: int, round: int, seq: int, wire: dict, train_loss: float, now: float) -> bytes:
-        payload = {
+    def _payload(self, wire: dict, train_loss: float) -> dict[str, Any]:
+        """The update payload of one round's compressed delta, the same for every partner."""
+        return {
             "tensor": wire,
             "weight": float(self.workload.samples_per_step * self.gossip.inner_steps),
             "inner_steps": self.gossip.inner_steps,
             "train_loss": float(train_loss),
             "model_hash": self.model_hash,
         }
+
+    def _pack(self, payload: dict[str, Any]) -> bytes | None:
+        """The payload's canonical bytes for unsigned sealing, packed once for all partners (None if signed)."""
+        return None if self.scenario.verify_signatures else pack_payload(payload)
+
+    def _seal(
+        self, peer: int, round: int, seq: int, payload: dict[str, Any], packed: bytes | None, now: float
+    ) -> bytes:
+        """One partner's message: signed by :func:`seal`, or the same bytes with a zero signature.
+
+        Unsigned, the body is :func:`pack_body_with_payload` of the header and ``packed``
+        (= ``pack_payload(payload)``), byte-identical to what :func:`seal` would sign.
+        """
         identity = self.identities[peer]
-        if self.scenario.verify_signatures:
+        if packed is None:
             return seal(
                 identity, kind="update", run_id=RUN_ID, round=round, seq=seq, timestamp=now, payload=payload
             )
-        body = pack_body(
+        body = pack_body_with_payload(
             {"v": PROTOCOL_VERSION, "kind": "update", "run": RUN_ID, "sender": identity.public_key_bytes,
-             "round": round, "seq": seq, "ts": float(now), "payload": payload}
+             "round": round, "seq": seq, "ts": float(now)},
+            packed,
         )  # fmt: skip
         return pack_wire(body, UNSIGNED)
 
@@ -344,9 +361,14 @@ class Simulation:
         self.metrics.useful_steps += self.gossip.inner_steps
         learner = self.learners[peer]
         wire = learner.make_update(params)
-        for partner in self._pick(peer, self._live(), self.gossip.fanout):
+        partners = self._pick(peer, self._live(), self.gossip.fanout)
+        if not partners:
+            return
+        payload = self._payload(wire, train_loss)
+        packed = self._pack(payload)  # the tensor is packed once, not once per partner
+        for partner in partners:
             self.seq[peer] += 1
-            data = self._seal(peer, learner.round, int(self.seq[peer]), wire, train_loss, self.now)
+            data = self._seal(peer, learner.round, int(self.seq[peer]), payload, packed, self.now)
             done, arrival = self._transfer(peer, partner, len(data), self.now)
             self.bytes_sent[peer] += len(data)
             self.metrics.messages_sent += 1
