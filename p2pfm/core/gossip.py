@@ -12,8 +12,9 @@ its own compressed delta with whatever arrived, robustly (clipping around its ow
 after ClippedGossip, He et al. 2022), and takes an outer Nesterov step on the anchor.
 
 Because peers average different random subsets, their anchors drift apart; every
-:func:`sync_interval` rounds (often when the swarm is much larger than the fanout) a peer pulls a random live peer's parameters and averages with them
-(:meth:`GossipLearner.mix_with`), the same pull a joining peer uses to get state.
+:func:`sync_interval` rounds (often when the swarm is much larger than the fanout) a peer
+pulls a random live peer's parameters and averages with them (:meth:`GossipLearner.mix_with`),
+the same pull a joining peer uses to get state.
 
 No clocks, sockets or threads: the driver passes rounds, randomness and bytes in.
 """
@@ -112,9 +113,7 @@ def sync_interval(config: GossipConfig, live_others: int) -> int:
     """
     if config.sync_every != "auto":
         return int(config.sync_every)
-    if live_others <= 0:
-        return AUTO_SYNC_MAX_INTERVAL
-    heard = min(1.0, config.fanout / live_others)
+    heard = 1.0 if live_others <= config.fanout else config.fanout / live_others
     return max(AUTO_SYNC_MIN_INTERVAL, round(AUTO_SYNC_MAX_INTERVAL * heard))
 
 

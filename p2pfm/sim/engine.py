@@ -408,7 +408,8 @@ class Simulation:
         period = self.round_seconds
         finishing = np.flatnonzero(self.in_round & self.online)
         # As the daemon: sum-preserving weights, expecting `fanout` updates if that many peers are live.
-        expected = expected_received(self.gossip.fanout, int(self.online.sum()) - 1)
+        live_others = int(self.online.sum()) - 1
+        expected = expected_received(self.gossip.fanout, live_others)
         for peer in finishing.tolist():
             if self.straggling[peer]:  # computed until the deadline for nothing
                 self.compute_s[peer] += period
@@ -417,7 +418,6 @@ class Simulation:
             self.learners[peer].finish_round(expected_received=expected)
         self.straggling[:] = False
         self.in_round[:] = False
-        live_others = int(self.online.sum()) - 1
         syncing = [p for p in finishing.tolist() if self.learners[p].should_sync(live_others)]
         for peer in syncing:
             donors = self._pick(peer, self._ready_peers(), 1)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from p2pfm.config import config_to_dict
-from p2pfm.core.gossip import expected_round_bits_per_param
+from p2pfm.core.gossip import bits_per_param, expected_round_bits_per_param
 from p2pfm.sim.energy import account
 
 SUMMARY_FILE = "summary.json"
@@ -92,7 +92,7 @@ def summarize(sim) -> dict[str, Any]:
         "bits_per_param_per_round": expected_round_bits_per_param(
             sim.update_bytes, sim.workload.numel, sc.gossip.fanout
         ),
-        "sync_bits_per_param_per_round": 8.0 * sim.sync_bytes_sent / max(1, sim.workload.numel * peer_rounds),
+        "sync_bits_per_param_per_round": bits_per_param(sim.sync_bytes_sent, sim.workload.numel * peer_rounds),
         "energy_wh": energy.energy_wh,
         "energy_breakdown_wh": {
             "compute": energy.compute_wh,
