@@ -192,3 +192,24 @@ def test_cli_peer_with_unknown_key_exits_2_naming_it_before_any_network(tmp_path
     assert not key.exists()
     assert not work_dir.exists()
     assert "DHT" not in result.stderr
+
+
+def test_key_defaults_into_the_work_dir_not_the_current_directory(tmp_path):
+    """`p2pfm peer --work-dir X` without --key keeps its identity at X/peer.key, next to its checkpoint."""
+    from p2pfm.cli import build_parser
+    from p2pfm.cli.peer import overrides_from_args
+
+    work_dir = tmp_path / "work"
+    args = build_parser().parse_args(["peer", "--work-dir", str(work_dir)])
+    assert load_peer_config(args.config, overrides_from_args(args)).key == work_dir / "peer.key"
+    assert PeerConfig().key == PeerConfig().work_dir / "peer.key"
+
+
+def test_explicit_key_wins_over_the_work_dir_default(tmp_path):
+    """--key, or `key` in a config file (relative paths kept as written), is used as given."""
+    work_dir = tmp_path / "work"
+    assert load_peer_config(None, {"work_dir": str(work_dir), "key": str(tmp_path / "k.pem")}).key == tmp_path / "k.pem"
+    toml = tmp_path / "peer.toml"
+    toml.write_text(f'work_dir = "{work_dir}"\nkey = "ids/peer.key"\n')
+    assert load_peer_config(toml, {}).key == Path("ids/peer.key")
+    assert load_peer_config(toml, {"key": str(tmp_path / "flag.key")}).key == tmp_path / "flag.key"

@@ -23,7 +23,7 @@ def sync_every_value(text: str) -> int | str:
 
 # flag -> (config field, type, help)
 PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--key": ("key", Path, "Ed25519 key file (created with mode 0600 if missing)"),
+    "--key": ("key", Path, "Ed25519 key file (created with mode 0600 if missing; default WORK_DIR/peer.key)"),
     "--work-dir": ("work_dir", Path, "checkpoint, metrics.jsonl and status.json go here"),
     "--run-id": ("run_id", str, "swarm name; all peers of a run must agree"),
     "--seed": ("seed", int, "run seed (identical initial weights on every peer)"),

@@ -78,7 +78,9 @@ class NetConfig:
 class PeerConfig:
     """Everything one peer needs. All peers of a run must agree on run_id, seed and model."""
 
-    key: Path = Path("peer.key")  # Ed25519 private key (PEM, mode 0600); created if missing
+    # Ed25519 private key (PEM, mode 0600); created if missing. None = WORK_DIR/peer.key: the
+    # identity belongs with the checkpoint it signed, not in whatever directory the peer was started from.
+    key: Path | None = None
     work_dir: Path = Path("p2pfm-peer")  # checkpoint, metrics.jsonl, status.json
     run_id: str = "p2pfm-default"  # swarm name: messages of other runs are refused
     seed: int = 0  # run seed: identical initial weights on every peer
@@ -99,6 +101,8 @@ class PeerConfig:
     net: NetConfig = field(default_factory=NetConfig)
 
     def __post_init__(self) -> None:
+        if self.key is None:  # resolved here so that every user of the config sees one real path
+            object.__setattr__(self, "key", self.work_dir / "peer.key")
         require(0 < len(self.run_id) <= 64 and self.run_id.isprintable(), "run_id", "must be 1-64 printable characters")
         require(self.rounds >= 0, "rounds", "must be non-negative")
         require(self.num_shards >= 1, "num_shards", "must be at least 1")
