@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class PeerProcess:
             if status.get("maddrs") and status.get("pid") == self.process.pid:
                 return status
             if not self.alive:
-                raise RuntimeError(f"peer {self.index} exited early; see {self.log_path}:\n{tail(self.log_path)}")
+                raise PeerFailed.of(self, rounds=None)
             time.sleep(0.2)
         raise TimeoutError(f"peer {self.index} not ready after {timeout:.0f} s; see {self.log_path}")
 
@@ -119,6 +120,106 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def error_excerpt(log_text: str, lines: int = 12, max_traceback_lines: int = 40) -> str:
+    """The part of a peer's log that says why it died: its last lines, widened to the whole last
+    traceback when one ends there, so that the user sees the error without opening peer.log."""
+    all_lines = log_text.rstrip().splitlines()
+    start = max(0, len(all_lines) - lines)
+    tracebacks = [i for i, line in enumerate(all_lines) if line.startswith("Traceback (most recent call last)")]
+    if tracebacks and len(all_lines) - max_traceback_lines <= tracebacks[-1] < start:
+        start = tracebacks[-1]
+    return "\n".join(all_lines[start:])
+
+
+class PeerFailed(RuntimeError):
+    """A peer process of a local swarm exited before the run was done.
+
+    Carries the peer's own error (the end of its peer.log): a swarm is only as good as its
+    peers, and the log is the one place that says what went wrong.
+    """
+
+    def __init__(self, index: int, reason: str, log_path: Path, excerpt: str) -> None:
+        self.index, self.reason, self.log_path, self.excerpt = index, reason, log_path, excerpt
+        body = "\n".join("  " + line for line in excerpt.splitlines()) or "  (the log is empty)"
+        super().__init__(f"peer {index} {reason}; last lines of {log_path}:\n{body}")
+
+    @classmethod
+    def of(cls, peer: PeerProcess, *, rounds: int | None) -> PeerFailed:
+        """Describe an exited peer; ``rounds`` is the run's length (None: still starting)."""
+        code = peer.process.returncode if peer.process is not None else None
+        status = peer.status()
+        if status.get("pid") != getattr(peer.process, "pid", None):  # left by an earlier run of this peer
+            status = {}
+        at = f"during round {int(status.get('round', 0)) + 1}" if status.get("state") not in (None, "joining") \
+            else "at start-up"
+        if code is None:
+            reason = f"is not running ({at})"
+        elif code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            reason = f"was killed by {name} {at}"
+        elif code == 0 and rounds is not None:
+            reason = f"exited with status 0 {at}, before its {rounds} rounds were done"
+        else:
+            reason = f"exited with status {code} {at}"
+        try:
+            text = peer.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        return cls(peer.index, reason, peer.log_path, error_excerpt(text))
+
+
+def peer_failure(peer: PeerProcess, rounds: int) -> PeerFailed | None:
+    """None while ``peer`` runs or after it finished its ``rounds``; otherwise why it failed.
+
+    Exit status 0 counts as a failure unless the peer's status shows all rounds done: a
+    peer that left early (someone sent it SIGTERM) means the run cannot finish as asked.
+    """
+    if peer.process is None or peer.process.poll() is None:
+        return None
+    if peer.process.returncode == 0 and int(peer.status().get("round", 0)) >= rounds:
+        return None
+    return PeerFailed.of(peer, rounds=rounds)
+
+
+def first_failure(peers: Sequence[PeerProcess], rounds: int) -> PeerFailed | None:
+    """The first failed peer of ``peers`` (see :func:`peer_failure`), or None."""
+    for peer in peers:
+        failure = peer_failure(peer, rounds)
+        if failure is not None:
+            return failure
+    return None
+
+
+FINISHED_STATES = ("training", "draining", "left")
+
+
+def swarm_phase(statuses: Sequence[Mapping[str, Any]], peers: int) -> str:
+    """What the swarm is doing, for the progress bar: "waiting for peers H/N" or "training".
+
+    A peer in state "joining" reports ``quorum`` = {have, need, waited_s, deadline_s}: the
+    swarm waits for its slowest joiner, so the bar shows the smallest ``have``. Daemons
+    without that report fall back to counting the peers that are up.
+    """
+    online = [s for s in statuses if s.get("state")]
+    joining = [s for s in online if s.get("state") not in FINISHED_STATES]
+    if len(online) >= peers and not joining:
+        return "training" if any(s.get("state") == "training" for s in online) else "finishing"
+    quorums = [q for s in joining if isinstance(q := s.get("quorum"), Mapping)
+               and isinstance(q.get("have"), int) and isinstance(q.get("need"), int)]
+    if not quorums:
+        return f"waiting for peers {len(online)}/{peers}"
+    have, need = min(q["have"] for q in quorums), max(q["need"] for q in quorums)
+    text = f"waiting for peers {have}/{need}"
+    waited = [q["waited_s"] for q in quorums if isinstance(q.get("waited_s"), (int, float))]
+    deadline = [q["deadline_s"] for q in quorums if isinstance(q.get("deadline_s"), (int, float))]
+    if waited and deadline:
+        text += f" ({max(waited):.0f} s of {max(deadline):.0f} s)"
+    return text
 
 
 class LocalSwarm:
@@ -170,11 +271,20 @@ class LocalSwarm:
             peer.args[i + 1] = live[0].status()["maddrs"][0]
         self.start_peer(peer)
 
-    def stop_all(self) -> None:
-        for peer in self.peers:
-            peer.terminate()
-        for peer in self.peers:
-            peer.stop()
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """SIGTERM every peer at once, give them ``timeout`` seconds together to leave, then
+        SIGKILL each process group. Interrupted (a second Ctrl-C, SIGTERM), it kills at once:
+        whatever happens, no peer outlives the swarm."""
+        try:
+            for peer in self.peers:
+                peer.terminate()
+            deadline = time.monotonic() + timeout
+            for peer in self.peers:
+                peer.stop(timeout=max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            for peer in self.peers:
+                peer.kill()
+            raise
 
     def __enter__(self) -> LocalSwarm:
         return self
@@ -292,10 +402,15 @@ class SwarmOptions:
     progress: bool = True
 
 
-def run_swarm(options: SwarmOptions) -> dict[str, Any]:
-    """Start ``peers`` processes, wait for ``rounds``, stop them, write summary.json and loss.png."""
-    from tqdm import tqdm
+FAILURE_GRACE_S = 10.0  # after a peer failed, the others get this long together to leave gracefully
 
+
+def plan_swarm(options: SwarmOptions) -> LocalSwarm:
+    """Check ``options``, create the output directory and a swarm of ``peers`` peers, none started.
+
+    Separate from :func:`drive_swarm` so that a caller can prepare peers' work dirs (keys,
+    data) before anything runs; :func:`run_swarm` does both.
+    """
     from p2pfm.config import ConfigError
 
     if options.peers < 1:
@@ -307,33 +422,65 @@ def run_swarm(options: SwarmOptions) -> dict[str, Any]:
         raise ConfigError(f"--out: {out} is not empty; choose a new directory (runs are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     threads = options.threads_per_peer or max(1, (os.cpu_count() or 1) // options.peers)
-    # SIGTERM (e.g. `kill`, a CI timeout) must stop our peers too, not orphan them.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     peer_args = ["--rounds", str(options.rounds), "--seed", str(options.seed), "--min-peers", str(options.peers),
                  *options.peer_args]
+    swarm = LocalSwarm(out, peer_args, threads_per_peer=threads, run_id=options.run_id)
+    for index in range(options.peers):
+        swarm.add_peer(shard=index, num_shards=options.peers)
+    return swarm
+
+
+def drive_swarm(swarm: LocalSwarm, options: SwarmOptions) -> dict[str, Any]:
+    """Start the planned peers, show progress, stop them, write summary.json and loss.png.
+
+    Raises :class:`PeerFailed` within about a second of any peer exiting before its rounds
+    are done: the others would otherwise wait minutes for a quorum that cannot come. Every
+    way out (done, failure, exception, Ctrl-C, SIGTERM) goes through ``stop_all``.
+    """
+    from tqdm import tqdm
+
+    # SIGTERM (e.g. `kill`, a CI timeout) must stop our peers too, not orphan them.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     start = time.time()
-    with LocalSwarm(out, peer_args, threads_per_peer=threads, run_id=options.run_id) as swarm:
-        for index in range(options.peers):
-            swarm.start_peer(swarm.add_peer(shard=index, num_shards=options.peers), wait=index == 0)
-        bar = tqdm(total=options.rounds, desc=f"swarm of {options.peers}", unit="round", disable=not options.progress)
-        done = 0
-        while any(p.alive for p in swarm.peers):
-            rounds = [p.status().get("round", 0) for p in swarm.peers]
-            losses = [p.status().get("eval_loss") for p in swarm.peers]
-            current = min(rounds)
-            if current > done:
-                bar.update(current - done)
-                done = current
-            finite = [v for v in losses if isinstance(v, float) and np.isfinite(v)]
-            if finite:
-                bar.set_postfix(eval_loss=f"{np.mean(finite):.3f}")
-            time.sleep(0.5)
-        bar.update(options.rounds - done)
-        bar.close()
-        failed = [p.index for p in swarm.peers if p.process.returncode != 0]
-        if failed:
-            raise RuntimeError(f"peers {failed} failed; logs: " + ", ".join(str(swarm.peers[i].log_path) for i in failed))
-        summary = summarize(swarm.peers, wall_seconds=time.time() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    plot_losses(swarm.peers, out / "loss.png")
+    try:
+        with swarm:
+            for peer in swarm.peers:
+                swarm.start_peer(peer, wait=peer is swarm.peers[0])
+            name = f"swarm of {len(swarm.peers)}"
+            bar = tqdm(total=options.rounds, desc=f"{name}: starting", unit="round", disable=not options.progress)
+            with bar:
+                done, phase = 0, ""
+                while any(p.alive for p in swarm.peers):
+                    failure = first_failure(swarm.peers, options.rounds)
+                    if failure is not None:
+                        bar.write(f"peer {failure.index} {failure.reason}; stopping the other peers", file=sys.stderr)
+                        swarm.stop_all(timeout=FAILURE_GRACE_S)
+                        raise failure
+                    statuses = [p.status() for p in swarm.peers]
+                    if (now := swarm_phase(statuses, len(swarm.peers))) != phase:
+                        phase = now
+                        bar.set_description_str(f"{name}: {phase}")
+                    current = min(int(s.get("round", 0)) for s in statuses)
+                    if current > done:
+                        bar.update(current - done)
+                        done = current
+                    losses = [s.get("eval_loss") for s in statuses]
+                    finite = [v for v in losses if isinstance(v, float) and np.isfinite(v)]
+                    if finite:
+                        bar.set_postfix(eval_loss=f"{np.mean(finite):.3f}")
+                    time.sleep(0.5)
+                failure = first_failure(swarm.peers, options.rounds)
+                if failure is not None:
+                    raise failure
+                bar.update(options.rounds - done)
+            summary = summarize(swarm.peers, wall_seconds=time.time() - start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (swarm.out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    plot_losses(swarm.peers, swarm.out_dir / "loss.png")
     return summary
+
+
+def run_swarm(options: SwarmOptions) -> dict[str, Any]:
+    """Start ``peers`` processes, wait for ``rounds``, stop them, write summary.json and loss.png."""
+    return drive_swarm(plan_swarm(options), options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from p2pfm.cli.peer import add_peer_flags, overrides_from_args
@@ -50,16 +51,22 @@ def run(args: argparse.Namespace) -> int:
 
     from p2pfm.config import ConfigError
     from p2pfm.daemon.config import load_peer_config
-    from p2pfm.swarm import SwarmOptions, run_swarm
+    from p2pfm.swarm import PeerFailed, SwarmOptions, run_swarm
 
     load_peer_config(None, overrides_from_args(args))  # validate pass-through flags before starting anything
     if args.data is not None and not Path(args.data).is_dir():
         raise ConfigError(f"--data: {args.data} is not a directory")
     out = args.out or Path("runs") / time.strftime("swarm-%Y%m%d-%H%M%S")
-    summary = run_swarm(SwarmOptions(
-        peers=args.peers, rounds=args.rounds, out_dir=out, seed=args.seed, run_id=args.run_id,
-        peer_args=tuple(_passthrough(args)), threads_per_peer=args.threads_per_peer,
-    ))
+    try:
+        summary = run_swarm(SwarmOptions(
+            peers=args.peers, rounds=args.rounds, out_dir=out, seed=args.seed, run_id=args.run_id,
+            peer_args=tuple(_passthrough(args)), threads_per_peer=args.threads_per_peer,
+        ))
+    except PeerFailed as exc:
+        # The peer's own error, not a traceback of ours: the swarm only noticed it.
+        print(f"p2pfm: error: {exc}\np2pfm: the swarm was stopped; every peer's log is in {out}/peer-*/peer.log",
+              file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:

@@ -1,0 +1,103 @@
+"""`p2pfm swarm` never waits silently on a dead peer: it stops within seconds, says why, cleans up.
+
+Before, a peer that died at start-up left peer 0 waiting 300 s for a quorum that could not
+come while the progress bar sat at 0 %. These tests run real peer processes and fail the
+same ways a user's run does: a peer that cannot load its key, a peer that crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pfm.swarm import PeerFailed, SwarmOptions, drive_swarm, plan_swarm
+from tests.integration.conftest import TINY_MODEL, wait_for
+
+pytestmark = pytest.mark.integration
+
+FAIL_FAST_S = 30.0  # the requirement: the whole swarm is down and has said why within this
+
+
+def live_group_members(pgids: set[int]) -> list[int]:
+    """Pids of processes (zombies excluded: they have exited) whose process group is in ``pgids``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if state != "Z" and int(pgrp) in pgids:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see process groups")
+@pytest.mark.timeout(240)
+def test_peer_failing_at_start_up_stops_the_swarm_with_its_error(tmp_path):
+    """Peer 1 cannot load its key: the swarm raises PeerFailed with that error within 30 s, all peers gone."""
+    options = SwarmOptions(peers=3, rounds=50, out_dir=tmp_path / "run", peer_args=tuple(TINY_MODEL),
+                           threads_per_peer=1, progress=False)
+    swarm = plan_swarm(options)
+    bad_key = swarm.peers[1].work_dir / "peer.key"  # a real user error: a key file that is not a key
+    bad_key.parent.mkdir(parents=True)
+    bad_key.write_text("this is not a PEM key\n")
+    bad_key.chmod(0o600)
+    started = time.monotonic()
+    with pytest.raises(PeerFailed) as caught:
+        drive_swarm(swarm, options)
+    elapsed = time.monotonic() - started
+    failure = caught.value
+    assert failure.index == 1
+    assert failure.reason == "exited with status 2 at start-up", str(failure)
+    # The peer's own words (its CLI's error line naming the key file), not just a log path.
+    assert f"p2pfm: error: key file {bad_key}" in str(failure)
+    assert elapsed < FAIL_FAST_S, f"took {elapsed:.1f} s to stop: {failure}"
+    assert not any(peer.alive for peer in swarm.peers)
+    assert live_group_members({p.process.pid for p in swarm.peers}) == []
+    assert not (options.out_dir / "summary.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see process groups")
+@pytest.mark.timeout(300)
+def test_cli_exits_non_zero_naming_a_crashed_peer_and_leaves_no_process(tmp_path):
+    """SIGKILL peer 1 of a running `p2pfm swarm`: the command exits 1 within 30 s, names peer 1, kills the rest."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "p2pfm", "swarm", "--peers", "3", "--rounds", "200", "--out", str(out),
+               "--threads-per-peer", "1", *TINY_MODEL]
+    swarm = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        def status(index: int) -> dict:
+            try:
+                return json.loads((out / f"peer-{index}" / "status.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                return {}
+
+        wait_for(lambda: all(status(i).get("pid") for i in range(3)) or swarm.poll() is not None, 180,
+                 "all three peers to be online")
+        assert swarm.poll() is None, swarm.communicate()
+        pids = {i: status(i)["pid"] for i in range(3)}
+        os.killpg(pids[1], signal.SIGKILL)  # a device crash
+        try:
+            _, stderr = swarm.communicate(timeout=FAIL_FAST_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`p2pfm swarm` still running {FAIL_FAST_S:.0f} s after peer 1 died")
+    finally:
+        if swarm.poll() is None:
+            os.killpg(swarm.pid, signal.SIGKILL)
+            swarm.wait()
+    assert swarm.returncode == 1, stderr
+    assert "p2pfm: error: peer 1 was killed by SIGKILL" in stderr
+    assert str(out / "peer-1" / "peer.log") in stderr
+    assert "Traceback" not in stderr
+    assert live_group_members(set(pids.values())) == []
