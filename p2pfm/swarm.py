@@ -402,7 +402,7 @@ class SwarmOptions:
     progress: bool = True
 
 
-FAILURE_GRACE_S = 10.0  # after a peer failed, the others get this long together to leave gracefully
+FAILURE_GRACE_S = 5.0  # after a peer failed, the others get this long together to leave gracefully (a joining peer needs about 2 s)
 
 
 def plan_swarm(options: SwarmOptions) -> LocalSwarm:

@@ -52,16 +52,18 @@ def test_peer_failing_at_start_up_stops_the_swarm_with_its_error(tmp_path):
     bad_key.parent.mkdir(parents=True)
     bad_key.write_text("this is not a PEM key\n")
     bad_key.chmod(0o600)
-    started = time.monotonic()
+    started, wall_start = time.monotonic(), time.time()
     with pytest.raises(PeerFailed) as caught:
         drive_swarm(swarm, options)
     elapsed = time.monotonic() - started
+    # When peer 1 wrote its last words: tells slow start-ups (load) from slow detection.
+    failed_at = swarm.peers[1].log_path.stat().st_mtime - wall_start
     failure = caught.value
     assert failure.index == 1
     assert failure.reason == "exited with status 2 at start-up", str(failure)
     # The peer's own words (its CLI's error line naming the key file), not just a log path.
     assert f"p2pfm: error: key file {bad_key}" in str(failure)
-    assert elapsed < FAIL_FAST_S, f"took {elapsed:.1f} s to stop: {failure}"
+    assert elapsed < FAIL_FAST_S, f"took {elapsed:.1f} s to stop; peer 1 failed after {failed_at:.1f} s: {failure}"
     assert not any(peer.alive for peer in swarm.peers)
     assert live_group_members({p.process.pid for p in swarm.peers}) == []
     assert not (options.out_dir / "summary.json").exists()
