@@ -103,3 +103,23 @@ def test_cli_exits_non_zero_naming_a_crashed_peer_and_leaves_no_process(tmp_path
     assert str(out / "peer-1" / "peer.log") in stderr
     assert "Traceback" not in stderr
     assert live_group_members(set(pids.values())) == []
+
+
+@pytest.mark.timeout(400)
+def test_cli_swarm_finds_itself_trains_and_exits_0(tmp_path):
+    """The happy path of `p2pfm swarm`: the peers find each other, the bar moves from waiting to training."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "p2pfm", "swarm", "--peers", "3", "--rounds", "3", "--out", str(out),
+               "--threads-per-peer", "1", "--json", *TINY_MODEL]
+    # Far below the daemons' 300 s quorum deadline: peers that cannot find each other fail this.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=200,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["peers"] == 3 and summary["rounds"] == 3
+    assert "swarm of 3: waiting for peers" in result.stderr
+    assert "swarm of 3: training" in result.stderr or "swarm of 3: finishing" in result.stderr
+    for index in range(3):
+        records = [json.loads(line) for line in (out / f"peer-{index}" / "metrics.jsonl").read_text().splitlines()]
+        rounds = [r for r in records if r.get("event") == "round"]
+        assert rounds and max(r["live_peers"] for r in rounds) == 2, f"peer {index} never saw both others"
