@@ -253,8 +253,9 @@ class LocalSwarm:
         return peer
 
     def start_peer(self, peer: PeerProcess, *, wait: bool = True) -> None:
-        """Start ``peer``; it joins through the first peer's address if it was added before that was known."""
-        if self.bootstrap and "--initial-peers" not in peer.args:
+        """Start ``peer``; on its first start it joins through the first peer's address, even if it was
+        added before that was known (restarts choose a live peer themselves, see restart_peer)."""
+        if self.bootstrap and peer.process is None and "--initial-peers" not in peer.args:
             peer.args += ["--initial-peers", self.bootstrap]
         peer.start()
         if wait or self.bootstrap is None:
