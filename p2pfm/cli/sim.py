@@ -73,7 +73,7 @@ def handle(args: argparse.Namespace) -> int:
 
     out = args.out or Path("sim/results") / scenario.name
     summary = run_scenario(scenario, out, progress=progress)
-    keys = ("final_loss", "time_to_target_s", "consensus_distance", "bytes_sent_total", "energy_wh", "carbon_g",
+    keys = ("final_loss", "final_loss_round", "final_is_last_round", "note", "time_to_target_s", "consensus_distance", "bytes_sent_total", "energy_wh", "carbon_g",
             "datacenter_carbon_g", "churn_events", "rejoin_catchup_rounds")  # fmt: skip
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"results in {out}", file=sys.stderr)
