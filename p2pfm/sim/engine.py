@@ -123,7 +123,11 @@ class Simulation:
         base = sc.resolve(".")
         self.profiles: dict[str, DeviceProfile] = resolve_profiles(sc.devices, base)
         self.device_of = assign_devices(sc.devices.mix, n, rng_devices)
-        trace = load_trace(sc.resolve(sc.churn.trace)) if sc.churn.model == "trace" else None
+        trace = (
+            load_trace(sc.resolve(sc.churn.trace)).scaled(sc.churn.trace_time_scale)
+            if sc.churn.model == "trace"
+            else None
+        )
         self.availability = build_availability(sc.churn, n, rng_churn, trace)
         self.workload = _build_workload(sc, rng_work)
         self.gossip = sc.gossip
