@@ -34,7 +34,8 @@ preallocated array. A multi-GB file is never read whole.
 
 What counts as text: files with a text suffix (``TEXT_SUFFIXES``; any name when ``--data``
 is a single file) whose sampled bytes (head, middle and tail) hold no NUL byte and are
-mostly valid UTF-8. Other files are skipped with a warning naming them, since a byte-level
+at least three quarters valid UTF-8 (so Latin-1 prose stays in, while legacy CJK
+encodings and binaries do not). Other files are skipped with a warning naming them, since a byte-level
 model trained on binary noise learns nothing useful and the user should know what was left out.
 """
 
@@ -62,7 +63,7 @@ MIN_BLOCK_BYTES = 256  # below this, block boundaries would cut most training wi
 MAX_BLOCK_BYTES = 64 << 10  # one cheap sequential read; few windows straddle two blocks
 MAX_BLOCKS = 1 << 20  # past this, blocks grow: permutations stay a few MB for any corpus
 SNIFF_BYTES = 4096  # bytes sampled at the head, middle and tail of each file
-MAX_INVALID_UTF8 = 0.1  # more than this share of invalid sequences: not text
+MAX_INVALID_UTF8 = 0.25  # more invalid sequences per sampled byte: not text (Latin-1 prose stays in)
 
 
 def default_corpus_dir() -> Path:
