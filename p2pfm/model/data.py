@@ -33,10 +33,10 @@ shard and the capped held-out set, block by block, with seek + readinto into one
 preallocated array. A multi-GB file is never read whole.
 
 What counts as text: files with a text suffix (``TEXT_SUFFIXES``; any name when ``--data``
-is a single file) whose sampled bytes (head, middle and tail) hold no NUL byte and are
-at least three quarters valid UTF-8 (so Latin-1 prose stays in, while legacy CJK
-encodings and binaries do not). Other files are skipped with a warning naming them, since a byte-level
-model trained on binary noise learns nothing useful and the user should know what was left out.
+is a single file) whose sampled bytes (head, middle and tail) hold no NUL byte and are at
+least three quarters valid UTF-8 (Latin-1 prose stays in; legacy CJK encodings and binaries
+do not). Other files are skipped with a warning naming them: a byte-level model trained on
+binary noise learns nothing useful, and the user should know what was left out.
 """
 
 from __future__ import annotations
