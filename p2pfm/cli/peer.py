@@ -28,7 +28,7 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--run-id": ("run_id", str, "swarm name; all peers of a run must agree"),
     "--seed": ("seed", int, "run seed (identical initial weights on every peer)"),
     "--rounds": ("rounds", int, "stop after this round (0 = until stopped)"),
-    "--data": ("data", Path, "folder of text files (default: this machine's Python stdlib)"),
+    "--data": ("data", Path, "folder of text files, or one text file (default: this machine's Python stdlib)"),
     "--shard": ("shard", int, "shard index to train on (-1 = derived from the peer id)"),
     "--num-shards": ("num_shards", int, "number of shards the corpus is split into"),
     "--min-peers": ("min_peers", int, "wait for this many live peers (us included) before training"),

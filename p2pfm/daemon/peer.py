@@ -92,7 +92,7 @@ class PeerDaemon:
             torch.set_num_threads(threads)
             dataset = ByteDataset(
                 config.data, self.shard, block_size=config.model.block_size,
-                max_shard_bytes=config.train.max_shard_bytes,
+                max_shard_bytes=config.train.max_shard_bytes, seed=config.seed,
             )
             adapter = LocalTrainer(
                 build_model(config.model, config.seed), dataset, lr=config.train.lr,
@@ -586,9 +586,11 @@ class PeerDaemon:
         quorum = await self.wait_for_quorum()
         self.await_first_update = quorum.ready and quorum.need > 1
         initial_eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
+        # The byte split this peer trains and evaluates on (absent for a user's own model).
+        data_sizes = self.trainer.dataset.sizes() if isinstance(self.trainer, LocalTrainer) else {}
         self.metrics.write({"event": "start", "round": self.learner.round, "resumed": self.resumed,
                             "params": self.numel, "shard": self.shard.index, "initial_eval_loss": initial_eval_loss,
-                            "wall_time": time.time() - self.started})
+                            "wall_time": time.time() - self.started, **data_sizes})
         joined = await self.catch_up_if_behind("rejoin" if self.resumed else "join", force=True)
         self.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
         self._heartbeat = asyncio.create_task(self.heartbeat())
