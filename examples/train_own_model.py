@@ -33,9 +33,22 @@ CHILDREN: list[subprocess.Popen] = []
 
 
 def start_second_peer(maddr: str, steps: int, work_dir: Path) -> None:
-    """Called once the first peer is online: start a second peer that joins through it."""
+    """Called once the first peer is online: start a second peer that joins through it.
+
+    It stays in our process group, so whoever stops us (Ctrl-C, a test's kill of the group)
+    stops it too; and we stop it ourselves on every exit path (see ``main``)."""
     CHILDREN.append(subprocess.Popen([sys.executable, __file__, "--initial-peers", maddr, "--shard", "1",
                                       "--steps", str(steps), "--work-dir", str(work_dir)]))
+
+
+def stop_children() -> None:
+    for child in CHILDREN:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def main() -> None:
@@ -45,6 +58,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
+    try:
+        sys.exit(train(args))
+    finally:
+        stop_children()  # a failure of ours must not leave the second peer running
+
+
+def train(args: argparse.Namespace) -> int:
+    """One peer's whole run; returns the exit code (the second peer's, for the first peer)."""
     torch.set_num_threads(1)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="p2pfm-example-"))
 
@@ -61,7 +82,9 @@ def main() -> None:
         model, torch.optim.Adam(model.parameters(), lr=3e-3), run_id="example-regression",
         initial_peers=args.initial_peers, inner_steps=10, key=work_dir / f"peer{args.shard}.key",
         work_dir=work_dir / f"peer{args.shard}", samples_per_step=64, evaluate_fn=evaluate,
-        min_peers=1 if args.initial_peers else 2,
+        # Both peers wait for each other: neither trains before the other can hear it, so
+        # gossip crosses both ways whatever the machines' speeds.
+        min_peers=2,
         on_ready=None if args.initial_peers else lambda maddr: start_second_peer(maddr, args.steps, work_dir),
     )
     print(f"peer {args.shard}: eval MSE on the other shard before: {evaluate():.4f}", flush=True)
@@ -75,8 +98,7 @@ def main() -> None:
     print(f"peer {args.shard}: eval MSE on the other shard after {optimizer.round} rounds: {evaluate():.4f}",
           flush=True)
     optimizer.shutdown()
-    if CHILDREN:
-        sys.exit(CHILDREN[0].wait())
+    return CHILDREN[0].wait() if CHILDREN else 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ same initial model (seed your init identically), as parameter syncs are encoded 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -95,12 +96,28 @@ class GossipOptimizer:
         self._daemon = self._call(self._make_daemon())
         if on_ready is not None:
             self._daemon.on_online = lambda maddrs: on_ready(maddrs[0])
-        self._call(self._daemon.start())
+        try:
+            self._call(self._daemon.start())
+        except BaseException:
+            self._call(self._abort())
+            self._stop_loop()
+            raise
+        # A script that ends (or raises) without shutdown() still leaves the swarm cleanly and
+        # stops the DHT child and p2pd; a SIGKILLed one is covered by the DHT child's watchdog.
+        atexit.register(self.shutdown)
         self._steps_in_round = 0
         self._round_started = time.perf_counter()
         self._compute = 0.0
         self._losses: list[float] = []
         self._closed = False
+
+    async def _abort(self) -> None:
+        await self._daemon.net.shutdown()
+        self._daemon.metrics.close()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
 
     async def _make_daemon(self) -> PeerDaemon:
         return PeerDaemon(self.config, adapter=self._adapter)  # its asyncio objects belong to our loop
@@ -150,11 +167,11 @@ class GossipOptimizer:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.shutdown)
         try:
             self._call(self._daemon.stop())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+            self._stop_loop()
 
     def __enter__(self) -> GossipOptimizer:
         return self

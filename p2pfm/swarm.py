@@ -309,9 +309,15 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
     """The swarm's ``summary.json`` from the peers' metrics files and final checkpoints."""
     per_peer, initial, params, bytes_sent, update_bytes, rejected, rounds = {}, [], [], 0, 0, {}, 0
     numel, sync_bytes, peer_rounds = 0, 0, 0
+    # The byte split each peer reported at its (latest) start; corpus and held-out are shared.
+    data_split: dict[str, Any] = {"corpus_bytes": None, "holdout_bytes": None, "shard_bytes": {}}
     for peer in peers:
         records = peer.metrics()
         starts = [r for r in records if r.get("event") == "start"]
+        if starts and "shard_bytes" in starts[-1]:
+            data_split["shard_bytes"][str(peer.index)] = starts[-1]["shard_bytes"]
+            data_split["corpus_bytes"] = starts[-1].get("corpus_bytes")
+            data_split["holdout_bytes"] = starts[-1].get("holdout_bytes")
         round_records = [r for r in records if r.get("event") == "round"]
         peer_rounds += len(round_records)
         if starts and starts[0].get("initial_eval_loss") is not None:
@@ -360,6 +366,7 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
         "sync_bits_per_param_per_round": 8.0 * sync_bytes / max(1, numel) / peer_rounds,
         "consensus_distance": consensus_distance(params),
         "messages_rejected": rejected,
+        "data_split": data_split,
         "wall_seconds": wall_seconds,
     }
 

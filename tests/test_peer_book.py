@@ -171,3 +171,26 @@ def test_announcements_are_frozen():
     """Announcement is immutable: merged records cannot be altered behind the book's back."""
     with pytest.raises(dataclasses.FrozenInstanceError):
         announcement("a").round = 5  # type: ignore[misc]
+
+
+def test_first_seen_orders_peers_by_when_we_met_them():
+    """A peer met in a later lookup is newer; a heartbeat of a known peer does not renew it."""
+    book = book_with(announcement("a", timestamp=100.0))
+    book.merge({"b": announcement("b", timestamp=101.0)})
+    book.merge({"a": announcement("a", timestamp=102.0, seq=2)})
+    seen = book.first_seen()
+    assert seen["b"] > seen["a"]
+
+
+def test_first_seen_renews_for_a_restarted_peer():
+    """A newer announcement with another libp2p id is a new process of the peer: met anew."""
+    book = book_with(announcement("a", timestamp=100.0), announcement("b", timestamp=100.0))
+    restarted = dataclasses.replace(announcement("a", timestamp=105.0, seq=1), libp2p_id="12D3KooNEW")
+    book.merge({"a": restarted})
+    seen = book.first_seen()
+    assert seen["a"] > seen["b"]
+
+
+def test_announcement_sees_defaults_to_empty():
+    """Announcements from peers that list nobody (or older peers) carry an empty ``sees``."""
+    assert announcement("a").sees == ()

@@ -80,15 +80,18 @@ def test_invalid_value_raises_config_error_naming_the_field(overrides, field_nam
     assert str(info.value).startswith(f"{field_name}:"), str(info.value)
 
 
-def test_data_that_is_not_a_directory_is_refused(tmp_path):
-    """`data` must be an existing directory."""
+def test_data_that_does_not_exist_is_refused(tmp_path):
+    """`data` must exist; the message says so rather than blaming the kind of path."""
     missing = tmp_path / "nowhere"
-    with pytest.raises(ConfigError, match=r"^data: .*nowhere is not a directory"):
+    with pytest.raises(ConfigError, match=r"^data: .*nowhere does not exist"):
         load_peer_config(None, {"data": str(missing)})
-    a_file = tmp_path / "file.txt"
+
+
+def test_data_may_be_a_single_file(tmp_path):
+    """One text file is a corpus too (the split is by byte range, not by file)."""
+    a_file = tmp_path / "book.txt"
     a_file.write_text("hello")
-    with pytest.raises(ConfigError, match=r"^data: "):
-        load_peer_config(None, {"data": str(a_file)})
+    assert load_peer_config(None, {"data": str(a_file)}).data == a_file
 
 
 def test_data_directory_is_accepted_as_path(tmp_path):

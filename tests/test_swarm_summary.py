@@ -16,7 +16,7 @@ NUMEL = 1000
 SUMMARY_KEYS = {
     "peers", "rounds", "params", "initial_eval_loss", "final_eval_loss", "final_eval_loss_per_peer",
     "bytes_sent_total", "bits_per_param_per_round", "update_bits_per_param_per_round",
-    "sync_bits_per_param_per_round", "consensus_distance", "messages_rejected", "wall_seconds",
+    "sync_bits_per_param_per_round", "consensus_distance", "messages_rejected", "data_split", "wall_seconds",
 }
 
 
@@ -129,6 +129,17 @@ def test_summary_of_alive_at_end_only_counts_survivors_for_losses_and_consensus(
     assert summary["final_eval_loss"] == pytest.approx(4.5)
     assert summary["consensus_distance"] == 0.0  # one checkpoint left
     assert summary["bytes_sent_total"] == 390
+
+
+def test_summary_reports_the_byte_split_of_each_peer(tmp_path):
+    """The start events' byte counts become data_split; a restarted peer counts its latest start."""
+    sizes = {"corpus_bytes": 1000, "holdout_bytes": 50}
+    peer0 = make_peer(tmp_path, 0, [{**start(5.0), **sizes, "shard_bytes": 310}])
+    peer1 = make_peer(tmp_path, 1, [{**start(5.0), **sizes, "shard_bytes": 1},
+                                    {**start(4.0), **sizes, "shard_bytes": 320}])
+    peer2 = make_peer(tmp_path, 2, [start(5.0)])  # a user's own model: no byte counts
+    summary = summarize([peer0, peer1, peer2], wall_seconds=1.0)
+    assert summary["data_split"] == {"corpus_bytes": 1000, "holdout_bytes": 50, "shard_bytes": {"0": 310, "1": 320}}
 
 
 def test_summary_tolerates_peers_without_metrics_or_checkpoint(tmp_path, two_peers):

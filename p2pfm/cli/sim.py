@@ -1,4 +1,5 @@
-"""``p2pfm sim SCENARIO.toml`` and ``p2pfm sim sweep SCENARIO.toml --churn-rates ...``.
+"""``p2pfm sim SCENARIO.toml``, ``p2pfm sim sweep SCENARIO.toml --churn-rates ...`` and
+``p2pfm sim convert-trace PHONE_TRACE --out TRACE.csv``.
 
 Thin: each handler loads the scenario (strict, errors name the field), applies the flags
 and calls one function of :mod:`p2pfm.sim`. Results go to ``--out`` (default
@@ -17,8 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sim",
         help="simulate a swarm with churn on a virtual clock",
-        description="Run a churn-resilience scenario (sim/scenarios/*.toml), or `sim sweep` over churn rates.",
-        usage="p2pfm sim SCENARIO.toml [--out DIR] [--seed N] [--rounds N]\n       p2pfm sim sweep SCENARIO.toml --churn-rates 0,0.1,0.3 [--out DIR] [--seed N]",
+        description="Run a churn-resilience scenario (sim/scenarios/*.toml), `sim sweep` over churn rates, "
+        "or `sim convert-trace` a phone trace (user_id,week,start_ms:end_ms;...) to our CSV (sim/traces/README.md).",
+        usage="p2pfm sim SCENARIO.toml [--out DIR] [--seed N] [--rounds N]\n"
+        "       p2pfm sim sweep SCENARIO.toml --churn-rates 0,0.1,0.3 [--out DIR] [--seed N]\n"
+        "       p2pfm sim convert-trace PHONE_TRACE --out TRACE.csv [--absolute-times] [--run-seconds S]",
     )
     parser.add_argument("target", metavar="SCENARIO.toml", help="scenario file, or `sweep` followed by one")
     parser.add_argument("scenario", nargs="?", help=argparse.SUPPRESS)
@@ -27,6 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, help="override the scenario's number of rounds (quick checks)")
     parser.add_argument("--churn-rates", help="sweep only: comma-separated fractions, e.g. 0,0.1,0.3,0.5")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--absolute-times",
+        action="store_true",
+        help="convert-trace only: times share one clock (e.g. epoch ms), one device per user, "
+        "earliest start = 0 (default: ms from each week's start, one device per user-week)",
+    )
+    parser.add_argument(
+        "--run-seconds",
+        type=float,
+        help="convert-trace only: print the churn.trace_time_scale that replays the whole trace over "
+        "this many virtual seconds (rounds x round_seconds)",
+    )
     parser.set_defaults(handler=handle)
 
 
@@ -40,6 +56,10 @@ def handle(args: argparse.Namespace) -> int:
     from p2pfm.config import ConfigError
     from p2pfm.sim.scenario import load_scenario
 
+    if args.target == "convert-trace":
+        return convert_trace(args)
+    if args.absolute_times or args.run_seconds is not None:
+        raise ConfigError("--absolute-times, --run-seconds: only for `p2pfm sim convert-trace`")
     sweep = args.target == "sweep"
     path = args.scenario if sweep else args.target
     if path is None:
@@ -73,8 +93,45 @@ def handle(args: argparse.Namespace) -> int:
 
     out = args.out or Path("sim/results") / scenario.name
     summary = run_scenario(scenario, out, progress=progress)
-    keys = ("final_loss", "time_to_target_s", "consensus_distance", "bytes_sent_total", "energy_wh", "carbon_g",
+    keys = ("final_loss", "final_loss_round", "final_is_last_round", "note", "time_to_target_s", "consensus_distance", "bytes_sent_total", "energy_wh", "carbon_g",
             "datacenter_carbon_g", "churn_events", "rejoin_catchup_rounds")  # fmt: skip
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"results in {out}", file=sys.stderr)
+    return 0
+
+
+def convert_trace(args: argparse.Namespace) -> int:
+    """Write a phone trace in our CSV format and say how to replay all of it."""
+    import math
+
+    from p2pfm.config import ConfigError
+    from p2pfm.sim.scenario import TRACE_TIME_SCALE_MAX, TRACE_TIME_SCALE_MIN
+    from p2pfm.sim.traces import TraceError, convert_phone_trace
+
+    if args.scenario is None or args.out is None:
+        raise ConfigError("sim convert-trace: give the input and --out: p2pfm sim convert-trace IN.txt --out OUT.csv")
+    for flag in ("seed", "rounds", "churn_rates"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')}: not for `p2pfm sim convert-trace`")
+    if args.run_seconds is not None and not (math.isfinite(args.run_seconds) and args.run_seconds > 0):
+        raise ConfigError("--run-seconds: must be a positive number of virtual seconds")
+    source = Path(args.scenario)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(str(source), 0, f"cannot be read: {exc}") from None
+    result = convert_phone_trace(text, str(source), absolute=args.absolute_times)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(result.csv)
+    print(
+        f"{args.out}: {result.devices} devices, {result.intervals_out} intervals "
+        f"({result.intervals_in} read, overlapping or touching ones merged; "
+        f"{result.empty_dropped} empty user-weeks dropped), span {result.span_s:g} trace seconds",
+        file=sys.stderr,
+    )
+    if args.run_seconds is not None:
+        scale = result.time_scale_for(args.run_seconds)
+        if not TRACE_TIME_SCALE_MIN <= scale <= TRACE_TIME_SCALE_MAX:
+            raise ConfigError(f"--run-seconds: gives trace_time_scale {scale:g}, outside the allowed range")
+        print(f"trace_time_scale = {scale!r}  # [churn]: {result.span_s:g} trace s over {args.run_seconds:g} virtual s")
     return 0

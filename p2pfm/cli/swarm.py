@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from p2pfm.swarm import PeerFailed, SwarmOptions, run_swarm
 
     load_peer_config(None, overrides_from_args(args))  # validate pass-through flags before starting anything
-    if args.data is not None and not Path(args.data).is_dir():
-        raise ConfigError(f"--data: {args.data} is not a directory")
+    if args.data is not None and not Path(args.data).exists():
+        raise ConfigError(f"--data: {args.data} does not exist; give a folder of text files or one text file")
     out = args.out or Path("runs") / time.strftime("swarm-%Y%m%d-%H%M%S")
     try:
         summary = run_swarm(SwarmOptions(
@@ -75,5 +75,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/byte; "
               f"consensus distance {summary['consensus_distance']:.2e}; "
               f"{summary['bits_per_param_per_round']:.3f} bits/param/round")
+        split = summary.get("data_split") or {}
+        if split.get("shard_bytes"):
+            shards = ", ".join(f"{b:,}" for b in split["shard_bytes"].values())
+            print(f"data: {split['corpus_bytes']:,} bytes of text; held-out {split['holdout_bytes']:,} bytes; "
+                  f"shards in memory {shards} bytes")
         print(f"wrote {out / 'summary.json'} and {out / 'loss.png'}")
     return 0

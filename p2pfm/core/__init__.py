@@ -11,4 +11,5 @@ Map:
 - ``codecs.py``    update codecs (none, fp16, int8, topk) with wire validation.
 - ``feedback.py``  error feedback: the residual of what a lossy codec did not send.
 - ``gossip.py``    the gossip rules: partner choice, merge, robust aggregation, outer step.
+- ``quorum.py``    the start-up quorum: train only once the partners we expect can hear us.
 """

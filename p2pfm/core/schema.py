@@ -295,7 +295,11 @@ register_kind(
             "device": Str(64),
             "power_w": Float(min=0.0),
             "state_bytes": Int(),
-        }
+            # libp2p ids of the peers the sender sees (newest first): the start-up quorum's
+            # handshake, see p2pfm.core.quorum. Optional: older announcements omit it.
+            "sees": List(Str(128), 64),
+        },
+        optional=frozenset({"sees"}),
     ),
 )
 register_kind(

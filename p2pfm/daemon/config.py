@@ -85,7 +85,7 @@ class PeerConfig:
     run_id: str = "p2pfm-default"  # swarm name: messages of other runs are refused
     seed: int = 0  # run seed: identical initial weights on every peer
     rounds: int = 0  # stop after this round (0 = run until stopped)
-    data: Path | None = None  # folder of text files; default: this machine's Python stdlib
+    data: Path | None = None  # folder of text files, or one text file; default: this machine's Python stdlib
     shard: int = -1  # which shard to train on; -1 = derived from the peer id
     num_shards: int = 8
     device: str = "cpu-host"  # device class, announced (energy accounting, scheduling)
@@ -114,7 +114,7 @@ class PeerConfig:
         require(self.min_peers_timeout_s >= 0, "min_peers_timeout_s", "must be non-negative")
         require(self.final_drain_s >= 0, "final_drain_s", "must be non-negative")
         if self.data is not None:
-            require(self.data.is_dir(), "data", f"{self.data} is not a directory of text files")
+            require(self.data.exists(), "data", f"{self.data} does not exist; give a folder of text files or one text file")
 
 
 def _set_nested(values: dict[str, Any], dotted: str, value: Any) -> None:

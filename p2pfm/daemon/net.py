@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from p2pfm.core.envelope import Envelope, EnvelopeLimits, open_envelope, seal
-from p2pfm.core.errors import Oversize, Reject
+from p2pfm.core.errors import Oversize, Reject, RejectReason
 from p2pfm.core.identity import Identity
 from p2pfm.daemon.config import NetConfig
 
@@ -64,6 +66,49 @@ class Announcement:
     state_bytes: int
     seq: int
     timestamp: float
+    sees: tuple[str, ...] = ()  # libp2p ids the sender sees (the start-up quorum's handshake)
+
+
+class ForeignRecord(Reject):
+    """A DHT record under the swarm's key that is not a well-formed announcement of its subkey.
+
+    ``label`` is what the metrics count it under (the envelope's own reasons pass through)."""
+
+    reason = RejectReason.SCHEMA
+
+    def __init__(self, label: str, detail: str) -> None:
+        super().__init__(detail)
+        self.label = label
+
+
+class IgnoredRecords:
+    """Counts foreign or malformed DHT records by reason, and logs each offender at most once a minute.
+
+    Lookups run every few seconds and a junk record stays until it expires: logging every
+    sighting would flood the log (one stranger's 5,000 records made 10,000 lines per 10 s),
+    and counting none would hide the attack. Memory is bounded: at most ``max_offenders``
+    offenders are remembered for rate limiting (oldest forgotten first)."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, max_offenders: int = 1024) -> None:
+        self.by_reason: Counter[str] = Counter()
+        self.max_offenders = max_offenders
+        self._last_logged: OrderedDict[str, float] = OrderedDict()
+
+    def note(self, subkey: object, exc: Reject, now: float) -> None:
+        label = getattr(exc, "label", exc.reason.value)
+        self.by_reason[label] += 1
+        offender = repr(subkey)[:80]
+        last = self._last_logged.get(offender)
+        if last is not None and now - last < self.LOG_EVERY_S:
+            return
+        self._last_logged[offender] = now
+        self._last_logged.move_to_end(offender)
+        while len(self._last_logged) > self.max_offenders:
+            self._last_logged.popitem(last=False)
+        log.info("ignored a DHT record under %s: %s (%d ignored records in all; "
+                 "this offender is logged at most once a minute)", offender, exc, sum(self.by_reason.values()))
 
 
 class PeerBook:
@@ -79,13 +124,22 @@ class PeerBook:
         self._known: dict[str, Announcement] = {}
         self._suspects: dict[str, tuple[float, int]] = {}
         self._lost: dict[str, Announcement] = {}  # expired without a tombstone, kept for re-dialing
+        self._first_seen: dict[str, int] = {}  # merge order at which we met this life of the peer
+        self._merges = 0
 
     def merge(self, found: dict[str, Announcement]) -> None:
+        self._merges += 1
         for peer_id, announcement in found.items():
             self._lost.pop(peer_id, None)
             known = self._known.get(peer_id)
             if known is None or (announcement.timestamp, announcement.seq) > (known.timestamp, known.seq):
+                if known is None or known.libp2p_id != announcement.libp2p_id:  # new, or restarted
+                    self._first_seen[peer_id] = self._merges
                 self._known[peer_id] = announcement
+
+    def first_seen(self) -> dict[str, int]:
+        """Live-or-known peer id -> when (in merges) we first met its current process."""
+        return {p: self._first_seen.get(p, 0) for p in self._known}
 
     def suspect(self, peer_id: str) -> None:
         """A call to this peer failed: treat it as gone until it announces again (heartbeats
@@ -104,6 +158,7 @@ class PeerBook:
                 self._lost[peer_id] = self._known[peer_id]
             del self._known[peer_id]
             self._suspects.pop(peer_id, None)
+            self._first_seen.pop(peer_id, None)
         return {
             p: a for p, a in self._known.items()
             if a.maddrs and (a.timestamp, a.seq) > self._suspects.get(p, (float("-inf"), -1))
@@ -129,6 +184,35 @@ async def _redial_in_dht_process(_dht, node, targets: list[tuple[str, list[str]]
     return answered
 
 
+async def _exit_with_parent(_dht, node, parent_pid: int, poll_s: float = 1.0) -> None:
+    """Runs inside hivemind's DHT process for its whole life: when the peer process that forked
+    it dies (even by SIGKILL, which runs no clean-up), kill our ``p2pd`` and exit, so that a
+    crashed or killed peer never leaves orphans running. Module-level so that it can be pickled."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(poll_s)
+    child = getattr(getattr(node, "p2p", None), "_child", None)
+    if child is not None and child.returncode is None:
+        child.kill()
+    os._exit(0)
+
+
+async def _p2pd_pid(_dht, node) -> int:
+    """Runs inside the DHT process: the pid of the ``p2pd`` it started (0 if none)."""
+    child = getattr(getattr(node, "p2p", None), "_child", None)
+    return int(child.pid) if child is not None and child.returncode is None else 0
+
+
+def _kill_if_p2pd(pid: int) -> None:
+    """SIGKILL ``pid`` if it is still a p2pd (the pid could have been reused after it exited)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"p2pd" not in cmdline.read():
+                return
+        os.kill(pid, 9)
+    except (OSError, ValueError):
+        pass
+
+
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -146,6 +230,8 @@ class PeerNetwork:
         self.maddrs: list[str] = []
         self._announce_seq = 0
         self._limits = EnvelopeLimits(max_bytes=64 * 1024)
+        self.ignored_records = IgnoredRecords()
+        self._p2pd_pid = 0
 
     async def start(self) -> None:
         import hivemind  # heavy; imported only when a peer really starts
@@ -167,6 +253,14 @@ class PeerNetwork:
                 f"could not start the DHT (listen={list(self.config.listen)}, "
                 f"initial_peers={list(self.config.initial_peers)}): {exc}"
             ) from exc
+        from functools import partial
+
+        self.dht.run_coroutine(partial(_exit_with_parent, parent_pid=os.getpid()), return_future=True)
+        try:
+            self._p2pd_pid = int(await asyncio.wait_for(self.dht.run_coroutine(_p2pd_pid, return_future=True),
+                                                        self.config.request_timeout_s))
+        except Exception as exc:  # only used to make sure nothing outlives us
+            log.debug("could not learn the p2pd pid: %r", exc)
         self.p2p = await self.dht.replicate_p2p()
         self.libp2p_id = self.dht.peer_id.to_base58()
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
@@ -229,14 +323,18 @@ class PeerNetwork:
         except Exception as exc:
             log.warning("peer lookup failed: %r", exc)
             return {}
-        if found is None or not isinstance(found.value, dict):
+        if found is None:
+            return {}
+        if not isinstance(found.value, dict):  # someone stored a plain value over the swarm's key
+            self.ignored_records.note(self.dht_key, ForeignRecord("not_a_dictionary", "swarm key holds a plain value"),
+                                      now)
             return {}
         peers: dict[str, Announcement] = {}
         for subkey, item in found.value.items():
             try:
                 announcement = self.parse_announcement(subkey, item.value, now)
             except Reject as exc:
-                log.info("ignored a DHT record under %r: %s", subkey, exc)
+                self.ignored_records.note(subkey, exc, now)
                 continue
             if announcement.peer_id != self.identity.peer_id:
                 peers[announcement.peer_id] = announcement
@@ -244,7 +342,7 @@ class PeerNetwork:
 
     def parse_announcement(self, subkey: object, record: object, now: float) -> Announcement:
         if not isinstance(record, bytes):
-            raise Reject("announcement record is not bytes")
+            raise ForeignRecord("malformed", f"announcement record is {type(record).__name__}, not bytes")
         # Records are re-read for up to a TTL after signing: allow that age on top of skew.
         limits = EnvelopeLimits(
             max_bytes=self._limits.max_bytes,
@@ -252,14 +350,15 @@ class PeerNetwork:
         )
         envelope: Envelope = open_envelope(record, run_id=self.run_id, now=now, limits=limits)
         if envelope.kind != "announce":
-            raise Reject(f"record of kind {envelope.kind!r} where an announcement belongs")
+            raise ForeignRecord("wrong_kind", f"record of kind {envelope.kind!r} where an announcement belongs")
         if subkey != envelope.sender_id:
-            raise Reject(f"record under subkey {subkey!r} is signed by {envelope.sender_id}")
+            raise ForeignRecord("subkey_mismatch", f"record under subkey {subkey!r} is signed by {envelope.sender_id}")
         p = envelope.payload
         return Announcement(
             peer_id=envelope.sender_id, public_key=envelope.sender, libp2p_id=p["libp2p_id"],
             maddrs=tuple(p["maddrs"]), round=p["round"], model_hash=p["model_hash"], device=p["device"],
             power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq, timestamp=envelope.timestamp,
+            sees=tuple(p.get("sees", ())),
         )
 
     async def redial(self, targets: list[tuple[str, list[str]]]) -> int:
@@ -300,3 +399,5 @@ class PeerNetwork:
             if self.dht.is_alive():  # never leave an orphan that blocks interpreter exit
                 self.dht.kill()
                 self.dht.join(5)
+        if self._p2pd_pid:  # the DHT child normally stops it; if the child died first, we do
+            _kill_if_p2pd(self._p2pd_pid)

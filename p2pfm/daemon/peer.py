@@ -46,6 +46,7 @@ from p2pfm.core.gossip import (
     needs_catch_up,
 )
 from p2pfm.core.identity import Identity
+from p2pfm.core.quorum import QuorumView, peers_to_list, quorum_view
 from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
@@ -91,7 +92,7 @@ class PeerDaemon:
             torch.set_num_threads(threads)
             dataset = ByteDataset(
                 config.data, self.shard, block_size=config.model.block_size,
-                max_shard_bytes=config.train.max_shard_bytes,
+                max_shard_bytes=config.train.max_shard_bytes, seed=config.seed,
             )
             adapter = LocalTrainer(
                 build_model(config.model, config.seed), dataset, lr=config.train.lr,
@@ -129,6 +130,8 @@ class PeerDaemon:
         self.sync_soon = False  # set when lost peers reappear: sync at the next round
         self.resumed = False
         self.on_online: Callable[[list[str]], None] | None = None  # called with our addresses once reachable
+        self.heard_update = asyncio.Event()  # set by the first update accepted from a partner
+        self.await_first_update = False  # after round 1, wait (bounded) until a partner's update arrives
 
     # --- state: checkpoint and snapshot ---------------------------------------------
     def _state_meta(self) -> dict:
@@ -176,7 +179,14 @@ class PeerDaemon:
             "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.learner.round,
             "model_hash": self.snapshot_hash, "device": self.config.device[:64],
             "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot),
+            "sees": self.sees(),
         }
+
+    def sees(self) -> list[str]:
+        """The libp2p ids of the live peers we see: tells joiners that we can hear them."""
+        first_seen = self.peer_book.first_seen()
+        return peers_to_list({p: first_seen.get(p, 0) for p in self.live},
+                             {p: a.libp2p_id for p, a in self.live.items()})
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -213,6 +223,7 @@ class PeerDaemon:
             await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
             return
         self.counters["messages_accepted"] += 1
+        self.heard_update.set()
         await write_frame(writer, msgpack.packb({"ok": True}))
 
     async def handle_state(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -372,8 +383,10 @@ class PeerDaemon:
     async def heartbeat(self) -> None:
         beats = 0
         while not self.stop_event.is_set():
-            await self.net.announce(self.announcement_payload(), time.time())
+            # Look first, then announce: our ``sees`` list is then at most one lookup old, so a
+            # joiner waiting for us to hear it is confirmed within one heartbeat.
             await self.refresh_live()
+            await self.net.announce(self.announcement_payload(), time.time())
             beats += 1
             lost = self.peer_book.lost()
             if lost and beats % 3 == 0:  # every ~12 s while peers are missing: heal partitions
@@ -468,12 +481,88 @@ class PeerDaemon:
         self.stop_event.set()
         self.stop_flag.set()
 
-    def write_status(self, state: str) -> None:
-        self.metrics.status({
+    def write_status(self, state: str, quorum: dict | None = None) -> None:
+        status = {
             "peer_id": self.peer_id, "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs,
             "round": self.learner.round, "live_peers": sorted(self.live), "eval_loss": self.eval_loss,
             "state": state, "shard": self.shard.index, "pid": os.getpid(), "run_id": self.config.run_id,
-        })
+        }
+        if quorum is not None:
+            status["quorum"] = quorum
+        self.metrics.status(status)
+
+    def quorum_now(self) -> QuorumView:
+        need = max(self.config.min_peers, 2 if self.config.net.initial_peers else 1)
+        return quorum_view(self.net.libp2p_id, {p: a.sees for p, a in self.live.items()}, need)
+
+    async def wait_for_first_update(self) -> None:
+        """After our first round, wait (bounded) until some partner's update has reached us.
+
+        The quorum handshake guarantees that partners *can* hear us, but each peer learns it
+        at its own next DHT lookup, so one may start a fraction of a second before another.
+        A job whose rounds take milliseconds would spend that gap running far ahead, and the
+        later peer's updates would then be refused as stale. One round of lock-step at the
+        start aligns the peers to within a message's latency; afterwards nobody waits.
+        """
+        if self.heard_update.is_set():
+            return
+        patience = 3 * self.config.net.heartbeat_s + self.config.net.request_timeout_s
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.heard_update.wait(), patience)
+            log.info("first update from a partner arrived after %.2f s: the swarm is training together",
+                     time.perf_counter() - started)
+        except TimeoutError:
+            log.warning("no partner's update within %.0f s of our first round; training on without waiting", patience)
+
+    async def wait_for_quorum(self) -> QuorumView:
+        """Wait until the peers we expect can hear us; say whom we have and whom we wait for.
+
+        ``min_peers`` >= 2 is a hard quorum (wait up to ``min_peers_timeout_s``). A peer pointed
+        at a swarm (``initial_peers``) with ``min_peers`` = 1 still expects one partner, but
+        only for a short settling time: if nobody is there it trains alone, as before. A
+        partner counts once its announcement lists our libp2p id (``p2pfm.core.quorum``), so no
+        peer runs rounds its partners cannot hear, whatever the machines' speeds.
+        """
+        hard = self.config.min_peers >= 2
+        patience = self.config.min_peers_timeout_s if hard else 3 * self.config.net.heartbeat_s + 5.0
+        started = time.time()
+        deadline = started + patience
+        announced: list[str] = []
+        last_log = float("-inf")
+        while True:
+            await self.refresh_live()
+            view = self.quorum_now()
+            listed = self.sees()
+            if listed != announced:  # our view changed: tell the others at once that we hear them
+                await self.net.announce(self.announcement_payload(), time.time())
+                announced = listed
+            now = time.time()
+            waited = now - started
+            self.write_status("joining", {
+                "need": view.need, "have": view.have, "seen": list(view.seen), "confirmed": list(view.confirmed),
+                "unconfirmed": list(view.unconfirmed), "waited_s": round(waited, 1),
+                "deadline_s": round(patience, 1),
+            })
+            if view.ready or self.stop_event.is_set():
+                if view.need > 1:
+                    log.info("quorum reached after %.1f s: %s", waited, view.describe())
+                return view
+            if not hard and not view.seen and waited >= 5.0:  # pointed at a swarm that is not there
+                log.warning("no peer of the swarm found after %.0f s; training alone until peers appear", waited)
+                return view
+            if now > deadline:
+                log.warning("gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; training with "
+                            "whoever can hear us (%d peer(s) including us)", waited, patience, view.describe(),
+                            view.have)
+                self.metrics.write({"event": "quorum_timeout", "need": view.need, "have": view.have,
+                                    "unconfirmed": list(view.unconfirmed), "waited_s": waited,
+                                    "wall_time": now - self.started})
+                return view
+            if now - last_log >= 5.0:
+                log.info("waiting for a quorum: %s; waited %.0f s of %.0f s", view.describe(), waited, patience)
+                last_log = now
+            await asyncio.sleep(0.25)
 
     async def start(self) -> None:
         """Restore, go online, join the swarm (download state if it moved ahead), start heartbeats."""
@@ -494,20 +583,14 @@ class PeerDaemon:
         if self.on_online is not None:
             self.on_online(list(self.net.maddrs))
         await self.net.announce(self.announcement_payload(), time.time())
-        # Give the DHT a moment to show us the swarm if we were pointed at one, and wait for
-        # a quorum if asked (a local swarm starts its peers together).
-        deadline = time.time() + self.config.min_peers_timeout_s
-        for attempt in range(10**9):
-            await self.refresh_live()
-            quorum = len(self.live) + 1 >= self.config.min_peers
-            settled = bool(self.live) or not self.config.net.initial_peers or attempt >= 10
-            if (quorum and settled) or time.time() > deadline or self.stop_event.is_set():
-                break
-            await asyncio.sleep(0.5)
+        quorum = await self.wait_for_quorum()
+        self.await_first_update = quorum.ready and quorum.need > 1
         initial_eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
+        # The byte split this peer trains and evaluates on (absent for a user's own model).
+        data_sizes = self.trainer.dataset.sizes() if isinstance(self.trainer, LocalTrainer) else {}
         self.metrics.write({"event": "start", "round": self.learner.round, "resumed": self.resumed,
                             "params": self.numel, "shard": self.shard.index, "initial_eval_loss": initial_eval_loss,
-                            "wall_time": time.time() - self.started})
+                            "wall_time": time.time() - self.started, **data_sizes})
         joined = await self.catch_up_if_behind("rejoin" if self.resumed else "join", force=True)
         self.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
         self._heartbeat = asyncio.create_task(self.heartbeat())
@@ -583,6 +666,9 @@ class PeerDaemon:
             await self.sync_with_random_peer()
             synced = True
         self.refresh_snapshot()
+        if self.await_first_update:
+            self.await_first_update = False
+            await self.wait_for_first_update()
         gossip_seconds = time.perf_counter() - gossip_start
         eval_start = time.perf_counter()
         every = self.config.train.eval_every
@@ -605,6 +691,7 @@ class PeerDaemon:
             "round_seconds": time.perf_counter() - round_start, "gossip_seconds": gossip_seconds,
             "eval_seconds": eval_seconds, "wall_time": time.time() - self.started, "energy_wh": energy_wh,
             "carbon_g": energy_wh / 1000.0 * self.config.grid_g_per_kwh, "params": self.numel,
+            "dht_records_ignored": dict(self.net.ignored_records.by_reason),
         })
         self.write_status("training")
 

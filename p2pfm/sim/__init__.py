@@ -9,7 +9,7 @@ Map:
 - ``engine.py``    the discrete-event engine (event heap, virtual clock, rounds, messages, churn, state download).
 - ``workloads.py`` what peers train: a vectorised numpy MLP (1,000-peer runs) and the daemon's byte-level GPT.
 - ``churn.py``     availability models: none, exponential on/off, diurnal, trace replay, fraction per N rounds.
-- ``traces.py``    availability trace CSV parser (``device,start_s,end_s``) with line-numbered errors.
+- ``traces.py``    availability trace CSV parser (``device,start_s,end_s``) with line-numbered errors; time scaling; phone-trace converter.
 - ``devices.py``   device profiles (``data/devices.toml``: Raspberry Pi 4/5, Jetson Orin Nano, phone, laptop).
 - ``energy.py``    energy (compute, idle, network, wall overhead), carbon, and the datacentre baseline.
 - ``report.py``    summary.json (deterministic), metrics.csv, timing.json and PNG plots.

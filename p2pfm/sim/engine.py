@@ -103,6 +103,7 @@ class Metrics:
     syncs: int = 0
     useful_steps: int = 0
     time_to_target_s: float | None = None
+    time_to_target_round: int | None = None  # the metrics.csv round at which time_to_target_s was measured
 
 
 class Simulation:
@@ -122,7 +123,11 @@ class Simulation:
         base = sc.resolve(".")
         self.profiles: dict[str, DeviceProfile] = resolve_profiles(sc.devices, base)
         self.device_of = assign_devices(sc.devices.mix, n, rng_devices)
-        trace = load_trace(sc.resolve(sc.churn.trace)) if sc.churn.model == "trace" else None
+        trace = (
+            load_trace(sc.resolve(sc.churn.trace)).scaled(sc.churn.trace_time_scale)
+            if sc.churn.model == "trace"
+            else None
+        )
         self.availability = build_availability(sc.churn, n, rng_churn, trace)
         self.workload = _build_workload(sc, rng_work)
         self.gossip = sc.gossip
@@ -471,7 +476,13 @@ class Simulation:
             for peer in tracked:
                 if losses[peer] <= reference * (1.0 + sc.catchup_tolerance):
                     self.metrics.catchup.append(self.trackers.pop(peer).rounds)
-        if not full or ready.size == 0:
+        if not full:
+            return
+        if ready.size == 0:
+            # Nobody online and holding state: still a row, so metrics.csv has every evaluation
+            # round (the last one above all) and a reader sees the gap instead of a silently
+            # older "final" figure. Losses and distance are NaN (written "nan", null in JSON).
+            self.metrics.rows.append(self._row(r, ready, math.nan, math.nan, math.nan, math.nan))
             return
         distance = consensus_distance([self.learners[i].params for i in ready.tolist()])
         mean_loss = float(np.mean([losses[p] for p in ready.tolist()]))
@@ -481,22 +492,36 @@ class Simulation:
             and mean_loss <= sc.target_loss
         ):
             self.metrics.time_to_target_s = self.now
+            self.metrics.time_to_target_round = r + 1
         self.metrics.rows.append(
-            {
-                "round": r + 1,
-                "time_s": self.now,
-                "online": int(self.online.sum()),
-                "ready": int(ready.size),
-                "mean_loss": mean_loss,
-                "min_loss": float(min(losses[p] for p in ready.tolist())),
-                "max_loss": float(max(losses[p] for p in ready.tolist())),
-                "consensus_distance": distance,
-                "bytes_sent": float(self.bytes_sent.sum()),
-                "messages_sent": self.metrics.messages_sent,
-                "messages_lost": self.metrics.lost_sender_left + self.metrics.lost_receiver_gone,
-                "rejected": sum(self.metrics.rejected.values()),
-            }
+            self._row(
+                r,
+                ready,
+                mean_loss,
+                float(min(losses[p] for p in ready.tolist())),
+                float(max(losses[p] for p in ready.tolist())),
+                distance,
+            )
         )
+
+    def _row(
+        self, r: int, ready: np.ndarray, mean_loss: float, min_loss: float, max_loss: float, distance: float
+    ) -> dict[str, Any]:
+        """One metrics.csv row after round ``r`` (0-based; the row says ``r + 1`` rounds done)."""
+        return {
+            "round": r + 1,
+            "time_s": self.now,
+            "online": int(self.online.sum()),
+            "ready": int(ready.size),
+            "mean_loss": mean_loss,
+            "min_loss": min_loss,
+            "max_loss": max_loss,
+            "consensus_distance": distance,
+            "bytes_sent": float(self.bytes_sent.sum()),
+            "messages_sent": self.metrics.messages_sent,
+            "messages_lost": self.metrics.lost_sender_left + self.metrics.lost_receiver_gone,
+            "rejected": sum(self.metrics.rejected.values()),
+        }
 
     # --- churn ----------------------------------------------------------------------------
     def _on_leave(self, peer: int) -> None:

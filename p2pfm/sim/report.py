@@ -39,10 +39,58 @@ def _tidy(value: Any) -> Any:
     return value
 
 
+def last_measured(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last metrics row with a measured loss ({} if none).
+
+    The engine writes a row at every evaluation round, with NaN losses when no peer was
+    online and holding the model; the "final" figures come from this row, not blindly from
+    the last one, and the summary says which round that was.
+    """
+    for row in reversed(rows):
+        if math.isfinite(row["mean_loss"]):
+            return row
+    return {}
+
+
+def final_note(
+    rounds: int, end: dict[str, Any], measured: dict[str, Any], round_seconds: float
+) -> str | None:
+    """A sentence for summary.json when the final figures need a caveat, else None.
+
+    ``end`` is the last metrics row (always the scenario's last round), ``measured`` the
+    last row with a loss. A reader comparing runs must know when "final" is not the end.
+    """
+    notes = []
+    if not measured:
+        notes.append(
+            "no loss was measured: no peer was online and holding the model at any evaluation round; "
+            "final_loss and consensus_distance are null"
+        )
+    elif measured["round"] != rounds:
+        notes.append(
+            f"no peer was online and holding the model after round {rounds} of {rounds} "
+            f"(t = {end.get('time_s', rounds * round_seconds):g} s, {end.get('online', 0)} online, "
+            f"{end.get('ready', 0)} ready): final_loss, final_loss_min, final_loss_max and "
+            f"consensus_distance are from round {measured['round']} (t = {measured['time_s']:g} s, "
+            f"{measured['ready']} peers), the last round with a measured loss; compare runs at a "
+            "round they all measured (metrics.csv), not at their final figures"
+        )
+    if measured and measured["ready"] == 1:
+        notes.append("the final figures come from a single peer, so consensus_distance is 0 by definition")
+    return "; ".join(notes) + "." if notes else None
+
+
 def summarize(sim) -> dict[str, Any]:
-    """The summary of a finished :class:`~p2pfm.sim.engine.Simulation`."""
+    """The summary of a finished :class:`~p2pfm.sim.engine.Simulation`.
+
+    Every "final" figure comes with the round (as numbered in metrics.csv: rounds completed)
+    and virtual time at which it was measured, and ``final_is_last_round`` / ``note`` say
+    when that is not the scenario's last round (everybody offline at the end), so runs are
+    never compared at different rounds without it showing.
+    """
     sc, m = sim.scenario, sim.metrics
-    last = m.rows[-1] if m.rows else {}
+    end = m.rows[-1] if m.rows else {}
+    last = last_measured(m.rows)
     energy = account(
         sc.energy,
         sim.profiles,
@@ -83,9 +131,19 @@ def summarize(sim) -> dict[str, Any]:
         "final_loss": last.get("mean_loss"),
         "final_loss_min": last.get("min_loss"),
         "final_loss_max": last.get("max_loss"),
+        "final_loss_round": last.get("round"),
+        "final_loss_time_s": last.get("time_s"),
+        "final_loss_peers": last.get("ready"),
+        "final_is_last_round": bool(last) and last["round"] == sc.rounds,
+        "online_at_end": end.get("online"),
+        "ready_at_end": end.get("ready"),
+        "note": final_note(sc.rounds, end, last, sim.round_seconds),
         "target_loss": sc.target_loss,
         "time_to_target_s": m.time_to_target_s,
+        "time_to_target_round": m.time_to_target_round,
         "consensus_distance": last.get("consensus_distance"),
+        "consensus_distance_round": last.get("round"),
+        "consensus_distance_time_s": last.get("time_s"),
         "bytes_sent_total": float(sim.bytes_sent.sum()),
         "update_message_bytes": sim.update_bytes,
         "state_bytes": sim.state_bytes,
@@ -203,26 +261,52 @@ def plot_run(sim, summary: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def _delta(value: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Loss change vs the baseline, only if both final losses were measured at the same round.
+
+    A run whose peers were all offline at the end reports an older final loss; a percentage
+    against a baseline measured later would compare different amounts of training.
+    """
+    if base is None:
+        return ""
+    mine, theirs = value.get("final_loss_round"), base.get("final_loss_round")
+    if mine is None or theirs is None or value.get("final_loss") is None or base.get("final_loss") is None:
+        return "n/a (round unknown)"
+    if mine != theirs:
+        return f"n/a (round {mine} vs {theirs})"
+    return f"{100 * (value['final_loss'] / base['final_loss'] - 1):+.2f}%"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def comparison_table(summaries: list[dict[str, Any]], baseline: str | None = None) -> str:
-    """A markdown table comparing runs; ``baseline`` names the run the loss change is relative to."""
+    """A markdown table comparing runs; ``baseline`` names the run the loss change is relative to.
+
+    The "at round" column says when each final loss was measured (``round/rounds``); the change
+    vs the baseline is given only between losses measured at the same round, else "n/a".
+    """
     base = next((s for s in summaries if s["scenario"] == baseline), None)
     lines = [
-        "| scenario | churn | mean online | leaves | final loss | vs baseline | consensus dist. "
+        "| scenario | churn | mean online | leaves | final loss | at round | vs baseline | consensus dist. "
         "| catch-up rounds (median; <= 1) | sent (MB) | sync bits/param/round | energy (Wh) | carbon (g) "
         "| datacentre (g) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
-        delta = "" if base is None else f"{100 * (s['final_loss'] / base['final_loss'] - 1):+.2f}%"
         catch = s["rejoin_catchup_rounds"]
         catch_text = (
             "-" if catch["median"] is None else f"{catch['median']:g}; {100 * catch['within_1_round']:.0f}%"
         )
+        at_round = f"{s.get('final_loss_round', '?')}/{s['rounds']}"
         lines.append(
             f"| {s['scenario']} | {s['churn_model']} | {100 * s['mean_online_fraction']:.0f}% "
-            f"| {s['churn_events']['leaves']} | {s['final_loss']:.4f} | {delta} | {s['consensus_distance']:.3g} "
+            f"| {s['churn_events']['leaves']} | {_number(s['final_loss'], '.4f')} | {at_round} | {_delta(s, base)} "
+            f"| {_number(s['consensus_distance'], '.3g')} "
             f"| {catch_text} | {s['bytes_sent_total'] / 1e6:.3g} | {s.get('sync_bits_per_param_per_round', 0):.3g} "
             f"| {s['energy_wh']:.3g} | {s['carbon_g']:.3g} "
             f"| {s['datacenter_carbon_g']:.2g} |"
         )
-    return "\n".join(lines) + "\n"
+    notes = [f"{s['scenario']}: {s['note']}" for s in summaries if s.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

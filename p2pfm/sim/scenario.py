@@ -28,6 +28,12 @@ DEFAULT_DIURNAL_CURVE: tuple[float, ...] = (
 )  # fmt: skip
 
 
+# Bounds of churn.trace_time_scale: 1e-9 maps 30 years of trace onto one virtual second, 1e6
+# stretches one trace second over 11 days; beyond either, intervals lose their meaning to rounding.
+TRACE_TIME_SCALE_MIN = 1e-9
+TRACE_TIME_SCALE_MAX = 1e6
+
+
 @dataclass(frozen=True)
 class MLPConfig:
     """The fast workload: a one-hidden-layer MLP on a seeded Gaussian-mixture task (numpy)."""
@@ -124,6 +130,10 @@ class ChurnConfig:
     timezone_spread_h: int = 24
     # trace: CSV of online intervals `device,start_s,end_s`, devices mapped round-robin onto peers.
     trace: str = ""
+    # Virtual seconds per trace second, as day_length_s compresses the diurnal day: traces are
+    # in real seconds and runs last tens of virtual seconds, so a week-long trace at 1.0 would
+    # replay only its first minutes. Run length / trace span (e.g. 100 / 604800) replays all of it.
+    trace_time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.mean_online_s > 0, "churn.mean_online_s", "must be positive")
@@ -144,6 +154,13 @@ class ChurnConfig:
         require(0 <= self.timezone_spread_h <= 24, "churn.timezone_spread_h", "must be in [0, 24]")
         require(
             self.model != "trace" or bool(self.trace), "churn.trace", 'is required when churn.model = "trace"'
+        )
+        require(
+            math.isfinite(self.trace_time_scale)
+            and TRACE_TIME_SCALE_MIN <= self.trace_time_scale <= TRACE_TIME_SCALE_MAX,
+            "churn.trace_time_scale",
+            f"must be a finite number in [{TRACE_TIME_SCALE_MIN:g}, {TRACE_TIME_SCALE_MAX:g}] "
+            f"(virtual seconds per trace second), got {self.trace_time_scale!r}",
         )
 
 

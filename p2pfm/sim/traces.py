@@ -1,9 +1,12 @@
 """Availability traces: CSV files of online intervals, ``device,start_s,end_s``.
 
-Each row says device ``device`` was online from ``start_s`` to ``end_s`` (virtual seconds
-from the start of the run). Devices are mapped onto simulated peers round-robin in order of
+Each row says device ``device`` was online from ``start_s`` to ``end_s`` (trace seconds from
+the start of the run; ``churn.trace_time_scale`` virtual seconds per trace second, 1 by default). Devices are mapped onto simulated peers round-robin in order of
 first appearance (peer i replays device i mod D). Every problem is a :class:`TraceError`
 naming the file, the line and the reason; the parser never guesses.
+
+:func:`convert_phone_trace` (``p2pfm sim convert-trace``) turns phone traces with one line per
+user-week, ``user_id,week,start_ms:end_ms;...``, into this format (see sim/traces/README.md).
 """
 
 from __future__ import annotations
@@ -39,6 +42,29 @@ class Trace:
 
     def for_peer(self, peer: int) -> tuple[tuple[float, float], ...]:
         return self.intervals[self.devices[peer % len(self.devices)]]
+
+    @property
+    def span_s(self) -> float:
+        """The end of the last interval: how long the trace lasts from t = 0, in trace seconds."""
+        return max(end for spans in self.intervals.values() for _, end in spans)
+
+    def scaled(self, factor: float) -> Trace:
+        """The same trace on a clock running ``factor`` virtual seconds per trace second.
+
+        ``churn.trace_time_scale``: real traces are in real seconds, runs in tens of virtual
+        seconds. A factor of 1.0 returns this trace unchanged, so unscaled runs replay bit for bit.
+        """
+        if factor == 1.0:
+            return self
+        intervals = {}
+        for device, spans in self.intervals.items():
+            scaled = tuple((start * factor, end * factor) for start, end in spans)
+            if any(end <= start for start, end in scaled):
+                raise ConfigError(
+                    f"churn.trace_time_scale: {factor:g} shrinks an interval of device {device} to nothing"
+                )
+            intervals[device] = scaled
+        return Trace(devices=self.devices, intervals=intervals)
 
 
 def parse_trace(text: str, source: str = "<trace>") -> Trace:
@@ -135,3 +161,118 @@ def _number(text: str, name: str, source: str, line: int) -> float:
     if not math.isfinite(value):
         raise TraceError(source, line, f"{name} is not finite: {text.strip()!r}")
     return value
+
+
+# --- converting phone traces ----------------------------------------------------------------
+
+WEEK_S = 7 * 86400
+WEEK_MS = WEEK_S * 1000
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What :func:`convert_phone_trace` did, for the user to check before replaying it."""
+
+    csv: str  # the trace in our format, ``device,start_s,end_s``
+    devices: int  # devices written (one per user-week, or per user with absolute times)
+    intervals_in: int
+    intervals_out: int  # after merging overlapping or touching intervals
+    empty_dropped: int  # user-weeks without any interval: nothing to write, so no device
+    span_s: float  # trace seconds to map onto the run: a week, or the last end with absolute times
+
+    def time_scale_for(self, run_seconds: float) -> float:
+        """The ``churn.trace_time_scale`` that replays the whole span over ``run_seconds``."""
+        return run_seconds / self.span_s
+
+
+def convert_phone_trace(text: str, source: str = "<phone trace>", *, absolute: bool = False) -> Conversion:
+    """Convert a phone availability trace, ``user_id,week,start_ms:end_ms;start_ms:end_ms;...``.
+
+    One line per user-week; blank lines, ``#`` comments and a header line are skipped.
+    By default times are milliseconds from the start of that week and each user-week becomes
+    one device ``<user>-w<week>`` starting at 0, so every week is a sample of the same week-long
+    pattern. With ``absolute`` the times share one clock (e.g. Unix epoch ms): each user is one
+    device and the earliest start becomes 0. Overlapping or touching intervals are merged (our
+    traces forbid overlaps, and a touch would replay as a leave and an instant rejoin).
+    Raises TraceError naming the line on the first problem; never guesses.
+    """
+    spans: dict[str, list[tuple[int, int]]] = {}
+    order: list[str] = []
+    intervals_in = empty = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3:
+            raise TraceError(source, number, f"expected user_id,week,intervals (3 fields), got {len(fields)}")
+        user, week, listed = fields
+        if not week.lstrip("-").isdigit():
+            if not order:
+                continue  # a header line such as user_id,week,intervals
+            raise TraceError(source, number, f"week is not an integer: {week!r}")
+        if not user:
+            raise TraceError(source, number, "user_id is empty")
+        device = user if absolute else f"{user}-w{int(week)}"
+        if device not in spans:
+            spans[device] = []
+            order.append(device)
+        if not listed:
+            continue
+        for item in listed.split(";"):
+            start_text, sep, end_text = item.strip().partition(":")
+            if not sep:
+                raise TraceError(source, number, f"interval {item.strip()!r} is not start_ms:end_ms")
+            start = _milliseconds(start_text, "start_ms", source, number)
+            end = _milliseconds(end_text, "end_ms", source, number)
+            if end <= start:
+                raise TraceError(source, number, f"end_ms ({end}) must be greater than start_ms ({start})")
+            if not absolute and end > WEEK_MS:
+                raise TraceError(
+                    source, number, f"end_ms ({end}) is past the end of the week ({WEEK_MS}); use absolute times"
+                )
+            spans[device].append((start, end))
+            intervals_in += 1
+    if not order:
+        raise TraceError(source, 0, "no user-week lines")
+    origin = min((s for device in order for s, _ in spans[device]), default=0) if absolute else 0
+    rows = ["device,start_s,end_s"]
+    intervals_out = 0
+    last_end = 0
+    for device in order:
+        if not spans[device]:
+            empty += 1
+            continue
+        merged: list[list[int]] = []
+        for start, end in sorted(spans[device]):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            rows.append(f"{device},{_seconds(start - origin)},{_seconds(end - origin)}")
+            last_end = max(last_end, end - origin)
+        intervals_out += len(merged)
+    if intervals_out == 0:
+        raise TraceError(source, 0, "no intervals: every user-week is empty")
+    return Conversion(
+        csv="\n".join(rows) + "\n",
+        devices=len(order) - empty,
+        intervals_in=intervals_in,
+        intervals_out=intervals_out,
+        empty_dropped=empty,
+        span_s=last_end / 1000 if absolute else float(WEEK_S),
+    )
+
+
+def _milliseconds(text: str, name: str, source: str, line: int) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise TraceError(source, line, f"{name} is not a non-negative integer: {text!r}")
+    return int(text)
+
+
+def _seconds(ms: int) -> str:
+    """Exact decimal seconds of integer milliseconds (``90500`` -> ``90.5``), no float noise."""
+    whole, frac = divmod(ms, 1000)
+    return f"{whole}.{frac:03d}".rstrip("0").rstrip(".") if frac else str(whole)

@@ -146,7 +146,7 @@ class GPTWorkload:
     ) -> None:
         import torch
 
-        from p2pfm.model.data import ByteDataset, ShardSpec
+        from p2pfm.model.data import ByteDataset, Corpus, ShardSpec
         from p2pfm.model.gpt import GPTConfig, build_model
 
         self.torch = torch
@@ -162,12 +162,15 @@ class GPTWorkload:
             root = (
                 Path(config.data) if Path(config.data).is_absolute() else Path(base_dir or ".") / config.data
             )
+        corpus = Corpus.scan(root)  # once: listing checks every file, which N peers need not repeat
         self.datasets = [
             ByteDataset(
                 root,
                 ShardSpec(i, peers),
                 block_size=config.block_size,
                 max_shard_bytes=config.max_shard_bytes,
+                seed=seed,
+                corpus=corpus,
             )
             for i in range(peers)
         ]

@@ -88,7 +88,7 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 300) -> None:
         log_file = open(self.root / "dockerd.log", "ab")  # noqa: SIM115 (the engine keeps it)
         self.process = subprocess.Popen(
             ["dockerd", "--storage-driver=vfs", "--bridge=none", "--iptables=false", "--ip6tables=false",

@@ -51,7 +51,7 @@ class LabSwarm:
             cmd += ["--initial-peers", *(self.maddr(j) for j in join)]
         self.procs[i] = self.lab.popen(i, cmd, log=work / "peer.log")
 
-    def start_all(self, k: int | None = None, timeout: float = 120) -> None:
+    def start_all(self, k: int | None = None, timeout: float = 300) -> None:
         """Peer 0 first; the others join it once it has written its address."""
         k = self.lab.k if k is None else k
         self.start(0)

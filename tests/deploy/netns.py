@@ -62,18 +62,18 @@ def _pids_in(ns: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def delete_namespace(ns: str) -> None:
-    """Kill whatever still runs inside ``ns``, then delete it. Never raises."""
-    for _ in range(3):
-        pids = _pids_in(ns)
-        if not pids:
-            break
+def delete_namespace(ns: str, timeout: float = 60) -> None:
+    """Kill whatever still runs inside ``ns``, wait until nothing does (a killed process
+    leaves the namespace only once it has exited, which a busy machine can delay), then
+    delete it. Never raises."""
+    deadline = time.monotonic() + timeout
+    while (pids := _pids_in(ns)) and time.monotonic() < deadline:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     _run("ip", "netns", "del", ns, check=False)
 
 
@@ -260,7 +260,7 @@ class NetLab:
             self._emu[i] = self.popen(i, [sys.executable, str(Path(__file__).with_name("linkemu.py")), "--queue", "0",
                                           "--delay-ms", str(2 * (delay_ms or 0)), "--loss-pct", str(both_ways_loss),
                                           "--seed", str(i)], log=log)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while "linkemu:" not in log.read_text():  # bound to its queue: safe to divert packets
                 if self._emu[i].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"linkemu did not start in h{i}: {log.read_text()}")

@@ -69,6 +69,21 @@ def flag(argv: list[str], name: str) -> list[str]:
     return values
 
 
+def flock_held(path: Path) -> bool:
+    """Whether some process holds a flock(2) on ``path``, read from /proc/locks without
+    taking the lock (a probe that locked would itself race the entrypoint for the slot)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE <pid> <maj>:<min>:<inode> 0 EOF" (hex device)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+            return True
+    return False
+
+
 def write_status(path: Path, **fields) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"state": "training", **fields}))
@@ -93,11 +108,13 @@ def test_entrypoint_turns_p2pfm_variables_into_flags(run_entrypoint, tmp_path: P
 def test_entrypoint_gives_concurrent_replicas_their_own_slots(run_entrypoint, tmp_path: Path):
     """Two replicas on one volume get slot-0 and slot-1; a restarted one gets its slot back."""
     data = tmp_path / "data"
-    first = run_entrypoint({"P2PFM_DATA": str(data), "FAKE_SLEEP": "30"}, background=True)
-    deadline = time.monotonic() + 10
-    while not (data / "slot-0" / "owner").exists() and time.monotonic() < deadline:
+    first = run_entrypoint({"P2PFM_DATA": str(data), "FAKE_SLEEP": "600"}, background=True)
+    lock = data / "slot-0" / ".lock"
+    deadline = time.monotonic() + 60
+    while not flock_held(lock):  # the event the second replica depends on
+        assert first.poll() is None, f"the first replica exited ({first.returncode}) before locking slot-0"
+        assert time.monotonic() < deadline, "the first replica did not lock slot-0 within 60 s"
         time.sleep(0.05)
-    time.sleep(0.3)  # the first replica holds slot-0's lock now
     code, argv, _ = run_entrypoint({"P2PFM_DATA": str(data)})
     assert code == 0 and flag(argv, "--work-dir") == [str(data / "slot-1")]
     code, argv, _ = run_entrypoint({"P2PFM_DATA": str(data)})  # slot-1 is free again

@@ -5,6 +5,7 @@ find itself again and the models must come back together (consensus distance).""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,19 +17,32 @@ pytestmark = pytest.mark.deploy
 
 # Parameter syncs every 5 rounds pull the halves' models together after the heal.
 PEER_ARGS = [*TINY_MODEL, "--sync-every", "5", "--rounds", "0"]
-PARTITION_S = 60  # at least this long apart: long enough for every stale route and record to expire
+# The scenario: the halves stay apart at least this long (the announcement TTL is 15 s, so
+# every record and route of the other half has long expired). A duration of the scenario,
+# not a guess about how fast anything is: the test also waits for the events themselves.
+PARTITION_S = 60
+RECONVERGE_S = 600  # generous: reconvergence is waited for, never timed
 
 
-def sample_distance(swarm: LabSwarm, peers: list[int], samples: int = 3) -> float:
-    """Median of a few readings a round or so apart (checkpoints move every round)."""
+def wait_rounds(swarm: LabSwarm, peers: Sequence[int], n: int = 1, timeout: float = 300) -> None:
+    """Wait until every one of ``peers`` has finished ``n`` more rounds (a new checkpoint)."""
+    start = {i: swarm.round(i) for i in peers}
+    swarm.wait(lambda: all(swarm.round(i) >= start[i] + n for i in peers), timeout,
+               f"{n} more round(s) on peers {list(peers)} (from rounds {start})")
+
+
+def sample_distance(swarm: LabSwarm, peers: Sequence[int], samples: int = 3) -> float:
+    """Median of a few readings, each after every peer finished one more round (checkpoints
+    move every round)."""
     values = []
-    for _ in range(samples):
+    for k in range(samples):
+        if k:
+            wait_rounds(swarm, peers)
         values.append(swarm.consensus_distance(peers))
-        time.sleep(1.0)
     return sorted(values)[len(values) // 2]
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2400)  # the sum of the waits below, with room: a slow machine is not a failure
 def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_required, tmp_path: Path, phases):
     """Both halves advance while cut apart; after heal all 4 see each other again and the
     consensus distance falls back near its pre-partition level."""
@@ -51,11 +65,13 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
                 lab.partition([0, 1], [2, 3])
                 cut_rounds = {i: swarm.round(i) for i in everyone}
                 halves = {0: {ids[2], ids[3]}, 1: {ids[2], ids[3]}, 2: {ids[0], ids[1]}, 3: {ids[0], ids[1]}}
-                # Each side forgets the other (announcements expire) and keeps going.
+                # Each side forgets the other (announcements expire) and keeps going; the cut
+                # lasts at least PARTITION_S (the scenario), however fast that happens.
                 cut_at = time.monotonic()
                 swarm.wait(lambda: all(not (swarm.live(i) & halves[i]) and swarm.round(i) >= cut_rounds[i] + 8
-                                       for i in everyone), 300, "both halves to train 8 rounds without the other")
-                time.sleep(max(0.0, PARTITION_S - (time.monotonic() - cut_at)))
+                                       for i in everyone) and time.monotonic() - cut_at >= PARTITION_S,
+                           PARTITION_S + 300,
+                           f"both halves to train 8 rounds without the other, cut for at least {PARTITION_S} s")
                 during = sample_distance(swarm, everyone)
                 inside = max(sample_distance(swarm, [0, 1], 1), sample_distance(swarm, [2, 3], 1))
 
@@ -66,15 +82,31 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
                 healed_rounds = {i: swarm.round(i) for i in everyone}
                 # Each half's DHT drops the other half's nodes during the cut; the daemon's
                 # heartbeat re-dials peers it lost (PeerBook.lost -> PeerNetwork.redial).
-                swarm.wait(lambda: all(len(swarm.live(i)) == 3 for i in everyone), 120,
+                swarm.wait(lambda: all(len(swarm.live(i)) == 3 for i in everyone), 300,
                            "every peer to see all 3 others again")
-                swarm.wait(lambda: all(swarm.round(i) >= healed_rounds[i] + 15 for i in everyone), 300,
-                           "15 more rounds after the heal (3 parameter syncs)")
-                after = sample_distance(swarm, everyone)
+                # Reconvergence is an event: sample until the distance is back near its
+                # pre-partition level (parameter syncs every 5 rounds pull the halves together).
+                bound = 1.5 * before + 0.25 * (during - before)
+                readings: list[tuple[dict[int, int], float]] = []
+                deadline = time.monotonic() + RECONVERGE_S
+                while True:
+                    rounds = {i: swarm.round(i) for i in everyone}
+                    readings.append((rounds, sample_distance(swarm, everyone)))
+                    if readings[-1][1] <= bound:
+                        break
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"consensus distance not back to <= {bound:.3e} within {RECONVERGE_S} s of the "
+                                    f"heal (before {before:.3e}, partitioned {during:.3e}, healed at rounds "
+                                    f"{healed_rounds}); readings (rounds, median distance): "
+                                    + "; ".join(f"{r} {d:.3e}" for r, d in readings))
+                    wait_rounds(swarm, everyone)
+                after = readings[-1][1]
+                print(f"reconverged after {len(readings)} reading(s), at rounds {readings[-1][0]} "
+                      f"(healed at {healed_rounds})")
         finally:
             swarm.stop_all()
         print(f"consensus distance: before {before:.2e}, partitioned {during:.2e} "
               f"(within halves {inside:.2e}), after heal {after:.2e}")
         assert during > before, "the halves did not drift apart: was the partition real?"
         assert after < during, "the models did not come back together after the heal"
-        assert after <= 1.5 * before + 0.25 * (during - before), (before, during, after)
+        assert after <= bound, (before, during, after)

@@ -1,0 +1,83 @@
+"""DHT records under the swarm's key: foreign or malformed ones are refused by reason, counted,
+and each offender is logged at most once a minute; the ``sees`` list travels in announcements."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from p2pfm.core.envelope import seal
+from p2pfm.core.identity import Identity
+from p2pfm.daemon.config import NetConfig
+from p2pfm.daemon.net import ForeignRecord, IgnoredRecords, PeerNetwork
+
+RUN = "dht-test"
+NOW = 1_000_000.0
+
+
+def announce_payload(**extra) -> dict:
+    return {"libp2p_id": "12D3KooA", "maddrs": ["/ip4/127.0.0.1/tcp/1"], "round": 3, "model_hash": b"h" * 32,
+            "device": "cpu-host", "power_w": 15.0, "state_bytes": 10, **extra}
+
+
+@pytest.fixture
+def net() -> PeerNetwork:
+    return PeerNetwork(NetConfig(), Identity.generate(), RUN)
+
+
+def test_announcement_with_sees_is_parsed(net):
+    """The libp2p ids an announcement lists come out in ``Announcement.sees``."""
+    sender = Identity.generate()
+    record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW,
+                  payload=announce_payload(sees=["12D3KooB", "12D3KooC"]))
+    parsed = net.parse_announcement(sender.peer_id, record, NOW)
+    assert parsed.sees == ("12D3KooB", "12D3KooC") and parsed.round == 3
+
+
+def test_announcement_without_sees_is_still_accepted(net):
+    """``sees`` is optional: announcements that omit it parse with an empty list."""
+    sender = Identity.generate()
+    record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload())
+    assert net.parse_announcement(sender.peer_id, record, NOW).sees == ()
+
+
+@pytest.mark.parametrize("label", ["malformed", "wrong_kind", "subkey_mismatch"])
+def test_foreign_records_are_refused_with_their_reason(net, label):
+    """Not bytes, another kind, or signed by someone other than the subkey: each has its own label."""
+    sender = Identity.generate()
+    if label == "malformed":
+        subkey, record = sender.peer_id, {"junk": 1}
+    elif label == "wrong_kind":
+        subkey = sender.peer_id
+        record = seal(sender, kind="state_request", run_id=RUN, round=0, seq=1, timestamp=NOW,
+                      payload={"round": 0, "nonce": b"n" * 16})
+    else:
+        subkey = Identity.generate().peer_id
+        record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload())
+    with pytest.raises(ForeignRecord) as refused:
+        net.parse_announcement(subkey, record, NOW)
+    assert refused.value.label == label
+
+
+def test_ignored_records_are_counted_by_reason_and_logged_once_a_minute(caplog):
+    """Every sighting is counted; one offender's line appears once per minute, not per lookup."""
+    ignored = IgnoredRecords()
+    with caplog.at_level(logging.INFO, logger="p2pfm.daemon.net"):
+        for second in range(0, 30, 4):  # lookups every 4 s for 30 s
+            ignored.note("junk-key", ForeignRecord("wrong_kind", "x"), NOW + second)
+        ignored.note("other-key", ForeignRecord("malformed", "y"), NOW + 30)
+        ignored.note("junk-key", ForeignRecord("wrong_kind", "x"), NOW + 61)
+    assert ignored.by_reason == {"wrong_kind": 9, "malformed": 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("'junk-key'" in line for line in lines) == 2
+    assert sum("'other-key'" in line for line in lines) == 1
+
+
+def test_ignored_records_remember_a_bounded_number_of_offenders():
+    """5,000 junk subkeys cannot grow the rate limiter without bound."""
+    ignored = IgnoredRecords(max_offenders=100)
+    for i in range(5000):
+        ignored.note(f"junk-{i}", ForeignRecord("malformed", "z"), NOW)
+    assert ignored.by_reason["malformed"] == 5000
+    assert len(ignored._last_logged) == 100
