@@ -65,7 +65,7 @@ class GossipOptimizer:
         inner_steps: int = 10,
         fanout: int = 2,
         codec: CodecSpec | None = None,
-        key: str | Path = "peer.key",
+        key: str | Path | None = None,
         work_dir: str | Path = "p2pfm-peer",
         listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
         announce: Sequence[str] = (),
@@ -77,10 +77,11 @@ class GossipOptimizer:
     ) -> None:
         """``min_peers``: block in the constructor until that many peers (us included) are live.
         ``on_ready(maddr)`` is called as soon as this peer is reachable (before that wait).
+        ``key``: the peer's key file (default ``work_dir/peer.key``, created if missing).
         ``config`` overrides everything else when given (full control over every knob)."""
         if config is None:
             config = PeerConfig(
-                key=Path(key), work_dir=Path(work_dir), run_id=run_id, min_peers=min_peers,
+                key=Path(key) if key is not None else Path(work_dir) / "peer.key", work_dir=Path(work_dir), run_id=run_id, min_peers=min_peers,
                 gossip=GossipConfig(inner_steps=inner_steps, fanout=fanout, codec=codec or CodecSpec()),
                 net=NetConfig(listen=tuple(listen), announce=tuple(announce), initial_peers=tuple(initial_peers)),
             )

@@ -144,12 +144,18 @@ def register_swarm(bench_subparsers: argparse._SubParsersAction) -> None:
 
 def _run_swarm(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from p2pfm.bench.swarm import SwarmBenchConfig, format_report, run_swarm_bench
+    from p2pfm.swarm import PeerFailed
 
     config = SwarmBenchConfig(peers=args.peers, rounds=args.rounds, inner_steps=args.inner_steps,
                               single_seconds=args.single_seconds, out_dir=args.out)
-    result = run_swarm_bench(config, progress=not args.json)
+    try:
+        result = run_swarm_bench(config, progress=not args.json)
+    except PeerFailed as exc:  # the peer's own error, not a traceback of ours
+        print(f"p2pfm: error: {exc}\np2pfm: the benchmark's swarm was stopped", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=1, sort_keys=True) if args.json else format_report(result))
     return 0
 
