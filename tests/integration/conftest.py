@@ -56,3 +56,19 @@ def wait_all_exit(peers: list[PeerProcess], timeout: float) -> None:
     wait_for(lambda: not any(p.alive for p in peers), timeout, "peers to finish their rounds", peers)
     for peer in peers:
         assert peer.process.returncode == 0, f"peer {peer.index} exited with {peer.process.returncode}"
+
+
+def live_group_members(pgids: set[int]) -> list[int]:
+    """Pids of processes (zombies excluded: they have exited) whose process group is in ``pgids``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if state != "Z" and int(pgrp) in pgids:
+            found.append(int(entry.name))
+    return found

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import live_group_members, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of live (non-zombie) processes in process group ``pgid``, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 def test_sigkilled_peer_leaves_no_orphans(make_swarm):
@@ -36,7 +18,7 @@ def test_sigkilled_peer_leaves_no_orphans(make_swarm):
     peer = swarm.add_peer(shard=0, num_shards=1)
     swarm.start_peer(peer)
     pgid = peer.process.pid
-    wait_for(lambda: len(group_members(pgid)) >= 3, 120, "the peer, its DHT child and p2pd", [peer])
+    wait_for(lambda: len(live_group_members({pgid})) >= 3, 120, "the peer, its DHT child and p2pd", [peer])
     os.kill(peer.process.pid, signal.SIGKILL)  # no clean-up code of the peer runs
     peer.process.wait()
-    wait_for(lambda: not group_members(pgid), 60, "the DHT child and p2pd to exit after their parent died", [peer])
+    wait_for(lambda: not live_group_members({pgid}), 60, "the DHT child and p2pd to exit after their parent died", [peer])

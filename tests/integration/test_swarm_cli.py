@@ -18,27 +18,11 @@ from pathlib import Path
 import pytest
 
 from p2pfm.swarm import PeerFailed, SwarmOptions, drive_swarm, plan_swarm
-from tests.integration.conftest import TINY_MODEL, wait_for
+from tests.integration.conftest import TINY_MODEL, live_group_members, wait_for
 
 pytestmark = pytest.mark.integration
 
 FAIL_FAST_S = 30.0  # the requirement: the whole swarm is down and has said why within this
-
-
-def live_group_members(pgids: set[int]) -> list[int]:
-    """Pids of processes (zombies excluded: they have exited) whose process group is in ``pgids``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if state != "Z" and int(pgrp) in pgids:
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see process groups")
