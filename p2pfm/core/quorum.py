@@ -48,8 +48,9 @@ class QuorumView:
     def describe(self) -> str:
         """One log line: who we have and whom we wait for."""
         waiting = ", ".join(self.unconfirmed) or "nobody seen yet"
-        return (f"have {self.have} of {self.need} peers (us + {', '.join(self.confirmed) or 'no one'}); "
-                f"seen but not yet hearing us: {waiting}")
+        missing = max(0, self.need - self.have)
+        return (f"have {self.have} of {self.need} peers (us + {', '.join(self.confirmed) or 'no one'}), "
+                f"waiting for {missing} more; seen but not yet hearing us: {waiting}")
 
 
 def quorum_view(my_libp2p_id: str, sees_by_peer: Mapping[str, Iterable[str]], need: int) -> QuorumView:

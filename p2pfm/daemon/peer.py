@@ -552,9 +552,9 @@ class PeerDaemon:
                 log.warning("no peer of the swarm found after %.0f s; training alone until peers appear", waited)
                 return view
             if now > deadline:
-                log.warning("gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; training with "
-                            "whoever can hear us (%d peer(s) including us)", waited, patience, view.describe(),
-                            view.have)
+                log.warning("gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; %s", waited, patience,
+                            view.describe(), "training alone until peers appear" if view.have == 1 else
+                            f"training with the {view.have - 1} partner(s) that hear us")
                 self.metrics.write({"event": "quorum_timeout", "need": view.need, "have": view.have,
                                     "unconfirmed": list(view.unconfirmed), "waited_s": waited,
                                     "wall_time": now - self.started})
