@@ -16,6 +16,7 @@ import asyncio
 import json
 import secrets
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -59,14 +60,25 @@ def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes 
     raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
-async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], round_: int) -> list[dict]:
+def current_round(round_: int, round_from: Path | None) -> int:
+    """The round to claim: the target's own round read from its status file just before sending
+    (a busy machine may take many seconds to start this prober, and a round fixed at launch would
+    be stale by then), or ``round_`` when no status file is given."""
+    if round_from is None:
+        return round_
+    return int(json.loads(round_from.read_text()).get("round", 0)) + 1
+
+
+async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], round_: int,
+                round_from: Path | None = None) -> list[dict]:
     from hivemind.p2p import P2P, PeerID
 
     p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     target = PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
     results = []
     try:
-        for case, message in [(c, m) for c in cases for m in messages_for(c, run_id, numel, round_)]:
+        for case, message in [(c, m) for c in cases
+                              for m in messages_for(c, run_id, numel, current_round(round_, round_from))]:
             _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/gossip/1")
             try:
                 if isinstance(message, int):
@@ -93,8 +105,10 @@ def main() -> None:
     parser.add_argument("--numel", type=int, required=True, help="the model's parameter count")
     parser.add_argument("--case", choices=CASES, nargs="+", required=True, help="one or more cases, sent in order")
     parser.add_argument("--round", type=int, default=0, help="round to claim in the update")
+    parser.add_argument("--round-from", type=Path, default=None,
+                        help="the target's status.json: claim its current round + 1, read just before sending")
     args = parser.parse_args()
-    for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round)):
+    for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round, args.round_from)):
         print(json.dumps(result), flush=True)
 
 

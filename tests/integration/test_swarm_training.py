@@ -122,7 +122,7 @@ def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(m
     # One prober process (its own libp2p host) sends every case in turn.
     result = subprocess.run(
         [sys.executable, "-m", "p2pfm.daemon.probe", "--peer", maddr, "--run-id", "probe-run",
-         "--numel", str(numel), "--case", *expected, "--round", str(round_of(peer) + 1)],
+         "--numel", str(numel), "--case", *expected, "--round-from", str(peer.work_dir / "status.json")],
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr[-2000:]
