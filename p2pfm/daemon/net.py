@@ -272,6 +272,11 @@ class PeerNetwork:
             remote = stream_info.peer_id.to_base58()
             try:
                 await handler(remote, reader, writer)
+                # The asker closes the stream once it has read our answer. Closing first, right
+                # after the write, can make p2pd drop the answer still in flight (seen under load:
+                # the asker read EOF instead of our reply and counted a failed push). Bounded: an
+                # asker that never closes costs us at most request_timeout_s.
+                await asyncio.wait_for(reader.read(1), self.config.request_timeout_s)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
                 log.debug("stream %s from %s ended early: %r", name, remote, exc)
             except Exception:
