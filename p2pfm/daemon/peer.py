@@ -72,6 +72,22 @@ def load_or_create_identity(path: Path) -> Identity:
     return identity
 
 
+class Refused(Exception):
+    """The peer we asked refused our request and said why (its reason, from our request's checks)."""
+
+
+def raise_if_refused(frame: bytes, what: str) -> None:
+    """Answers are envelopes (msgpack arrays); a refusal is a small map ``{"ok": False, "reason"}``."""
+    if len(frame) > 256:
+        return
+    try:
+        answer = msgpack.unpackb(frame)
+    except Exception:  # not a refusal; the envelope checks will name what it is
+        return
+    if isinstance(answer, dict) and answer.get("ok") is False:
+        raise Refused(f"{what} refused by the peer: {str(answer.get('reason'))[:64]}")
+
+
 def shard_for(config: PeerConfig, peer_id: str) -> ShardSpec:
     if config.shard >= 0:
         return ShardSpec(config.shard, config.num_shards)
@@ -200,6 +216,11 @@ class PeerDaemon:
             self.rejections_by_remote[remote] += 1
         log.warning("rejected a message from libp2p peer %s: %s", remote, exc)
 
+    async def _refuse(self, remote: str, writer: asyncio.StreamWriter, exc: Reject) -> None:
+        """Count a refusal and tell the asker why (a map, where an answer would be an envelope)."""
+        self._count_reject(remote, exc)
+        await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+
     async def handle_gossip(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.rejections_by_remote[remote] >= BAN_AFTER_REJECTIONS:
             self.rejected["banned"] += 1
@@ -208,8 +229,7 @@ class PeerDaemon:
             data = await asyncio.wait_for(read_frame(reader, self.config.net.max_message_bytes),
                                           self.config.net.request_timeout_s * 4)
         except Reject as exc:
-            self._count_reject(remote, exc)
-            await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+            await self._refuse(remote, writer, exc)
             return
         self.counters["bytes_received"] += len(data)
         try:
@@ -219,8 +239,7 @@ class PeerDaemon:
                 raise ShapeMismatch(f"kind {envelope.kind!r} sent to the gossip handler, which takes updates")
             self.learner.receive(envelope.sender_id, envelope.round, envelope.payload["tensor"])
         except Reject as exc:
-            self._count_reject(remote, exc)
-            await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+            await self._refuse(remote, writer, exc)
             return
         self.counters["messages_accepted"] += 1
         self.heard_update.set()
@@ -228,12 +247,15 @@ class PeerDaemon:
 
     async def handle_state(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
-        data = await asyncio.wait_for(read_frame(reader, 4096), self.config.net.request_timeout_s)
         try:
-            open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
-                          replay_guard=self.replay_guard)
+            data = await asyncio.wait_for(read_frame(reader, 4096), self.config.net.request_timeout_s)
+            request = open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
+                                    replay_guard=self.replay_guard)
+            # [REJECT] SHAPE_MISMATCH: only a state request gets the snapshot, not any signed message.
+            if request.kind != "state_request":
+                raise ShapeMismatch(f"kind {request.kind!r} sent to the state handler, which takes state_request")
         except Reject as exc:
-            self._count_reject(remote, exc)
+            await self._refuse(remote, writer, exc)
             return
         snapshot, snapshot_hash, round_ = self.snapshot, self.snapshot_hash, self.learner.round
         chunk = self.config.net.state_chunk_bytes
@@ -252,14 +274,14 @@ class PeerDaemon:
 
     async def handle_params(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve our parameters for a consensus pull: int8 of (params - initial), signed."""
-        data = await asyncio.wait_for(read_frame(reader, 4096), self.config.net.request_timeout_s)
         try:
+            data = await asyncio.wait_for(read_frame(reader, 4096), self.config.net.request_timeout_s)
             request = open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
                                     replay_guard=self.replay_guard)
             if request.kind != "state_request":
                 raise ShapeMismatch(f"kind {request.kind!r} sent to the params handler, which takes state_request")
         except Reject as exc:
-            self._count_reject(remote, exc)
+            await self._refuse(remote, writer, exc)
             return
         loop = asyncio.get_running_loop()
         wire = await loop.run_in_executor(None, encode_sync, self.learner.params, self.initial_params,
@@ -284,6 +306,7 @@ class PeerDaemon:
         finally:
             writer.close()
         self.counters["bytes_received"] += len(data)
+        raise_if_refused(data, "parameter sync")
         answer = open_envelope(data, run_id=self.config.run_id, now=time.time(), limits=self.limits,
                                replay_guard=self.replay_guard)
         # [REJECT] the answer must come from the peer we asked, for the ask we made.
@@ -325,8 +348,9 @@ class PeerDaemon:
                                round=self.learner.round, seq=self.next_seq(), timestamp=time.time(),
                                payload={"round": self.learner.round, "nonce": secrets.token_bytes(16)})
                 await write_frame(writer, request)
-                manifest = open_envelope(await read_frame(reader, 4 << 20), run_id=self.config.run_id,
-                                         now=time.time(), limits=self.limits)
+                first = await read_frame(reader, 4 << 20)
+                raise_if_refused(first, "state download")
+                manifest = open_envelope(first, run_id=self.config.run_id, now=time.time(), limits=self.limits)
                 m = manifest.payload
                 # The donor's announced key must have signed the manifest: no stranger's state.
                 if manifest.kind != "state_manifest" or manifest.sender != donor.public_key:

@@ -5,7 +5,10 @@
 Cases: ``valid`` (a correctly signed zero update), ``replayed`` (the same valid bytes twice),
 ``forged`` (signature made with another key), ``tampered`` (one payload byte flipped after
 signing), ``wrong-run``, ``garbage`` (random bytes), ``oversize`` (a frame header announcing
-more than the peer accepts). Prints one JSON line per message sent with the peer's answer.
+more than the peer accepts), ``announce`` (a valid signed message of a kind no stream takes as a
+request). ``--stream state|params`` sends them to the state or params stream instead of gossip:
+a peer must refuse anything but a state request there, with its reason. Prints one JSON line
+per message sent with the peer's answer.
 Runs as its own process: it needs its own libp2p host (hivemind's P2P daemon).
 """
 
@@ -26,7 +29,8 @@ from p2pfm.core.envelope import seal
 from p2pfm.core.identity import Identity
 from p2pfm.daemon.net import read_frame, write_frame
 
-CASES = ("valid", "replayed", "forged", "tampered", "wrong-run", "garbage", "oversize")
+CASES = ("valid", "replayed", "forged", "tampered", "wrong-run", "garbage", "oversize", "announce")
+STREAMS = ("gossip", "state", "params")
 
 
 def build_update(identity: Identity, run_id: str, numel: int, round_: int) -> bytes:
@@ -57,6 +61,10 @@ def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes 
         return [secrets.token_bytes(512)]
     if case == "oversize":
         return [2**31]
+    if case == "announce":  # a small, valid, signed message of a kind no stream takes as a request
+        return [seal(me, kind="announce", run_id=run_id, round=round_, seq=time.time_ns(), timestamp=time.time(),
+                     payload={"libp2p_id": "probe", "maddrs": [], "round": round_, "model_hash": bytes(32),
+                              "device": "probe", "power_w": 0.0, "state_bytes": 0})]
     raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
@@ -70,7 +78,7 @@ def current_round(round_: int, round_from: Path | None) -> int:
 
 
 async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], round_: int,
-                round_from: Path | None = None) -> list[dict]:
+                round_from: Path | None = None, stream: str = "gossip") -> list[dict]:
     from hivemind.p2p import P2P, PeerID
 
     p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -79,7 +87,7 @@ async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], roun
     try:
         for case, message in [(c, m) for c in cases
                               for m in messages_for(c, run_id, numel, current_round(round_, round_from))]:
-            _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/gossip/1")
+            _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/{stream}/1")
             try:
                 if isinstance(message, int):
                     writer.write(message.to_bytes(4, "big"))
@@ -87,9 +95,11 @@ async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], roun
                 else:
                     await write_frame(writer, message)
                 try:
-                    answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 4096), 10))
+                    answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 64 << 20), 10))
                 except (asyncio.IncompleteReadError, TimeoutError):
                     answer = {"ok": False, "reason": "closed"}
+                if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
+                    answer = {"ok": True, "answer": "envelope"}
             finally:
                 writer.close()
             results.append({"case": case, **answer})
@@ -107,8 +117,10 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=0, help="round to claim in the update")
     parser.add_argument("--round-from", type=Path, default=None,
                         help="the target's status.json: claim its current round + 1, read just before sending")
+    parser.add_argument("--stream", choices=STREAMS, default="gossip", help="which of the peer's streams to send to")
     args = parser.parse_args()
-    for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round, args.round_from)):
+    for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round, args.round_from,
+                                    args.stream)):
         print(json.dumps(result), flush=True)
 
 

@@ -132,11 +132,24 @@ def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(m
             answer = json.loads(line)
             outcomes.setdefault(answer["case"], []).append("ok" if answer["ok"] else answer["reason"])
     assert outcomes == expected
+    # The state and params streams serve only state requests: any other signed message gets a typed
+    # refusal with its reason (before, the state stream sent its whole snapshot for any valid kind).
+    for stream in ("state", "params"):
+        result = subprocess.run(
+            [sys.executable, "-m", "p2pfm.daemon.probe", "--peer", maddr, "--run-id", "probe-run",
+             "--numel", str(numel), "--case", "announce", "garbage", "--stream", stream],
+            capture_output=True, text=True, timeout=180,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        assert [(a["case"], a["ok"], a.get("reason")) for a in answers] == [
+            ("announce", False, "shape_mismatch"), ("garbage", False, "malformed")], (stream, answers)
     round_after_attacks = round_of(peer)
     wait_for(lambda: round_of(peer) >= round_after_attacks + 2, 120, "training to continue", [peer])
     rejected = round_records(peer)[-1]["messages_rejected"]
     assert rejected.get("bad_signature") == 2 and rejected.get("replay") == 1
-    assert rejected.get("wrong_run") == 1 and rejected.get("malformed") == 1 and rejected.get("oversize") == 1
+    assert rejected.get("wrong_run") == 1 and rejected.get("malformed") == 3 and rejected.get("oversize") == 1
+    assert rejected.get("shape_mismatch") == 2
     assert peer.alive
     peer.signal_group(signal.SIGTERM)
     peer.process.wait(60)
