@@ -45,6 +45,11 @@ class QuorumView:
         """Peers we see that do not see us yet: who we are waiting for."""
         return tuple(p for p in self.seen if p not in self.confirmed)
 
+    def as_status(self) -> dict[str, object]:
+        """The view for status.json and metrics (JSON types)."""
+        return {"need": self.need, "have": self.have, "seen": list(self.seen), "confirmed": list(self.confirmed),
+                "unconfirmed": list(self.unconfirmed)}
+
     def describe(self) -> str:
         """One log line: who we have and whom we wait for."""
         waiting = ", ".join(self.unconfirmed) or "nobody seen yet"
@@ -61,8 +66,8 @@ def quorum_view(my_libp2p_id: str, sees_by_peer: Mapping[str, Iterable[str]], ne
 
 
 def peers_to_list(first_seen: Mapping[str, float], libp2p_ids: Mapping[str, str], limit: int = MAX_SEES) -> list[str]:
-    """The libp2p ids our announcement lists: the most recently first-seen peers first, at most
-    ``limit`` (a peer that just joined is the one waiting for confirmation; long-known peers
-    trained past their quorum long ago)."""
-    newest_first = sorted(first_seen, key=lambda p: (-first_seen[p], p))
-    return [libp2p_ids[p] for p in newest_first if p in libp2p_ids][:limit]
+    """The libp2p ids our announcement lists: of the peers in ``libp2p_ids`` (the live ones), the
+    most recently first-seen first, at most ``limit`` (a peer that just joined is the one waiting
+    for confirmation; long-known peers trained past their quorum long ago)."""
+    newest_first = sorted(libp2p_ids, key=lambda p: (-first_seen.get(p, 0), p))
+    return [libp2p_ids[p] for p in newest_first][:limit]

@@ -139,7 +139,7 @@ class PeerBook:
 
     def first_seen(self) -> dict[str, int]:
         """Live-or-known peer id -> when (in merges) we first met its current process."""
-        return {p: self._first_seen.get(p, 0) for p in self._known}
+        return {p: self._first_seen[p] for p in self._known}
 
     def suspect(self, peer_id: str) -> None:
         """A call to this peer failed: treat it as gone until it announces again (heartbeats
@@ -184,13 +184,18 @@ async def _redial_in_dht_process(_dht, node, targets: list[tuple[str, list[str]]
     return answered
 
 
+def _p2pd_child(node):
+    """The ``p2pd`` process hivemind started in the DHT process (an asyncio Process), or None."""
+    return getattr(getattr(node, "p2p", None), "_child", None)
+
+
 async def _exit_with_parent(_dht, node, parent_pid: int, poll_s: float = 1.0) -> None:
     """Runs inside hivemind's DHT process for its whole life: when the peer process that forked
     it dies (even by SIGKILL, which runs no clean-up), kill our ``p2pd`` and exit, so that a
     crashed or killed peer never leaves orphans running. Module-level so that it can be pickled."""
     while os.getppid() == parent_pid:
         await asyncio.sleep(poll_s)
-    child = getattr(getattr(node, "p2p", None), "_child", None)
+    child = _p2pd_child(node)
     if child is not None and child.returncode is None:
         child.kill()
     os._exit(0)
@@ -198,7 +203,7 @@ async def _exit_with_parent(_dht, node, parent_pid: int, poll_s: float = 1.0) ->
 
 async def _p2pd_pid(_dht, node) -> int:
     """Runs inside the DHT process: the pid of the ``p2pd`` it started (0 if none)."""
-    child = getattr(getattr(node, "p2p", None), "_child", None)
+    child = _p2pd_child(node)
     return int(child.pid) if child is not None and child.returncode is None else 0
 
 

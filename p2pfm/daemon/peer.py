@@ -200,9 +200,7 @@ class PeerDaemon:
 
     def sees(self) -> list[str]:
         """The libp2p ids of the live peers we see: tells joiners that we can hear them."""
-        first_seen = self.peer_book.first_seen()
-        return peers_to_list({p: first_seen.get(p, 0) for p in self.live},
-                             {p: a.libp2p_id for p, a in self.live.items()})
+        return peers_to_list(self.peer_book.first_seen(), {p: a.libp2p_id for p, a in self.live.items()})
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -563,11 +561,8 @@ class PeerDaemon:
                 announced = listed
             now = time.time()
             waited = now - started
-            self.write_status("joining", {
-                "need": view.need, "have": view.have, "seen": list(view.seen), "confirmed": list(view.confirmed),
-                "unconfirmed": list(view.unconfirmed), "waited_s": round(waited, 1),
-                "deadline_s": round(patience, 1),
-            })
+            self.write_status("joining", {**view.as_status(), "waited_s": round(waited, 1),
+                                          "deadline_s": round(patience, 1)})
             if view.ready or self.stop_event.is_set():
                 if view.need > 1:
                     log.info("quorum reached after %.1f s: %s", waited, view.describe())
@@ -579,8 +574,7 @@ class PeerDaemon:
                 log.warning("gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; %s", waited, patience,
                             view.describe(), "training alone until peers appear" if view.have == 1 else
                             f"training with the {view.have - 1} partner(s) that hear us")
-                self.metrics.write({"event": "quorum_timeout", "need": view.need, "have": view.have,
-                                    "unconfirmed": list(view.unconfirmed), "waited_s": waited,
+                self.metrics.write({"event": "quorum_timeout", **view.as_status(), "waited_s": waited,
                                     "wall_time": now - self.started})
                 return view
             if now - last_log >= 5.0:

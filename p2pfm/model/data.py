@@ -315,7 +315,6 @@ class ByteDataset:
             )
         self.block_size = block_size
         self.corpus_bytes = corpus.total_bytes
-        self.block_bytes = split.block_bytes
         self.shard_total_bytes = split.blocks_bytes(mine)  # before the max_shard_bytes cap
         self.train = split.read(mine, max_shard_bytes)
         self.holdout = split.read(split.holdout_blocks, max_holdout_bytes)

@@ -23,12 +23,12 @@ METRICS_FILE = "metrics.csv"
 TIMING_FILE = "timing.json"
 
 
-def _tidy(value: Any) -> Any:
+def tidy(value: Any) -> Any:
     """JSON-friendly and stable: 6 significant digits, no NaN (null instead)."""
     if isinstance(value, dict):
-        return {str(k): _tidy(v) for k, v in value.items()}
+        return {str(k): tidy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_tidy(v) for v in value]
+        return [tidy(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -185,7 +185,7 @@ def summarize(sim) -> dict[str, Any]:
         "peer_rounds_computed": peer_rounds,
         "devices": {name: sim.device_of.count(name) for name in sorted(sim.profiles)},
     }
-    return _tidy(summary)
+    return tidy(summary)
 
 
 def write_results(sim, out: Path, wall_seconds: float, *, plots: bool = True) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def write_results(sim, out: Path, wall_seconds: float, *, plots: bool = True) ->
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     scenario = config_to_dict(sim.scenario)
     scenario.pop("base_dir", None)
-    (out / "scenario.json").write_text(json.dumps(_tidy(scenario), indent=2) + "\n")
+    (out / "scenario.json").write_text(json.dumps(tidy(scenario), indent=2) + "\n")
     timing = {
         "wall_seconds": round(wall_seconds, 2),
         "peer_rounds_per_second": round(summary["peer_rounds_computed"] / max(wall_seconds, 1e-9), 1),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfm.config import ConfigError
-from p2pfm.sim.report import _tidy
+from p2pfm.sim.report import tidy
 from p2pfm.sim.run import simulate
 from p2pfm.sim.scenario import Scenario
 
@@ -83,8 +83,8 @@ def run_sweep(scenario: Scenario, rates: list[float], out: Path, *, progress: bo
         row = curve.get(compare, {}) if compare is not None else {}
         # Rounded as summary.json rounds, so a sweep whose points all end measured gives
         # exactly the numbers of their summaries.
-        point["loss_at_compare_round"] = _tidy(row.get("mean_loss"))
-        point["consensus_at_compare_round"] = _tidy(row.get("consensus_distance"))
+        point["loss_at_compare_round"] = tidy(row.get("mean_loss"))
+        point["consensus_at_compare_round"] = tidy(row.get("consensus_distance"))
     baseline = next((p["loss_at_compare_round"] for p in points if p["churn_rate"] == 0), None)
     for point in points:
         loss = point["loss_at_compare_round"]
