@@ -10,8 +10,8 @@ import pytest
 from p2pfm.config import ConfigError
 from p2pfm.core import gossip
 from p2pfm.core.codecs import CodecSpec, decode, encode
-from p2pfm.core.errors import NonFinite, Reject, ShapeMismatch, StaleRound
-from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_interval
+from p2pfm.core.errors import FutureRound, Ignore, NonFinite, Reject, ShapeMismatch, StaleRound
+from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_due, sync_interval
 from p2pfm.core.tensorfile import pack_arrays, unpack_arrays
 
 NUMEL = 64
@@ -290,15 +290,17 @@ def test_learner_requires_flat_float32_params():
 
 
 @pytest.mark.parametrize(("sender_round", "ok"), [(1, False), (2, True), (10, True), (42, True), (43, False)])
-def test_receive_accepts_rounds_within_lag_and_rejects_the_rest(sender_round, ok):
-    """At round 10 with max_round_lag 8: rounds 2..42 are accepted, older or far-ahead ones are StaleRound."""
+def test_receive_accepts_rounds_within_lag_and_ignores_the_rest(sender_round, ok):
+    """At round 10 with max_round_lag 8: rounds 2..42 are accepted, older ones are ignored as
+    StaleRound, far-ahead ones as FutureRound; neither is a rejection (no score penalty)."""
     node = GossipLearner(np.zeros(NUMEL, np.float32), config(max_round_lag=8), round=10)
     update = wire_of(np.ones(NUMEL))
     if ok:
         assert np.array_equal(node.receive("p", sender_round, update), np.ones(NUMEL, np.float32))
     else:
-        with pytest.raises(StaleRound):
+        with pytest.raises(StaleRound if sender_round < 10 else FutureRound) as ignored:
             node.receive("p", sender_round, update)
+        assert isinstance(ignored.value, Ignore) and not ignored.value.lowers_score
 
 
 def test_receive_with_zero_lag_still_tolerates_a_few_rounds_ahead():
@@ -307,7 +309,7 @@ def test_receive_with_zero_lag_still_tolerates_a_few_rounds_ahead():
     with pytest.raises(StaleRound):
         node.receive("p", 4, wire_of(np.ones(NUMEL)))
     node.receive("p", 9, wire_of(np.ones(NUMEL)))
-    with pytest.raises(StaleRound):
+    with pytest.raises(FutureRound):
         node.receive("p", 10, wire_of(np.ones(NUMEL)))
 
 
@@ -465,14 +467,9 @@ def test_load_state_arrays_refuses_wrong_shapes():
 @pytest.mark.parametrize(
     ("every", "rounds_true"), [(3, {3, 6, 9}), (1, set(range(1, 10))), (0, set())]
 )
-def test_should_sync_every_n_rounds_never_at_round_zero(every, rounds_true):
-    """should_sync is true at multiples of sync_every (never at round 0; never if 0)."""
-    node = GossipLearner(np.zeros(4, np.float32), config(sync_every=every))
-    observed = set()
-    for r in range(10):
-        node.round = r
-        if node.should_sync():
-            observed.add(r)
+def test_sync_due_every_n_rounds_never_at_round_zero(every, rounds_true):
+    """sync_due is true at multiples of sync_every (never at round 0; never if 0)."""
+    observed = {r for r in range(10) if sync_due(r, 0, config(sync_every=every))}
     assert observed == rounds_true
 
 
@@ -486,15 +483,10 @@ def test_auto_sync_interval_falls_with_the_share_of_updates_heard(live_others, i
 
 
 def test_auto_sync_pulls_more_often_in_a_larger_swarm():
-    """The same learner syncs every 50 rounds among 3 peers and every 2 among 100."""
-    node = GossipLearner(np.zeros(4, np.float32), config(sync_every="auto", fanout=2))
-    small, large = set(), set()
-    for r in range(1, 101):
-        node.round = r
-        if node.should_sync(live_others=2):
-            small.add(r)
-        if node.should_sync(live_others=99):
-            large.add(r)
+    """The same peer syncs every 50 rounds among 3 peers and every 2 among 100."""
+    cfg = config(sync_every="auto", fanout=2)
+    small = {r for r in range(1, 101) if sync_due(r, 2, cfg)}
+    large = {r for r in range(1, 101) if sync_due(r, 99, cfg)}
     assert small == {50, 100}
     assert large == set(range(2, 101, 2))
 

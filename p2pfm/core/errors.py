@@ -1,9 +1,17 @@
-"""Typed refusals for everything that arrives from the wire.
+"""Typed refusals for everything that arrives from the wire: *reject* or *ignore*.
 
-Every check in the envelope, the schemas and the codecs raises a subclass of
-:class:`Reject` that names its :class:`RejectReason`; a peer counts rejections by reason
-(metrics) and lowers the sender's score. Nothing here is ever raised for a *local* bug:
-those stay ordinary exceptions, so a rejection always means "the remote side sent bad bytes".
+Two kinds, because they call for different policy (``p2pfm.core.scoring``):
+
+- :class:`Reject` (with a :class:`RejectReason`): the sender broke a rule no honest peer
+  breaks (bad signature, malformed bytes, a state download that does not match its
+  manifest). Counted by reason, and it lowers the sender's score; enough of them ban it.
+- :class:`Ignore` (with an :class:`IgnoreReason`): the message is authentic and well formed
+  but of no use to us now (an honest laggard's stale round, a sender already banned).
+  Counted by reason, never held against the sender.
+
+Both derive from :class:`Refusal`, which is what a handler catches. Nothing here is ever
+raised for a *local* bug: those stay ordinary exceptions, so a refusal always means "the
+remote side sent something we will not use".
 """
 
 from __future__ import annotations
@@ -27,18 +35,48 @@ class RejectReason(enum.Enum):
     SHAPE_MISMATCH = "shape_mismatch"  # counts/lengths/shapes disagree with what was announced
     UNKNOWN_CODEC = "unknown_codec"  # codec id not in the registry
     BAD_INDEX = "bad_index"  # sparse index out of bounds, unsorted or duplicated
+    WRONG_KIND = "wrong_kind"  # a valid message of a kind this stream or record does not take
+    NOT_DONOR = "not_donor"  # an answer not signed by the peer we asked, or not for our ask
+    BAD_MANIFEST = "bad_manifest"  # a state manifest that contradicts itself or the announcement
+    HASH_MISMATCH = "hash_mismatch"  # state bytes that do not match the manifest's hashes
+    BAD_STATE = "bad_state"  # a verified state download that is not a state of our model
+    SUBKEY_MISMATCH = "subkey_mismatch"  # a DHT record stored under another peer's subkey
+    BAD_UPDATE = "bad_update"  # an update whose metadata no honest peer sends
+
+
+class IgnoreReason(enum.Enum):
+    """Why an authentic message was not used. Values are stable strings used in metrics."""
+
     STALE_ROUND = "stale_round"  # gossip update for a round too far behind the receiver
-    UNKNOWN_SENDER = "unknown_sender"  # sender not announced (where announcement is required)
+    FUTURE_ROUND = "future_round"  # gossip update claiming a round far ahead (we lag, or it lies)
+    BANNED = "banned"  # the sender's earlier rejections banned it; read no further
 
 
-class Reject(Exception):
-    """A message was refused; ``reason`` says which rule it broke, the text says how."""
+class Refusal(Exception):
+    """A message was not used; ``reason`` says which rule, the text says how."""
 
-    reason: RejectReason = RejectReason.MALFORMED
+    reason: RejectReason | IgnoreReason
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"{self.reason.value}: {detail}")
         self.detail = detail
+
+    @property
+    def lowers_score(self) -> bool:
+        """Only rejections count against a sender; ignoring is no verdict on its honesty."""
+        return isinstance(self, Reject)
+
+
+class Reject(Refusal):
+    """A message broke a rule; ``reason`` says which rule it broke, the text says how."""
+
+    reason: RejectReason = RejectReason.MALFORMED
+
+
+class Ignore(Refusal):
+    """An authentic message we do not use, with no penalty for its sender."""
+
+    reason: IgnoreReason = IgnoreReason.STALE_ROUND
 
 
 class Oversize(Reject):
@@ -93,14 +131,49 @@ class BadIndex(Reject):
     reason = RejectReason.BAD_INDEX
 
 
-class StaleRound(Reject):
-    reason = RejectReason.STALE_ROUND
+class WrongKind(Reject):
+    reason = RejectReason.WRONG_KIND
 
 
-class UnknownSender(Reject):
-    reason = RejectReason.UNKNOWN_SENDER
+class NotDonor(Reject):
+    reason = RejectReason.NOT_DONOR
+
+
+class BadManifest(Reject):
+    reason = RejectReason.BAD_MANIFEST
+
+
+class HashMismatch(Reject):
+    reason = RejectReason.HASH_MISMATCH
+
+
+class BadState(Reject):
+    reason = RejectReason.BAD_STATE
+
+
+class SubkeyMismatch(Reject):
+    reason = RejectReason.SUBKEY_MISMATCH
+
+
+class BadUpdate(Reject):
+    reason = RejectReason.BAD_UPDATE
+
+
+class StaleRound(Ignore):
+    reason = IgnoreReason.STALE_ROUND
+
+
+class FutureRound(Ignore):
+    reason = IgnoreReason.FUTURE_ROUND
+
+
+class Banned(Ignore):
+    reason = IgnoreReason.BANNED
 
 
 REJECT_TYPES: dict[RejectReason, type[Reject]] = {
     cls.reason: cls for cls in Reject.__subclasses__()
+}
+IGNORE_TYPES: dict[IgnoreReason, type[Ignore]] = {
+    cls.reason: cls for cls in Ignore.__subclasses__()
 }

@@ -30,7 +30,7 @@ import numpy as np
 
 from p2pfm.config import require
 from p2pfm.core.codecs import CodecSpec, decode, encode
-from p2pfm.core.errors import NonFinite, ShapeMismatch, StaleRound
+from p2pfm.core.errors import FutureRound, NonFinite, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
 Aggregation = Literal["mean", "clipped_mean", "trimmed_mean", "median"]
@@ -115,6 +115,12 @@ def sync_interval(config: GossipConfig, live_others: int) -> int:
         return int(config.sync_every)
     heard = 1.0 if live_others <= config.fanout else config.fanout / live_others
     return max(AUTO_SYNC_MIN_INTERVAL, round(AUTO_SYNC_MAX_INTERVAL * heard))
+
+
+def sync_due(round: int, live_others: int, config: GossipConfig) -> bool:
+    """Whether the round just finished (``round`` = rounds done) ends with a consensus pull."""
+    every = sync_interval(config, live_others)
+    return every > 0 and round > 0 and round % every == 0
 
 
 def needs_catch_up(own_round: int, newest_round: int, config: GossipConfig, *, joining: bool) -> bool:
@@ -255,12 +261,14 @@ class GossipLearner:
         cannot multiply its influence within a round by sending many copies. A faster peer
         may contribute updates for several of its rounds to one of ours; each is real work.
         """
-        # [REJECT] STALE_ROUND: updates from far behind would drag us back to old parameters.
+        # [IGNORE] STALE_ROUND: updates from far behind would drag us back to old parameters.
+        # An honest laggard sends them until it catches up: not held against the sender.
         if sender_round < self.round - self.config.max_round_lag:
             raise StaleRound(f"update for round {sender_round}, we are at round {self.round}")
-        # [REJECT] STALE_ROUND: an update claiming a round far ahead is either a clock bug or a lie.
+        # [IGNORE] FUTURE_ROUND: an update claiming a round far ahead is a clock bug, a lie, or
+        # we are the laggard (we catch up at the end of the round): unusable either way.
         if sender_round > self.round + max(self.config.max_round_lag, 1) * 4:
-            raise StaleRound(f"update claims round {sender_round}, far ahead of our round {self.round}")
+            raise FutureRound(f"update claims round {sender_round}, far ahead of our round {self.round}")
         # decode raises NonFinite for NaN/Inf anywhere in the wire and never returns such a vector,
         # so there is no second finiteness pass over the decoded vector here.
         decoded = decode(wire, expected_numel=self.numel)
@@ -311,14 +319,6 @@ class GossipLearner:
                 combined = np.sum(received, axis=0) / (1 + count)
             self.params = (self.params - self.config.outer_lr * combined).astype(np.float32)
         return self.params.copy(), len(received)
-
-    def should_sync(self, live_others: int = 0) -> bool:
-        """Whether this round ends with a parameter pull from a random peer (consensus).
-
-        ``live_others`` (live peers besides us) sets the interval when ``sync_every = "auto"``.
-        """
-        every = sync_interval(self.config, live_others)
-        return every > 0 and self.round > 0 and self.round % every == 0
 
     def mix_with(self, partner_params: np.ndarray, partner_round: int, weight: float | None = None) -> None:
         """Move towards a peer's parameters (periodic sync). Rounds take the max, so laggards catch up."""
