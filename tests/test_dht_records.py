@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from p2pfm.core.envelope import seal
+from p2pfm.core.errors import Reject
 from p2pfm.core.identity import Identity
 from p2pfm.daemon.config import NetConfig
 from p2pfm.daemon.net import ForeignRecord, IgnoredRecords, PeerNetwork
@@ -44,7 +45,7 @@ def test_announcement_without_sees_is_still_accepted(net):
 
 @pytest.mark.parametrize("label", ["malformed", "wrong_kind", "subkey_mismatch"])
 def test_foreign_records_are_refused_with_their_reason(net, label):
-    """Not bytes, another kind, or signed by someone other than the subkey: each has its own label."""
+    """Not bytes, another kind, or signed by someone other than the subkey: each has its own typed reason."""
     sender = Identity.generate()
     if label == "malformed":
         subkey, record = sender.peer_id, {"junk": 1}
@@ -55,9 +56,9 @@ def test_foreign_records_are_refused_with_their_reason(net, label):
     else:
         subkey = Identity.generate().peer_id
         record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload())
-    with pytest.raises(ForeignRecord) as refused:
+    with pytest.raises(Reject) as refused:
         net.parse_announcement(subkey, record, NOW)
-    assert refused.value.label == label
+    assert refused.value.reason.value == label
 
 
 def test_ignored_records_are_counted_by_reason_and_logged_once_a_minute(caplog):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from p2pfm.daemon.net import Announcement, PeerBook
+from p2pfm.core.announce import Announcement, PeerBook
 
 TTL = 15.0
 

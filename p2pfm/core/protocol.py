@@ -1,0 +1,349 @@
+"""One peer's protocol, sans-IO: lifecycle, round sequence and policy in one place.
+
+The daemon (asyncio + libp2p) and the simulator (a virtual clock) both drive a
+:class:`PeerProtocol`: they feed it bytes, time and randomness, and carry out what it
+decides. Everything a peer *decides* lives here or in the pure modules it calls:
+
+- the lifecycle (:class:`Phase`, changed only through :data:`TRANSITIONS`);
+- the update message (:func:`update_payload`, the one builder) and its receiving rules
+  (envelope checks, the stream's kind, round window, codec) with the reject/ignore split and
+  the score/ban policy (:class:`~p2pfm.core.scoring.Scoreboard`);
+- what to do after a round or on joining (:func:`join_plan`, :func:`round_plan`: catch up from
+  donors, sync with a random peer, or carry on), on the rules of ``p2pfm.core.gossip``;
+- state transfer and the consensus pull, both sides (``p2pfm.core.transfer``).
+
+The peer's lifecycle and round are drawn in ``protocols/peer.md`` from :data:`TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pfm.core.envelope import Envelope, EnvelopeLimits, ReplayGuard, open_envelope, seal
+from p2pfm.core.errors import BadUpdate, Banned, Refusal
+from p2pfm.core.gossip import (
+    GossipConfig,
+    GossipLearner,
+    RoundReport,
+    decode_sync,
+    encode_sync,
+    expected_received,
+    needs_catch_up,
+    sync_due,
+)
+from p2pfm.core.identity import Identity
+from p2pfm.core.scoring import Scoreboard
+from p2pfm.core.tensorfile import digest
+from p2pfm.core.transfer import (
+    Donor,
+    Manifest,
+    check_chunk,
+    check_manifest,
+    check_params_answer,
+    check_request_kind,
+    check_state,
+    manifest_payload,
+)
+
+MAX_INNER_STEPS = 1 << 20  # an update claiming more local steps than this is not an honest peer's
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+class Phase(enum.Enum):
+    """Where a peer is in its life; the value is what ``status.json`` says (``state``)."""
+
+    STARTING = "starting"  # restored from its checkpoint (if any), not yet reachable
+    JOINING = "joining"  # online and announced, waiting for the partners it expects
+    CATCHING_UP = "catching_up"  # downloading a donor's state (on joining, or too far behind)
+    TRAINING = "training"  # running rounds
+    DRAINING = "draining"  # rounds done; applying the last updates of slower peers
+    LEFT = "left"  # tombstone announced, checkpoint written, offline
+
+
+class Event(enum.Enum):
+    """What moves a peer from one phase to the next."""
+
+    ONLINE = "online"  # listening and announced
+    QUORUM_SETTLED = "quorum_settled"  # the partners hear us, or we stopped waiting
+    BEHIND = "behind"  # the swarm is ahead (joining: at all; training: beyond max_round_lag)
+    CAUGHT_UP = "caught_up"  # adopted a donor's state, or no donor could serve one
+    ROUNDS_DONE = "rounds_done"  # the configured number of rounds is done
+    STOP = "stop"  # asked to leave (signal, library call, end of the drain)
+
+
+TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
+    (Phase.STARTING, Event.ONLINE): Phase.JOINING,
+    (Phase.JOINING, Event.BEHIND): Phase.CATCHING_UP,
+    (Phase.JOINING, Event.QUORUM_SETTLED): Phase.TRAINING,
+    (Phase.TRAINING, Event.BEHIND): Phase.CATCHING_UP,
+    (Phase.CATCHING_UP, Event.CAUGHT_UP): Phase.TRAINING,
+    (Phase.TRAINING, Event.ROUNDS_DONE): Phase.DRAINING,
+    (Phase.STARTING, Event.STOP): Phase.LEFT,
+    (Phase.JOINING, Event.STOP): Phase.LEFT,
+    (Phase.CATCHING_UP, Event.STOP): Phase.LEFT,
+    (Phase.TRAINING, Event.STOP): Phase.LEFT,
+    (Phase.DRAINING, Event.STOP): Phase.LEFT,
+}
+"""The lifecycle, as data: (phase, event) -> next phase. Anything not listed is a driver bug."""
+
+
+class InvalidTransition(RuntimeError):
+    """A driver fired an event its peer's phase does not take (a local bug, never remote input)."""
+
+
+# --- plans: what the driver should do next -----------------------------------------------------
+@dataclass(frozen=True)
+class CatchUp:
+    """Download the newest state from a donor (:func:`catch_up_donors`) and adopt it."""
+
+    newest: int  # the newest round we see
+    behind: int  # how far behind it we are
+
+
+@dataclass(frozen=True)
+class Sync:
+    """Pull one random live peer's parameters and average with them."""
+
+
+Plan = CatchUp | Sync | None
+
+
+def catch_up_donors(live_rounds: Mapping[str, int], newest: int) -> list[str]:
+    """Peers at the newest round or one behind: their state is (nearly) the swarm's newest."""
+    return sorted(p for p, r in live_rounds.items() if r >= newest - 1)
+
+
+def join_plan(own_round: int, newest: int | None, config: GossipConfig) -> CatchUp | None:
+    """On (re)joining: catch up whenever the swarm is ahead of us at all (``needs_catch_up``).
+
+    ``newest``: the newest round among the live peers we see (None: we see nobody).
+    """
+    if newest is None or not needs_catch_up(own_round, newest, config, joining=True):
+        return None
+    return CatchUp(newest, newest - own_round)
+
+
+def round_plan(own_round: int, newest: int | None, config: GossipConfig, *, sync_due: bool) -> Plan:
+    """After a round: catch up if we lag beyond ``max_round_lag``, else sync when one is due."""
+    if newest is not None and needs_catch_up(own_round, newest, config, joining=False):
+        return CatchUp(newest, newest - own_round)
+    return Sync() if sync_due else None
+
+
+# --- the update message ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalWork:
+    """What one round of local training produced, as the update message reports it."""
+
+    samples: int  # samples the local steps consumed
+    inner_steps: int  # local optimizer steps
+    train_loss: float  # mean training loss over those steps (NaN if unknown)
+
+
+def anchor_hash(params: np.ndarray) -> bytes:
+    """The ``model_hash`` of an update: SHA-256 of the anchor parameters its delta applies to."""
+    return digest(np.ascontiguousarray(params, dtype=np.float32).tobytes())
+
+
+def update_payload(wire: dict, work: LocalWork, anchor: bytes) -> dict:
+    """The one builder of an ``update`` payload (``protocols/wire.md``: ``update``).
+
+    ``weight`` is the samples behind the delta and ``inner_steps`` its local steps; receivers
+    check both (``BAD_UPDATE``) and report them, but merge with the sum-preserving equal
+    weights of ``protocols/gossip.md`` section 3: a sample count is the sender's claim, and
+    weighting by claims would let one liar outweigh the swarm.
+    """
+    loss = float(work.train_loss)
+    return {
+        "tensor": wire,
+        "weight": float(max(work.samples, 0)),
+        "inner_steps": int(work.inner_steps),
+        "train_loss": loss if np.isfinite(loss) else 0.0,
+        "model_hash": anchor,
+    }
+
+
+def check_update_meta(payload: dict) -> None:
+    """[REJECT] BAD_UPDATE if ``inner_steps`` is outside [1, 2^20]: no honest peer sends that."""
+    steps = payload["inner_steps"]
+    if not 1 <= steps <= MAX_INNER_STEPS:
+        raise BadUpdate(f"update claims {steps} inner steps (allowed 1..{MAX_INNER_STEPS})")
+
+
+# --- the peer ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeerSetup:
+    """What a peer's protocol needs to know that never changes during its life."""
+
+    identity: Identity
+    run_id: str
+    gossip: GossipConfig
+    limits: EnvelopeLimits = EnvelopeLimits()  # noqa: RUF009 - frozen, so sharing is safe
+    max_state_bytes: int = 1 << 30
+    verify_signatures: bool = True  # False only for bytes the driver produced itself (simulator)
+
+
+class PeerProtocol:
+    """One peer: gossip state, lifecycle, sequence numbers, replay guard and scores.
+
+    Not thread-safe: the daemon calls it from its event loop (and hands parameter vectors
+    to its worker thread as copies); the simulator from its event loop.
+    """
+
+    def __init__(self, setup: PeerSetup, initial_params: np.ndarray, *, seq: int = 0, round: int = 0) -> None:
+        self.setup = setup
+        self.config = setup.gossip
+        self.identity = setup.identity
+        self.peer_id = setup.identity.peer_id
+        self.initial_params = initial_params
+        self.learner = GossipLearner(initial_params, setup.gossip, round=round)
+        self.phase = Phase.STARTING
+        self.seq = seq
+        self.replay_guard = ReplayGuard.for_limits(setup.limits)
+        self.scores = Scoreboard()
+        self.accepted = 0
+        self.heard_update = False  # an update from a partner was accepted (start-up lock-step)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def fire(self, event: Event) -> Phase:
+        """Move along :data:`TRANSITIONS`; raises :class:`InvalidTransition` for a driver bug."""
+        try:
+            self.phase = TRANSITIONS[(self.phase, event)]
+        except KeyError:
+            raise InvalidTransition(f"event {event.value!r} in phase {self.phase.value!r}") from None
+        return self.phase
+
+    @property
+    def round(self) -> int:
+        return self.learner.round
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.learner.params
+
+    # --- sending ------------------------------------------------------------------------
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def seal(self, kind: str, payload: dict, now: float, *, round: int | None = None) -> bytes:
+        """Sign one message of ours (a fresh sequence number each)."""
+        return seal(
+            self.identity, kind=kind, run_id=self.setup.run_id, round=self.round if round is None else round,
+            seq=self.next_seq(), timestamp=now, payload=payload,
+        )  # fmt: skip
+
+    def make_update(self, local_params: np.ndarray, work: LocalWork) -> dict:
+        """This round's update payload: the compressed pseudo-gradient (with error feedback)."""
+        anchor = anchor_hash(self.learner.params)
+        return update_payload(self.learner.make_update(local_params), work, anchor)
+
+    def state_request(self, nonce: bytes, now: float) -> bytes:
+        """A signed ``state_request`` (both the state and the params streams take one)."""
+        return self.seal("state_request", {"round": self.round, "nonce": nonce}, now)
+
+    # --- receiving ------------------------------------------------------------------------
+    def open(self, data: bytes, now: float, *, stream: str) -> Envelope:
+        """Every envelope rule, then the stream's kind rule; raises a Reject subclass."""
+        envelope = open_envelope(
+            data, run_id=self.setup.run_id, now=now, limits=self.setup.limits, replay_guard=self.replay_guard,
+            verify_signature=self.setup.verify_signatures,
+        )  # fmt: skip
+        check_request_kind(stream, envelope)
+        return envelope
+
+    def check_sender(self, remote: str) -> None:
+        """[IGNORE] BANNED: a banned sender's messages are dropped unread."""
+        if self.scores.is_banned(remote):
+            self.scores.note_banned()
+            raise Banned(f"{remote} is banned after {self.scores.rejections[remote]} rejected messages")
+
+    def receive_update(self, remote: str, data: bytes, now: float) -> Envelope:
+        """An update from ``remote`` (transport identity): checked, queued for this round.
+
+        Raises a :class:`~p2pfm.core.errors.Refusal` (already counted and scored) if it is not
+        used. Rules in order: ban, envelope, kind, update metadata, round window, codec.
+        """
+        self.check_sender(remote)
+        try:
+            envelope = self.open(data, now, stream="gossip")
+            check_update_meta(envelope.payload)
+            self.learner.receive(envelope.sender_id, envelope.round, envelope.payload["tensor"])
+        except Refusal as exc:
+            self.refused(remote, exc)
+            raise
+        self.accepted += 1
+        self.heard_update = True
+        return envelope
+
+    def refused(self, remote: str, exc: Refusal) -> bool:
+        """Count a refusal of ``remote``'s message (rejections lower its score); True if now banned."""
+        return self.scores.note(remote, exc)
+
+    # --- the round ------------------------------------------------------------------------
+    def finish_round(self, live_others: int) -> tuple[np.ndarray, RoundReport]:
+        """Merge with the sum-preserving weights (``expected_received``) and take the outer step."""
+        return self.learner.finish_round(expected_received(self.config.fanout, live_others))
+
+    def drain(self, live_others: int) -> tuple[np.ndarray, int]:
+        """Apply the last updates that arrived after our last round."""
+        return self.learner.drain(expected_received(self.config.fanout, live_others))
+
+    def plan_join(self, newest: int | None) -> CatchUp | None:
+        """On joining: catch up from the swarm's ``newest`` round (None: we see nobody)?"""
+        return join_plan(self.round, newest, self.config)
+
+    def sync_due(self, live_others: int, *, sync_requested: bool = False) -> bool:
+        """Whether the round just finished ends with a consensus pull (or the driver asks for one:
+        lost peers came back, and only a pull brings drifted models together)."""
+        return sync_requested or sync_due(self.round, live_others, self.config)
+
+    def plan_round(self, newest: int | None, live_others: int, *, sync_requested: bool = False) -> Plan:
+        """After :meth:`finish_round`: catch up, sync, or carry on."""
+        due = self.sync_due(live_others, sync_requested=sync_requested)
+        return round_plan(self.round, newest, self.config, sync_due=due)
+
+    # --- state transfer: donor -----------------------------------------------------------------
+    def serve_state(self, snapshot: bytes, snapshot_round: int, chunk_size: int, now: float) -> tuple[bytes, list[bytes]]:
+        """The signed manifest for ``snapshot`` and the chunks that follow it."""
+        payload, chunks = manifest_payload(snapshot, snapshot_round, chunk_size)
+        return self.seal("state_manifest", payload, now, round=snapshot_round), chunks
+
+    def serve_params(self, request: Envelope, now: float) -> bytes:
+        """A signed ``params_sync`` answer: ``sync_codec`` of our params - initial, echoing the nonce."""
+        wire = encode_sync(self.learner.params, self.initial_params, self.config)
+        return self.seal("params_sync", {"tensor": wire, "round": self.round, "nonce": request.payload["nonce"]}, now)
+
+    # --- state transfer: joiner ----------------------------------------------------------------
+    def open_manifest(self, data: bytes, donor: Donor, now: float) -> Manifest:
+        """A donor's first frame: envelope rules (no replay guard: answers are bound by the
+        donor's key and our fresh request instead), then the manifest rules."""
+        envelope = open_envelope(data, run_id=self.setup.run_id, now=now, limits=self.setup.limits,
+                                 verify_signature=self.setup.verify_signatures)
+        return check_manifest(envelope, donor, max_state_bytes=self.setup.max_state_bytes)
+
+    @staticmethod
+    def check_chunk(manifest: Manifest, index: int, piece: bytes) -> None:
+        check_chunk(manifest, index, piece)
+
+    def open_state(self, manifest: Manifest, pieces: list[bytes]) -> tuple[dict[str, np.ndarray], int]:
+        return check_state(manifest, pieces, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes)
+
+    def adopt(self, params: np.ndarray, round: int) -> None:
+        """Replace our state with a donor's (joining, or too far behind to mix)."""
+        self.learner.adopt(params, round)
+
+    def open_params(self, data: bytes, donor_key: bytes, nonce: bytes, now: float) -> tuple[np.ndarray, int]:
+        """A consensus-pull answer: envelope rules, then the binding to our ask, then the codec."""
+        envelope = open_envelope(data, run_id=self.setup.run_id, now=now, limits=self.setup.limits,
+                                 replay_guard=self.replay_guard, verify_signature=self.setup.verify_signatures)
+        check_params_answer(envelope, donor_key, nonce)
+        return decode_sync(envelope.payload["tensor"], self.initial_params), envelope.payload["round"]
+
+    def mix(self, params: np.ndarray, round: int) -> None:
+        """Average with a pulled peer's parameters (``sync_weight``)."""
+        self.learner.mix_with(params, round)

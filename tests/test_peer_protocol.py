@@ -1,0 +1,240 @@
+"""The peer protocol in memory: two PeerProtocol objects talking bytes, no hivemind, no sockets.
+
+Like h11's ``ConnectionPair``: each test moves the exact bytes one peer produces into the other,
+so the whole sequence (update, merge, plans, state transfer, parameter sync, refusals, bans) is
+checked without a network, and with the same code the daemon and the simulator drive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from p2pfm.core.codecs import CodecSpec
+from p2pfm.core.errors import (
+    BadManifest,
+    BadSignature,
+    BadState,
+    BadUpdate,
+    Banned,
+    FutureRound,
+    HashMismatch,
+    NotDonor,
+    Oversize,
+    StaleRound,
+    WrongKind,
+)
+from p2pfm.core.gossip import GossipConfig
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import (
+    TRANSITIONS,
+    CatchUp,
+    Event,
+    InvalidTransition,
+    LocalWork,
+    PeerProtocol,
+    PeerSetup,
+    Phase,
+    Sync,
+    catch_up_donors,
+    join_plan,
+    round_plan,
+)
+from p2pfm.core.tensorfile import pack_arrays
+from p2pfm.core.transfer import Donor, pack_state
+
+RUN = "pair-test"
+NUMEL = 256
+NOW = 1_700_000_000.0
+WORK = LocalWork(samples=32, inner_steps=4, train_loss=2.5)
+
+
+def gossip(**changes) -> GossipConfig:
+    return dataclasses.replace(GossipConfig(codec=CodecSpec("none"), fanout=1, sync_every=0), **changes)
+
+
+def make_peer(seed: int = 0, **changes) -> PeerProtocol:
+    identity = Identity.from_private_bytes(bytes([seed + 1]) * 32)
+    initial = np.random.default_rng(99).standard_normal(NUMEL).astype(np.float32)
+    setup = PeerSetup(identity=identity, run_id=RUN, gossip=gossip(**changes), max_state_bytes=1 << 20)
+    return PeerProtocol(setup, initial)
+
+
+class Pair:
+    """Two peers and the wire between them."""
+
+    def __init__(self, **changes) -> None:
+        self.a = make_peer(0, **changes)
+        self.b = make_peer(1, **changes)
+
+    def update(self, sender: PeerProtocol, shift: float, now: float = NOW) -> bytes:
+        local = sender.params - shift
+        return sender.seal("update", sender.make_update(local, WORK), now)
+
+
+def test_two_peers_exchange_updates_and_agree():
+    """Each trains, sends its update, merges the other's: both end at the same anchor."""
+    pair = Pair()
+    to_b, to_a = pair.update(pair.a, 0.1), pair.update(pair.b, 0.3)
+    pair.b.receive_update("a", to_b, NOW)
+    pair.a.receive_update("b", to_a, NOW)
+    params_a, report_a = pair.a.finish_round(live_others=1)
+    params_b, report_b = pair.b.finish_round(live_others=1)
+    assert report_a.received == report_b.received == 1
+    np.testing.assert_allclose(params_a, params_b, rtol=0, atol=1e-6)
+    assert pair.a.round == pair.b.round == 1 and pair.a.accepted == pair.b.accepted == 1
+
+
+def test_lifecycle_follows_the_transition_table_and_refuses_the_rest():
+    """STARTING -> JOINING -> TRAINING -> DRAINING -> LEFT; an event out of place is a driver bug."""
+    peer = make_peer()
+    assert peer.phase is Phase.STARTING
+    for event, phase in [(Event.ONLINE, Phase.JOINING), (Event.QUORUM_SETTLED, Phase.TRAINING),
+                         (Event.BEHIND, Phase.CATCHING_UP), (Event.CAUGHT_UP, Phase.TRAINING),
+                         (Event.ROUNDS_DONE, Phase.DRAINING), (Event.STOP, Phase.LEFT)]:
+        assert peer.fire(event) is phase
+    with pytest.raises(InvalidTransition):
+        peer.fire(Event.ONLINE)
+    assert all(next_phase is not Phase.STARTING for next_phase in TRANSITIONS.values())
+    assert {phase for (phase, _event) in TRANSITIONS} == set(Phase) - {Phase.LEFT}
+
+
+def test_stale_and_future_rounds_are_ignored_without_penalty():
+    """An honest laggard's stale update is ignored, counted, and never held against it."""
+    pair = Pair(max_round_lag=2)
+    pair.b.learner.round = 10
+    for _ in range(100):
+        with pytest.raises(StaleRound):
+            pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW)
+    pair.a.learner.round = 60
+    with pytest.raises(FutureRound):
+        pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW)
+    assert pair.b.scores.rejections["a"] == 0 and not pair.b.scores.is_banned("a")
+    assert pair.b.scores.ignored == {"stale_round": 100, "future_round": 1}
+    assert pair.b.scores.rejected == {}
+
+
+def test_rejections_lower_the_score_until_the_sender_is_banned():
+    """Bad signatures count against the sender; at the limit it is banned and read no further."""
+    pair = Pair()
+    pair.b.scores.ban_after = 5
+    good = pair.update(pair.a, 0.1)
+    forged = good[:-1] + bytes([good[-1] ^ 1])  # last signature byte flipped
+    for _ in range(5):
+        with pytest.raises(BadSignature):
+            pair.b.receive_update("a", forged, NOW)
+    assert pair.b.scores.is_banned("a")
+    with pytest.raises(Banned):
+        pair.b.receive_update("a", good, NOW)  # even a good message: the sender is banned
+    assert pair.b.scores.rejected == {"bad_signature": 5} and pair.b.scores.ignored == {"banned": 1}
+    pair.b.receive_update("c", pair.update(pair.a, 0.1), NOW)  # the ban is per sender, not per swarm
+
+
+def test_update_metadata_no_honest_peer_sends_is_rejected():
+    """inner_steps = 0 claims an update without local work: BAD_UPDATE."""
+    pair = Pair()
+    payload = pair.a.make_update(pair.a.params - 0.1, WORK)
+    payload["inner_steps"] = 0
+    with pytest.raises(BadUpdate):
+        pair.b.receive_update("a", pair.a.seal("update", payload, NOW), NOW)
+
+
+@pytest.mark.parametrize("stream", ["state", "params"])
+def test_state_streams_take_only_state_requests(stream):
+    """An update (or any other kind) sent to the state or params stream is refused as WRONG_KIND."""
+    pair = Pair()
+    with pytest.raises(WrongKind):
+        pair.b.open(pair.update(pair.a, 0.1), NOW, stream=stream)
+    request = pair.a.state_request(b"n" * 16, NOW)
+    assert pair.b.open(request, NOW, stream=stream).kind == "state_request"
+    with pytest.raises(WrongKind):
+        pair.b.open(pair.a.state_request(b"m" * 16, NOW), NOW, stream="gossip")
+
+
+def serve(donor: PeerProtocol, chunk: int = 300) -> tuple[bytes, list[bytes], Donor]:
+    snapshot = pack_state(donor.params, donor.round, {"opt.0.exp_avg": np.ones(3, np.float32)})
+    manifest, chunks = donor.serve_state(snapshot, donor.round, chunk, NOW)
+    from p2pfm.core.tensorfile import digest
+
+    return manifest, chunks, Donor(public_key=donor.identity.public_key_bytes, round=donor.round,
+                                   model_hash=digest(snapshot))
+
+
+def test_state_transfer_end_to_end_then_adopt():
+    """A joiner checks the manifest, every chunk and the whole state, then adopts it."""
+    pair = Pair()
+    pair.a.learner.round = 7
+    pair.a.learner.params = pair.a.params + 1.0
+    manifest_bytes, chunks, claim = serve(pair.a)
+    manifest = pair.b.open_manifest(manifest_bytes, claim, NOW)
+    for index, piece in enumerate(chunks):
+        pair.b.check_chunk(manifest, index, piece)
+    arrays, round_ = pair.b.open_state(manifest, chunks)
+    pair.b.adopt(arrays["params"], round_)
+    assert pair.b.round == 7 and np.array_equal(pair.b.params, pair.a.params)
+    assert np.array_equal(arrays["opt.0.exp_avg"], np.ones(3, np.float32))
+
+
+def test_state_transfer_refuses_strangers_lies_and_tampering():
+    """Signed by someone else, a contradictory manifest, a tampered chunk, a state of another model."""
+    pair = Pair()
+    stranger = make_peer(7)
+    manifest_bytes, chunks, claim = serve(pair.a)
+    with pytest.raises(NotDonor):
+        pair.b.open_manifest(serve(stranger)[0], claim, NOW)
+    with pytest.raises(BadManifest):  # neither the announced hash nor a round as new as announced
+        pair.b.open_manifest(manifest_bytes, dataclasses.replace(claim, model_hash=b"x" * 32, round=9), NOW)
+    manifest = pair.b.open_manifest(manifest_bytes, claim, NOW)
+    with pytest.raises(HashMismatch):
+        pair.b.check_chunk(manifest, 0, b"\x00" + chunks[0][1:])
+    with pytest.raises(HashMismatch):
+        pair.b.open_state(manifest, chunks[:-1])
+    small = make_peer(2)
+    small.setup = dataclasses.replace(small.setup, max_state_bytes=100)
+    with pytest.raises(Oversize):
+        small.open_manifest(manifest_bytes, claim, NOW)
+    other_model = pack_arrays({"params": np.zeros(NUMEL + 1, np.float32), "round": np.array([0], np.int64)})
+    manifest_bytes, chunks = pair.a.serve_state(other_model, 0, 1000, NOW)
+    from p2pfm.core.tensorfile import digest
+
+    manifest = pair.b.open_manifest(manifest_bytes, dataclasses.replace(claim, model_hash=digest(other_model)), NOW)
+    with pytest.raises(BadState):
+        pair.b.open_state(manifest, chunks)
+
+
+def test_params_sync_is_bound_to_the_donor_and_the_nonce():
+    """The answer must be signed by the peer we asked and echo our nonce."""
+    pair = Pair()
+    pair.a.learner.params = pair.a.params + 0.5
+    pair.a.learner.round = 3
+    request = pair.b.state_request(b"q" * 16, NOW)
+    answer = pair.a.serve_params(pair.a.open(request, NOW, stream="params"), NOW)
+    params, round_ = pair.b.open_params(answer, pair.a.identity.public_key_bytes, b"q" * 16, NOW)
+    assert round_ == 3 and np.abs(params - pair.a.params).max() < 0.01  # int8 of the change
+    pair.b.mix(params, round_)
+    assert pair.b.round == 3
+    answer = pair.a.serve_params(pair.a.open(pair.b.state_request(b"r" * 16, NOW), NOW, stream="params"), NOW)
+    with pytest.raises(NotDonor):
+        pair.b.open_params(answer, pair.a.identity.public_key_bytes, b"s" * 16, NOW)
+    answer = pair.a.serve_params(pair.a.open(pair.b.state_request(b"t" * 16, NOW), NOW, stream="params"), NOW)
+    with pytest.raises(NotDonor):
+        pair.b.open_params(answer, make_peer(5).identity.public_key_bytes, b"t" * 16, NOW)
+
+
+def test_join_and_round_plans_follow_the_catch_up_rule():
+    """Joining: catch up if the swarm is ahead at all. Training: only beyond max_round_lag; else sync if due."""
+    cfg = gossip(max_round_lag=8, sync_every=5)
+    assert join_plan(3, None, cfg) is None
+    assert join_plan(3, 3, cfg) is None
+    assert join_plan(3, 4, cfg) == CatchUp(newest=4, behind=1)
+    assert round_plan(10, 18, cfg, sync_due=False) is None
+    assert round_plan(10, 19, cfg, sync_due=True) == CatchUp(newest=19, behind=9)
+    assert round_plan(10, 12, cfg, sync_due=True) == Sync()
+    assert catch_up_donors({"a": 19, "b": 18, "c": 10}, 19) == ["a", "b"]
+    peer = make_peer(sync_every=5)
+    peer.learner.round = 10
+    assert peer.plan_round(10, live_others=3) == Sync() and peer.plan_round(10, 3, sync_requested=False) == Sync()
+    peer.learner.round = 11
+    assert peer.plan_round(11, 3) is None and peer.plan_round(11, 3, sync_requested=True) == Sync()
