@@ -128,7 +128,7 @@ class GossipOptimizer:
 
     @property
     def round(self) -> int:
-        return self._daemon.learner.round
+        return self._daemon.round
 
     @property
     def peer_id(self) -> str:
@@ -159,7 +159,7 @@ class GossipOptimizer:
             mean_loss=sum(self._losses) / len(self._losses) if self._losses else float("nan"),
             compute_seconds=time.perf_counter() - self._round_started,
         )
-        self._call(self._daemon.gossip_round(stats, self._round_started))
+        self._call(self._daemon.driver.gossip_round(stats, self._round_started))
         self._steps_in_round, self._losses, self._round_started = 0, [], time.perf_counter()
         return True
 

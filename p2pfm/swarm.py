@@ -195,7 +195,7 @@ def first_failure(peers: Sequence[PeerProcess], rounds: int) -> PeerFailed | Non
     return None
 
 
-FINISHED_STATES = ("training", "draining", "left")
+FINISHED_STATES = ("catching_up", "training", "draining", "left")
 
 
 def swarm_phase(statuses: Sequence[Mapping[str, Any]], peers: int) -> str:

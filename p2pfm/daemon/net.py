@@ -20,9 +20,9 @@ import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from p2pfm.core.envelope import Envelope, EnvelopeLimits, open_envelope, seal
+from p2pfm.core.announce import Announcement, announcement_limits, check_announcement
+from p2pfm.core.envelope import EnvelopeLimits, seal
 from p2pfm.core.errors import Oversize, Reject, RejectReason
 from p2pfm.core.identity import Identity
 from p2pfm.daemon.config import NetConfig
@@ -49,24 +49,6 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
     if length > max_bytes:
         raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {max_bytes}")
     return await reader.readexactly(length)
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """A verified announcement of a live peer, as read from the DHT."""
-
-    peer_id: str
-    public_key: bytes
-    libp2p_id: str
-    maddrs: tuple[str, ...]
-    round: int
-    model_hash: bytes
-    device: str
-    power_w: float
-    state_bytes: int
-    seq: int
-    timestamp: float
-    sees: tuple[str, ...] = ()  # libp2p ids the sender sees (the start-up quorum's handshake)
 
 
 class ForeignRecord(Reject):
@@ -109,60 +91,6 @@ class IgnoredRecords:
             self._last_logged.popitem(last=False)
         log.info("ignored a DHT record under %s: %s (%d ignored records in all; "
                  "this offender is logged at most once a minute)", offender, exc, sum(self.by_reason.values()))
-
-
-class PeerBook:
-    """What we know of the swarm, merged over DHT lookups: the newest announcement per peer.
-
-    A peer is live while its newest announcement is younger than the TTL and lists addresses;
-    a tombstone (no addresses) or an expired record removes it. Merging makes discovery
-    monotone: one partial lookup cannot make live peers vanish.
-    """
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._known: dict[str, Announcement] = {}
-        self._suspects: dict[str, tuple[float, int]] = {}
-        self._lost: dict[str, Announcement] = {}  # expired without a tombstone, kept for re-dialing
-        self._first_seen: dict[str, int] = {}  # merge order at which we met this life of the peer
-        self._merges = 0
-
-    def merge(self, found: dict[str, Announcement]) -> None:
-        self._merges += 1
-        for peer_id, announcement in found.items():
-            self._lost.pop(peer_id, None)
-            known = self._known.get(peer_id)
-            if known is None or (announcement.timestamp, announcement.seq) > (known.timestamp, known.seq):
-                if known is None or known.libp2p_id != announcement.libp2p_id:  # new, or restarted
-                    self._first_seen[peer_id] = self._merges
-                self._known[peer_id] = announcement
-
-    def first_seen(self) -> dict[str, int]:
-        """Live-or-known peer id -> when (in merges) we first met its current process."""
-        return {p: self._first_seen[p] for p in self._known}
-
-    def suspect(self, peer_id: str) -> None:
-        """A call to this peer failed: treat it as gone until it announces again (heartbeats
-        come every few seconds), instead of waiting out its record's TTL."""
-        known = self._known.get(peer_id)
-        if known is not None:
-            self._suspects[peer_id] = (known.timestamp, known.seq)
-
-    def lost(self) -> dict[str, Announcement]:
-        """Peers whose records expired without a tombstone: maybe dead, maybe behind a partition."""
-        return dict(self._lost)
-
-    def live(self, now: float) -> dict[str, Announcement]:
-        for peer_id in [p for p, a in self._known.items() if a.timestamp + self.ttl_s < now]:
-            if self._known[peer_id].maddrs:
-                self._lost[peer_id] = self._known[peer_id]
-            del self._known[peer_id]
-            self._suspects.pop(peer_id, None)
-            self._first_seen.pop(peer_id, None)
-        return {
-            p: a for p, a in self._known.items()
-            if a.maddrs and (a.timestamp, a.seq) > self._suspects.get(p, (float("-inf"), -1))
-        }
 
 
 async def _redial_in_dht_process(_dht, node, targets: list[tuple[str, list[str]]]) -> int:
@@ -351,25 +279,9 @@ class PeerNetwork:
         return peers
 
     def parse_announcement(self, subkey: object, record: object, now: float) -> Announcement:
-        if not isinstance(record, bytes):
-            raise ForeignRecord("malformed", f"announcement record is {type(record).__name__}, not bytes")
-        # Records are re-read for up to a TTL after signing: allow that age on top of skew.
-        limits = EnvelopeLimits(
-            max_bytes=self._limits.max_bytes,
-            max_clock_skew_s=self._limits.max_clock_skew_s + self.config.announce_ttl_s,
-        )
-        envelope: Envelope = open_envelope(record, run_id=self.run_id, now=now, limits=limits)
-        if envelope.kind != "announce":
-            raise ForeignRecord("wrong_kind", f"record of kind {envelope.kind!r} where an announcement belongs")
-        if subkey != envelope.sender_id:
-            raise ForeignRecord("subkey_mismatch", f"record under subkey {subkey!r} is signed by {envelope.sender_id}")
-        p = envelope.payload
-        return Announcement(
-            peer_id=envelope.sender_id, public_key=envelope.sender, libp2p_id=p["libp2p_id"],
-            maddrs=tuple(p["maddrs"]), round=p["round"], model_hash=p["model_hash"], device=p["device"],
-            power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq, timestamp=envelope.timestamp,
-            sees=tuple(p.get("sees", ())),
-        )
+        """One DHT record, checked by the core's rule (raises a Reject subclass)."""
+        return check_announcement(subkey, record, run_id=self.run_id, now=now,
+                                  limits=announcement_limits(self._limits, self.config.announce_ttl_s))
 
     async def redial(self, targets: list[tuple[str, list[str]]]) -> int:
         """Reconnect the DHT to peers we knew but no longer see (e.g. after a network partition).

@@ -1,0 +1,206 @@
+"""The peer's network side: stream handlers that answer others, and the calls we make to them.
+
+Each handler reads one bounded frame, hands the bytes to the protocol object, and writes what
+it decides: an answer, or a refusal map ``{"ok": false, "reason"}`` (``protocols/wire.md``,
+"Streams and refusals"). Each call opens a stream with a deadline, sends a request sealed by
+the protocol, and checks the answer with the protocol's rules. No rule lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import msgpack
+import numpy as np
+
+from p2pfm.core.announce import Announcement
+from p2pfm.core.errors import Refusal
+from p2pfm.core.transfer import Donor
+from p2pfm.daemon.net import read_frame, write_frame
+from p2pfm.daemon.runtime import PeerRuntime
+
+log = logging.getLogger("p2pfm.peer")
+
+REQUEST_FRAME_BYTES = 4096  # a state request is ~200 bytes
+MANIFEST_FRAME_BYTES = 4 << 20  # 65,536 chunk hashes of 32 bytes plus the envelope
+
+
+class Refused(Exception):
+    """The peer we asked refused our request and said why (its reason, from our request's checks)."""
+
+
+def raise_if_refused(frame: bytes, what: str) -> None:
+    """Answers are envelopes (msgpack arrays); a refusal is a small map ``{"ok": False, "reason"}``."""
+    if len(frame) > 256:
+        return
+    try:
+        answer = msgpack.unpackb(frame)
+    except Exception:  # not a refusal; the envelope checks will name what it is
+        return
+    if isinstance(answer, dict) and answer.get("ok") is False:
+        raise Refused(f"{what} refused by the peer: {str(answer.get('reason'))[:64]}")
+
+
+class StreamHandlers:
+    """Answers the ``gossip``, ``state`` and ``params`` streams of other peers."""
+
+    def __init__(self, runtime: PeerRuntime) -> None:
+        self.rt = runtime
+        self.protocol = runtime.protocol
+
+    async def install(self) -> None:
+        await self.rt.net.add_handler("gossip", self.handle_gossip)
+        await self.rt.net.add_handler("state", self.handle_state)
+        await self.rt.net.add_handler("params", self.handle_params)
+
+    async def _refuse(self, remote: str, writer: asyncio.StreamWriter, exc: Refusal, *, counted: bool) -> None:
+        """Count a refusal (unless the protocol already did) and tell the asker why."""
+        if not counted and self.protocol.refused(remote, exc):
+            log.warning("banned libp2p peer %s after repeated rejected messages", remote)
+        log.warning("refused a message from libp2p peer %s: %s", remote, exc)
+        await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+
+    async def _read_request(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            limit: int, timeout: float) -> bytes | None:
+        try:
+            return await asyncio.wait_for(read_frame(reader, limit), timeout)
+        except Refusal as exc:  # a frame over the limit, refused before its body is read
+            await self._refuse(remote, writer, exc, counted=False)
+            return None
+
+    async def handle_gossip(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.protocol.scores.is_banned(remote):  # dropped unread
+            self.protocol.scores.note_banned()
+            return
+        net = self.rt.config.net
+        data = await self._read_request(remote, reader, writer, net.max_message_bytes, net.request_timeout_s * 4)
+        if data is None:
+            return
+        self.rt.counters["bytes_received"] += len(data)
+        try:
+            self.protocol.receive_update(remote, data, time.time())
+        except Refusal as exc:
+            await self._refuse(remote, writer, exc, counted=True)
+            return
+        self.rt.heard_update.set()
+        await write_frame(writer, msgpack.packb({"ok": True}))
+
+    async def handle_state(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
+        net = self.rt.config.net
+        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, net.request_timeout_s)
+        if data is None:
+            return
+        try:
+            self.protocol.open(data, time.time(), stream="state")
+        except Refusal as exc:
+            await self._refuse(remote, writer, exc, counted=False)
+            return
+        snapshot = self.rt.snapshot
+        manifest, chunks = self.protocol.serve_state(snapshot.data, snapshot.round, net.state_chunk_bytes, time.time())
+        await write_frame(writer, manifest)
+        for piece in chunks:
+            await write_frame(writer, piece)
+        self.rt.counters["state_bytes_served"] += len(snapshot.data)
+        self.rt.counters["bytes_sent"] += len(snapshot.data)
+
+    async def handle_params(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve our parameters for a consensus pull: ``sync_codec`` of (params - initial), signed."""
+        net = self.rt.config.net
+        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, net.request_timeout_s)
+        if data is None:
+            return
+        try:
+            request = self.protocol.open(data, time.time(), stream="params")
+        except Refusal as exc:
+            await self._refuse(remote, writer, exc, counted=False)
+            return
+        loop = asyncio.get_running_loop()
+        message = await loop.run_in_executor(None, self.protocol.serve_params, request, time.time())
+        await write_frame(writer, message)
+        self.rt.counters["bytes_sent"] += len(message)
+        self.rt.counters["sync_bytes_sent"] += len(message)
+
+
+class StreamClient:
+    """Our calls to other peers: push an update, pull parameters, download state."""
+
+    def __init__(self, runtime: PeerRuntime) -> None:
+        self.rt = runtime
+        self.protocol = runtime.protocol
+
+    async def push_update(self, target: Announcement, message: bytes) -> None:
+        net = self.rt.config.net
+        try:
+            reader, writer = await asyncio.wait_for(self.rt.net.open_stream(target.libp2p_id, "gossip"),
+                                                    net.request_timeout_s)
+            try:
+                await asyncio.wait_for(write_frame(writer, message), net.request_timeout_s)
+                reply = await asyncio.wait_for(read_frame(reader, 1024), net.request_timeout_s)
+            finally:
+                writer.close()
+            self.rt.counters["bytes_sent"] += len(message)
+            self.rt.counters["update_bytes_sent"] += len(message)
+            answer = msgpack.unpackb(reply)
+            if not answer.get("ok"):
+                log.info("peer %s refused our update: %s", target.peer_id, answer.get("reason"))
+        except Exception as exc:  # timeouts, dead peers, resets: never our compute's problem
+            self.rt.counters["push_failures"] += 1
+            self.rt.book.suspect(target.peer_id)
+            log.info("push to %s failed: %r", target.peer_id, exc)
+
+    async def pull_params(self, donor: Announcement) -> tuple[np.ndarray, int]:
+        """A live peer's parameters (decoded against the shared initial weights) and its round."""
+        timeout = self.rt.config.net.request_timeout_s * 2
+        reader, writer = await asyncio.wait_for(self.rt.net.open_stream(donor.libp2p_id, "params"), timeout)
+        try:
+            nonce = secrets.token_bytes(16)
+            await write_frame(writer, self.protocol.state_request(nonce, time.time()))
+            data = await asyncio.wait_for(read_frame(reader, self.rt.config.net.max_message_bytes), timeout)
+        finally:
+            writer.close()
+        self.rt.counters["bytes_received"] += len(data)
+        raise_if_refused(data, "parameter sync")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.protocol.open_params, data, donor.public_key, nonce, time.time())
+
+    async def download_state(self, donor: Announcement) -> tuple[dict[str, np.ndarray], int]:
+        """Fetch and verify a donor's snapshot; raise on any mismatch or timeout."""
+        net = self.rt.config.net
+        claim = Donor(public_key=donor.public_key, round=donor.round, model_hash=donor.model_hash)
+
+        async def fetch() -> tuple[dict[str, np.ndarray], int]:
+            reader, writer = await self.rt.net.open_stream(donor.libp2p_id, "state")
+            try:
+                await write_frame(writer, self.protocol.state_request(secrets.token_bytes(16), time.time()))
+                first = await read_frame(reader, MANIFEST_FRAME_BYTES)
+                raise_if_refused(first, "state download")
+                manifest = self.protocol.open_manifest(first, claim, time.time())
+                pieces = []
+                for index in range(len(manifest.chunk_hashes)):
+                    piece = await read_frame(reader, manifest.chunk_size)
+                    self.protocol.check_chunk(manifest, index, piece)
+                    pieces.append(piece)
+            finally:
+                writer.close()
+            total = sum(len(p) for p in pieces)
+            self.rt.counters["state_bytes_downloaded"] += total
+            self.rt.counters["bytes_received"] += total
+            return self.protocol.open_state(manifest, pieces)
+
+        return await asyncio.wait_for(fetch(), net.state_timeout_s)
+
+    async def fetch_from_some_donor(self, candidates: list[Announcement]) -> tuple[dict[str, np.ndarray], int, str] | None:
+        """Try candidates in random order (spreads joiners over donors); None if all fail."""
+        order = self.rt.rng.permutation(len(candidates))
+        for index in order[:3]:
+            donor = candidates[index]
+            try:
+                arrays, round_ = await self.download_state(donor)
+                return arrays, round_, donor.peer_id
+            except Exception as exc:  # Reject, timeouts, resets: try the next donor
+                log.warning("state download from %s failed: %r", donor.peer_id, exc)
+        return None

@@ -1,0 +1,121 @@
+"""Typed metrics records: what each line of ``metrics.jsonl`` holds, by event.
+
+The daemon writes these and readers (swarm summaries, benches, tests) get the same field
+names back: one definition instead of 20-key dict literals written in one module and read
+by string in three others. :func:`as_record` turns one into the JSON-ready dict that
+:class:`~p2pfm.daemon.metrics.MetricsLog` writes (NaN becomes null there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """The peer is online and about to train (after the quorum wait)."""
+
+    round: int
+    resumed: bool
+    params: int
+    shard: int
+    initial_eval_loss: float
+    wall_time: float
+    data_split: dict[str, Any] = field(default_factory=dict)  # the byte split (absent for a user's model)
+    event: str = "start"
+
+    def as_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.update(record.pop("data_split"))  # flat, as readers have always seen it
+        return record
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished round: progress, traffic counters (cumulative), refusals, time and energy."""
+
+    round: int
+    step: int
+    samples: int
+    train_loss: float
+    eval_loss: float
+    received_updates: int
+    synced: bool
+    live_peers: int
+    bytes_sent: int
+    update_bytes_sent: int
+    sync_bytes_sent: int
+    state_bytes_served: int
+    bytes_received: int
+    state_bytes_downloaded: int
+    messages_accepted: int
+    messages_rejected: dict[str, int]  # by RejectReason value: these lowered a sender's score
+    messages_ignored: dict[str, int]  # by IgnoreReason value: authentic but unused, no penalty
+    push_failures: int
+    compute_seconds: float
+    round_seconds: float
+    gossip_seconds: float
+    eval_seconds: float
+    wall_time: float
+    energy_wh: float
+    carbon_g: float
+    params: int
+    dht_records_ignored: dict[str, int]
+    event: str = "round"
+
+
+@dataclass(frozen=True)
+class StateDownloadRecord:
+    """We adopted a donor's state (on joining, or because we lagged too far)."""
+
+    reason: str  # "join", "rejoin" or "lagging"
+    donor: str
+    round: int
+    behind: int
+    wall_time: float
+    event: str = "state_download"
+
+
+@dataclass(frozen=True)
+class QuorumTimeoutRecord:
+    """We stopped waiting for the partners we expected and trained with those we had."""
+
+    need: int
+    have: int
+    seen: list[str]
+    confirmed: list[str]
+    unconfirmed: list[str]
+    waited_s: float
+    wall_time: float
+    event: str = "quorum_timeout"
+
+
+@dataclass(frozen=True)
+class DrainRecord:
+    """After the last round: updates of slower peers applied without a round of our own."""
+
+    round: int
+    applied: int
+    eval_loss: float
+    wall_time: float
+    event: str = "drain"
+
+
+@dataclass(frozen=True)
+class LeaveRecord:
+    """Graceful leave: checkpoint written, tombstone announced."""
+
+    round: int
+    wall_time: float
+    event: str = "leave"
+
+
+Record = StartRecord | RoundRecord | StateDownloadRecord | QuorumTimeoutRecord | DrainRecord | LeaveRecord
+
+
+def as_record(record: Record) -> dict[str, Any]:
+    """The JSON-ready dict of one typed record."""
+    if isinstance(record, StartRecord):
+        return record.as_dict()
+    return asdict(record)

@@ -1,0 +1,276 @@
+"""The round driver: joins the swarm, runs rounds, and carries out the protocol's plans.
+
+Round structure (see ``protocols/peer.md``):
+
+1. H local AdamW steps from the anchor (worker thread);
+2. the protocol builds the update; we seal it once and push it to ``fanout`` random live
+   peers in the background (each push has a deadline);
+3. the protocol merges whatever arrived meanwhile and takes the outer step; we load the anchor;
+4. the protocol's plan: catch up from a donor (we lag beyond ``max_round_lag``), sync with a
+   random live peer (every ``sync_every`` rounds, or after a healed partition), or carry on;
+5. evaluate, write metrics, checkpoint atomically; heartbeats refresh the announcement.
+
+The driver decides nothing itself: every *whether* is a call into ``PeerProtocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from p2pfm.core.gossip import choose_partners
+from p2pfm.core.protocol import CatchUp, Event, LocalWork, Sync, catch_up_donors
+from p2pfm.core.quorum import QuorumView
+from p2pfm.daemon.handlers import StreamClient
+from p2pfm.daemon.records import DrainRecord, QuorumTimeoutRecord, RoundRecord, StateDownloadRecord
+from p2pfm.daemon.runtime import PeerRuntime
+from p2pfm.daemon.trainer import StepStats
+
+log = logging.getLogger("p2pfm.peer")
+
+
+class RoundDriver:
+    """Runs one peer's rounds on its runtime, asking its protocol object what to do."""
+
+    def __init__(self, runtime: PeerRuntime, client: StreamClient) -> None:
+        self.rt = runtime
+        self.protocol = runtime.protocol
+        self.client = client
+        self.await_first_update = False  # after round 1, wait (bounded) until a partner's update arrives
+
+    # --- joining ---------------------------------------------------------------------------------
+    async def wait_for_quorum(self) -> QuorumView:
+        """Wait until the peers we expect can hear us; say whom we have and whom we wait for.
+
+        ``min_peers`` >= 2 is a hard quorum (wait up to ``min_peers_timeout_s``). A peer pointed
+        at a swarm (``initial_peers``) with ``min_peers`` = 1 still expects one partner, but
+        only for a short settling time: if nobody is there it trains alone, as before. A
+        partner counts once its announcement lists our libp2p id (``p2pfm.core.quorum``), so no
+        peer runs rounds its partners cannot hear, whatever the machines' speeds.
+        """
+        rt = self.rt
+        hard = rt.config.min_peers >= 2
+        patience = rt.config.min_peers_timeout_s if hard else 3 * rt.config.net.heartbeat_s + 5.0
+        started = time.time()
+        deadline = started + patience
+        announced: list[str] = []
+        last_log = float("-inf")
+        while True:
+            await rt.refresh_live()
+            view = rt.quorum_now()
+            listed = rt.sees()
+            if listed != announced:  # our view changed: tell the others at once that we hear them
+                await rt.announce()
+                announced = listed
+            now = time.time()
+            waited = now - started
+            rt.write_status({**view.as_status(), "waited_s": round(waited, 1), "deadline_s": round(patience, 1)})
+            if view.ready or rt.stop_event.is_set():
+                if view.need > 1:
+                    log.info("quorum reached after %.1f s: %s", waited, view.describe())
+                return view
+            if not hard and not view.seen and waited >= 5.0:  # pointed at a swarm that is not there
+                log.warning("no peer of the swarm found after %.0f s; training alone until peers appear", waited)
+                return view
+            if now > deadline:
+                log.warning("gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; %s", waited, patience,
+                            view.describe(), "training alone until peers appear" if view.have == 1 else
+                            f"training with the {view.have - 1} partner(s) that hear us")
+                rt.record(QuorumTimeoutRecord(
+                    need=view.need, have=view.have, seen=list(view.seen), confirmed=list(view.confirmed),
+                    unconfirmed=list(view.unconfirmed), waited_s=waited, wall_time=rt.wall_time()))
+                return view
+            if now - last_log >= 5.0:
+                log.info("waiting for a quorum: %s; waited %.0f s of %.0f s", view.describe(), waited, patience)
+                last_log = now
+            await asyncio.sleep(0.25)
+
+    async def join(self, reason: str) -> bool:
+        """After the quorum: adopt the swarm's newest state if it is ahead of us at all."""
+        plan = self.protocol.plan_join(self.rt.newest_round())
+        if plan is None:
+            self.protocol.fire(Event.QUORUM_SETTLED)
+            return False
+        self.protocol.fire(Event.BEHIND)
+        adopted = await self.catch_up(plan, reason)
+        self.protocol.fire(Event.CAUGHT_UP)
+        return adopted
+
+    async def wait_for_first_update(self) -> None:
+        """After our first round, wait (bounded) until some partner's update has reached us.
+
+        The quorum handshake guarantees that partners *can* hear us, but each peer learns it
+        at its own next DHT lookup, so one may start a fraction of a second before another.
+        A job whose rounds take milliseconds would spend that gap running far ahead, and the
+        later peer's updates would then be refused as stale. One round of lock-step at the
+        start aligns the peers to within a message's latency; afterwards nobody waits.
+        """
+        if self.rt.heard_update.is_set():
+            return
+        net = self.rt.config.net
+        patience = 3 * net.heartbeat_s + net.request_timeout_s
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.rt.heard_update.wait(), patience)
+            log.info("first update from a partner arrived after %.2f s: the swarm is training together",
+                     time.perf_counter() - started)
+        except TimeoutError:
+            log.warning("no partner's update within %.0f s of our first round; training on without waiting", patience)
+
+    # --- background: heartbeats ------------------------------------------------------------------
+    async def heartbeat(self) -> None:
+        rt = self.rt
+        beats = 0
+        while not rt.stop_event.is_set():
+            # Look first, then announce: our ``sees`` list is then at most one lookup old, so a
+            # joiner waiting for us to hear it is confirmed within one heartbeat.
+            await rt.refresh_live()
+            await rt.announce()
+            beats += 1
+            lost = rt.book.lost()
+            if lost and beats % 3 == 0:  # every ~12 s while peers are missing: heal partitions
+                targets = [(a.libp2p_id, list(a.maddrs)) for a in lost.values()][:8]
+                if await rt.net.redial(targets):
+                    log.info("re-dialed %d lost peer(s); refreshing the swarm view", len(targets))
+                    await rt.refresh_live()
+                    # Peers came back (a healed partition): models drifted apart meanwhile, and
+                    # only a parameter sync pulls them together, so do one next round.
+                    rt.sync_soon = True
+            try:
+                await asyncio.wait_for(rt.stop_event.wait(), rt.config.net.heartbeat_s)
+            except TimeoutError:
+                pass
+
+    # --- plans ---------------------------------------------------------------------------------
+    async def catch_up(self, plan: CatchUp, reason: str) -> bool:
+        """Download the newest state from a donor at (or one behind) the newest round and adopt it."""
+        rt = self.rt
+        donors = [rt.live[p] for p in catch_up_donors(rt.live_rounds(), plan.newest)]
+        got = await self.client.fetch_from_some_donor(donors)
+        if got is None:
+            return False
+        arrays, round_, donor = got
+        self.protocol.adopt(arrays["params"], round_)
+        rt.trainer.load_flat(self.protocol.params)
+        try:
+            rt.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
+        except (ValueError, KeyError) as exc:
+            log.warning("donor optimizer state unusable (%s); keeping ours", exc)
+        rt.refresh_snapshot()
+        rt.record(StateDownloadRecord(reason=reason, donor=donor, round=round_, behind=plan.behind,
+                                      wall_time=rt.wall_time()))
+        log.info("adopted state of round %d from %s (%s)", round_, donor, reason)
+        return True
+
+    async def sync_with_random_peer(self) -> bool:
+        """Consensus pull: average parameters with one random live peer."""
+        rt = self.rt
+        partners = choose_partners(list(rt.live), rt.peer_id, 1, rt.rng)
+        if not partners:
+            return False
+        donor = rt.live[partners[0]]
+        try:
+            params, round_ = await self.client.pull_params(donor)
+        except Exception as exc:
+            log.info("sync with %s failed: %r", donor.peer_id, exc)
+            return False
+        self.protocol.mix(params, round_)
+        rt.trainer.load_flat(self.protocol.params)
+        rt.counters["syncs"] += 1
+        return True
+
+    # --- rounds --------------------------------------------------------------------------------
+    async def one_round(self) -> None:
+        """H inner steps in the worker thread, then a gossip round."""
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        round_start = time.perf_counter()
+        stats = await loop.run_in_executor(None, rt.trainer.train_steps, rt.config.gossip.inner_steps, rt.stop_flag)
+        if stats.steps < rt.config.gossip.inner_steps:  # stopping mid-round: keep the anchor
+            rt.trainer.load_flat(self.protocol.params)
+            return
+        await self.gossip_round(stats, round_start)
+
+    async def gossip_round(self, stats: StepStats, round_start: float) -> None:
+        """Push our update, merge what arrived, follow the protocol's plan, record."""
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        rt.compute_seconds += stats.compute_seconds
+        rt.train_loss = stats.mean_loss
+        gossip_start = time.perf_counter()
+        work = LocalWork(samples=stats.samples, inner_steps=stats.steps, train_loss=stats.mean_loss)
+        message = self.protocol.seal("update", self.protocol.make_update(rt.trainer.flat(), work), time.time())
+        for target in choose_partners(list(rt.live), rt.peer_id, rt.config.gossip.fanout, rt.rng):
+            task = asyncio.create_task(self.client.push_update(rt.live[target], message))
+            rt.background.add(task)
+            task.add_done_callback(rt.background.discard)
+        params, report = self.protocol.finish_round(len(rt.live))
+        rt.trainer.load_flat(params)
+        plan = self.protocol.plan_round(rt.newest_round(), len(rt.live), sync_requested=rt.sync_soon)
+        synced = False
+        if isinstance(plan, CatchUp):
+            self.protocol.fire(Event.BEHIND)
+            rt.write_status()
+            adopted = await self.catch_up(plan, "lagging")
+            self.protocol.fire(Event.CAUGHT_UP)
+            if not adopted and self.protocol.sync_due(len(rt.live), sync_requested=rt.sync_soon):
+                plan = Sync()  # no donor could serve: the pull that was due still is
+        if isinstance(plan, Sync):
+            rt.sync_soon = False
+            await self.sync_with_random_peer()
+            synced = True
+        rt.refresh_snapshot()
+        if self.await_first_update:
+            self.await_first_update = False
+            await self.wait_for_first_update()
+        gossip_seconds = time.perf_counter() - gossip_start
+        eval_start = time.perf_counter()
+        every = rt.config.train.eval_every
+        if every and self.protocol.round % every == 0:
+            rt.eval_loss = await loop.run_in_executor(None, rt.trainer.evaluate)
+        eval_seconds = time.perf_counter() - eval_start
+        if self.protocol.round % rt.config.checkpoint_every == 0:
+            await loop.run_in_executor(None, rt.write_checkpoint)
+        energy_wh = rt.config.power_w * rt.compute_seconds / 3600.0
+        c = rt.counters
+        rt.record(RoundRecord(
+            round=self.protocol.round, step=rt.trainer.steps_done, samples=rt.trainer.samples_seen,
+            train_loss=rt.train_loss, eval_loss=rt.eval_loss, received_updates=report.received, synced=synced,
+            live_peers=len(rt.live), bytes_sent=c["bytes_sent"], update_bytes_sent=c["update_bytes_sent"],
+            sync_bytes_sent=c["sync_bytes_sent"], state_bytes_served=c["state_bytes_served"],
+            bytes_received=c["bytes_received"], state_bytes_downloaded=c["state_bytes_downloaded"],
+            messages_accepted=self.protocol.accepted, messages_rejected=dict(self.protocol.scores.rejected),
+            messages_ignored=dict(self.protocol.scores.ignored), push_failures=c["push_failures"],
+            compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
+            gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, wall_time=rt.wall_time(), energy_wh=energy_wh,
+            carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,
+            dht_records_ignored=dict(rt.net.ignored_records.by_reason),
+        ))  # fmt: skip
+        rt.write_status()
+
+    async def final_drain(self) -> None:
+        """Run finished: wait (bounded) for peers still in earlier rounds, then apply their last updates.
+
+        We stay announced meanwhile, so their final pushes still reach us; without this the
+        peers that finish first would miss the others' last rounds and the run would end with
+        its models a round apart.
+        """
+        rt = self.rt
+        self.protocol.fire(Event.ROUNDS_DONE)
+        final = self.protocol.round
+        deadline = time.time() + rt.config.final_drain_s
+        rt.write_status()
+        while time.time() < deadline and not rt.stop_event.is_set():
+            await rt.refresh_live()
+            if all(a.round >= final for a in rt.live.values()):
+                break
+            await asyncio.sleep(0.3)
+        # The last announcements go out right after the pushes are started: give them a moment.
+        await asyncio.sleep(min(2.0, max(0.0, deadline - time.time())))
+        params, applied = self.protocol.drain(len(rt.live))
+        rt.trainer.load_flat(params)
+        rt.refresh_snapshot()
+        if rt.config.train.eval_every:
+            rt.eval_loss = await asyncio.get_running_loop().run_in_executor(None, rt.trainer.evaluate)
+        rt.record(DrainRecord(round=final, applied=applied, eval_loss=rt.eval_loss, wall_time=rt.wall_time()))

@@ -1,0 +1,186 @@
+"""What one running peer holds, shared by its network handlers and its round driver.
+
+The protocol (``p2pfm.core.protocol.PeerProtocol``) owns every decision; this object owns the
+I/O-side state around it: the model and its trainer, the network, the peer book, the state
+snapshot we serve, counters, and the stop signals. The composition root
+(:mod:`p2pfm.daemon.peer`) builds it; handlers and the round driver read and update it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from p2pfm.config import ConfigError, config_to_dict
+from p2pfm.core.announce import Announcement, PeerBook
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import PeerProtocol, Phase
+from p2pfm.core.quorum import QuorumView, peers_to_list, quorum_view
+from p2pfm.core.tensorfile import digest
+from p2pfm.core.transfer import pack_state
+from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
+from p2pfm.daemon.config import PeerConfig
+from p2pfm.daemon.metrics import MetricsLog
+from p2pfm.daemon.net import PeerNetwork
+from p2pfm.daemon.records import Record, as_record
+from p2pfm.daemon.trainer import ModelAdapter
+
+log = logging.getLogger("p2pfm.peer")
+
+
+def load_or_create_identity(path: Path) -> Identity:
+    """Load the peer's key; create it (mode 0600) on first start."""
+    if path.exists():
+        return Identity.load(path)
+    identity = Identity.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity.save(path)
+    log.info("created a new key at %s (peer id %s)", path, identity.peer_id)
+    return identity
+
+
+@dataclass
+class Snapshot:
+    """The state we serve to joiners: exactly what our next announcement's hash covers."""
+
+    data: bytes = b""
+    hash: bytes = bytes(32)
+    round: int = 0
+
+
+@dataclass
+class PeerRuntime:
+    """One peer's live state around its protocol object."""
+
+    config: PeerConfig
+    protocol: PeerProtocol
+    trainer: ModelAdapter
+    net: PeerNetwork
+    metrics: MetricsLog
+    shard_index: int
+    rng: np.random.Generator
+    counters: Counter[str] = field(default_factory=Counter)
+    peer_book: PeerBook | None = None
+    live: dict[str, Announcement] = field(default_factory=dict)
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    eval_loss: float = float("nan")
+    train_loss: float = float("nan")
+    compute_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_flag: threading.Event = field(default_factory=threading.Event)  # seen by the training thread
+    heard_update: asyncio.Event = field(default_factory=asyncio.Event)  # a partner's update was accepted
+    background: set[asyncio.Task] = field(default_factory=set)
+    sync_soon: bool = False  # set when lost peers reappear: sync at the next round
+    resumed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.peer_book is None:
+            self.peer_book = PeerBook(self.config.net.announce_ttl_s)
+
+    @property
+    def peer_id(self) -> str:
+        return self.protocol.peer_id
+
+    @property
+    def book(self) -> PeerBook:
+        assert self.peer_book is not None
+        return self.peer_book
+
+    # --- the swarm as we see it ----------------------------------------------------------------
+    async def refresh_live(self) -> None:
+        self.book.merge(await self.net.lookup(time.time()))
+        self.live = self.book.live(time.time())
+
+    def live_rounds(self) -> dict[str, int]:
+        return {p: a.round for p, a in self.live.items()}
+
+    def newest_round(self) -> int | None:
+        return max((a.round for a in self.live.values()), default=None)
+
+    def sees(self) -> list[str]:
+        """The libp2p ids of the live peers we see: tells joiners that we can hear them."""
+        return peers_to_list(self.book.first_seen(), {p: a.libp2p_id for p, a in self.live.items()})
+
+    def quorum_now(self) -> QuorumView:
+        need = max(self.config.min_peers, 2 if self.config.net.initial_peers else 1)
+        return quorum_view(self.net.libp2p_id, {p: a.sees for p, a in self.live.items()}, need)
+
+    def announcement_payload(self) -> dict:
+        return {
+            "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.protocol.round,
+            "model_hash": self.snapshot.hash, "device": self.config.device[:64],
+            "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot.data),
+            "sees": self.sees(),
+        }  # fmt: skip
+
+    async def announce(self) -> None:
+        await self.net.announce(self.announcement_payload(), time.time())
+
+    # --- state: snapshot and checkpoint --------------------------------------------------------
+    def refresh_snapshot(self) -> None:
+        """Pack the state we serve (parameters, round, inner optimizer) and hash it."""
+        round_ = self.protocol.round
+        data = pack_state(self.protocol.params, round_, self.trainer.optimizer_arrays())
+        self.snapshot = Snapshot(data=data, hash=digest(data), round=round_)
+
+    def _state_meta(self) -> dict:
+        return {
+            "round": self.protocol.round, "seq": self.protocol.seq, "peer_id": self.peer_id,
+            "numel": self.protocol.learner.numel,
+            "config": {k: v for k, v in config_to_dict(self.config).items() if k in ("run_id", "seed", "model")},
+        }  # fmt: skip
+
+    def restore_checkpoint(self) -> bool:
+        found = load_checkpoint(self.config.work_dir)
+        if found is None:
+            return False
+        arrays, meta = found
+        expected = {"run_id": self.config.run_id, "seed": self.config.seed, "model": config_to_dict(self.config.model)}
+        saved = meta.get("config", {})
+        if {k: saved.get(k) for k in expected} != expected:
+            raise ConfigError(
+                f"work_dir: {self.config.work_dir} holds a checkpoint of another run or model ({saved}); "
+                "use a fresh --work-dir or the same run_id, seed and model"
+            )
+        self.protocol.learner.load_state_arrays({k: arrays[k] for k in ("params", "momentum", "residual", "round")})
+        self.trainer.load_flat(self.protocol.params)
+        self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
+        self.protocol.seq = max(self.protocol.seq, int(meta.get("seq", 0)) + 1)
+        log.info("resumed from checkpoint at round %d", self.protocol.round)
+        return True
+
+    def write_checkpoint(self) -> None:
+        arrays = {**self.protocol.learner.state_arrays(), **self.trainer.optimizer_arrays()}
+        save_checkpoint(self.config.work_dir, arrays, self._state_meta())
+
+    # --- reporting ---------------------------------------------------------------------------
+    def record(self, record: Record) -> None:
+        self.metrics.write(as_record(record))
+
+    def wall_time(self) -> float:
+        return time.time() - self.started
+
+    def write_status(self, quorum: dict | None = None) -> None:
+        """status.json: the phase (``state``), round, live peers; ``quorum`` while joining."""
+        status = {
+            "peer_id": self.peer_id, "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs,
+            "round": self.protocol.round, "live_peers": sorted(self.live), "eval_loss": self.eval_loss,
+            "state": self.protocol.phase.value, "shard": self.shard_index, "pid": os.getpid(),
+            "run_id": self.config.run_id,
+        }  # fmt: skip
+        if quorum is not None:
+            status["quorum"] = quorum
+        self.metrics.status(status)
+
+    @property
+    def phase(self) -> Phase:
+        return self.protocol.phase
