@@ -6,23 +6,25 @@ Time model (all virtual seconds; nothing here reads a clock):
   runs on [r*T, (r+1)*T). At the start every online, ready peer runs H local steps
   (``inner_steps``) taking ``H * step_seconds`` of its device; a peer that cannot finish
   before the deadline is a straggler and sends nothing that round.
-- When its computation ends, a peer calls ``GossipLearner.make_update``, seals one envelope
-  per partner (``choose_partners`` over the live peers it learned from the DHT) and sends
+- Every peer is a :class:`~p2pfm.core.protocol.PeerProtocol`, the object the daemon drives:
+  the engine feeds it bytes and virtual time and carries out its plans.
+- When its computation ends, a peer's protocol builds the update (``make_update``), the
+  engine seals one envelope per partner (``choose_partners`` over the live peers it learned from the DHT) and sends
   them one after another on its uplink: each takes ``size / min(up_sender, down_receiver)``
   plus both ends' latency. Sizes are the real sealed bytes.
-- On arrival the receiver runs ``open_envelope`` (signature, clock skew, replay, schema)
-  and ``GossipLearner.receive``; refusals are counted by reason. A message is lost if its
+- On arrival the receiver's ``receive_update`` runs every rule (envelope, kind, update
+  metadata, round window, codec); refusals are counted by reason, rejected or ignored. A message is lost if its
   sender left before the last byte went out, or the receiver is offline, left and came
   back, or is still downloading state.
-- At the deadline each peer that took part calls ``finish_round`` with the daemon's
-  sum-preserving weights (``expected_received = min(fanout, live peers)``); when
-  ``should_sync`` says so it pulls a random live peer's parameters as the daemon does
-  (``sync_codec`` of params - initial params; download time on both links) and
-  ``mix_with``es them at the start of the next round.
+- At the deadline each peer that took part calls ``finish_round`` (the daemon's
+  sum-preserving weights) and follows its ``plan_round``: a sync pulls a random live peer's
+  parameters as the daemon does (``sync_codec`` of params - initial params; download time on
+  both links) and mixes them in at the start of the next round; a peer lagging beyond
+  ``max_round_lag`` downloads a donor's state instead, as the daemon does.
 - Churn: leaving loses the computation and the messages in flight, and keeps the state
-  (a checkpoint). A rejoining peer restarts from that stale checkpoint, downloads a live
-  peer's full fp32 state over its own link and ``adopt``s it, as the daemon does on (re)join;
-  it trains again from the next round.
+  (a checkpoint). A rejoining peer restarts from that stale checkpoint and follows the
+  daemon's join rule (``plan_join``): if the swarm is ahead of it at all, it downloads a donor's
+  full fp32 state over its own link and adopts it; it trains again from the next round.
 
 Determinism: one seed feeds a :class:`numpy.random.SeedSequence` whose children drive
 devices, churn, data, partner choice and identities; heap entries are ``(time, priority,
@@ -31,7 +33,6 @@ counter)`` so equal times resolve the same way every run.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -44,23 +45,20 @@ from p2pfm.core.codecs import CodecSpec, encode
 from p2pfm.core.envelope import (
     PROTOCOL_VERSION,
     EnvelopeLimits,
-    ReplayGuard,
-    open_envelope,
     pack_body_with_payload,
     pack_payload,
     pack_wire,
     seal,
 )
-from p2pfm.core.errors import Reject
+from p2pfm.core.errors import Refusal
 from p2pfm.core.gossip import (
-    GossipLearner,
     choose_partners,
     consensus_distance,
     decode_sync,
     encode_sync,
-    expected_received,
 )
 from p2pfm.core.identity import SIGNATURE_BYTES, Identity
+from p2pfm.core.protocol import CatchUp, LocalWork, PeerProtocol, PeerSetup, Sync, catch_up_donors
 from p2pfm.sim.churn import build_availability
 from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
 from p2pfm.sim.scenario import Scenario
@@ -78,7 +76,6 @@ UNSIGNED = bytes(SIGNATURE_BYTES)  # verify_signatures = false: same size on the
 class Tracker:
     """A rejoined peer being watched until its loss is back near the live mean."""
 
-    joined_round: int
     rounds: int = 0
 
 
@@ -95,6 +92,7 @@ class Metrics:
     lost_sender_left: int = 0
     lost_receiver_gone: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
     computations_lost: int = 0
     straggler_rounds: int = 0
     state_downloads: int = 0
@@ -135,13 +133,17 @@ class Simulation:
         self.identities = [Identity.from_private_bytes(rng_keys.bytes(32)) for _ in range(n)]
         self.ids = [ident.peer_id for ident in self.identities]
         self.index_of = {pid: i for i, pid in enumerate(self.ids)}
-        self.model_hash = hashlib.sha256(repr((sc.workload, self.workload.numel)).encode()).digest()
         init = self.workload.initial_params()
         self.initial = init
-        self.learners = [GossipLearner(init, sc.gossip) for _ in range(n)]
-        self.checkpoints: list[dict[str, np.ndarray] | None] = [None] * n
         self.limits = EnvelopeLimits()
-        self.guards = [ReplayGuard.for_limits(self.limits) for _ in range(n)]
+        self.setups = [
+            PeerSetup(identity=ident, run_id=RUN_ID, gossip=sc.gossip, limits=self.limits,
+                      verify_signatures=sc.verify_signatures)
+            for ident in self.identities
+        ]  # fmt: skip
+        self.peers = [PeerProtocol(setup, init) for setup in self.setups]
+        self.learners = [peer.learner for peer in self.peers]
+        self.checkpoints: list[dict[str, np.ndarray] | None] = [None] * n
         # Per-device arrays, indexed by peer.
         prof = [self.profiles[d] for d in self.device_of]
         self.step_s = np.array([p.step_seconds(self.workload.flops_per_step) for p in prof])
@@ -165,7 +167,6 @@ class Simulation:
         self.busy_start = np.zeros(n)
         self.busy_end = np.full(n, -math.inf)
         self.uplink_free = np.zeros(n)
-        self.seq = np.zeros(n, np.int64)
         self.bytes_sent = np.zeros(n)
         self.sync_bytes_sent = 0  # the consensus pulls' share of bytes_sent (the rest: updates, state)
         self.bytes_received = np.zeros(n)
@@ -183,11 +184,10 @@ class Simulation:
     # --- setup helpers ------------------------------------------------------------------
     def _probe_update_bytes(self, init: np.ndarray) -> int:
         """Size of one sealed update message, measured on a throwaway learner and key."""
-        probe = GossipLearner(init, self.gossip)
+        probe = PeerProtocol(PeerSetup(identity=self.identities[0], run_id=RUN_ID, gossip=self.gossip), init)
         noise = np.random.default_rng(0).standard_normal(init.size).astype(np.float32) * 1e-3
-        wire = probe.make_update(init + noise)
-        self._probe_wire_bytes = len(msgpack.packb(wire, use_bin_type=True))
-        payload = self._payload(wire, 0.0)
+        payload = probe.make_update(init + noise, self._work(0.0))
+        self._probe_wire_bytes = len(msgpack.packb(payload["tensor"], use_bin_type=True))
         return len(self._seal(0, 0, 1, payload, self._pack(payload), 0.0))
 
     def _auto_round_seconds(self) -> float:
@@ -231,15 +231,10 @@ class Simulation:
         return [self.index_of[pid] for pid in chosen]
 
     # --- wire -----------------------------------------------------------------------------
-    def _payload(self, wire: dict, train_loss: float) -> dict[str, Any]:
-        """The update payload of one round's compressed delta, the same for every partner."""
-        return {
-            "tensor": wire,
-            "weight": float(self.workload.samples_per_step * self.gossip.inner_steps),
-            "inner_steps": self.gossip.inner_steps,
-            "train_loss": float(train_loss),
-            "model_hash": self.model_hash,
-        }
+    def _work(self, train_loss: float) -> LocalWork:
+        """One round of a simulated peer's local work, as its update reports it."""
+        steps = self.gossip.inner_steps
+        return LocalWork(samples=self.workload.samples_per_step * steps, inner_steps=steps, train_loss=train_loss)
 
     def _pack(self, payload: dict[str, Any]) -> bytes | None:
         """The payload's canonical bytes for unsigned sealing, packed once for all partners (None if signed)."""
@@ -255,9 +250,7 @@ class Simulation:
         """
         identity = self.identities[peer]
         if packed is None:
-            return seal(
-                identity, kind="update", run_id=RUN_ID, round=round, seq=seq, timestamp=now, payload=payload
-            )
+            return seal(identity, kind="update", run_id=RUN_ID, round=round, seq=seq, timestamp=now, payload=payload)
         body = pack_body_with_payload(
             {"v": PROTOCOL_VERSION, "kind": "update", "run": RUN_ID, "sender": identity.public_key_bytes,
              "round": round, "seq": seq, "ts": float(now)},
@@ -331,7 +324,7 @@ class Simulation:
         for peer in active:
             pending = self.pending_mix[peer]
             if pending is not None:
-                self.learners[peer].mix_with(*pending)
+                self.peers[peer].mix(*pending)
                 self.pending_mix[peer] = None
         self.in_round[:] = False
         self.in_round[active] = True
@@ -364,16 +357,14 @@ class Simulation:
             return
         params, train_loss = local
         self.metrics.useful_steps += self.gossip.inner_steps
-        learner = self.learners[peer]
-        wire = learner.make_update(params)
+        protocol = self.peers[peer]
+        payload = protocol.make_update(params, self._work(train_loss))
         partners = self._pick(peer, self._live(), self.gossip.fanout)
         if not partners:
             return
-        payload = self._payload(wire, train_loss)
         packed = self._pack(payload)  # the tensor is packed once, not once per partner
         for partner in partners:
-            self.seq[peer] += 1
-            data = self._seal(peer, learner.round, int(self.seq[peer]), payload, packed, self.now)
+            data = self._seal(peer, protocol.round, protocol.next_seq(), payload, packed, self.now)
             done, arrival = self._transfer(peer, partner, len(data), self.now)
             self.bytes_sent[peer] += len(data)
             self.metrics.messages_sent += 1
@@ -394,18 +385,10 @@ class Simulation:
             return
         self.bytes_received[receiver] += len(data)
         try:
-            envelope = open_envelope(
-                data,
-                run_id=RUN_ID,
-                now=self.now,
-                limits=self.limits,
-                replay_guard=self.guards[receiver],
-                verify_signature=self.scenario.verify_signatures,
-            )
-            self.learners[receiver].receive(self.ids[sender], envelope.round, envelope.payload["tensor"])
-        except Reject as exc:
-            reason = exc.reason.value
-            self.metrics.rejected[reason] = self.metrics.rejected.get(reason, 0) + 1
+            self.peers[receiver].receive_update(self.ids[sender], data, self.now)
+        except Refusal as exc:
+            counts = self.metrics.rejected if exc.lowers_score else self.metrics.ignored
+            counts[exc.reason.value] = counts.get(exc.reason.value, 0) + 1
             return
         self.metrics.messages_delivered += 1
 
@@ -414,16 +397,26 @@ class Simulation:
         finishing = np.flatnonzero(self.in_round & self.online)
         # As the daemon: sum-preserving weights, expecting `fanout` updates if that many peers are live.
         live_others = int(self.online.sum()) - 1
-        expected = expected_received(self.gossip.fanout, live_others)
         for peer in finishing.tolist():
             if self.straggling[peer]:  # computed until the deadline for nothing
                 self.compute_s[peer] += period
                 self.busy_end[peer] = -math.inf
                 self.metrics.straggler_rounds += 1
-            self.learners[peer].finish_round(expected_received=expected)
+            self.peers[peer].finish_round(live_others)
         self.straggling[:] = False
         self.in_round[:] = False
-        syncing = [p for p in finishing.tolist() if self.learners[p].should_sync(live_others)]
+        # The newest round the swarm announces: the daemon reads it from the DHT records.
+        ready = self._ready_peers()[1]
+        newest = max((self.peers[i].round for i in ready.tolist()), default=None)
+        syncing = []
+        for peer in finishing.tolist():
+            plan = self.peers[peer].plan_round(newest, live_others)
+            if isinstance(plan, CatchUp):  # lagging beyond max_round_lag: download state, as the daemon
+                self.ready[peer] = False
+                self._invalidate_views()
+                self._request_state(peer)
+            elif isinstance(plan, Sync):
+                syncing.append(peer)
         for peer in syncing:
             donors = self._pick(peer, self._ready_peers(), 1)
             if donors:
@@ -557,13 +550,15 @@ class Simulation:
         self.session[peer] += 1
         self.online_since[peer] = self.now
         self.uplink_free[peer] = self.now
-        # A restart: a fresh learner from the peer's own (stale) checkpoint, a fresh replay guard.
-        learner = GossipLearner(self.learners[peer].params, self.gossip, round=self.learners[peer].round)
+        # A restart: a fresh protocol (replay guard, scores) from the peer's own (stale) checkpoint.
+        protocol = PeerProtocol(self.setups[peer], self.initial, seq=self.peers[peer].seq,
+                                round=self.peers[peer].round)
+        protocol.learner.params = self.peers[peer].params.copy()
         if self.checkpoints[peer] is not None:
-            learner.load_state_arrays(self.checkpoints[peer])
-        self.learners[peer] = learner
-        self.guards[peer] = ReplayGuard.for_limits(self.limits)
-        self.trackers[peer] = Tracker(joined_round=self.round)
+            protocol.learner.load_state_arrays(self.checkpoints[peer])
+        self.peers[peer] = protocol
+        self.learners[peer] = protocol.learner
+        self.trackers[peer] = Tracker()
         self.metrics.online_curve.append((self.now, int(self.online.sum())))
         self._request_state(peer)
         change = self.availability.next_change(peer, self.now, True)
@@ -571,12 +566,20 @@ class Simulation:
             self._push(max(change, self.now), LEAVE, (peer,))
 
     def _request_state(self, peer: int) -> None:
-        donors = self._pick(peer, self._ready_peers(), 1)
-        if not donors:  # nobody to ask: carry on from the checkpoint
+        """The daemon's join rule: download a donor's state if the peers we see are ahead at all."""
+        view = self._view(self._ready_peers())
+        rounds = {pid: self.peers[self.index_of[pid]].round for pid in view}
+        plan = self.peers[peer].plan_join(max(rounds.values(), default=None))
+        chosen = (
+            choose_partners(catch_up_donors(rounds, plan.newest), self.ids[peer], 1, self.rng_partners)
+            if plan is not None
+            else []
+        )
+        if not chosen:  # nobody ahead to ask: carry on from the checkpoint
             self.ready[peer] = True
             self._invalidate_views()
             return
-        donor = donors[0]
+        donor = self.index_of[chosen[0]]
         snapshot = (self.learners[donor].params.copy(), self.learners[donor].round)
         done, arrival = self._transfer(donor, peer, self.state_bytes, self.now)
         self.bytes_sent[donor] += self.state_bytes
@@ -600,7 +603,7 @@ class Simulation:
             self.metrics.adopted += 1  # too far behind to mix
         else:
             self.metrics.mixed += 1  # close enough that mixing would do; the daemon adopts anyway
-        learner.adopt(params, round)  # the daemon's catch_up_if_behind(force=True) on (re)join
+        self.peers[peer].adopt(params, round)  # as the daemon does on (re)join or when lagging
         self.ready[peer] = True
         self._invalidate_views()
 

@@ -178,7 +178,8 @@ def summarize(sim) -> dict[str, Any]:
             "delivered": m.messages_delivered,
             "lost_sender_left": m.lost_sender_left,
             "lost_receiver_gone": m.lost_receiver_gone,
-            "rejected": dict(sorted(m.rejected.items())),
+            "rejected": dict(sorted(m.rejected.items())),  # lowered the sender's score
+            "ignored": dict(sorted(m.ignored.items())),  # authentic but unused (e.g. stale rounds)
         },
         "computations_lost": m.computations_lost,
         "straggler_rounds": m.straggler_rounds,
