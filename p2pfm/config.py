@@ -75,7 +75,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             _check_type(k, key_type, f"{where} key"): _check_type(v, value_type, f"{where}.{k}")
             for k, v in value.items()
         }
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
         return build_config(annotation, value, where=where)
@@ -112,7 +112,7 @@ def build_config(cls: type[T], values: Mapping[str, Any], *, where: str = "") ->
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where or cls.__name__}: expected a table")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
     prefix = f"{where}." if where else ""
     unknown = sorted(set(values) - set(fields))
     if unknown:
