@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from p2pfm.model.config import InnerTrainConfig
 from p2pfm.model.data import ByteDataset, evaluate
+from p2pfm.model.train import build_inner_optimizer, train_step
 
 
 def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
@@ -97,7 +99,10 @@ class ModelAdapter:
 
 
 class LocalTrainer(ModelAdapter):
-    """Owns the model, the inner optimizer and the data sampler of one peer."""
+    """Owns the model, the inner optimizer and the data sampler of one peer.
+
+    The optimizer and the step are :mod:`p2pfm.model.train`'s, which the simulator uses too.
+    """
 
     def __init__(
         self,
@@ -111,7 +116,7 @@ class LocalTrainer(ModelAdapter):
         eval_batches: int,
         eval_batch_size: int,
     ) -> None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+        optimizer = build_inner_optimizer(model.parameters(), InnerTrainConfig(lr=lr, weight_decay=weight_decay))
         super().__init__(model, optimizer)
         self.dataset = dataset
         self.batch_size = batch_size
@@ -127,11 +132,7 @@ class LocalTrainer(ModelAdapter):
             if stop is not None and stop.is_set():
                 break
             inputs, targets = self.dataset.batch(self.generator, self.batch_size)
-            _, loss = self.model(inputs, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(self.model, self.optimizer, inputs, targets))
         self.samples_seen += len(losses) * self.batch_size
         self.steps_done += len(losses)
         return StepStats(
