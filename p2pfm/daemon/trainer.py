@@ -21,9 +21,13 @@ from p2pfm.model.train import build_inner_optimizer, train_step
 
 
 def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
-    """All parameters as one float32 vector (a copy), in ``model.parameters()`` order."""
+    """All parameters as one float32 vector (a copy), in ``model.parameters()`` order.
+
+    Converted by torch, not numpy: numpy has no bfloat16.
+    """
     with torch.no_grad():
-        return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
+        vector = torch.nn.utils.parameters_to_vector(model.parameters())
+        return vector.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
 
 
 def load_flat_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
@@ -75,26 +79,43 @@ class ModelAdapter:
         for index, param in enumerate(self.model.parameters()):
             for key, value in self.optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor):
-                    arrays[f"opt.{index}.{key}"] = value.detach().cpu().numpy().astype(np.float32).ravel()
+                    # A copy, converted by torch (numpy has no bfloat16), never a view of live state.
+                    own = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
+                    arrays[f"opt.{index}.{key}"] = own.numpy().ravel()
                 elif isinstance(value, (int, float)):
                     arrays[f"opt.{index}.{key}"] = np.array([value], dtype=np.float32)
         return arrays
 
     def load_optimizer_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`optimizer_arrays` saved; sizes are checked against our parameters."""
+        """Restore what :meth:`optimizer_arrays` saved; sizes are checked against our parameters.
+
+        Placement follows torch's own ``Optimizer.load_state_dict``: per-parameter state
+        (moments, momentum buffers) on the parameter's device and in its dtype, or the next
+        step fails (CUDA params, CPU moments) or silently computes in the wrong precision;
+        ``step`` a float32 scalar, on the CPU unless the group is ``capturable`` or ``fused``,
+        which keep it on the parameter's device. ``step`` is told by its name, not its size:
+        a one-entry parameter (a bias of size 1) has one-entry moments too.
+        """
         for index, param in enumerate(self.model.parameters()):
             prefix = f"opt.{index}."
             entries = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             if not entries:
                 continue
-            state = {}
+            group = next((g for g in self.optimizer.param_groups if any(p is param for p in g["params"])), {})
+            step_device = param.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+            state: dict[str, torch.Tensor] = {}
             for key, value in entries.items():
+                if key == "step" and value.size == 1:
+                    state[key] = torch.tensor(float(value[0]), dtype=torch.float32, device=step_device)
+                    continue
                 if value.size == param.numel():
-                    state[key] = torch.from_numpy(value.astype(np.float32)).view_as(param).to(param.dtype).clone()
-                elif value.size == 1:
-                    state[key] = torch.tensor(float(value[0]))
+                    shape = param.shape
+                elif value.size == 1:  # another scalar (ASGD's eta, mu)
+                    shape = torch.Size()
                 else:
                     raise ValueError(f"optimizer state {prefix}{key} has {value.size} entries, parameter has {param.numel()}")
+                own = torch.from_numpy(np.array(value, dtype=np.float32).reshape(shape))  # a copy: not the caller's array
+                state[key] = own.to(device=param.device, dtype=param.dtype)
             self.optimizer.state[param] = state
 
 
