@@ -86,3 +86,16 @@ def test_daemon_trainer_and_simulator_build_the_same_inner_optimizer(corpus):
         assert type(optimizer) is type(daemon.optimizer)
         assert hyper_parameters(optimizer) == hyper_parameters(daemon.optimizer)
     assert hyper_parameters(daemon.optimizer)[0]["betas"] == INNER_BETAS
+
+
+def test_bench_baselines_build_the_daemon_inner_optimizer():
+    """DDP, single-process and hivemind workers step with the peers' AdamW (their weight decay too)."""
+    from argparse import Namespace
+
+    from p2pfm.bench.compare_common import inner_optimizer
+
+    train = TrainConfig(lr=2e-3)
+    peer = build_inner_optimizer(build_model(TINY_MODEL, 0).parameters(), train)
+    worker = inner_optimizer(Namespace(lr=train.lr, batch_size=8), build_model(TINY_MODEL, 0).parameters())
+    assert type(worker) is type(peer) and hyper_parameters(worker) == hyper_parameters(peer)
+    assert hyper_parameters(worker)[0]["weight_decay"] == train.weight_decay == 0.0  # torch's AdamW default is 0.01

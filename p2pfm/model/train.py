@@ -8,9 +8,8 @@ betas while the daemon ran (0.9, 0.95)). The library API takes the user's own op
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
+from torch.optim.optimizer import ParamsT
 
 from p2pfm.model.config import InnerTrainConfig
 
@@ -21,9 +20,7 @@ from p2pfm.model.config import InnerTrainConfig
 INNER_BETAS: tuple[float, float] = (0.9, 0.95)
 
 
-def build_inner_optimizer(
-    params: Iterable[torch.nn.Parameter], config: InnerTrainConfig
-) -> torch.optim.Optimizer:
+def build_inner_optimizer(params: ParamsT, config: InnerTrainConfig) -> torch.optim.Optimizer:
     """The inner AdamW: ``config.lr`` and ``config.weight_decay`` (on every parameter), betas INNER_BETAS."""
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=INNER_BETAS)
 
