@@ -131,9 +131,14 @@ def build_config(cls: type[T], values: Mapping[str, Any], *, where: str = "") ->
         # Reusable configs (a CodecSpec is both gossip.codec and gossip.sync_codec) name their
         # fields bare; say which table the value came from.
         message = str(exc)
-        if where and not message.startswith(prefix):
-            raise ConfigError(prefix + message) from None
-        raise
+        if not where or message.startswith(prefix):
+            raise
+        # Configs with a home table name their fields from it (GPTConfig says "model.n_head");
+        # embedded deeper (the simulator's workload.gpt.model), put the path above it in front.
+        parent, _, table = where.rpartition(".")
+        if parent and message.startswith(f"{table}."):
+            raise ConfigError(f"{parent}.{message}") from None
+        raise ConfigError(prefix + message) from None
 
 
 def require(condition: bool, field: str, problem: str) -> None:

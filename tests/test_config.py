@@ -138,6 +138,19 @@ def test_build_config_range_check_in_post_init_names_the_field():
         build_config(Outer, {"inner": {"depth": -1}})
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Embeds Outer's home-named Inner one level deeper, as a scenario embeds the peer's [model]."""
+
+    outer: Outer = field(default_factory=Outer)
+
+
+def test_build_config_range_check_of_embedded_config_names_the_full_path():
+    """A config that names its fields from its home table ("inner.depth") gets the path above it, once."""
+    with pytest.raises(ConfigError, match=r"^outer\.inner\.depth: must be non-negative$"):
+        build_config(Holder, {"outer": {"inner": {"depth": -1}}})
+
+
 def test_build_config_missing_required_field_is_a_config_error():
     """A missing required field is a ConfigError, not a bare TypeError."""
     with pytest.raises(ConfigError, match="value"):

@@ -1,6 +1,9 @@
 """The simulator: deterministic replay, churn semantics, scenario validation, outputs."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from p2pfm.sim.engine import Simulation
 from p2pfm.sim.run import run_scenario
 from p2pfm.sim.scenario import load_scenario, scenario_from_dict
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "name": "tiny",
     "peers": 8,
@@ -118,6 +122,36 @@ def test_scenario_errors_name_the_field():
         Simulation(tiny(devices={"mix": {"toaster": 1.0}}))
 
 
+def test_gpt_workload_embeds_the_peer_model_and_train_tables():
+    """workload.gpt holds the peer's [model] and [train] tables: old flat keys are refused, errors name the path."""
+    with pytest.raises(ConfigError, match=r"unknown config key workload\.gpt\.n_layer \(known: data, model, train\)"):
+        tiny(workload={"kind": "gpt", "gpt": {"n_layer": 2}})
+    with pytest.raises(ConfigError, match=r"^workload\.gpt\.model\.n_embd: must be divisible"):
+        tiny(workload={"kind": "gpt", "gpt": {"model": {"n_embd": 10, "n_head": 4}}})
+    with pytest.raises(ConfigError, match=r"^workload\.gpt\.train\.lr: must be positive"):
+        tiny(workload={"kind": "gpt", "gpt": {"train": {"lr": 0.0}}})
+    with pytest.raises(ConfigError, match=r"unknown config key workload\.gpt\.train\.threads"):
+        tiny(workload={"kind": "gpt", "gpt": {"train": {"threads": 2}}})  # the daemon's, not the inner loop's
+    with pytest.raises(ConfigError, match=r"^workload\.gpt\.train\.eval_batches: must be at least 1"):
+        tiny(workload={"kind": "gpt", "gpt": {"train": {"eval_batches": 0}}})
+    gpt = tiny(workload={"kind": "gpt", "gpt": {"model": {"n_layer": 2}, "train": {"lr": 1e-3}}}).workload.gpt
+    assert (gpt.model.n_layer, gpt.model.n_embd, gpt.train.lr, gpt.train.batch_size) == (2, 128, 1e-3, 16)
+
+
+def test_recorded_gpt_scenarios_load():
+    """sim/scenarios/gpt8-*.toml name the tiny model in the embedded tables."""
+    for name in ("gpt8-none", "gpt8-fraction30"):
+        gpt = load_scenario(REPO / "sim" / "scenarios" / f"{name}.toml").workload.gpt
+        assert (gpt.model.n_layer, gpt.model.n_head, gpt.model.n_embd, gpt.model.block_size) == (2, 2, 32, 32)
+        assert (gpt.train.batch_size, gpt.train.eval_batch_size, gpt.train.max_shard_bytes) == (8, 8, 262144)
+
+
+def test_the_simulator_loads_without_torch():
+    """Scenarios embed the model's configs, yet an MLP run never imports torch (a second per start)."""
+    code = "import sys, p2pfm.sim.run, p2pfm.sim.scenario; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
 def test_device_profiles_ship_with_power_figures_and_sources():
     """The packaged profiles cover Pi 4/5, Jetson Orin Nano, phone and laptop, with sources."""
     profiles = load_profiles()
@@ -186,12 +220,8 @@ def test_gpt_workload_trains_the_daemon_model(tmp_path):
             "workload": {
                 "kind": "gpt",
                 "gpt": {
-                    "n_layer": 1,
-                    "n_embd": 16,
-                    "n_head": 2,
-                    "block_size": 16,
-                    "batch_size": 4,
-                    "eval_batches": 1,
+                    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16},
+                    "train": {"batch_size": 4, "eval_batches": 1, "eval_batch_size": 4},
                     "data": str(data),
                 },
             },  # fmt: skip

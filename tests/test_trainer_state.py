@@ -139,3 +139,64 @@ def test_model_still_trains_after_load_flat():
     adapter.load_flat(np.zeros(adapter.flat().size, np.float32))
     train(adapter, batches(1))
     assert np.any(adapter.flat())
+
+
+def saved_adamw_state(dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Two AdamW steps of tiny_model in ``dtype``, saved as optimizer arrays (params under "params")."""
+    adapter = ModelAdapter(model := tiny_model(0).to(dtype), OPTIMIZERS["adamw"](model))
+    train(adapter, [(x.to(dtype), y.to(dtype)) for x, y in batches(2)])
+    return {"params": adapter.flat(), **adapter.optimizer_arrays()}
+
+
+def assert_step_is_a_float32_scalar_on(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    step = state["step"]
+    assert (step.shape, step.dtype, step.device) == (torch.Size(), torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_restored_state_takes_the_parameters_dtype_and_step_stays_float32(dtype):
+    """Moments come back in the parameter's dtype; step a float32 CPU scalar, even beside a size-1 bias."""
+    saved = saved_adamw_state(dtype)
+    restored = ModelAdapter(model := tiny_model(1).to(dtype), OPTIMIZERS["adamw"](model))
+    restored.load_flat(saved.pop("params"))
+    restored.load_optimizer_arrays(saved)
+    for param in model.parameters():
+        state = restored.optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (state[key].dtype, state[key].device, state[key].shape) == (dtype, param.device, param.shape)
+        assert_step_is_a_float32_scalar_on(state, torch.device("cpu"))
+    assert model[4].bias.numel() == 1  # the case a size-based rule gets wrong
+
+
+def test_restored_bfloat16_state_continues_identically():
+    """bfloat16 moments survive the float32 arrays exactly, so training resumes bit for bit."""
+    data = [(x.to(torch.bfloat16), y.to(torch.bfloat16)) for x, y in batches(5)]
+    original = ModelAdapter(model := tiny_model(0).to(torch.bfloat16), OPTIMIZERS["adamw"](model))
+    train(original, data[:3])
+    saved = {"params": original.flat(), **original.optimizer_arrays()}
+    restored = ModelAdapter(model := tiny_model(1).to(torch.bfloat16), OPTIMIZERS["adamw"](model))
+    restored.load_flat(saved.pop("params"))
+    restored.load_optimizer_arrays(saved)
+    train(original, data[3:])
+    train(restored, data[3:])
+    assert np.array_equal(restored.flat(), original.flat())
+
+
+@pytest.mark.parametrize("flag", [None, "capturable", "fused"])
+def test_restored_state_lands_on_the_parameters_device(flag):
+    """On 'meta' parameters the moments are restored on 'meta', not the CPU; step too when capturable or fused.
+
+    'meta' is a real torch device with no storage, so the test tells device placement apart on a
+    CPU-only machine (torch's rule for step: CPU unless the group is capturable or fused).
+    """
+    saved = saved_adamw_state(torch.float32)
+    del saved["params"]
+    model = tiny_model(1).to("meta")
+    options = {flag: True} if flag else {}
+    adapter = ModelAdapter(model, torch.optim.AdamW(model.parameters(), lr=1e-2, **options))
+    adapter.load_optimizer_arrays(saved)
+    for param in model.parameters():
+        state = adapter.optimizer.state[param]
+        assert param.device.type == "meta"
+        assert state["exp_avg"].device == param.device and state["exp_avg_sq"].device == param.device
+        assert_step_is_a_float32_scalar_on(state, param.device if flag else torch.device("cpu"))

@@ -3,8 +3,8 @@
 A worker is one OS process (``python -m p2pfm.bench.compare_ddp ...`` or
 ``python -m p2pfm.bench.compare_hivemind ...``). It builds exactly what a ``p2pfm peer``
 builds for the same flags: the default GPT (or the flags' smaller config) from the run seed,
-the peer's corpus shard ``ShardSpec(rank, world)``, the fixed held-out batches, AdamW with
-the daemon's betas. It appends JSON lines to ``--log``: one ``start``, one ``eval`` every
+the peer's corpus shard ``ShardSpec(rank, world)``, the fixed held-out batches, and the
+daemon's inner optimizer and step (:mod:`p2pfm.model.train`). It appends JSON lines to ``--log``: one ``start``, one ``eval`` every
 ``--eval-every`` local steps, one ``end``. Times are unix seconds, so the launcher aligns
 all processes on its own clock.
 """
@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
+from p2pfm.model.config import InnerTrainConfig
 from p2pfm.model.data import ByteDataset, ShardSpec
 from p2pfm.model.gpt import GPT, GPTConfig, build_model
+from p2pfm.model.train import build_inner_optimizer
 
-EVAL_BATCHES = 4  # the daemon's train.eval_batches default: every variant scores the same bytes
-EVAL_BATCH_SIZE = 16  # the daemon's train.eval_batch_size default
-ADAM_BETAS = (0.9, 0.95)  # the daemon's inner AdamW (p2pfm.daemon.trainer)
+# The daemon's [train] defaults, read rather than copied: every variant scores the same bytes.
+EVAL_BATCHES = InnerTrainConfig().eval_batches
+EVAL_BATCH_SIZE = InnerTrainConfig().eval_batch_size
 
 
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +50,14 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> GPTConfig:
     return GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size)
+
+
+def inner_optimizer(args: argparse.Namespace, params: ParamsT) -> torch.optim.Optimizer:
+    """The daemon's inner AdamW at the launcher's ``--lr``; weight decay the peers' default (0).
+
+    ``params`` may be parameter groups: ``hivemind.Optimizer`` calls its factory with those.
+    """
+    return build_inner_optimizer(params, InnerTrainConfig(lr=args.lr, batch_size=args.batch_size))
 
 
 def setup(args: argparse.Namespace) -> tuple[GPT, ByteDataset, list[tuple[torch.Tensor, torch.Tensor]]]:

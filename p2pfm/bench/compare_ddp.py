@@ -22,16 +22,17 @@ import time
 import torch
 
 from p2pfm.bench.compare_common import (
-    ADAM_BETAS,
     EVAL_BATCH_SIZE,
     EVAL_BATCHES,
     WorkerLog,
     add_worker_flags,
     batch_generator,
+    inner_optimizer,
     model_config,
     setup,
 )
 from p2pfm.model.data import ByteDataset, ShardSpec, evaluate
+from p2pfm.model.train import train_step
 
 
 def run_ddp(args: argparse.Namespace) -> int:
@@ -44,19 +45,16 @@ def run_ddp(args: argparse.Namespace) -> int:
         "gloo", init_method=f"tcp://{args.host}:{args.port}", rank=args.rank, world_size=args.world,
     )
     ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights: identical start anyway
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    optimizer = inner_optimizer(args, ddp.parameters())
     generator = batch_generator(args.seed, args.rank)
     log.write("start", rank=args.rank, params=model.num_parameters(),
               initial_eval_loss=evaluate(model, eval_set) if args.rank == 0 else None)
     for step in range(1, args.steps + 1):
         inputs, targets = dataset.batch(generator, args.batch_size)
-        _, loss = ddp(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # the all-reduce happens here, bucket by bucket
-        optimizer.step()
+        loss = train_step(ddp, optimizer, inputs, targets)  # the all-reduce runs in backward, bucket by bucket
         if args.rank == 0 and (step % args.eval_every == 0 or step == args.steps):
             log.write("eval", step=step, samples=step * args.batch_size, eval_loss=evaluate(model, eval_set),
-                      train_loss=float(loss.detach()))
+                      train_loss=loss)
     dist.barrier()
     log.write("end", rank=args.rank, steps=args.steps)
     dist.destroy_process_group()
@@ -73,20 +71,17 @@ def run_single(args: argparse.Namespace) -> int:
     model = build_model(config, args.seed)
     shards = [ByteDataset(None, ShardSpec(i, args.world), block_size=config.block_size) for i in range(args.world)]
     eval_set = shards[0].eval_batches(EVAL_BATCHES, EVAL_BATCH_SIZE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    optimizer = inner_optimizer(args, model.parameters())
     generators = [batch_generator(args.seed, i) for i in range(args.world)]
     log.write("start", rank=0, params=model.num_parameters(), initial_eval_loss=evaluate(model, eval_set))
     for step in range(1, args.steps + 1):
         parts = [shard.batch(g, args.batch_size) for shard, g in zip(shards, generators, strict=True)]
         inputs = torch.cat([p[0] for p in parts])  # (world * B, T)
         targets = torch.cat([p[1] for p in parts])
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, optimizer, inputs, targets)
         if step % args.eval_every == 0 or step == args.steps:
             log.write("eval", step=step, samples=step * args.batch_size * args.world,
-                      eval_loss=evaluate(model, eval_set), train_loss=float(loss.detach()))
+                      eval_loss=evaluate(model, eval_set), train_loss=loss)
     log.write("end", rank=0, steps=args.steps, wall_end=time.time())
     log.close()
     return 0

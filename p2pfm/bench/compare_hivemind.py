@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from p2pfm.bench.compare_common import ADAM_BETAS, WorkerLog, add_worker_flags, batch_generator, setup
+from p2pfm.bench.compare_common import WorkerLog, add_worker_flags, batch_generator, inner_optimizer, setup
 from p2pfm.model.data import evaluate
 
 MATCHMAKING_TIME_S = 1.0
@@ -52,7 +52,7 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, dht: objec
         batch_size_per_step=args.batch_size,
         target_batch_size=target,
         params=model.parameters(),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS),
+        optimizer=lambda params: inner_optimizer(args, params),
         use_local_updates=local,
         matchmaking_time=MATCHMAKING_TIME_S,
         averaging_timeout=AVERAGING_TIMEOUT_S,

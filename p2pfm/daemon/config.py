@@ -14,31 +14,24 @@ from typing import Any
 
 from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
-from p2pfm.model.gpt import GPTConfig
+from p2pfm.model.config import GPTConfig, InnerTrainConfig
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Local training on this peer's shard."""
+class TrainConfig(InnerTrainConfig):
+    """Local training on this peer's shard: the inner loop (shared with the simulator) and its schedule.
 
-    batch_size: int = 16  # sequences per inner step; 16 x 128 bytes fits a phone's RAM easily
-    lr: float = 3e-3  # inner AdamW; small models tolerate a high rate
-    weight_decay: float = 0.0
-    eval_batches: int = 4  # fixed held-out batches evaluated after each round
-    eval_batch_size: int = 16
+    The inner-loop fields (batch size, lr, weight decay, held-out set, shard size) are
+    :class:`p2pfm.model.config.InnerTrainConfig`'s; the ``[train]`` table's keys are unchanged.
+    """
+
     eval_every: int = 1  # rounds between evaluations (0 = never)
     threads: int = 0  # torch threads; 0 = all cores (the swarm sets cores / peers)
-    max_shard_bytes: int = 4 << 20  # cap on the bytes of text a peer keeps in memory
 
     def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "train.batch_size", "must be at least 1")
-        require(self.lr > 0, "train.lr", "must be positive")
-        require(self.weight_decay >= 0, "train.weight_decay", "must be non-negative")
-        require(self.eval_batches >= 0, "train.eval_batches", "must be non-negative")
-        require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
+        super().__post_init__()
         require(self.eval_every >= 0, "train.eval_every", "must be non-negative")
         require(self.threads >= 0, "train.threads", "must be non-negative")
-        require(self.max_shard_bytes >= 4096, "train.max_shard_bytes", "must be at least 4096")
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from p2pfm.model.config import InnerTrainConfig
 from p2pfm.model.data import ByteDataset, evaluate
+from p2pfm.model.train import build_inner_optimizer, train_step
 
 
 def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
-    """All parameters as one float32 vector (a copy), in ``model.parameters()`` order."""
+    """All parameters as one float32 vector (a copy), in ``model.parameters()`` order.
+
+    Converted by torch, not numpy: numpy has no bfloat16.
+    """
     with torch.no_grad():
-        return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
+        vector = torch.nn.utils.parameters_to_vector(model.parameters())
+        return vector.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
 
 
 def load_flat_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
@@ -73,31 +79,51 @@ class ModelAdapter:
         for index, param in enumerate(self.model.parameters()):
             for key, value in self.optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor):
-                    arrays[f"opt.{index}.{key}"] = value.detach().cpu().numpy().astype(np.float32).ravel()
+                    # A copy, converted by torch (numpy has no bfloat16), never a view of live state.
+                    own = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
+                    arrays[f"opt.{index}.{key}"] = own.numpy().ravel()
                 elif isinstance(value, (int, float)):
                     arrays[f"opt.{index}.{key}"] = np.array([value], dtype=np.float32)
         return arrays
 
     def load_optimizer_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`optimizer_arrays` saved; sizes are checked against our parameters."""
+        """Restore what :meth:`optimizer_arrays` saved; sizes are checked against our parameters.
+
+        Placement follows torch's own ``Optimizer.load_state_dict``: per-parameter state
+        (moments, momentum buffers) on the parameter's device and in its dtype, or the next
+        step fails (CUDA params, CPU moments) or silently computes in the wrong precision;
+        ``step`` a float32 scalar, on the CPU unless the group is ``capturable`` or ``fused``,
+        which keep it on the parameter's device. ``step`` is told by its name, not its size:
+        a one-entry parameter (a bias of size 1) has one-entry moments too.
+        """
         for index, param in enumerate(self.model.parameters()):
             prefix = f"opt.{index}."
             entries = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             if not entries:
                 continue
-            state = {}
+            group = next((g for g in self.optimizer.param_groups if any(p is param for p in g["params"])), {})
+            step_device = param.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+            state: dict[str, torch.Tensor] = {}
             for key, value in entries.items():
+                if key == "step" and value.size == 1:
+                    state[key] = torch.tensor(float(value[0]), dtype=torch.float32, device=step_device)
+                    continue
                 if value.size == param.numel():
-                    state[key] = torch.from_numpy(value.astype(np.float32)).view_as(param).to(param.dtype).clone()
-                elif value.size == 1:
-                    state[key] = torch.tensor(float(value[0]))
+                    shape = param.shape
+                elif value.size == 1:  # another scalar (ASGD's eta, mu)
+                    shape = torch.Size()
                 else:
                     raise ValueError(f"optimizer state {prefix}{key} has {value.size} entries, parameter has {param.numel()}")
+                own = torch.from_numpy(np.array(value, dtype=np.float32).reshape(shape))  # a copy: not the caller's array
+                state[key] = own.to(device=param.device, dtype=param.dtype)
             self.optimizer.state[param] = state
 
 
 class LocalTrainer(ModelAdapter):
-    """Owns the model, the inner optimizer and the data sampler of one peer."""
+    """Owns the model, the inner optimizer and the data sampler of one peer.
+
+    The optimizer and the step are :mod:`p2pfm.model.train`'s, which the simulator uses too.
+    """
 
     def __init__(
         self,
@@ -111,7 +137,7 @@ class LocalTrainer(ModelAdapter):
         eval_batches: int,
         eval_batch_size: int,
     ) -> None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+        optimizer = build_inner_optimizer(model.parameters(), InnerTrainConfig(lr=lr, weight_decay=weight_decay))
         super().__init__(model, optimizer)
         self.dataset = dataset
         self.batch_size = batch_size
@@ -127,11 +153,7 @@ class LocalTrainer(ModelAdapter):
             if stop is not None and stop.is_set():
                 break
             inputs, targets = self.dataset.batch(self.generator, self.batch_size)
-            _, loss = self.model(inputs, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(self.model, self.optimizer, inputs, targets))
         self.samples_seen += len(losses) * self.batch_size
         self.steps_done += len(losses)
         return StepStats(

@@ -1,7 +1,11 @@
 """The default workload.
 
-- ``gpt.py``   a small byte-level GPT (nanoGPT-style), built identically by every peer from the run seed.
-- ``data.py``  the corpus (this machine's stdlib by default, or ``--data`` a folder or one file of any
-               size), split into byte-range blocks: a fixed held-out set and seeded per-peer shards,
-               read in bounded memory; and evaluation.
+- ``config.py``  GPTConfig (model size) and InnerTrainConfig (the inner loop), torch-free: the daemon
+                and the simulator's scenarios read the same tables.
+- ``gpt.py``     a small byte-level GPT (nanoGPT-style), built identically by every peer from the run seed.
+- ``train.py``   the one inner optimizer (AdamW, betas (0.9, 0.95)) and the one training step, used by
+                the daemon, the simulator and the bench baselines.
+- ``data.py``    the corpus (this machine's stdlib by default, or ``--data`` a folder or one file of any
+                size), split into byte-range blocks: a fixed held-out set and seeded per-peer shards,
+                read in bounded memory; and evaluation.
 """

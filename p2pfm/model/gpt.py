@@ -3,39 +3,19 @@
 Follows nanoGPT (karpathy/nanoGPT, ``model.py``): pre-norm transformer blocks, causal
 self-attention via ``scaled_dot_product_attention``, GELU MLP, tied input/output embeddings.
 Byte-level (vocabulary 256) so that any text folder is a corpus without a tokenizer, and an
-untrained model's loss is ln 256 = 5.55 nats, which makes progress easy to read.
+untrained model's loss is ln 256 = 5.55 nats, which makes progress easy to read. The size
+(:class:`GPTConfig`) lives in ``config.py``, which the simulator reads without torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from p2pfm.config import require
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    """Model size. Defaults give ~1.0M parameters: trains visibly in minutes on a shared CPU."""
-
-    vocab_size: int = 256  # bytes
-    block_size: int = 128  # context length in bytes; enough for a line or two of code
-    n_layer: int = 5
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0  # local SGD on small shards; dropout only slows convergence here
-
-    def __post_init__(self) -> None:
-        require(self.vocab_size > 0, "model.vocab_size", "must be positive")
-        require(self.block_size > 0, "model.block_size", "must be positive")
-        require(self.n_layer > 0, "model.n_layer", "must be positive")
-        require(self.n_head > 0, "model.n_head", "must be positive")
-        require(self.n_embd % self.n_head == 0, "model.n_embd", "must be divisible by model.n_head")
-        require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+from p2pfm.model.config import GPTConfig  # torch-free, re-exported: the simulator reads it without torch
 
 
 class CausalSelfAttention(nn.Module):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from p2pfm.config import ConfigError, build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
+from p2pfm.model.config import GPTConfig, InnerTrainConfig
 
 DEFAULT_DIURNAL_CURVE: tuple[float, ...] = (
     # Online probability by local hour 0..23. Shape after Berta, Bilicki & Jelasity (P2P 2014),
@@ -71,33 +72,22 @@ class MLPConfig:
 
 @dataclass(frozen=True)
 class GPTWorkloadConfig:
-    """The daemon's byte-level GPT (p2pfm.model) on this machine's stdlib, for small swarms."""
+    """The daemon's byte-level GPT (p2pfm.model) on this machine's stdlib, for small swarms.
 
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 32  # ~30k parameters: 8 peers x 100 rounds in a couple of minutes on 2 cores
-    block_size: int = 32
-    batch_size: int = 8
-    lr: float = 3e-3  # AdamW, as the daemon's inner optimizer
-    eval_batches: int = 4
-    max_shard_bytes: int = 262144
+    ``model`` and ``train`` are the peer's own ``[model]`` and ``[train]`` tables (the inner
+    loop's part), defaults included, so a simulated peer builds and steps exactly as a live
+    one; a scenario says where it shrinks them (``sim/scenarios/gpt8-*.toml`` run ~35k
+    parameters). A table sets the fields it names and the others keep the daemon's defaults:
+    ``[workload.gpt.model]`` with only ``n_layer = 2`` still has ``n_embd = 128``.
+    """
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    train: InnerTrainConfig = field(default_factory=InnerTrainConfig)
     data: str = ""  # folder of text files; empty = the Python stdlib (BRIEF s1)
 
     def __post_init__(self) -> None:
-        for name in (
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "block_size",
-            "batch_size",
-            "eval_batches",
-            "max_shard_bytes",
-        ):
-            require(getattr(self, name) >= 1, f"workload.gpt.{name}", "must be at least 1")
-        require(
-            self.n_embd % self.n_head == 0, "workload.gpt.n_embd", "must be divisible by workload.gpt.n_head"
-        )
-        require(self.lr > 0, "workload.gpt.lr", "must be positive")
+        # A live peer may skip evaluation; the simulator's loss figures are this held-out set.
+        require(self.train.eval_batches >= 1, "workload.gpt.train.eval_batches", "must be at least 1 in the simulator")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@
   (peers, numel) matrix and every step is a handful of batched ``np.matmul`` calls, so the
   cost per peer-step is a few microseconds of BLAS rather than Python.
 - :class:`GPTWorkload` -- the daemon's byte-level GPT (``p2pfm.model``) on this machine's
-  stdlib, one torch model per peer with its own AdamW state: the real thing, for 4-8 peers.
+  stdlib, one torch model per peer with its own inner AdamW (``p2pfm.model.train``, the daemon's
+  optimizer and step): the real thing, for 4-8 peers.
 
 Both expose ``numel``, ``flops_per_step`` (for device timing and the datacentre baseline),
 ``initial_params()``, ``local_steps(peers, params, steps)`` and ``evaluate(params)``.
@@ -139,7 +140,7 @@ class MLPWorkload:
 
 
 class GPTWorkload:
-    """The daemon's GPT: one torch model + AdamW per peer, shards of this machine's corpus."""
+    """The daemon's GPT: one torch model + inner AdamW per peer, shards of this machine's corpus."""
 
     def __init__(
         self, config: GPTWorkloadConfig, peers: int, rng: np.random.Generator, base_dir: str = ""
@@ -147,13 +148,13 @@ class GPTWorkload:
         import torch
 
         from p2pfm.model.data import ByteDataset, Corpus, ShardSpec
-        from p2pfm.model.gpt import GPTConfig, build_model
+        from p2pfm.model.gpt import build_model
+        from p2pfm.model.train import build_inner_optimizer, train_step
 
         self.torch = torch
+        self.train_step = train_step  # imported here: MLP runs never load torch
         self.config = config
-        model_config = GPTConfig(
-            block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd
-        )
+        train = config.train
         seed = int(rng.integers(2**31))
         root = None
         if config.data:
@@ -167,24 +168,22 @@ class GPTWorkload:
             ByteDataset(
                 root,
                 ShardSpec(i, peers),
-                block_size=config.block_size,
-                max_shard_bytes=config.max_shard_bytes,
+                block_size=config.model.block_size,
+                max_shard_bytes=train.max_shard_bytes,
                 seed=seed,
                 corpus=corpus,
             )
             for i in range(peers)
         ]
-        self.models = [build_model(model_config, seed) for _ in range(peers)]
-        self.optimizers = [
-            torch.optim.AdamW(m.parameters(), lr=config.lr, weight_decay=0.0) for m in self.models
-        ]
+        self.models = [build_model(config.model, seed) for _ in range(peers)]
+        self.optimizers = [build_inner_optimizer(m.parameters(), train) for m in self.models]
         self.generators = [torch.Generator().manual_seed(int(rng.integers(2**31))) for _ in range(peers)]
-        self.eval_batches = self.datasets[0].eval_batches(config.eval_batches, config.batch_size, seed=seed)
+        self.eval_batches = self.datasets[0].eval_batches(train.eval_batches, train.eval_batch_size, seed=seed)
         vector = torch.nn.utils.parameters_to_vector(self.models[0].parameters())
         self.numel = int(vector.numel())
-        tokens = config.batch_size * config.block_size
+        tokens = train.batch_size * config.model.block_size
         self.flops_per_step = 6.0 * self.numel * tokens  # Kaplan et al. 2020: 6 N FLOPs per token
-        self.samples_per_step = config.batch_size
+        self.samples_per_step = train.batch_size
         self._initial = vector.detach().numpy().astype(np.float32).copy()
 
     def initial_params(self) -> np.ndarray:
@@ -196,6 +195,7 @@ class GPTWorkload:
         )
 
     def local_steps(self, peers: np.ndarray, params: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """``steps`` inner steps (:func:`p2pfm.model.train.train_step`, the daemon's) per listed peer."""
         torch = self.torch
         out = np.empty_like(params)
         losses = np.zeros(len(peers))
@@ -204,12 +204,8 @@ class GPTWorkload:
             self._load(peer, params[row])
             model.train()
             for _ in range(steps):
-                x, y = self.datasets[peer].batch(self.generators[peer], self.config.batch_size)
-                _, loss = model(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses[row] += float(loss.detach()) / steps
+                x, y = self.datasets[peer].batch(self.generators[peer], self.config.train.batch_size)
+                losses[row] += self.train_step(model, optimizer, x, y) / steps
             with torch.no_grad():
                 out[row] = torch.nn.utils.parameters_to_vector(model.parameters()).numpy()
         return out, losses
