@@ -4,7 +4,11 @@ Nothing in this package imports asyncio, socket, time, threading or hivemind (a 
 enforces it), so the live daemon and the simulator drive exactly the same code.
 
 Map:
-- ``errors.py``    typed refusals (:class:`Reject` subclasses with a :class:`RejectReason`).
+- ``protocol.py``  PeerProtocol: one peer's lifecycle, round sequence and policy (what drivers execute).
+- ``errors.py``    typed refusals: :class:`Reject` (lowers the sender's score) and :class:`Ignore` (does not).
+- ``scoring.py``   per-sender rejection counts and bans, in bounded memory.
+- ``transfer.py``  state download and parameter-sync checks, both sides.
+- ``announce.py``  DHT announcements: the reader's check and the peer book.
 - ``identity.py``  Ed25519 keys, peer ids, PEM key files (mode 0600).
 - ``envelope.py``  the signed msgpack envelope: seal, verify, replay window, size limits.
 - ``schema.py``    strict payload schemas per message kind.
