@@ -143,13 +143,13 @@ def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(m
         assert result.returncode == 0, result.stderr[-2000:]
         answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         assert [(a["case"], a["ok"], a.get("reason")) for a in answers] == [
-            ("announce", False, "shape_mismatch"), ("garbage", False, "malformed")], (stream, answers)
+            ("announce", False, "wrong_kind"), ("garbage", False, "malformed")], (stream, answers)
     round_after_attacks = round_of(peer)
     wait_for(lambda: round_of(peer) >= round_after_attacks + 2, 120, "training to continue", [peer])
     rejected = round_records(peer)[-1]["messages_rejected"]
     assert rejected.get("bad_signature") == 2 and rejected.get("replay") == 1
     assert rejected.get("wrong_run") == 1 and rejected.get("malformed") == 3 and rejected.get("oversize") == 1
-    assert rejected.get("shape_mismatch") == 2
+    assert rejected.get("wrong_kind") == 2
     assert peer.alive
     peer.signal_group(signal.SIGTERM)
     peer.process.wait(60)
