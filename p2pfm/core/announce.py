@@ -3,7 +3,7 @@ of live peers merged from them.
 
 A peer stores one signed ``announce`` envelope under the run's DHT key, with its peer id as
 subkey, refreshed every heartbeat. :func:`check_announcement` is the reader's rule (tagged
-in ``protocols/wire.md`` section 5); :class:`PeerBook` turns many lookups into one monotone
+in ``protocols/wire.md`` section 6.5); :class:`PeerBook` turns many lookups into one monotone
 view of who is live. Both are pure: the driver passes records and clocks in.
 """
 
