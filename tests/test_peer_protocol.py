@@ -238,3 +238,14 @@ def test_join_and_round_plans_follow_the_catch_up_rule():
     assert peer.plan_round(10, live_others=3) == Sync() and peer.plan_round(10, 3, sync_requested=False) == Sync()
     peer.learner.round = 11
     assert peer.plan_round(11, 3) is None and peer.plan_round(11, 3, sync_requested=True) == Sync()
+
+
+def test_chunk_frames_are_bounded_by_their_exact_length_not_by_chunk_size():
+    """A manifest may claim any chunk_size; the reader's bound is what the chunk must weigh."""
+    from p2pfm.core.transfer import Manifest
+
+    lying = Manifest(round=0, model_hash=b"h" * 32, total_bytes=100, chunk_size=1 << 40, chunk_hashes=(b"c" * 32,))
+    assert lying.chunk_length(0) == 100
+    honest = Manifest(round=0, model_hash=b"h" * 32, total_bytes=2500, chunk_size=1000,
+                      chunk_hashes=(b"a" * 32, b"b" * 32, b"c" * 32))
+    assert [honest.chunk_length(i) for i in range(3)] == [1000, 1000, 500]

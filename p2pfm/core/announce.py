@@ -43,7 +43,7 @@ def check_announcement(subkey: object, record: object, *, run_id: str, now: floa
                        limits: EnvelopeLimits) -> Announcement:
     """A DHT record under the swarm's key, checked; raises a Reject subclass naming the problem.
 
-    Rules (``protocols/wire.md``, "Announcements"):
+    Rules (``protocols/wire.md`` section 6.5):
     [REJECT] MALFORMED if the record is not bytes; then every envelope rule (no replay guard:
     records are re-read on every lookup); [REJECT] WRONG_KIND unless the kind is ``announce``;
     [REJECT] SUBKEY_MISMATCH unless the subkey is the signer's peer id (nobody can speak for

@@ -256,6 +256,10 @@ class PeerProtocol:
         check_request_kind(stream, envelope)
         return envelope
 
+    def may_ask(self, remote: str) -> bool:
+        """Whether to ask ``remote`` for state or parameters: not once its answers got it banned."""
+        return not self.scores.is_banned(remote)
+
     def check_sender(self, remote: str) -> None:
         """[IGNORE] BANNED: a banned sender's messages are dropped unread."""
         if self.scores.is_banned(remote):

@@ -5,7 +5,7 @@ A joiner (or a peer too far behind) downloads a donor's whole *state*: the donor
 size, one hash per chunk), then the chunks as raw frames. A periodic sync pulls only the
 donor's *parameters*: a signed ``params_sync`` answer that echoes the request's nonce.
 
-Every rule here is tagged in ``protocols/wire.md`` ("State transfer" and "Parameter sync")
+Every rule here is tagged in ``protocols/wire.md`` (sections 6.1, 6.3 and 6.4)
 and pinned by the vectors in ``protocols/vectors/transfer/``. The daemon moves the bytes;
 nothing here reads a socket or a clock.
 """
@@ -83,6 +83,15 @@ class Manifest:
     chunk_size: int
     chunk_hashes: tuple[bytes, ...]
 
+    def chunk_length(self, index: int) -> int:
+        """The exact length chunk ``index`` must have: the reader's bound on its frame.
+
+        ``chunk_size`` alone is no bound (nothing limits it but the schema's int > 0): a
+        manifest of 100 bytes in one chunk of ``chunk_size`` 2^40 would let a donor send a
+        frame far past ``max_state_bytes``. The expected length never exceeds ``total_bytes``.
+        """
+        return max(0, min(self.chunk_size, self.total_bytes - index * self.chunk_size))
+
 
 def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) -> Manifest:
     """A donor's manifest, checked against the donor we asked and our limits.
@@ -120,8 +129,8 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
 def check_chunk(manifest: Manifest, index: int, piece: bytes) -> None:
     """[REJECT] HASH_MISMATCH unless chunk ``index`` hashes to the manifest's entry.
 
-    The reader bounds each frame by ``chunk_size`` before reading it (OVERSIZE), so a lying
-    donor costs at most one chunk of memory before it is caught.
+    The reader bounds each frame by :meth:`Manifest.chunk_length` before reading it
+    (OVERSIZE), so a lying donor costs at most one chunk of memory before it is caught.
     """
     if digest(piece) != manifest.chunk_hashes[index]:
         raise HashMismatch(f"state chunk {index} does not match its hash")

@@ -71,9 +71,17 @@ class StreamHandlers:
             await self._refuse(remote, writer, exc, counted=False)
             return None
 
+    async def _banned(self, remote: str, writer: asyncio.StreamWriter) -> bool:
+        """A banned sender's request is not read: it gets its refusal (``banned``) at once."""
+        try:
+            self.protocol.check_sender(remote)
+        except Refusal as exc:
+            await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
+            return True
+        return False
+
     async def handle_gossip(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.protocol.scores.is_banned(remote):  # dropped unread
-            self.protocol.scores.note_banned()
+        if await self._banned(remote, writer):
             return
         net = self.rt.config.net
         data = await self._read_request(remote, reader, writer, net.max_message_bytes, net.request_timeout_s * 4)
@@ -90,6 +98,8 @@ class StreamHandlers:
 
     async def handle_state(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
+        if await self._banned(remote, writer):
+            return
         net = self.rt.config.net
         data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, net.request_timeout_s)
         if data is None:
@@ -109,6 +119,8 @@ class StreamHandlers:
 
     async def handle_params(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve our parameters for a consensus pull: ``sync_codec`` of (params - initial), signed."""
+        if await self._banned(remote, writer):
+            return
         net = self.rt.config.net
         data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, net.request_timeout_s)
         if data is None:
@@ -165,7 +177,12 @@ class StreamClient:
         self.rt.counters["bytes_received"] += len(data)
         raise_if_refused(data, "parameter sync")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.protocol.open_params, data, donor.public_key, nonce, time.time())
+        try:
+            return await loop.run_in_executor(None, self.protocol.open_params, data, donor.public_key, nonce,
+                                              time.time())
+        except Refusal as exc:
+            self.protocol.refused(donor.libp2p_id, exc)  # a bad answer counts against the donor
+            raise
 
     async def download_state(self, donor: Announcement) -> tuple[dict[str, np.ndarray], int]:
         """Fetch and verify a donor's snapshot; raise on any mismatch or timeout."""
@@ -181,7 +198,7 @@ class StreamClient:
                 manifest = self.protocol.open_manifest(first, claim, time.time())
                 pieces = []
                 for index in range(len(manifest.chunk_hashes)):
-                    piece = await read_frame(reader, manifest.chunk_size)
+                    piece = await read_frame(reader, manifest.chunk_length(index))
                     self.protocol.check_chunk(manifest, index, piece)
                     pieces.append(piece)
             finally:
@@ -191,10 +208,15 @@ class StreamClient:
             self.rt.counters["bytes_received"] += total
             return self.protocol.open_state(manifest, pieces)
 
-        return await asyncio.wait_for(fetch(), net.state_timeout_s)
+        try:
+            return await asyncio.wait_for(fetch(), net.state_timeout_s)
+        except Refusal as exc:
+            self.protocol.refused(donor.libp2p_id, exc)  # a bad manifest, chunk or state counts against the donor
+            raise
 
     async def fetch_from_some_donor(self, candidates: list[Announcement]) -> tuple[dict[str, np.ndarray], int, str] | None:
         """Try candidates in random order (spreads joiners over donors); None if all fail."""
+        candidates = [c for c in candidates if self.protocol.may_ask(c.libp2p_id)]
         order = self.rt.rng.permutation(len(candidates))
         for index in order[:3]:
             donor = candidates[index]

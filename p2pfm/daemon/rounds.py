@@ -166,7 +166,8 @@ class RoundDriver:
     async def sync_with_random_peer(self) -> bool:
         """Consensus pull: average parameters with one random live peer."""
         rt = self.rt
-        partners = choose_partners(list(rt.live), rt.peer_id, 1, rt.rng)
+        askable = [p for p, a in rt.live.items() if self.protocol.may_ask(a.libp2p_id)]
+        partners = choose_partners(askable, rt.peer_id, 1, rt.rng)
         if not partners:
             return False
         donor = rt.live[partners[0]]
