@@ -164,7 +164,7 @@ def test_norm_is_numpys_norm_bit_for_bit():
 
 @dataclasses.dataclass(frozen=True)
 class NormClippedMean(AggregationRule):
-    """A toy rule, here only: scale each received update down to at most clip_multiplier * ||own||, then average."""
+    """A toy rule, here only: scale each received update to at most clip_multiplier * ||own||, average."""
 
     name: ClassVar[str] = "toy_norm_clip"
     parameters: ClassVar[tuple[str, ...]] = ("clip_multiplier",)

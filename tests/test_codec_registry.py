@@ -152,3 +152,19 @@ def test_register_codec_refuses_taken_ids_and_non_codecs(toy):
     nameless = type("Nameless", (TruncatedBf16,), {"id": ""})()
     with pytest.raises(ValueError, match="1..32 characters"):
         register_codec(nameless)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"values": bytes},  # no codec and numel: decode could not check numel before the codec runs
+        {"numel": int, "codec": str, "values": bytes},  # not in wire order
+        {**COMMON_FIELDS, "values": float},  # not a type the codec maps carry
+    ],
+)
+def test_register_codec_refuses_field_tables_without_the_common_fields(fields):
+    """A table must start with codec: str, numel: int and use only str, int and bytes."""
+    broken = type("Broken", (TruncatedBf16,), {"id": "toy-broken", "FIELDS": fields})()
+    with pytest.raises(ValueError, match="toy-broken"):
+        register_codec(broken)
+    assert "toy-broken" not in CODECS

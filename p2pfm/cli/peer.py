@@ -73,7 +73,8 @@ class RegistryHelpFormatter(argparse.HelpFormatter):
             from p2pfm.core.aggregation import AGGREGATIONS
             from p2pfm.core.codecs import CODECS
 
-            text = text.replace("{codecs}", ", ".join(CODECS)).replace("{aggregations}", ", ".join(AGGREGATIONS))
+            text = text.replace("{codecs}", ", ".join(CODECS))
+            text = text.replace("{aggregations}", ", ".join(AGGREGATIONS))
         return text
 
 

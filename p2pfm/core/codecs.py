@@ -169,7 +169,7 @@ class Codec(ABC):
 
     @abstractmethod
     def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
-        """The float32 vector of ``numel`` finite values a map carries, or the Reject of the first broken rule.
+        """The ``numel`` finite float32 values a map carries, or the Reject of the first broken rule.
 
         The map already matches :meth:`fields` and its ``numel`` is what the receiver
         expects: check lengths before contents, tag each check ``[REJECT]`` as in the spec.
@@ -177,7 +177,7 @@ class Codec(ABC):
 
     @abstractmethod
     def size_estimate(self, numel: int, spec: CodecSpec) -> int:
-        """msgpack bytes of :meth:`encode`'s map for ``numel`` elements (exact where the size is data-independent)."""
+        """msgpack bytes of :meth:`encode`'s map for ``numel`` elements (exact unless data-dependent)."""
 
 
 CODECS: dict[str, Codec] = {}
@@ -185,12 +185,21 @@ CODECS: dict[str, Codec] = {}
 
 
 def register_codec(codec: Codec, *, replace: bool = False) -> Codec:
-    """Add ``codec`` to :data:`CODECS` under its id and return it; an id already taken is a ValueError unless ``replace``."""
+    """Add ``codec`` to :data:`CODECS` under its id and return it.
+
+    A taken id is a ValueError unless ``replace``; so is a field table without COMMON_FIELDS first.
+    """
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be a Codec instance, got {type(codec).__name__}")
     name = getattr(codec, "id", None)
     if not isinstance(name, str) or not 1 <= len(name) <= 32:
         raise ValueError(f"codec id must be a string of 1..32 characters, got {name!r}")
+    table = getattr(codec, "FIELDS", None)
+    if not isinstance(table, Mapping) or list(table.items())[:2] != list(COMMON_FIELDS.items()):
+        # decode reads numel from every map before the codec does: the table must have it
+        raise ValueError(f"codec {name!r}: FIELDS must start with COMMON_FIELDS (codec: str, numel: int)")
+    if not set(table.values()) <= {str, int, bytes}:
+        raise ValueError(f"codec {name!r}: field types must be str, int or bytes (msgpack str, int, bin)")
     if name in CODECS and not replace:
         raise ValueError(f"codec id {name!r} is already registered")
     CODECS[name] = codec
@@ -724,7 +733,7 @@ def _str_len(text: str) -> int:
 
 
 def _map_len(codec_id: str, numel: int, **value_sizes: int) -> int:
-    """msgpack bytes of a codec map: its header, every key, and the values (``codec`` and ``numel`` added here)."""
+    """msgpack bytes of a codec map: header, keys and values (``codec`` and ``numel`` added here)."""
     sizes = {"codec": _str_len(codec_id), "numel": _int_len(numel), **value_sizes}
     map_header = 1  # fixmap: fewer than 16 fields
     return map_header + sum(_str_len(name) + size for name, size in sizes.items())
