@@ -35,7 +35,7 @@ import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 
@@ -619,7 +619,7 @@ def _check_schema(wire: Any) -> Codec:
         if type(value) is not kind:  # exact types: bool is not int, bytearray is not bytes
             # [REJECT] wrong msgpack type for a field.
             raise SchemaViolation(f"field {field_name!r} must be {kind.__name__}, got {type(value).__name__}")
-        if kind is int and value < 0:
+        if kind is int and cast(int, value) < 0:  # cast: mypy narrows value to object above
             # [REJECT] negative counts.
             raise SchemaViolation(f"field {field_name!r} must be non-negative, got {value}")
     return codec
