@@ -1,7 +1,7 @@
 """``p2pfm bench codecs``: what each codec costs on the wire and in time, inside a real envelope.
 
-For a random fp32 vector (standard normal, seeded) of ``size`` elements, and for each of
-none, fp16, int8, topk+int8 and topk+fp16, it measures:
+For a random fp32 vector (standard normal, seeded) of ``size`` elements, and for each registered
+codec (none, fp16, int8, topk+int8 and topk+fp16 built in), it measures:
 
 - ``bits_per_param``  bytes of the sealed ``update`` envelope (codec dict, header and
                       Ed25519 signature) times 8 / size;
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from p2pfm.config import require
-from p2pfm.core.codecs import CodecSpec, decode, encode
+from p2pfm.core.codecs import CODECS, CodecSpec, decode, encode
 from p2pfm.core.envelope import EnvelopeLimits, open_envelope, seal
 from p2pfm.core.identity import Identity
 
@@ -54,15 +54,16 @@ class CodecBenchConfig:
 
 
 def bench_specs(config: CodecBenchConfig) -> list[tuple[str, CodecSpec]]:
-    """The rows of the table: (label, spec)."""
+    """The rows of the table: (label, spec), one per registered codec, topk once per value format."""
     common = {"topk_fraction": config.topk_fraction, "block_size": config.block_size}
-    return [
-        ("none", CodecSpec("none", **common)),
-        ("fp16", CodecSpec("fp16", **common)),
-        ("int8", CodecSpec("int8", **common)),
-        ("topk-int8", CodecSpec("topk", value_bits=8, **common)),
-        ("topk-fp16", CodecSpec("topk", value_bits=16, **common)),
-    ]
+    rows: list[tuple[str, CodecSpec]] = []
+    for name in CODECS:
+        if name == "topk":
+            rows.append(("topk-int8", CodecSpec("topk", value_bits=8, **common)))
+            rows.append(("topk-fp16", CodecSpec("topk", value_bits=16, **common)))
+        else:
+            rows.append((name, CodecSpec(name, **common)))
+    return rows
 
 
 def run_codec_bench(config: CodecBenchConfig) -> list[dict[str, Any]]:

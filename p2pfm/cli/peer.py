@@ -37,9 +37,10 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--power-w": ("power_w", float, "active power in W, for energy accounting"),
     "--inner-steps": ("gossip.inner_steps", int, "local AdamW steps per round (H)"),
     "--fanout": ("gossip.fanout", int, "peers each update is pushed to"),
-    "--codec": ("gossip.codec.name", str, "update codec: none, fp16, int8, topk"),
+    "--codec": ("gossip.codec.name", str, "update codec: {codecs}"),
     "--topk-fraction": ("gossip.codec.topk_fraction", float, "fraction of entries topk keeps"),
-    "--aggregation": ("gossip.aggregation", str, "mean, clipped_mean, trimmed_mean or median"),
+    "--aggregation": ("gossip.aggregation", str, "how own and received updates are merged: {aggregations}"),
+    "--trim-fraction": ("gossip.trim_fraction", float, "share trimmed_mean drops at each end, at least one"),
     "--sync-every": ("gossip.sync_every", sync_every_value, 'rounds between parameter syncs with a random peer: "auto" (by swarm size) or N (0 = never)'),
     "--batch-size": ("train.batch_size", int, "sequences per inner step"),
     "--lr": ("train.lr", float, "inner AdamW learning rate"),
@@ -59,8 +60,27 @@ LIST_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+class RegistryHelpFormatter(argparse.HelpFormatter):
+    """Fills ``{codecs}`` and ``{aggregations}`` in flag help with the registered names, when help is shown.
+
+    The registries live in the numpy-based core: reading them while building the parser would make
+    every ``p2pfm`` command, ``--help`` included, pay numpy's import (~0.1 s), so only help does.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text and ("{codecs}" in text or "{aggregations}" in text):
+            from p2pfm.core.aggregation import AGGREGATIONS
+            from p2pfm.core.codecs import CODECS
+
+            text = text.replace("{codecs}", ", ".join(CODECS))
+            text = text.replace("{aggregations}", ", ".join(AGGREGATIONS))
+        return text
+
+
 def add_peer_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     """Declare the training/network flags; the swarm reuses them to pass through to peers."""
+    parser.formatter_class = RegistryHelpFormatter  # the codec and aggregation help list the registries
     for flag, (field, kind, text) in PEER_FLAGS.items():
         if flag not in skip:
             parser.add_argument(flag, type=kind, default=None, help=f"{text} [{field}]")

@@ -12,8 +12,9 @@ Map:
 - ``identity.py``  Ed25519 keys, peer ids, PEM key files (mode 0600).
 - ``envelope.py``  the signed msgpack envelope: seal, verify, replay window, size limits.
 - ``schema.py``    strict payload schemas per message kind.
-- ``codecs.py``    update codecs (none, fp16, int8, topk) with wire validation.
+- ``codecs.py``    update codecs: the Codec interface, its registry, none, fp16, int8, topk.
 - ``feedback.py``  error feedback: the residual of what a lossy codec did not send.
 - ``gossip.py``    the gossip rules: partner choice, merge, robust aggregation, outer step.
+- ``aggregation.py`` aggregation rules (mean, clipped_mean, trimmed_mean, median) and their registry.
 - ``quorum.py``    the start-up quorum: train only once the partners we expect can hear us.
 """

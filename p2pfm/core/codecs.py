@@ -7,7 +7,9 @@ dict and raises a :class:`~p2pfm.core.errors.Reject` subclass on the first broke
 The normative description (field tables, bit layouts, error bounds, [REJECT] rules) is
 ``protocols/codecs.md``; golden vectors live in ``protocols/vectors/codecs/``.
 
-Codecs (the id travels in the ``codec`` field):
+Each codec is one :class:`Codec` subclass in the registry :data:`CODECS`, keyed by its id
+(which travels in the ``codec`` field); :func:`encode`, :func:`decode` and
+:func:`encoded_size_estimate` only dispatch, after the checks every codec needs. Built in:
 
 - ``none``  fp32 little-endian, lossless. 32 bits/param.
 - ``fp16``  IEEE half, saturating at +-65504. 16 bits/param.
@@ -30,9 +32,10 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 
@@ -45,8 +48,6 @@ from p2pfm.core.errors import (
     ShapeMismatch,
     UnknownCodec,
 )
-
-CODEC_IDS = ("none", "fp16", "int8", "topk")
 
 MAX_NUMEL = 1 << 32
 """Largest vector any codec carries (4 Gi params); gaps then fit a 5-byte varint."""
@@ -84,7 +85,7 @@ class CodecSpec:
     """How a sender compresses its updates. Receivers do not need it: the wire is self-describing."""
 
     name: str = "topk"
-    """Codec id, one of CODEC_IDS. topk + int8 + error feedback is the default: ~0.2 bits/param."""
+    """Codec id, a key of CODECS. topk + int8 + error feedback is the default: ~0.2 bits/param."""
 
     topk_fraction: float = 0.01
     """Share of entries topk keeps: k = max(1, ceil(fraction * numel)). 1 % as in DGC/CHOCO."""
@@ -97,9 +98,9 @@ class CodecSpec:
 
     def __post_init__(self) -> None:
         require(
-            isinstance(self.name, str) and self.name in CODEC_IDS,
+            isinstance(self.name, str) and self.name in CODECS,
             "name",
-            f"must be one of {', '.join(CODEC_IDS)}, got {self.name!r}",
+            f"must be one of {', '.join(CODECS)}, got {self.name!r}",
         )
         fraction = self.topk_fraction
         require(
@@ -118,6 +119,91 @@ class CodecSpec:
             "block_size",
             f"must be an integer in [1, {MAX_BLOCK}], got {block!r}",
         )
+
+
+# --------------------------------------------------------------------------- the interface
+
+COMMON_FIELDS: Mapping[str, type] = {"codec": str, "numel": int}
+"""The fields every codec map starts with: the id and the element count checked before any byte string."""
+
+
+class Codec(ABC):
+    """One wire format: an id, an encoder, a field table, a decoder and a size estimate.
+
+    A new codec is a subclass registered with :func:`register_codec`, its section in
+    ``protocols/codecs.md`` and its golden vectors; nothing else changes. What every codec
+    needs is done around it, once, so no codec can forget it: :func:`encode` checks the input
+    vector; :func:`decode` checks that the wire is a map, looks its id up in :data:`CODECS`,
+    checks the field set and exact types against :meth:`fields` and ``numel`` against the
+    receiver's limits, all before the codec reads a byte string. Codecs are stateless:
+    knobs come from the :class:`CodecSpec`, everything else from the wire.
+    """
+
+    id: ClassVar[str]
+    """The wire name: the ``codec`` field of every map this codec writes."""
+
+    FIELDS: ClassVar[Mapping[str, type]]
+    """The field table (name -> exact type: str, int or bytes), COMMON_FIELDS first, in wire order."""
+
+    def fields(self, wire: dict[str, Any]) -> Mapping[str, type]:
+        """The field table this map must match exactly (ints are also checked to be non-negative).
+
+        A codec whose field set depends on a variant field (topk's ``value_bits``) overrides
+        this, checks that field and raises SchemaViolation if it is bad.
+        """
+        return self.FIELDS
+
+    @abstractmethod
+    def encode(
+        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The wire map of ``x`` and, if ``with_decoded``, the vector :meth:`decode` returns for it.
+
+        ``x`` is 1-D contiguous float32 with 1..MAX_NUMEL elements; NaN or Inf in it must raise
+        ValueError (a local bug, never sent). The map holds ``codec`` and ``numel`` first, then
+        this codec's fields in table order. The decoded vector must be bit-identical to
+        decoding the map (error feedback relies on it) and fresh (the caller may write to it);
+        a flag rather than always building it because it costs a pass over the output that
+        plain :func:`encode` does not need.
+        """
+
+    @abstractmethod
+    def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
+        """The ``numel`` finite float32 values a map carries, or the Reject of the first broken rule.
+
+        The map already matches :meth:`fields` and its ``numel`` is what the receiver
+        expects: check lengths before contents, tag each check ``[REJECT]`` as in the spec.
+        """
+
+    @abstractmethod
+    def size_estimate(self, numel: int, spec: CodecSpec) -> int:
+        """msgpack bytes of :meth:`encode`'s map for ``numel`` elements (exact unless data-dependent)."""
+
+
+CODECS: dict[str, Codec] = {}
+"""The codec registry: wire id -> codec. Insertion order is the order names are listed in."""
+
+
+def register_codec(codec: Codec, *, replace: bool = False) -> Codec:
+    """Add ``codec`` to :data:`CODECS` under its id and return it.
+
+    A taken id is a ValueError unless ``replace``; so is a field table without COMMON_FIELDS first.
+    """
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec must be a Codec instance, got {type(codec).__name__}")
+    name = getattr(codec, "id", None)
+    if not isinstance(name, str) or not 1 <= len(name) <= 32:
+        raise ValueError(f"codec id must be a string of 1..32 characters, got {name!r}")
+    table = getattr(codec, "FIELDS", None)
+    if not isinstance(table, Mapping) or list(table.items())[:2] != list(COMMON_FIELDS.items()):
+        # decode reads numel from every map before the codec does: the table must have it
+        raise ValueError(f"codec {name!r}: FIELDS must start with COMMON_FIELDS (codec: str, numel: int)")
+    if not set(table.values()) <= {str, int, bytes}:
+        raise ValueError(f"codec {name!r}: field types must be str, int or bytes (msgpack str, int, bin)")
+    if name in CODECS and not replace:
+        raise ValueError(f"codec id {name!r} is already registered")
+    CODECS[name] = codec
+    return codec
 
 
 def topk_count(numel: int, fraction: float) -> int:
@@ -147,70 +233,31 @@ def encode_with_decoded(vector: np.ndarray, spec: CodecSpec) -> tuple[dict[str, 
     The returned array is fresh: the caller may modify it.
     """
     wire, decoded = _encode(vector, spec, with_decoded=True)
-    assert decoded is not None  # with_decoded=True always builds it
+    if decoded is None:
+        raise TypeError(f"codec {spec.name!r} returned no decoded vector")  # breaks Codec.encode's contract
     return wire, decoded
 
 
 def _encode(
     vector: np.ndarray, spec: CodecSpec, *, with_decoded: bool
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """The one encoder behind :func:`encode` and :func:`encode_with_decoded`.
+    """The one entry behind :func:`encode` and :func:`encode_with_decoded`: check, then dispatch.
 
-    The decoded vector is computed with the same operations :func:`decode` applies to the
-    bytes (fp16 -> fp32 cast, int8 * fp32 scale per block, scatter into zeros), from arrays
+    The codecs compute the decoded vector with the same operations :func:`decode` applies to
+    the bytes (fp16 -> fp32 cast, int8 * fp32 scale per block, scatter into zeros), from arrays
     that hold exactly those bytes, so both paths give the same bits.
     """
     if not isinstance(spec, CodecSpec):
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
     x = _check_input(vector)
-    n = int(x.size)
-    if spec.name == "none":
-        _require_finite(x)
-        wire: dict[str, Any] = {"codec": "none", "numel": n, "values": x.astype(_F32, copy=False).tobytes()}
-        return wire, (x.copy() if with_decoded else None)  # lossless: the bytes are x
-    if spec.name == "fp16":
-        _require_finite(x)
-        half = _to_fp16(x)
-        wire = {"codec": "fp16", "numel": n, "values": half.tobytes()}
-        return wire, (half.astype(np.float32) if with_decoded else None)
-    if spec.name == "int8":
-        scales, q = _quantize_int8(x, spec.block_size)  # checks finiteness via the block maxima
-        wire = {
-            "codec": "int8",
-            "numel": n,
-            "block": spec.block_size,
-            "scales": scales.tobytes(),
-            "values": q.tobytes(),
-        }
-        return wire, (_dequantize(scales, q, n, spec.block_size) if with_decoded else None)
-    if spec.name == "topk":
-        k = topk_count(n, spec.topk_fraction)
-        idx = topk_indices(x, k)  # checks finiteness
-        picked = x[idx]
-        wire = {
-            "codec": "topk",
-            "numel": n,
-            "k": k,
-            "value_bits": spec.value_bits,
-            "indices": _index_bytes(idx),
-        }
-        values: np.ndarray | None = None
-        if spec.value_bits == 8:
-            scales, q = _quantize_int8(picked, spec.block_size)
-            wire.update(block=spec.block_size, scales=scales.tobytes(), values=q.tobytes())
-            if with_decoded:
-                values = _dequantize(scales, q, k, spec.block_size)
-        else:
-            half = _to_fp16(picked)
-            wire["values"] = half.tobytes()
-            if with_decoded:
-                values = half.astype(np.float32)
-        if values is None:
-            return wire, None
-        out = np.zeros(n, np.float32)
-        out[idx] = values
-        return wire, out
-    raise ValueError(f"unknown codec {spec.name!r}")  # unreachable: CodecSpec validates name
+    return _codec_of(spec).encode(x, spec, with_decoded=with_decoded)
+
+
+def _codec_of(spec: CodecSpec) -> Codec:
+    codec = CODECS.get(spec.name)
+    if codec is None:  # CodecSpec checked the name; the codec was unregistered since
+        raise ValueError(f"codec {spec.name!r} is not registered")
+    return codec
 
 
 def _index_bytes(idx: np.ndarray) -> bytes:
@@ -495,36 +542,19 @@ def _varint_decode_small(data: bytes, count: int) -> list[int]:
 
 # --------------------------------------------------------------------------- decode
 
-_COMMON = {"codec": str, "numel": int}
-_SCHEMAS: dict[tuple[str, int | None], dict[str, type]] = {
-    ("none", None): {**_COMMON, "values": bytes},
-    ("fp16", None): {**_COMMON, "values": bytes},
-    ("int8", None): {**_COMMON, "block": int, "scales": bytes, "values": bytes},
-    ("topk", 8): {
-        **_COMMON,
-        "k": int,
-        "value_bits": int,
-        "indices": bytes,
-        "block": int,
-        "scales": bytes,
-        "values": bytes,
-    },
-    ("topk", 16): {**_COMMON, "k": int, "value_bits": int, "indices": bytes, "values": bytes},
-}
-
 
 def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> np.ndarray:
     """Validate a wire dict and return the float32 vector it carries (length expected_numel, all finite).
 
     Every broken rule raises its Reject subclass (UnknownCodec, SchemaViolation, Oversize,
-    ShapeMismatch, BadIndex, NonFinite); checks run cheapest first, sizes before contents.
+    ShapeMismatch, BadIndex, NonFinite); checks run cheapest first, sizes before contents:
+    the map, the id and the field table here, then the codec's own rules.
     """
     expected_numel = operator.index(expected_numel)  # int or numpy integer; TypeError otherwise
     if not 1 <= expected_numel <= MAX_NUMEL:
         raise ValueError(f"expected_numel must be in [1, {MAX_NUMEL}], got {expected_numel!r}")
-    fields = _check_schema(wire)
-    codec = fields["codec"]
-    n = fields["numel"]
+    codec = _check_schema(wire)
+    n = wire["numel"]
     limit = MAX_NUMEL if max_numel is None else min(max_numel, MAX_NUMEL)
     if n > limit:
         # [REJECT] more elements than the receiver accepts; checked before any allocation.
@@ -532,45 +562,7 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
     if n != expected_numel:
         # [REJECT] the update does not fit the receiver's model.
         raise ShapeMismatch(f"numel={n}, expected {expected_numel}")
-    if codec == "none":
-        _check_len("values", fields["values"], 4 * n)
-        out = np.frombuffer(fields["values"], _F32).astype(np.float32)
-        if not (np.isfinite(out.max()) and np.isfinite(out.min())):
-            # [REJECT] NaN or Inf among the values.
-            raise NonFinite("values: NaN or Inf in fp32 values")
-        return out
-    if codec == "fp16":
-        _check_len("values", fields["values"], 2 * n)
-        return _fp16_values(fields["values"])
-    if codec == "int8":
-        block = _check_block(fields["block"])
-        nblocks = -(-n // block)
-        _check_len("scales", fields["scales"], 4 * nblocks)
-        _check_len("values", fields["values"], n)
-        return _dequantize_int8(fields["scales"], fields["values"], n, block)
-    # topk
-    k = fields["k"]
-    if fields["value_bits"] == 8:
-        block = _check_block(fields["block"])
-    if not 1 <= k <= n:
-        # [REJECT] k outside [1, numel].
-        raise ShapeMismatch(f"k={k} outside [1, numel={n}]")
-    if fields["value_bits"] == 8:
-        _check_len("scales", fields["scales"], 4 * -(-k // block))
-        _check_len("values", fields["values"], k)
-    else:
-        _check_len("values", fields["values"], 2 * k)
-    if len(fields["indices"]) > MAX_VARINT_BYTES * k:
-        # [REJECT] more index bytes than k varints can take (cheap bound before scanning).
-        raise ShapeMismatch(f"indices: {len(fields['indices'])} bytes for k={k}")
-    idx = _topk_positions(fields["indices"], k, n)
-    if fields["value_bits"] == 8:
-        values = _dequantize_int8(fields["scales"], fields["values"], k, fields["block"])
-    else:
-        values = _fp16_values(fields["values"])
-    out = np.zeros(n, np.float32)
-    out[idx] = values
-    return out
+    return codec.decode(wire, n)
 
 
 def _topk_positions(indices: bytes, k: int, n: int) -> np.ndarray | list[int]:
@@ -602,39 +594,35 @@ def _topk_positions(indices: bytes, k: int, n: int) -> np.ndarray | list[int]:
     return idx.astype(np.int64)
 
 
-def _check_schema(wire: Any) -> dict[str, Any]:
+def _check_schema(wire: Any) -> Codec:
+    """The registered codec of a wire map whose field set and types match that codec's table."""
     if not isinstance(wire, dict):
         # [REJECT] the codec field of a message must be a map.
         raise SchemaViolation(f"codec wire must be a map, got {type(wire).__name__}")
-    codec = wire.get("codec")
-    if not isinstance(codec, str):
+    name = wire.get("codec")
+    if not isinstance(name, str):
         # [REJECT] missing or non-string codec id.
         raise SchemaViolation("field 'codec' missing or not a string")
-    if codec not in CODEC_IDS:
+    codec = CODECS.get(name)
+    if codec is None:
         # [REJECT] codec id not in the registry.
-        raise UnknownCodec(f"codec {codec[:32]!r} is not one of {', '.join(CODEC_IDS)}")
-    variant: int | None = None
-    if codec == "topk":
-        variant = wire.get("value_bits")
-        if type(variant) is not int or variant not in (8, 16):
-            # [REJECT] topk value_bits must be 8 or 16.
-            raise SchemaViolation(f"field 'value_bits' must be 8 or 16, got {_short(variant)}")
-    schema = _SCHEMAS[(codec, variant)]
+        raise UnknownCodec(f"codec {name[:32]!r} is not one of {', '.join(CODECS)}")
+    schema = codec.fields(wire)  # a variant field (topk's value_bits) is checked here
     keys = set(wire)
     if keys != set(schema):
         missing = sorted(map(str, set(schema) - keys))
         extra = sorted(map(repr, keys - set(schema)))
         # [REJECT] exactly the fields of the codec's table, no more, no fewer.
-        raise SchemaViolation(f"{codec}: missing fields {missing}, unexpected fields {extra}")
-    for name, kind in schema.items():
-        value = wire[name]
+        raise SchemaViolation(f"{name}: missing fields {missing}, unexpected fields {extra}")
+    for field_name, kind in schema.items():
+        value = wire[field_name]
         if type(value) is not kind:  # exact types: bool is not int, bytearray is not bytes
             # [REJECT] wrong msgpack type for a field.
-            raise SchemaViolation(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-        if kind is int and value < 0:
+            raise SchemaViolation(f"field {field_name!r} must be {kind.__name__}, got {type(value).__name__}")
+        if kind is int and cast(int, value) < 0:  # cast: mypy narrows value to object above
             # [REJECT] negative counts.
-            raise SchemaViolation(f"field {name!r} must be non-negative, got {value}")
-    return wire
+            raise SchemaViolation(f"field {field_name!r} must be non-negative, got {value}")
+    return codec
 
 
 def _short(value: Any) -> str:
@@ -744,6 +732,13 @@ def _str_len(text: str) -> int:
     return 1 + size if size < 32 else _bin_len(size)
 
 
+def _map_len(codec_id: str, numel: int, **value_sizes: int) -> int:
+    """msgpack bytes of a codec map: header, keys and values (``codec`` and ``numel`` added here)."""
+    sizes = {"codec": _str_len(codec_id), "numel": _int_len(numel), **value_sizes}
+    map_header = 1  # fixmap: fewer than 16 fields
+    return map_header + sum(_str_len(name) + size for name, size in sizes.items())
+
+
 def encoded_size_estimate(numel: int, spec: CodecSpec) -> int:
     """msgpack bytes of encode(vector, spec) for a vector of numel elements (before the envelope).
 
@@ -753,18 +748,190 @@ def encoded_size_estimate(numel: int, spec: CodecSpec) -> int:
     """
     if numel < 1:
         raise ValueError("numel must be >= 1")
-    fields: dict[str, int] = {"codec": _str_len(spec.name), "numel": _int_len(numel)}
-    if spec.name == "none":
-        fields["values"] = _bin_len(4 * numel)
-    elif spec.name == "fp16":
-        fields["values"] = _bin_len(2 * numel)
-    elif spec.name == "int8":
-        fields.update(
+    return _codec_of(spec).size_estimate(numel, spec)
+
+
+# --------------------------------------------------------------------------- the built-in codecs
+# One class per section of protocols/codecs.md; each [REJECT] comment names a rule listed there.
+
+
+class NoneCodec(Codec):
+    """``none``: the fp32 bytes as they are. Lossless; the reference the lossy codecs are measured against."""
+
+    id = "none"
+    FIELDS: ClassVar[Mapping[str, type]] = {**COMMON_FIELDS, "values": bytes}
+
+    def encode(
+        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        _require_finite(x)
+        wire: dict[str, Any] = {
+            "codec": "none",
+            "numel": int(x.size),
+            "values": x.astype(_F32, copy=False).tobytes(),
+        }
+        return wire, (x.copy() if with_decoded else None)  # lossless: the bytes are x
+
+    def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
+        _check_len("values", wire["values"], 4 * numel)
+        out = np.frombuffer(wire["values"], _F32).astype(np.float32)
+        if not (np.isfinite(out.max()) and np.isfinite(out.min())):
+            # [REJECT] NaN or Inf among the values.
+            raise NonFinite("values: NaN or Inf in fp32 values")
+        return out
+
+    def size_estimate(self, numel: int, spec: CodecSpec) -> int:
+        return _map_len(self.id, numel, values=_bin_len(4 * numel))
+
+
+class Fp16Codec(Codec):
+    """``fp16``: IEEE halves, saturating at +-65504 so a large value is not lost as an Inf."""
+
+    id = "fp16"
+    FIELDS: ClassVar[Mapping[str, type]] = {**COMMON_FIELDS, "values": bytes}
+
+    def encode(
+        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        _require_finite(x)
+        half = _to_fp16(x)
+        wire = {"codec": "fp16", "numel": int(x.size), "values": half.tobytes()}
+        return wire, (half.astype(np.float32) if with_decoded else None)
+
+    def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
+        _check_len("values", wire["values"], 2 * numel)
+        return _fp16_values(wire["values"])
+
+    def size_estimate(self, numel: int, spec: CodecSpec) -> int:
+        return _map_len(self.id, numel, values=_bin_len(2 * numel))
+
+
+class Int8Codec(Codec):
+    """``int8``: blockwise absmax, one fp32 scale per ``block`` int8 values (~8.1 bits/param)."""
+
+    id = "int8"
+    FIELDS: ClassVar[Mapping[str, type]] = {**COMMON_FIELDS, "block": int, "scales": bytes, "values": bytes}
+
+    def encode(
+        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        n = int(x.size)
+        scales, q = _quantize_int8(x, spec.block_size)  # checks finiteness via the block maxima
+        wire = {
+            "codec": "int8",
+            "numel": n,
+            "block": spec.block_size,
+            "scales": scales.tobytes(),
+            "values": q.tobytes(),
+        }
+        return wire, (_dequantize(scales, q, n, spec.block_size) if with_decoded else None)
+
+    def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
+        block = _check_block(wire["block"])
+        nblocks = -(-numel // block)
+        _check_len("scales", wire["scales"], 4 * nblocks)
+        _check_len("values", wire["values"], numel)
+        return _dequantize_int8(wire["scales"], wire["values"], numel, block)
+
+    def size_estimate(self, numel: int, spec: CodecSpec) -> int:
+        return _map_len(
+            self.id,
+            numel,
             block=_int_len(spec.block_size),
             scales=_bin_len(4 * -(-numel // spec.block_size)),
             values=_bin_len(numel),
         )
-    else:
+
+
+class TopkCodec(Codec):
+    """``topk``: exactly k largest-magnitude entries, varint index gaps, int8 or fp16 values.
+
+    The field set depends on ``value_bits`` (int8 values carry ``block`` and ``scales``), so
+    :meth:`fields` checks that variant before the table is applied.
+    """
+
+    id = "topk"
+    FIELDS_FP16: ClassVar[Mapping[str, type]] = {
+        **COMMON_FIELDS,
+        "k": int,
+        "value_bits": int,
+        "indices": bytes,
+        "values": bytes,
+    }
+    FIELDS: ClassVar[Mapping[str, type]] = {
+        **COMMON_FIELDS,
+        "k": int,
+        "value_bits": int,
+        "indices": bytes,
+        "block": int,
+        "scales": bytes,
+        "values": bytes,
+    }
+
+    def fields(self, wire: dict[str, Any]) -> Mapping[str, type]:
+        variant = wire.get("value_bits")
+        if type(variant) is not int or variant not in (8, 16):
+            # [REJECT] topk value_bits must be 8 or 16.
+            raise SchemaViolation(f"field 'value_bits' must be 8 or 16, got {_short(variant)}")
+        return self.FIELDS if variant == 8 else self.FIELDS_FP16
+
+    def encode(
+        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        n = int(x.size)
+        k = topk_count(n, spec.topk_fraction)
+        idx = topk_indices(x, k)  # checks finiteness
+        picked = x[idx]
+        wire = {
+            "codec": "topk",
+            "numel": n,
+            "k": k,
+            "value_bits": spec.value_bits,
+            "indices": _index_bytes(idx),
+        }
+        values: np.ndarray | None = None
+        if spec.value_bits == 8:
+            scales, q = _quantize_int8(picked, spec.block_size)
+            wire.update(block=spec.block_size, scales=scales.tobytes(), values=q.tobytes())
+            if with_decoded:
+                values = _dequantize(scales, q, k, spec.block_size)
+        else:
+            half = _to_fp16(picked)
+            wire["values"] = half.tobytes()
+            if with_decoded:
+                values = half.astype(np.float32)
+        if values is None:
+            return wire, None
+        out = np.zeros(n, np.float32)
+        out[idx] = values
+        return wire, out
+
+    def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
+        n = numel
+        k = wire["k"]
+        if wire["value_bits"] == 8:
+            block = _check_block(wire["block"])
+        if not 1 <= k <= n:
+            # [REJECT] k outside [1, numel].
+            raise ShapeMismatch(f"k={k} outside [1, numel={n}]")
+        if wire["value_bits"] == 8:
+            _check_len("scales", wire["scales"], 4 * -(-k // block))
+            _check_len("values", wire["values"], k)
+        else:
+            _check_len("values", wire["values"], 2 * k)
+        if len(wire["indices"]) > MAX_VARINT_BYTES * k:
+            # [REJECT] more index bytes than k varints can take (cheap bound before scanning).
+            raise ShapeMismatch(f"indices: {len(wire['indices'])} bytes for k={k}")
+        idx = _topk_positions(wire["indices"], k, n)
+        if wire["value_bits"] == 8:
+            values = _dequantize_int8(wire["scales"], wire["values"], k, wire["block"])
+        else:
+            values = _fp16_values(wire["values"])
+        out = np.zeros(n, np.float32)
+        out[idx] = values
+        return out
+
+    def size_estimate(self, numel: int, spec: CodecSpec) -> int:
         k = topk_count(numel, spec.topk_fraction)
         mean_gap = numel / k
         # P(gap >= 128**j) for geometric gaps, each adds one varint byte.
@@ -773,23 +940,34 @@ def encoded_size_estimate(numel: int, spec: CodecSpec) -> int:
             if k < numel
             else 1.0
         )
-        fields.update(
-            k=_int_len(k), value_bits=_int_len(spec.value_bits), indices=_bin_len(round(k * per_index))
-        )
+        sizes = {
+            "k": _int_len(k),
+            "value_bits": _int_len(spec.value_bits),
+            "indices": _bin_len(round(k * per_index)),
+        }
         if spec.value_bits == 8:
-            fields.update(
+            sizes.update(
                 block=_int_len(spec.block_size),
                 scales=_bin_len(4 * -(-k // spec.block_size)),
                 values=_bin_len(k),
             )
         else:
-            fields["values"] = _bin_len(2 * k)
-    map_header = 1  # fixmap: fewer than 16 fields
-    return map_header + sum(_str_len(name) + size for name, size in fields.items())
+            sizes["values"] = _bin_len(2 * k)
+        return _map_len(self.id, numel, **sizes)
+
+
+for _builtin in (NoneCodec(), Fp16Codec(), Int8Codec(), TopkCodec()):
+    register_codec(_builtin)
+
+CODEC_IDS = tuple(CODECS)
+"""The built-in codec ids (every peer speaks these); CODECS may hold more, registered later."""
 
 
 __all__ = [
+    "CODECS",
     "CODEC_IDS",
+    "COMMON_FIELDS",
+    "Codec",
     "CodecSpec",
     "ConfigError",
     "FP16_MAX",
@@ -799,6 +977,7 @@ __all__ = [
     "encode",
     "encode_with_decoded",
     "encoded_size_estimate",
+    "register_codec",
     "topk_count",
     "topk_indices",
     "varint_decode",

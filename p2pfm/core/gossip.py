@@ -29,11 +29,12 @@ from typing import Literal
 import numpy as np
 
 from p2pfm.config import require
+from p2pfm.core.aggregation import AGGREGATIONS, rule_for
 from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.errors import FutureRound, NonFinite, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
-Aggregation = Literal["mean", "clipped_mean", "trimmed_mean", "median"]
+Aggregation = str  # a name in p2pfm.core.aggregation.AGGREGATIONS (mean, clipped_mean, ...)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class GossipConfig:
     outer_momentum: float = 0.0  # Nesterov momentum on the outer step (DiLoCo: 0.9 with lr 0.7)
     aggregation: Aggregation = "clipped_mean"
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
+    trim_fraction: float = 0.2  # trimmed_mean drops this share at each end, at least 1 (0.2: 1 of 5)
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
     sync_every: int | Literal["auto"] = "auto"  # rounds between parameter pulls (0 = never); see sync_interval
     sync_weight: float = 0.5  # how far to move towards the pulled parameters
@@ -58,11 +60,12 @@ class GossipConfig:
         require(self.outer_lr > 0, "gossip.outer_lr", "must be positive")
         require(0.0 <= self.outer_momentum < 1.0, "gossip.outer_momentum", "must be in [0, 1)")
         require(
-            self.aggregation in ("mean", "clipped_mean", "trimmed_mean", "median"),
+            isinstance(self.aggregation, str) and self.aggregation in AGGREGATIONS,
             "gossip.aggregation",
-            "must be one of mean, clipped_mean, trimmed_mean, median",
+            f"must be one of {', '.join(AGGREGATIONS)}",
         )
         require(self.clip_multiplier > 0, "gossip.clip_multiplier", "must be positive")
+        require(0.0 < self.trim_fraction < 0.5, "gossip.trim_fraction", "must be in (0, 0.5)")
         require(self.max_round_lag >= 0, "gossip.max_round_lag", "must be non-negative")
         require(
             self.sync_every == "auto" or (isinstance(self.sync_every, int) and self.sync_every >= 0),
@@ -164,14 +167,17 @@ def _norm(x: np.ndarray) -> float:
 def aggregate(
     own: np.ndarray, received: Sequence[np.ndarray], config: GossipConfig, expected_received: int | None = None
 ) -> np.ndarray:
-    """Combine our own compressed delta with the received ones.
+    """Combine our own compressed delta with the received ones, by the rule ``config.aggregation`` names.
+
+    The rules and their parameters live in :mod:`p2pfm.core.aggregation`:
 
     - ``mean``: plain average (fastest, no protection).
     - ``clipped_mean``: each received delta is clipped to lie within
       ``clip_multiplier * ||own||`` of our own, then everything is averaged. Our own update
       is the one thing we trust (ClippedGossip); honest deltas of similar size pass unchanged,
       a poisoned one moves us by at most a bounded step.
-    - ``trimmed_mean`` / ``median``: coordinate-wise, over own + received (need >= 3 to trim).
+    - ``trimmed_mean`` / ``median``: coordinate-wise, over own + received (need >= 3 to trim;
+      ``trim_fraction`` at each end, at least one).
 
     ``expected_received`` fixes the denominator of the (clipped) mean at ``1 + expected``
     instead of ``1 + len(received)``. In steady state every peer receives ``fanout`` updates
@@ -180,35 +186,7 @@ def aggregate(
     with the same parameters. A count-based mean instead weighs an update by the accident
     of how many others arrived beside it, and peers drift apart.
     """
-    denominator = 1 + (len(received) if expected_received is None else max(expected_received, 0))
-    denominator = max(denominator, 1)
-    if not received:
-        return own / denominator if expected_received is not None else own.copy()
-    if config.aggregation == "mean":
-        return (own + np.sum(received, axis=0)) / denominator
-    if config.aggregation == "clipped_mean":
-        radius = config.clip_multiplier * _norm(own)
-        total = own.astype(np.float64, copy=True)
-        for update in received:
-            difference = update - own
-            distance = _norm(difference)
-            if radius == 0.0:
-                # We sent nothing this round (all in the residual): accept bounded by the
-                # received update's own size; a zero-size own update cannot anchor the clip.
-                total += update
-            elif distance > radius:
-                total += own + difference * (radius / distance)
-            else:
-                total += update
-        return (total / denominator).astype(np.float32)
-    stacked = np.stack([own, *received])  # (n, numel)
-    if config.aggregation == "median":
-        return np.median(stacked, axis=0).astype(np.float32)
-    trim = max(1, len(stacked) // 5) if len(stacked) >= 3 else 0
-    if trim == 0:
-        return stacked.mean(axis=0).astype(np.float32)
-    ordered = np.sort(stacked, axis=0)
-    return ordered[trim : len(stacked) - trim].mean(axis=0).astype(np.float32)
+    return rule_for(config).combine(own, received, expected_received)
 
 
 @dataclass

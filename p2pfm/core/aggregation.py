@@ -1,0 +1,224 @@
+"""Aggregation rules: how a peer combines its own update with the ones that arrived in a round.
+
+Each rule is one :class:`AggregationRule` subclass in the registry :data:`AGGREGATIONS`, keyed
+by the name ``GossipConfig.aggregation`` selects; its parameters are named ``GossipConfig``
+fields, handed to it by keyword (explicit, like Flower's ``FedTrimmedAvg(beta=0.2)``).
+:func:`p2pfm.core.gossip.aggregate` is ``rule_for(config).combine(...)``. Built in:
+
+- ``mean``          plain average (fastest, no protection).
+- ``clipped_mean``  each received update clipped to within ``clip_multiplier * ||own||`` of
+                    our own, then averaged (ClippedGossip, He, Karimireddy & Jaggi 2022).
+- ``trimmed_mean``  coordinate-wise: drop the ``trim_fraction`` smallest and largest values.
+- ``median``        coordinate-wise median.
+
+The reasoning, and what each protects against, is section 4 of ``protocols/gossip.md``.
+Pure numpy, no clocks or I/O: the daemon and the simulator call the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from p2pfm.core.gossip import GossipConfig
+
+
+def norm(x: np.ndarray) -> float:
+    """``float(np.linalg.norm(x))`` of a 1-D vector, without numpy's generic argument handling.
+
+    The same sqrt(x . x) in x's dtype, so the same bits (as ``gossip._norm``, whose test pins the
+    equality); on small models numpy's handling cost more than the arithmetic (a norm per update).
+    """
+    return float(np.sqrt(x.dot(x)))
+
+
+def denominator(received: int, expected_received: int | None) -> int:
+    """The (clipped) mean's divisor: ``1 + expected_received`` when fixed, else ``1 + received``; at least 1.
+
+    A fixed denominator gives every update total weight 1 across the swarm whenever it arrives,
+    so sums commute and peers that saw the same updates in different rounds agree (gossip.md
+    section 3). A negative expectation counts as 0.
+    """
+    count = received if expected_received is None else max(expected_received, 0)
+    return max(1 + count, 1)
+
+
+class AggregationRule(ABC):
+    """One way to combine our own update with the received ones.
+
+    A new rule is a subclass registered with :func:`register_aggregation` and a note in
+    ``protocols/gossip.md``; a parameter is a ``GossipConfig`` field named in
+    :attr:`parameters` and taken by the constructor under the same name.
+    """
+
+    name: ClassVar[str]
+    """The value of ``GossipConfig.aggregation`` that selects this rule."""
+
+    parameters: ClassVar[tuple[str, ...]] = ()
+    """GossipConfig fields passed to the constructor by keyword (see :meth:`from_config`)."""
+
+    @classmethod
+    def from_config(cls, config: GossipConfig) -> AggregationRule:
+        """This rule with its parameters read from ``config`` (which validated them)."""
+        return cls(**{parameter: getattr(config, parameter) for parameter in cls.parameters})
+
+    def combine(
+        self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None = None
+    ) -> np.ndarray:
+        """Our own compressed delta combined with the received ones: the step the outer optimizer takes.
+
+        With nothing received every rule gives the same answer, part of the sum-preserving
+        merge rather than of any rule: our own update as it is, or with a fixed denominator its
+        ``1 / (1 + expected_received)`` share. Otherwise :meth:`merge` decides.
+        """
+        if not received:
+            return own / denominator(0, expected_received) if expected_received is not None else own.copy()
+        return self.merge(own, received, expected_received)
+
+    @abstractmethod
+    def merge(
+        self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
+    ) -> np.ndarray:
+        """:meth:`combine` for at least one received update: a fresh float32 vector shaped like ``own``.
+
+        ``expected_received`` is the fixed denominator's count (None: count what arrived); rules
+        that are not means may ignore it, as median and trimmed_mean do.
+        """
+
+
+AGGREGATIONS: dict[str, type[AggregationRule]] = {}
+"""The rule registry: name -> rule class. Insertion order is the order names are listed in."""
+
+
+def register_aggregation(rule: type[AggregationRule], *, replace: bool = False) -> type[AggregationRule]:
+    """Add ``rule`` to :data:`AGGREGATIONS` under its name and return it (usable as a class decorator).
+
+    A name already taken is a ValueError unless ``replace``.
+    """
+    if not (isinstance(rule, type) and issubclass(rule, AggregationRule)):
+        raise TypeError(f"rule must be an AggregationRule subclass, got {rule!r}")
+    name = getattr(rule, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"aggregation rule name must be a non-empty string, got {name!r}")
+    if name in AGGREGATIONS and not replace:
+        raise ValueError(f"aggregation rule {name!r} is already registered")
+    AGGREGATIONS[name] = rule
+    return rule
+
+
+def rule_for(config: GossipConfig) -> AggregationRule:
+    """The rule ``config.aggregation`` names, with its parameters from ``config``."""
+    rule = AGGREGATIONS.get(config.aggregation)
+    if rule is None:  # GossipConfig checked the name; the rule was unregistered since
+        raise ValueError(f"aggregation rule {config.aggregation!r} is not registered")
+    return rule.from_config(config)
+
+
+# --------------------------------------------------------------------------- the built-in rules
+
+
+@register_aggregation
+@dataclass(frozen=True)
+class Mean(AggregationRule):
+    """Plain average of own + received: the fastest rule, with no protection from a bad update."""
+
+    name: ClassVar[str] = "mean"
+
+    def merge(
+        self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
+    ) -> np.ndarray:
+        return (own + np.sum(received, axis=0)) / denominator(len(received), expected_received)
+
+
+@register_aggregation
+@dataclass(frozen=True)
+class ClippedMean(AggregationRule):
+    """Average after clipping each received update to within ``clip_multiplier * ||own||`` of our own.
+
+    Our own update is the one thing we trust (ClippedGossip): honest updates of similar size pass
+    unchanged, a poisoned one moves us by at most a bounded step. Sums in float64 so a long
+    inbox does not lose the small updates beside a large one.
+    """
+
+    name: ClassVar[str] = "clipped_mean"
+    parameters: ClassVar[tuple[str, ...]] = ("clip_multiplier",)
+    clip_multiplier: float = 2.0
+
+    def merge(
+        self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
+    ) -> np.ndarray:
+        radius = self.clip_multiplier * norm(own)
+        total = own.astype(np.float64, copy=True)
+        for update in received:
+            difference = update - own
+            distance = norm(difference)
+            if radius == 0.0:
+                # We sent nothing this round (all in the residual): accept bounded by the
+                # received update's own size; a zero-size own update cannot anchor the clip.
+                total += update
+            elif distance > radius:
+                total += own + difference * (radius / distance)
+            else:
+                total += update
+        return (total / denominator(len(received), expected_received)).astype(np.float32)
+
+
+@register_aggregation
+@dataclass(frozen=True)
+class TrimmedMean(AggregationRule):
+    """Coordinate-wise mean after dropping the ``trim_fraction`` smallest and largest values.
+
+    Over own + received (n vectors) it drops ``max(1, floor(trim_fraction * n))`` at each end,
+    so it always trims when it can; with fewer than 3 vectors nothing can be trimmed and it is
+    the plain mean (of what arrived: no fixed denominator). 0.2 drops 1 of 5 at each end.
+    """
+
+    name: ClassVar[str] = "trimmed_mean"
+    parameters: ClassVar[tuple[str, ...]] = ("trim_fraction",)
+    trim_fraction: float = 0.2
+
+    def merge(
+        self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
+    ) -> np.ndarray:
+        stacked = np.stack([own, *received])  # (n, numel)
+        count = len(stacked)
+        if count < 3:
+            return stacked.mean(axis=0).astype(np.float32)
+        # + 1e-9: a decimal fraction is not exact in binary (100 * 0.29 = 28.999999999999996 must
+        # trim 29); at least one at each end, and at least one value left in the middle.
+        trim = min(max(1, math.floor(count * self.trim_fraction + 1e-9)), (count - 1) // 2)
+        ordered = np.sort(stacked, axis=0)
+        return ordered[trim : count - trim].mean(axis=0).astype(np.float32)
+
+
+@register_aggregation
+@dataclass(frozen=True)
+class Median(AggregationRule):
+    """Coordinate-wise median of own + received: ignores up to half of the inputs being arbitrary."""
+
+    name: ClassVar[str] = "median"
+
+    def merge(
+        self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
+    ) -> np.ndarray:
+        return np.median(np.stack([own, *received]), axis=0).astype(np.float32)
+
+
+__all__ = [
+    "AGGREGATIONS",
+    "AggregationRule",
+    "ClippedMean",
+    "Mean",
+    "Median",
+    "TrimmedMean",
+    "denominator",
+    "norm",
+    "register_aggregation",
+    "rule_for",
+]
