@@ -153,7 +153,7 @@ def test_denominator_counts_received_or_the_fixed_expectation():
 
 
 def test_norm_is_numpys_norm_bit_for_bit():
-    """aggregation.norm (the clip) equals float(np.linalg.norm(x)) exactly, like gossip._norm."""
+    """aggregation.norm (the clip) equals float(np.linalg.norm(x)) exactly."""
     rng = np.random.default_rng(3)
     for x in (rng.standard_normal(2762), rng.standard_normal(33).astype(np.float32) * 1e-30, np.zeros(5)):
         assert aggregation.norm(x) == float(np.linalg.norm(x))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from p2pfm.config import ConfigError
-from p2pfm.core import gossip
+from p2pfm.core.aggregation import norm as vector_norm
 from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.errors import FutureRound, Ignore, NonFinite, Reject, ShapeMismatch, StaleRound
 from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_due, sync_interval
@@ -152,7 +152,7 @@ def test_clipped_mean_with_zero_own_accepts_updates_as_sent():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 7, 2762, 100_003])
 def test_vector_norm_helper_is_numpys_norm_bit_for_bit(dtype, n):
-    """gossip._norm (used by the clip and the round report) equals float(np.linalg.norm(x)) exactly."""
+    """aggregation.norm (used by the clip and the round report) equals float(np.linalg.norm(x)) exactly."""
     rng = np.random.default_rng(n)
     for x in (
         rng.standard_normal(n),
@@ -162,8 +162,8 @@ def test_vector_norm_helper_is_numpys_norm_bit_for_bit(dtype, n):
         np.where(rng.random(n) < 0.99, 0.0, rng.standard_normal(n)),  # sparse, like top-k deltas
     ):
         x = x.astype(dtype)
-        assert gossip._norm(x) == float(np.linalg.norm(x))
-        assert gossip._norm(x[1:] - x[:-1]) == float(np.linalg.norm(x[1:] - x[:-1]))
+        assert vector_norm(x) == float(np.linalg.norm(x))
+        assert vector_norm(x[1:] - x[:-1]) == float(np.linalg.norm(x[1:] - x[:-1]))
 
 
 def test_median_is_coordinatewise():

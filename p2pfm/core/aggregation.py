@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 def norm(x: np.ndarray) -> float:
     """``float(np.linalg.norm(x))`` of a 1-D vector, without numpy's generic argument handling.
 
-    The same sqrt(x . x) in x's dtype, so the same bits (as ``gossip._norm``, whose test pins the
-    equality); on small models numpy's handling cost more than the arithmetic (a norm per update).
+    The same sqrt(x . x) in x's dtype, so the same bits (a test pins the equality); on small
+    models numpy's handling cost more than the arithmetic (a norm per update and per round report).
     """
     return float(np.sqrt(x.dot(x)))
 

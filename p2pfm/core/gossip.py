@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from p2pfm.config import require
-from p2pfm.core.aggregation import AGGREGATIONS, rule_for
+from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
 from p2pfm.core.codecs import CodecSpec, decode, encode
 from p2pfm.core.errors import FutureRound, NonFinite, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
@@ -154,16 +154,6 @@ def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:
     return (initial + decode(wire, expected_numel=initial.size)).astype(np.float32)
 
 
-def _norm(x: np.ndarray) -> float:
-    """``float(np.linalg.norm(x))`` of a 1-D float vector: the same sqrt(x . x) in x's dtype, same bits.
-
-    numpy's norm computes exactly this for a vector, after generic argument handling that cost
-    more than the arithmetic on small models (five norms per peer-round in the simulator).
-    A test pins the equality.
-    """
-    return float(np.sqrt(x.dot(x)))
-
-
 def aggregate(
     own: np.ndarray, received: Sequence[np.ndarray], config: GossipConfig, expected_received: int | None = None
 ) -> np.ndarray:
@@ -273,8 +263,8 @@ class GossipLearner:
         report = RoundReport(
             round=self.round,
             received=len(received),
-            own_norm=_norm(own),
-            applied_norm=_norm(step) * self.config.outer_lr,
+            own_norm=norm(own),
+            applied_norm=norm(step) * self.config.outer_lr,
         )
         self._own = None
         self._inbox.clear()
