@@ -373,15 +373,8 @@ def _error_tail(path: Path, lines: int = 15) -> str:
 
 
 def _payload(record: dict[str, Any]) -> int:
-    """Bytes a p2pfm peer sent so far, for any daemon version.
-
-    Daemons that report ``state_bytes_served`` count every byte they send (updates, syncs,
-    state) in ``bytes_sent``; earlier ones counted updates only there, so the state they
-    served is the state the others downloaded, which each peer counts on its side.
-    """
-    if "state_bytes_served" in record:
-        return int(record.get("bytes_sent", 0))
-    return int(record.get("bytes_sent", 0)) + int(record.get("state_bytes_downloaded", 0))
+    """Bytes a p2pfm peer sent so far: its ``bytes_sent`` counts updates, syncs and state served."""
+    return int(record.get("bytes_sent", 0))
 
 
 def run_p2pfm(config: CompareConfig, variant: str, work: Path, lab: Any = None) -> VariantRun:
