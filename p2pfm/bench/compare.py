@@ -20,7 +20,7 @@ hivemind: a file barrier after ``load_state_from_peers``; DDP: ``init_process_gr
 variants run back to back, never concurrently. ``--time-cap`` stops a variant that runs
 longer and reports what it reached (``completed: false``).
 
-``--shaped`` (root; ``tests/deploy/netns.py``) runs p2pfm and ddp with every process in its
+``--shaped`` (root; :mod:`p2pfm.netlab.netns`) runs p2pfm and ddp with every process in its
 own network namespace behind a veth link shaped to 50 Mbit/s and 30 ms at each end (netem). On
 a kernel without the netem qdisc it applies the rate alone (tbf) and says so in ``link``.
 
@@ -229,25 +229,15 @@ class ProcessSampler:
         return sum(self.p2pd_written.values()) / 2.0
 
 
-# --- shaped links: tests/deploy/netns.py ------------------------------------------------------
+# --- shaped links: p2pfm.netlab ----------------------------------------------------------------
 def load_netlab() -> Any:
-    """The network-namespace harness of the repository's deploy tests (root, iproute2).
+    """The network-namespace lab (:mod:`p2pfm.netlab.netns`), once this machine is known to run it."""
+    from p2pfm.netlab import netns
 
-    It lives beside the tests, not in the package: loaded from the source tree by path.
-    """
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "tests" / "deploy" / "netns.py"
-    if not path.exists():
-        raise ConfigError(f"--shaped: needs the netns harness at {path} (run from a source checkout)")
-    spec = importlib.util.spec_from_file_location("p2pfm_bench_netns", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    reason = module.available()
+    reason = netns.available()
     if reason:
         raise ConfigError(f"--shaped: {reason}")
-    return module
+    return netns
 
 
 # --- running variants ---------------------------------------------------------------------------
