@@ -108,7 +108,9 @@ def register_compare(bench_subparsers: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     import json
 
-    from p2pfm.bench.compare import config_from_args, format_table, run_compare
+    from p2pfm.bench.compare import run_compare
+    from p2pfm.bench.compare_config import config_from_args
+    from p2pfm.bench.compare_report import format_table
 
     config = config_from_args(args)
     result = run_compare(config, progress=not args.json)
