@@ -13,9 +13,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+Launcher = Callable[[list[str], Path, dict[str, str]], subprocess.Popen]
+"""Starts a command line with its log file and environment: :func:`launch`, or one that runs it
+elsewhere (inside a network namespace of :mod:`p2pfm.netlab.netns`)."""
 
 
 def child_env(threads: int) -> dict[str, str]:

@@ -1,10 +1,10 @@
 """A local swarm: N real peer processes on loopback, watched, summarized and plotted.
 
 Each peer is a separate ``p2pfm peer`` process in its own process group (hivemind forks a
-DHT process and a ``p2pd`` daemon: killing the group leaves no orphans; see :mod:`p2pfm.procs`). The first peer
-starts the swarm; the others join through its address, after which no peer is special.
-Peers share the machine's cores: each gets ``cores // N`` torch threads so that they do not
-fight over them.
+DHT process and a ``p2pd`` daemon: killing the group leaves no orphans; :mod:`p2pfm.procs`).
+The first peer starts the swarm; the others join through its address, after which no peer
+is special. Peers share the machine's cores: each gets ``cores // N`` torch threads so that
+they do not fight over them.
 
 Used by ``p2pfm swarm``, by the integration tests (start, SIGKILL, restart, late joiners)
 and by the benchmarks.
@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,7 @@ from p2pfm.core.gossip import consensus_distance
 from p2pfm.core.tensorfile import unpack_arrays
 from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
 from p2pfm.daemon.metrics import read_metrics
-from p2pfm.procs import child_env, kill_group, launch, signal_group
-
-Launcher = Callable[[list[str], Path, dict[str, str]], subprocess.Popen]
-"""Starts a peer's command line with its log and environment: :func:`p2pfm.procs.launch`, or
-one that runs it elsewhere (``bench compare --shaped``: inside a network namespace)."""
+from p2pfm.procs import Launcher, child_env, kill_group, launch, signal_group
 
 
 @dataclass
@@ -47,7 +43,7 @@ class PeerProcess:
     env: dict[str, str]
     process: subprocess.Popen | None = None
     terminating: bool = False
-    launcher: Launcher = launch
+    launcher: Launcher = launch  # bench compare --shaped: one that starts the peer inside a network namespace
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:

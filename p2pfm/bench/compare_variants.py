@@ -27,8 +27,8 @@ from p2pfm.bench.compare_config import CompareConfig
 from p2pfm.bench.sampler import ProcessSampler
 from p2pfm.daemon.metrics import read_metrics
 from p2pfm.model.gpt import GPTConfig
-from p2pfm.procs import child_env, kill_groups, launch, tail, wait_all, wait_for_file
-from p2pfm.swarm import Launcher, SwarmOptions, plan_swarm
+from p2pfm.procs import Launcher, child_env, kill_groups, launch, tail, wait_all, wait_for_file
+from p2pfm.swarm import SwarmOptions, plan_swarm
 
 TIME_CAP = "stopped at the time cap"
 ERROR_TAIL_LINES = 15  # of each process's log, appended to a variant's error
@@ -105,7 +105,8 @@ def _model_flags(model: GPTConfig) -> list[str]:
 
 
 def _watched(launcher: Launcher, sampler: ProcessSampler) -> Launcher:
-    """``launcher``, with the sampler watching each process's group from its start."""
+    """``launcher``, with the sampler watching each process's group from its start (the first
+    peer's too, before it is ready: its start-up CPU and p2pd bytes count)."""
     def start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         process = launcher(argv, log, env)
         sampler.watch(process.pid)
