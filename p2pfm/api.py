@@ -108,7 +108,6 @@ class GossipOptimizer:
         atexit.register(self.shutdown)
         self._steps_in_round = 0
         self._round_started = time.perf_counter()
-        self._compute = 0.0
         self._losses: list[float] = []
         self._closed = False
 
@@ -144,9 +143,7 @@ class GossipOptimizer:
 
     def step(self, loss: float | None = None) -> bool:
         """One inner step; returns True when it also completed a gossip round."""
-        started = time.perf_counter()
         self.optimizer.step()
-        self._compute += time.perf_counter() - started
         self._steps_in_round += 1
         self._adapter.steps_done += 1
         self._adapter.samples_seen += self.samples_per_step

@@ -1,10 +1,10 @@
 """A local swarm: N real peer processes on loopback, watched, summarized and plotted.
 
 Each peer is a separate ``p2pfm peer`` process in its own process group (hivemind forks a
-DHT process and a ``p2pd`` daemon: killing the group leaves no orphans). The first peer
-starts the swarm; the others join through its address, after which no peer is special.
-Peers share the machine's cores: each gets ``cores // N`` torch threads so that they do not
-fight over them.
+DHT process and a ``p2pd`` daemon: killing the group leaves no orphans; :mod:`p2pfm.procs`).
+The first peer starts the swarm; the others join through its address, after which no peer
+is special. Peers share the machine's cores: each gets ``cores // N`` torch threads so that
+they do not fight over them.
 
 Used by ``p2pfm swarm``, by the integration tests (start, SIGKILL, restart, late joiners)
 and by the benchmarks.
@@ -30,6 +30,7 @@ from p2pfm.core.gossip import consensus_distance
 from p2pfm.core.tensorfile import unpack_arrays
 from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
 from p2pfm.daemon.metrics import read_metrics
+from p2pfm.procs import Launcher, child_env, kill_group, launch, signal_group
 
 
 @dataclass
@@ -42,19 +43,20 @@ class PeerProcess:
     env: dict[str, str]
     process: subprocess.Popen | None = None
     terminating: bool = False
+    launcher: Launcher = launch  # bench compare --shaped: one that starts the peer inside a network namespace
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_path = self.work_dir / "peer.log"
 
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "p2pfm", "peer", *self.args]
+
     def start(self) -> None:
         self.terminating = False
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "p2pfm", "peer", *self.args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env,
-        )
+        self.process = self.launcher(self.argv, self.log_path, self.env)
 
     @property
     def alive(self) -> bool:
@@ -70,18 +72,13 @@ class PeerProcess:
         return read_metrics(self.work_dir / "metrics.jsonl")
 
     def signal_group(self, sig: int) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
+        if self.process is not None:
+            signal_group(self.process, sig)
 
     def kill(self) -> None:
         """Crash: SIGKILL the whole process group (peer, DHT child, p2pd)."""
-        self.signal_group(signal.SIGKILL)
         if self.process is not None:
-            self.process.wait()
+            kill_group(self.process)
 
     def terminate(self) -> None:
         """Ask for a graceful leave (SIGTERM), once: a second signal during shutdown would kill it."""
@@ -113,13 +110,6 @@ class PeerProcess:
                 raise PeerFailed.of(self, rounds=None)
             time.sleep(0.2)
         raise TimeoutError(f"peer {self.index} not ready after {timeout:.0f} s; see {self.log_path}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def error_excerpt(log_text: str, lines: int = 12, max_traceback_lines: int = 40) -> str:
@@ -232,11 +222,7 @@ class LocalSwarm:
         self.run_id = run_id
         self.peers: list[PeerProcess] = []
         self.bootstrap: str | None = None
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        # One BLAS/OpenMP pool per peer, sized like torch's: no oversubscription.
-        env["OMP_NUM_THREADS"] = str(threads_per_peer)
-        self.env = env
+        self.env = child_env(threads_per_peer)
 
     def add_peer(self, *, shard: int, num_shards: int, extra: list[str] | None = None) -> PeerProcess:
         index = len(self.peers)

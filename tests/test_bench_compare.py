@@ -14,16 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pfm.bench.compare import (
-    ALL_VARIANTS,
-    CompareConfig,
-    Point,
-    VariantRun,
-    default_target,
-    format_table,
-    quick_config,
-    summarize_runs,
-)
+from p2pfm.bench.compare_config import ALL_VARIANTS, CompareConfig, quick_config
+from p2pfm.bench.compare_report import default_target, format_table, summarize_runs
+from p2pfm.bench.compare_variants import Point, VariantRun
 from p2pfm.config import ConfigError
 
 REQUIRED_KEYS = {"variant", "final_eval_loss", "time_to_target_s", "bytes_sent", "bits_per_param_per_round"}

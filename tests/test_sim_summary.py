@@ -4,7 +4,6 @@ import csv
 import json
 import math
 
-from p2pfm.sim.report import comparison_table
 from p2pfm.sim.run import run_scenario, simulate
 from p2pfm.sim.scenario import scenario_from_dict
 from p2pfm.sim.sweep import common_round, sweep_table
@@ -70,20 +69,6 @@ def test_no_measured_loss_at_all_gives_null_figures_and_says_why(tmp_path):
     assert summary["final_loss"] is None and summary["final_loss_round"] is None
     assert summary["consensus_distance"] is None and summary["final_is_last_round"] is False
     assert "no loss was measured" in summary["note"]
-
-
-def test_comparison_table_refuses_to_compare_losses_from_different_rounds(tmp_path):
-    """The loss change vs a baseline is printed only between losses measured at the same round."""
-    gone = run_scenario(trace_scenario(tmp_path, ends_at=ROUNDS * ROUND_S))
-    stay = run_scenario(trace_scenario(tmp_path, ends_at=100.0))
-    gone["scenario"], stay["scenario"] = "gone", "stay"
-    table = comparison_table([stay, gone], baseline="stay")
-    stay_line, gone_line = (line for line in table.splitlines() if line.startswith(("| stay", "| gone")))
-    assert "| 16/16 | +0.00% |" in stay_line
-    assert "| 13/16 | n/a (round 13 vs 16) |" in gone_line
-    assert "gone: no peer was online" in table
-    same = dict(stay, scenario="later", final_loss=stay["final_loss"] * 1.1)
-    assert "| 16/16 | +10.00% |" in comparison_table([stay, same], baseline="stay")
 
 
 def test_sweep_compares_points_at_the_last_round_they_all_measured():

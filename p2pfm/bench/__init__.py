@@ -5,7 +5,11 @@ Map:
                    verify+decode throughput, and reconstruction error for every codec.
 - ``swarm.py``     a real local swarm: bits/param/round, share of round time in compute,
                    gossip and eval, and efficiency against one process on the same machine.
-- ``compare.py``   p2pfm beside p2pfm-uncompressed, hivemind.Optimizer, DDP and one process;
-                   ``compare_common.py`` (shared pieces), ``compare_ddp.py`` and
-                   ``compare_hivemind.py`` (worker processes, one per rank/peer).
+- ``compare.py``   p2pfm beside p2pfm-uncompressed, hivemind.Optimizer, DDP and one process,
+                   run back to back. Its parts: ``compare_config.py`` (settings),
+                   ``compare_variants.py`` (start one variant's processes, read its curve),
+                   ``sampler.py`` (CPU and p2pd bytes of process groups, from /proc),
+                   ``compare_report.py`` (rows, table, plot). Worker processes, one per
+                   rank/peer: ``compare_ddp.py``, ``compare_hivemind.py``, sharing
+                   ``compare_common.py``.
 """

@@ -96,7 +96,7 @@ def register_compare(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     parser.add_argument("--shaped", action="store_true",
                         help="root only: run p2pfm and ddp with each process in its own network namespace, "
-                        "links shaped to 50 Mbit/s and 30 ms (tests/deploy/netns.py)")
+                        "links shaped to 50 Mbit/s and 30 ms (p2pfm/netlab)")
     parser.add_argument("--time-cap", type=float, default=None,
                         help="stop each variant after this many seconds and report what it reached (default: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"),
@@ -108,7 +108,9 @@ def register_compare(bench_subparsers: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     import json
 
-    from p2pfm.bench.compare import config_from_args, format_table, run_compare
+    from p2pfm.bench.compare import run_compare
+    from p2pfm.bench.compare_config import config_from_args
+    from p2pfm.bench.compare_report import format_table
 
     config = config_from_args(args)
     result = run_compare(config, progress=not args.json)

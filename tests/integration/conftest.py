@@ -38,7 +38,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, peers: li
         if condition():
             return
         time.sleep(0.3)
-    from p2pfm.swarm import tail
+    from p2pfm.procs import tail
 
     logs = "\n".join(f"--- peer {p.index} ---\n{tail(p.log_path, 15)}" for p in peers)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")

@@ -4,11 +4,13 @@ Some kernels (this machine's among them) are built without ``sch_netem``. They s
 NFQUEUE: iptables hands every packet's *metadata* to this process, which answers ACCEPT
 after the configured delay (a heap of due times) or DROP with the configured probability.
 The packets themselves stay in the kernel, so the cost is two small netlink messages per
-packet. Rate limits are the kernel's ``tbf`` qdisc (see :mod:`netns`).
+packet. Rate limits are the kernel's ``tbf`` qdisc (see :mod:`p2pfm.netlab.netns`).
 
 Run inside the namespace whose traffic it shapes (netlink queues are per namespace)::
 
-    python linkemu.py --queue 0 --delay-ms 25 --loss-pct 0.5 --seed 1
+    python p2pfm/netlab/linkemu.py --queue 0 --delay-ms 25 --loss-pct 0.5 --seed 1
+
+It imports nothing but the standard library, so that it runs by path from any directory.
 
 with rules such as ``iptables -t mangle -A OUTPUT -o eth0 -j NFQUEUE --queue-num 0
 --queue-bypass`` (bypass: if this process dies, packets pass undelayed, never stall).
