@@ -81,6 +81,15 @@ class AggregationRule(ABC):
             return own / denominator(0, expected_received) if expected_received is not None else own.copy()
         return self.merge(own, received, expected_received)
 
+    def drain(self, received: Sequence[np.ndarray], expected_received: int | None = None) -> np.ndarray:
+        """Updates that arrived after our last round, combined without an update of our own.
+
+        By default :meth:`combine` with a zero update of ours; a rule that needs our own update
+        as an anchor overrides this (``clipped_mean``: nothing to clip around, so a plain mean).
+        ``received`` holds at least one update.
+        """
+        return self.combine(np.zeros_like(received[0]), received, expected_received)
+
     @abstractmethod
     def merge(
         self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
@@ -149,6 +158,10 @@ class ClippedMean(AggregationRule):
     name: ClassVar[str] = "clipped_mean"
     parameters: ClassVar[tuple[str, ...]] = ("clip_multiplier",)
     clip_multiplier: float = 2.0
+
+    def drain(self, received: Sequence[np.ndarray], expected_received: int | None = None) -> np.ndarray:
+        """No update of ours to clip around: the plain sum-preserving mean."""
+        return np.sum(received, axis=0) / denominator(len(received), expected_received)
 
     def merge(
         self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None

@@ -281,10 +281,7 @@ class GossipLearner:
         received = [self._inbox[k] for k in sorted(self._inbox)]
         self._inbox.clear()
         if received:
-            combined = aggregate(np.zeros_like(self.params), received, self.config, expected_received)
-            if self.config.aggregation == "clipped_mean":  # nothing of ours to clip around: plain mean
-                count = len(received) if expected_received is None else max(expected_received, 0)
-                combined = np.sum(received, axis=0) / (1 + count)
+            combined = rule_for(self.config).drain(received, expected_received)
             self.params = (self.params - self.config.outer_lr * combined).astype(np.float32)
         return self.params.copy(), len(received)
 
