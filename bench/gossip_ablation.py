@@ -42,8 +42,16 @@ def run(variant: str, peers: int, rounds: int, seed: int) -> dict:
     trainers, learners = [], []
     for index in range(peers):
         dataset = ByteDataset(None, ShardSpec(index, peers), block_size=model_config.block_size)
-        trainer = LocalTrainer(build_model(model_config, seed), dataset, lr=3e-3, weight_decay=0.0,
-                               batch_size=16, seed=seed * 1000 + index, eval_batches=4, eval_batch_size=16)
+        trainer = LocalTrainer(
+            build_model(model_config, seed),
+            dataset,
+            lr=3e-3,
+            weight_decay=0.0,
+            batch_size=16,
+            seed=seed * 1000 + index,
+            eval_batches=4,
+            eval_batch_size=16,
+        )
         trainers.append(trainer)
         learners.append(GossipLearner(trainer.flat(), config))
     ids = [f"peer{i}" for i in range(peers)]
@@ -69,13 +77,23 @@ def run(variant: str, peers: int, rounds: int, seed: int) -> dict:
                 learner.mix_with(learners[ids.index(partner)].params, learners[ids.index(partner)].round)
                 trainers[i].load_flat(learner.params)
         losses = [t.evaluate() for t in trainers]
-        history.append({"round": round_index + 1, "eval_loss": float(np.mean(losses)),
-                        "consensus": consensus_distance([lr.params for lr in learners])})
+        history.append(
+            {
+                "round": round_index + 1,
+                "eval_loss": float(np.mean(losses)),
+                "consensus": consensus_distance([lr.params for lr in learners]),
+            }
+        )
         print(variant, history[-1], f"{time.time() - start:.0f}s", flush=True)
     numel = learners[0].numel
-    return {"variant": variant, "final_eval_loss": history[-1]["eval_loss"], "consensus_distance": history[-1]["consensus"],
-            "bits_per_param_per_round": 8 * bytes_sent / (numel * peers * rounds), "history": history,
-            "config": dataclasses.asdict(config)}
+    return {
+        "variant": variant,
+        "final_eval_loss": history[-1]["eval_loss"],
+        "consensus_distance": history[-1]["consensus"],
+        "bits_per_param_per_round": 8 * bytes_sent / (numel * peers * rounds),
+        "history": history,
+        "config": dataclasses.asdict(config),
+    }
 
 
 def main() -> None:
@@ -89,8 +107,10 @@ def main() -> None:
     torch.set_num_threads(1)
     results = [run(v, args.peers, args.rounds, args.seed) for v in args.variants.split(",")]
     for r in results:
-        print(f"{r['variant']:>14}  loss {r['final_eval_loss']:.4f}  consensus {r['consensus_distance']:.2e}  "
-              f"bits/param/round {r['bits_per_param_per_round']:.3f}")
+        print(
+            f"{r['variant']:>14}  loss {r['final_eval_loss']:.4f}  consensus {r['consensus_distance']:.2e}  "
+            f"bits/param/round {r['bits_per_param_per_round']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

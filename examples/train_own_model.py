@@ -37,8 +37,22 @@ def start_second_peer(maddr: str, steps: int, work_dir: Path) -> None:
 
     It stays in our process group, so whoever stops us (Ctrl-C, a test's kill of the group)
     stops it too; and we stop it ourselves on every exit path (see ``main``)."""
-    CHILDREN.append(subprocess.Popen([sys.executable, __file__, "--initial-peers", maddr, "--shard", "1",
-                                      "--steps", str(steps), "--work-dir", str(work_dir)]))
+    CHILDREN.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--initial-peers",
+                maddr,
+                "--shard",
+                "1",
+                "--steps",
+                str(steps),
+                "--work-dir",
+                str(work_dir),
+            ]
+        )
+    )
 
 
 def stop_children() -> None:
@@ -52,7 +66,9 @@ def stop_children() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--initial-peers", nargs="*", default=[])
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300)
@@ -79,9 +95,15 @@ def train(args: argparse.Namespace) -> int:
             return float(torch.nn.functional.mse_loss(model(x_eval), y_eval))
 
     optimizer = GossipOptimizer(
-        model, torch.optim.Adam(model.parameters(), lr=3e-3), run_id="example-regression",
-        initial_peers=args.initial_peers, inner_steps=10, key=work_dir / f"peer{args.shard}.key",
-        work_dir=work_dir / f"peer{args.shard}", samples_per_step=64, evaluate_fn=evaluate,
+        model,
+        torch.optim.Adam(model.parameters(), lr=3e-3),
+        run_id="example-regression",
+        initial_peers=args.initial_peers,
+        inner_steps=10,
+        key=work_dir / f"peer{args.shard}.key",
+        work_dir=work_dir / f"peer{args.shard}",
+        samples_per_step=64,
+        evaluate_fn=evaluate,
         # Both peers wait for each other: neither trains before the other can hear it, so
         # gossip crosses both ways whatever the machines' speeds.
         min_peers=2,
@@ -95,8 +117,10 @@ def train(args: argparse.Namespace) -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(loss=loss.item())
-    print(f"peer {args.shard}: eval MSE on the other shard after {optimizer.round} rounds: {evaluate():.4f}",
-          flush=True)
+    print(
+        f"peer {args.shard}: eval MSE on the other shard after {optimizer.round} rounds: {evaluate():.4f}",
+        flush=True,
+    )
     optimizer.shutdown()
     return CHILDREN[0].wait() if CHILDREN else 0
 

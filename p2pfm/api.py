@@ -43,8 +43,12 @@ from p2pfm.daemon.trainer import ModelAdapter, StepStats
 class _UserModel(ModelAdapter):
     """The user's model and optimizer; evaluation is theirs to provide (or NaN)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 evaluate_fn: Callable[[], float] | None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        evaluate_fn: Callable[[], float] | None,
+    ) -> None:
         super().__init__(model, optimizer)
         self.evaluate_fn = evaluate_fn
 
@@ -81,9 +85,14 @@ class GossipOptimizer:
         ``config`` overrides everything else when given (full control over every knob)."""
         if config is None:
             config = PeerConfig(
-                key=Path(key) if key is not None else Path(work_dir) / "peer.key", work_dir=Path(work_dir), run_id=run_id, min_peers=min_peers,
+                key=Path(key) if key is not None else Path(work_dir) / "peer.key",
+                work_dir=Path(work_dir),
+                run_id=run_id,
+                min_peers=min_peers,
                 gossip=GossipConfig(inner_steps=inner_steps, fanout=fanout, codec=codec or CodecSpec()),
-                net=NetConfig(listen=tuple(listen), announce=tuple(announce), initial_peers=tuple(initial_peers)),
+                net=NetConfig(
+                    listen=tuple(listen), announce=tuple(announce), initial_peers=tuple(initial_peers)
+                ),
             )
             config = replace(config, train=replace(config.train, eval_every=1 if evaluate_fn else 0))
         self.model = model
@@ -152,7 +161,8 @@ class GossipOptimizer:
         if self._steps_in_round < self.config.gossip.inner_steps:
             return False
         stats = StepStats(
-            steps=self._steps_in_round, samples=self._steps_in_round * self.samples_per_step,
+            steps=self._steps_in_round,
+            samples=self._steps_in_round * self.samples_per_step,
             mean_loss=sum(self._losses) / len(self._losses) if self._losses else float("nan"),
             compute_seconds=time.perf_counter() - self._round_started,
         )

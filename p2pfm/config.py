@@ -120,9 +120,7 @@ def build_config(cls: type[T], values: Mapping[str, Any], *, where: str = "") ->
             f"unknown config key{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(prefix + k for k in unknown)} (known: {', '.join(sorted(fields))})"
         )
-    kwargs = {
-        name: _check_type(value, hints[name], prefix + name) for name, value in values.items()
-    }
+    kwargs = {name: _check_type(value, hints[name], prefix + name) for name, value in values.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # missing required fields

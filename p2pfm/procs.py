@@ -38,8 +38,9 @@ def launch(argv: Sequence[str], log: Path, env: Mapping[str, str]) -> subprocess
     """Start ``argv`` in a new session (its own process group), stdout and stderr appended to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as handle:  # the child keeps its own descriptor
-        return subprocess.Popen(list(argv), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(env))
+        return subprocess.Popen(
+            list(argv), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=dict(env)
+        )
 
 
 def signal_group(process: subprocess.Popen, sig: int) -> None:

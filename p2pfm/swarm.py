@@ -117,7 +117,9 @@ def error_excerpt(log_text: str, lines: int = 12, max_traceback_lines: int = 40)
     traceback when one ends there, so that the user sees the error without opening peer.log."""
     all_lines = log_text.rstrip().splitlines()
     start = max(0, len(all_lines) - lines)
-    tracebacks = [i for i, line in enumerate(all_lines) if line.startswith("Traceback (most recent call last)")]
+    tracebacks = [
+        i for i, line in enumerate(all_lines) if line.startswith("Traceback (most recent call last)")
+    ]
     if tracebacks and len(all_lines) - max_traceback_lines <= tracebacks[-1] < start:
         start = tracebacks[-1]
     return "\n".join(all_lines[start:])
@@ -142,8 +144,11 @@ class PeerFailed(RuntimeError):
         status = peer.status()
         if status.get("pid") != getattr(peer.process, "pid", None):  # left by an earlier run of this peer
             status = {}
-        at = f"during round {int(status.get('round', 0)) + 1}" if status.get("state") not in (None, "joining") \
+        at = (
+            f"during round {int(status.get('round', 0)) + 1}"
+            if status.get("state") not in (None, "joining")
             else "at start-up"
+        )
         if code is None:
             reason = f"is not running ({at})"
         elif code < 0:
@@ -199,8 +204,13 @@ def swarm_phase(statuses: Sequence[Mapping[str, Any]], peers: int) -> str:
     joining = [s for s in online if s.get("state") not in FINISHED_STATES]
     if len(online) >= peers and not joining:
         return "training" if any(s.get("state") == "training" for s in online) else "finishing"
-    quorums = [q for s in joining if isinstance(q := s.get("quorum"), Mapping)
-               and isinstance(q.get("have"), int) and isinstance(q.get("need"), int)]
+    quorums = [
+        q
+        for s in joining
+        if isinstance(q := s.get("quorum"), Mapping)
+        and isinstance(q.get("have"), int)
+        and isinstance(q.get("need"), int)
+    ]
     if not quorums:
         return f"waiting for peers {len(online)}/{peers}"
     have, need = min(q["have"] for q in quorums), max(q["need"] for q in quorums)
@@ -228,9 +238,20 @@ class LocalSwarm:
         index = len(self.peers)
         work_dir = self.out_dir / f"peer-{index}"
         args = [
-            "--work-dir", str(work_dir), "--key", str(work_dir / "peer.key"), "--run-id", self.run_id,
-            "--threads", str(self.threads_per_peer), "--shard", str(shard), "--num-shards", str(num_shards),
-            *self.peer_args, *(extra or []),
+            "--work-dir",
+            str(work_dir),
+            "--key",
+            str(work_dir / "peer.key"),
+            "--run-id",
+            self.run_id,
+            "--threads",
+            str(self.threads_per_peer),
+            "--shard",
+            str(shard),
+            "--num-shards",
+            str(num_shards),
+            *self.peer_args,
+            *(extra or []),
         ]
         if self.bootstrap:
             args += ["--initial-peers", self.bootstrap]
@@ -291,7 +312,9 @@ def final_params(work_dir: Path) -> np.ndarray | None:
     return arrays.get("params")
 
 
-def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: list[int] | None = None) -> dict[str, Any]:
+def summarize(
+    peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: list[int] | None = None
+) -> dict[str, Any]:
     """The swarm's ``summary.json`` from the peers' metrics files and final checkpoints."""
     per_peer, initial, params, bytes_sent, update_bytes, rejected, rounds = {}, [], [], 0, 0, {}, 0
     numel, sync_bytes, peer_rounds = 0, 0, 0
@@ -331,7 +354,9 @@ def summarize(peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: li
             if alive_at_end is None or peer.index in alive_at_end:
                 evaluated = [r for r in records if r.get("event") in ("round", "drain") and "eval_loss" in r]
                 loss = evaluated[-1]["eval_loss"]
-                per_peer[str(peer.index)] = loss if loss is not None and np.isfinite(loss) else None  # JSON has no NaN
+                per_peer[str(peer.index)] = (
+                    loss if loss is not None and np.isfinite(loss) else None
+                )  # JSON has no NaN
         vector = final_params(peer.work_dir)
         if vector is not None and (alive_at_end is None or peer.index in alive_at_end):
             params.append(vector)
@@ -419,8 +444,15 @@ def plan_swarm(options: SwarmOptions) -> LocalSwarm:
         raise ConfigError(f"--out: {out} is not empty; choose a new directory (runs are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     threads = options.threads_per_peer or max(1, (os.cpu_count() or 1) // options.peers)
-    peer_args = ["--rounds", str(options.rounds), "--seed", str(options.seed), "--min-peers", str(options.peers),
-                 *options.peer_args]
+    peer_args = [
+        "--rounds",
+        str(options.rounds),
+        "--seed",
+        str(options.seed),
+        "--min-peers",
+        str(options.peers),
+        *options.peer_args,
+    ]
     swarm = LocalSwarm(out, peer_args, threads_per_peer=threads, run_id=options.run_id)
     for index in range(options.peers):
         swarm.add_peer(shard=index, num_shards=options.peers)
@@ -444,13 +476,18 @@ def drive_swarm(swarm: LocalSwarm, options: SwarmOptions) -> dict[str, Any]:
             for peer in swarm.peers:
                 swarm.start_peer(peer, wait=peer is swarm.peers[0])
             name = f"swarm of {len(swarm.peers)}"
-            bar = tqdm(total=options.rounds, desc=f"{name}: starting", unit="round", disable=not options.progress)
+            bar = tqdm(
+                total=options.rounds, desc=f"{name}: starting", unit="round", disable=not options.progress
+            )
             with bar:
                 done, phase = 0, ""
                 while any(p.alive for p in swarm.peers):
                     failure = first_failure(swarm.peers, options.rounds)
                     if failure is not None:
-                        bar.write(f"peer {failure.index} {failure.reason}; stopping the other peers", file=sys.stderr)
+                        bar.write(
+                            f"peer {failure.index} {failure.reason}; stopping the other peers",
+                            file=sys.stderr,
+                        )
                         swarm.stop_all(timeout=FAILURE_GRACE_S)
                         raise failure
                     statuses = [p.status() for p in swarm.peers]

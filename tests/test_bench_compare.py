@@ -22,12 +22,30 @@ from p2pfm.config import ConfigError
 REQUIRED_KEYS = {"variant", "final_eval_loss", "time_to_target_s", "bytes_sent", "bits_per_param_per_round"}
 
 
-def _run(variant: str, losses: list[float], *, bytes_sent: float = 0.0, payload: float = 0.0,
-         rounds: float | None = None, processes: int = 2) -> VariantRun:
-    points = [Point(t=10.0 * i, eval_loss=loss, samples_per_peer=80 * i, payload_bytes=payload * i / len(losses))
-              for i, loss in enumerate(losses)]
-    return VariantRun(variant=variant, points=points, wall_s=10.0 * len(losses), cpu_s=5.0, bytes_sent=bytes_sent,
-                      payload_bytes=payload, comm_rounds=rounds, params=1000, processes=processes)
+def _run(
+    variant: str,
+    losses: list[float],
+    *,
+    bytes_sent: float = 0.0,
+    payload: float = 0.0,
+    rounds: float | None = None,
+    processes: int = 2,
+) -> VariantRun:
+    points = [
+        Point(t=10.0 * i, eval_loss=loss, samples_per_peer=80 * i, payload_bytes=payload * i / len(losses))
+        for i, loss in enumerate(losses)
+    ]
+    return VariantRun(
+        variant=variant,
+        points=points,
+        wall_s=10.0 * len(losses),
+        cpu_s=5.0,
+        bytes_sent=bytes_sent,
+        payload_bytes=payload,
+        comm_rounds=rounds,
+        params=1000,
+        processes=processes,
+    )
 
 
 def test_default_target_is_five_percent_above_single():
@@ -92,9 +110,22 @@ def test_quick_config_rounds_match_samples_per_peer():
 def _compare(tmp_path: Path, variants: str, timeout: float) -> tuple[list[dict], dict]:
     out = tmp_path / "compare"
     result = subprocess.run(
-        [sys.executable, "-m", "p2pfm", "bench", "compare", "--quick", "--json", "--variants", variants,
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "p2pfm",
+            "bench",
+            "compare",
+            "--quick",
+            "--json",
+            "--variants",
+            variants,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(result.stdout)
@@ -133,4 +164,7 @@ def test_quick_compare_every_variant(tmp_path, request):
     # DDP on n ranks is the same arithmetic as one process on the n shards' batch.
     assert by_name["ddp"]["final_eval_loss"] == pytest.approx(by_name["single"]["final_eval_loss"], abs=2e-3)
     assert by_name["ddp"]["bits_per_param_per_round"] == pytest.approx(32.0)
-    assert by_name["p2pfm"]["bits_per_param_per_round"] < by_name["p2pfm-uncompressed"]["bits_per_param_per_round"]
+    assert (
+        by_name["p2pfm"]["bits_per_param_per_round"]
+        < by_name["p2pfm-uncompressed"]["bits_per_param_per_round"]
+    )

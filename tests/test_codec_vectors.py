@@ -57,7 +57,11 @@ def test_vectors_cover_accepts_and_every_codec_reject_reason():
 def test_generator_regenerates_vectors_byte_identically(tmp_path):
     """Running the generator into a fresh folder reproduces every committed file exactly."""
     load_generator().write_vectors(tmp_path)
-    fresh = {p.relative_to(tmp_path / "codecs"): p.read_bytes() for p in (tmp_path / "codecs").rglob("*") if p.is_file()}
+    fresh = {
+        p.relative_to(tmp_path / "codecs"): p.read_bytes()
+        for p in (tmp_path / "codecs").rglob("*")
+        if p.is_file()
+    }
     committed = {p.relative_to(CASES_DIR): p.read_bytes() for p in CASES_DIR.rglob("*") if p.is_file()}
     assert sorted(map(str, fresh)) == sorted(map(str, committed))
     assert [str(p) for p in fresh if fresh[p] != committed[p]] == []
@@ -78,7 +82,11 @@ def test_accept_vector_decodes_wire_to_expected_vector(case):
     """decode(wire.hex) equals decoded.json bit for bit (signed zeros included)."""
     context = read_json(case, "context.json")
     assert read_json(case, "expected.json")["outcome"] == "accept"
-    y = decode(msgpack.unpackb(read_wire(case), raw=False), expected_numel=context["expected_numel"], max_numel=context["max_numel"])
+    y = decode(
+        msgpack.unpackb(read_wire(case), raw=False),
+        expected_numel=context["expected_numel"],
+        max_numel=context["max_numel"],
+    )
     expected = np.array(read_json(case, "decoded.json"), np.float32)
     assert y.tobytes() == expected.tobytes()
 
@@ -91,5 +99,9 @@ def test_reject_vector_raises_its_reason(case):
     assert expected["outcome"] == "reject"
     reject = REJECT_TYPES[RejectReason(expected["reason"])]
     with pytest.raises(reject) as info:
-        decode(msgpack.unpackb(read_wire(case), raw=False), expected_numel=context["expected_numel"], max_numel=context["max_numel"])
+        decode(
+            msgpack.unpackb(read_wire(case), raw=False),
+            expected_numel=context["expected_numel"],
+            max_numel=context["max_numel"],
+        )
     assert type(info.value) is reject

@@ -156,7 +156,9 @@ def test_int8_error_within_absmax_over_254(block, x):
     assert (err <= int8_bound(blockwise_absmax(x, block))).all()
 
 
-@pytest.mark.parametrize("scale", [0.0, 1e-45, 1e-40, 1e-37, 1e-30, 1.0, 1e30, 3.4e38, float(np.finfo(np.float32).max)])
+@pytest.mark.parametrize(
+    "scale", [0.0, 1e-45, 1e-40, 1e-37, 1e-30, 1.0, 1e30, 3.4e38, float(np.finfo(np.float32).max)]
+)
 def test_int8_handles_zero_tiny_and_huge_blocks(scale):
     """Zero, subnormal and near-FLT_MAX magnitudes stay finite and within the bound."""
     rng = np.random.default_rng(1)
@@ -632,7 +634,11 @@ def reject_cases():
         ("numel_bool", mutate(w["none"], numel=True), errors.SchemaViolation),
         ("numel_negative", mutate(w["none"], numel=-1), errors.SchemaViolation),
         ("values_str", mutate(w["none"], values="abc"), errors.SchemaViolation),
-        ("values_bytearray", mutate(w["none"], values=bytearray(w["none"]["values"])), errors.SchemaViolation),
+        (
+            "values_bytearray",
+            mutate(w["none"], values=bytearray(w["none"]["values"])),
+            errors.SchemaViolation,
+        ),
         ("value_bits_bad", mutate(w["topk8"], value_bits=4), errors.SchemaViolation),
         ("value_bits_16_with_scales", mutate(w["topk8"], value_bits=16), errors.SchemaViolation),
         ("block_zero", mutate(w["int8"], block=0), errors.SchemaViolation),
@@ -645,20 +651,46 @@ def reject_cases():
         ("int8_values_short", mutate(w["int8"], values=w["int8"]["values"][:-1]), errors.ShapeMismatch),
         ("topk_k_zero", mutate(w["topk8"], k=0), errors.ShapeMismatch),
         ("topk_k_above_numel", mutate(w["topk8"], k=n + 1), errors.ShapeMismatch),
-        ("topk_k_mismatch", mutate(w["topk16"], k=k - 1, values=w["topk16"]["values"][:-2]), errors.ShapeMismatch),
+        (
+            "topk_k_mismatch",
+            mutate(w["topk16"], k=k - 1, values=w["topk16"]["values"][:-2]),
+            errors.ShapeMismatch,
+        ),
         ("topk_values_short", mutate(w["topk16"], values=w["topk16"]["values"][:-2]), errors.ShapeMismatch),
         ("topk_indices_too_long", mutate(w["topk16"], indices=b"\x01" * (5 * k + 1)), errors.ShapeMismatch),
-        ("topk_out_of_bounds", mutate(w["topk16"], indices=b"\x00" + b"\x01" * (k - 2) + varint_encode(np.array([n], np.uint64))), errors.BadIndex),
+        (
+            "topk_out_of_bounds",
+            mutate(
+                w["topk16"], indices=b"\x00" + b"\x01" * (k - 2) + varint_encode(np.array([n], np.uint64))
+            ),
+            errors.BadIndex,
+        ),
         ("topk_duplicate", mutate(w["topk16"], indices=b"\x00" * k), errors.BadIndex),
         ("topk_truncated", mutate(w["topk16"], indices=b"\x01" * (k - 1) + b"\x81"), errors.BadIndex),
         ("topk_overlong", mutate(w["topk16"], indices=b"\x01" * (k - 1) + b"\x81\x00"), errors.BadIndex),
-        ("topk_overflow", mutate(w["topk16"], indices=b"\x01" * (k - 1) + b"\xff" * 5 + b"\x01"), errors.BadIndex),
+        (
+            "topk_overflow",
+            mutate(w["topk16"], indices=b"\x01" * (k - 1) + b"\xff" * 5 + b"\x01"),
+            errors.BadIndex,
+        ),
         ("none_nan", mutate(w["none"], values=NAN32 + w["none"]["values"][4:]), errors.NonFinite),
         ("fp16_inf", mutate(w["fp16"], values=INF16 + w["fp16"]["values"][2:]), errors.NonFinite),
         ("int8_nan_scale", mutate(w["int8"], scales=NAN32 + w["int8"]["scales"][4:]), errors.NonFinite),
-        ("int8_huge_scale", mutate(w["int8"], scales=np.array([3e38], "<f4").tobytes() + w["int8"]["scales"][4:]), errors.NonFinite),
-        ("int8_negative_scale", mutate(w["int8"], scales=np.array([-1.0], "<f4").tobytes() + w["int8"]["scales"][4:]), errors.SchemaViolation),
-        ("int8_minus_128", mutate(w["int8"], values=b"\x80" + w["int8"]["values"][1:]), errors.SchemaViolation),
+        (
+            "int8_huge_scale",
+            mutate(w["int8"], scales=np.array([3e38], "<f4").tobytes() + w["int8"]["scales"][4:]),
+            errors.NonFinite,
+        ),
+        (
+            "int8_negative_scale",
+            mutate(w["int8"], scales=np.array([-1.0], "<f4").tobytes() + w["int8"]["scales"][4:]),
+            errors.SchemaViolation,
+        ),
+        (
+            "int8_minus_128",
+            mutate(w["int8"], values=b"\x80" + w["int8"]["values"][1:]),
+            errors.SchemaViolation,
+        ),
         ("topk8_nan_scale", mutate(w["topk8"], scales=NAN32 + w["topk8"]["scales"][4:]), errors.NonFinite),
         ("topk16_inf", mutate(w["topk16"], values=INF16 + w["topk16"]["values"][2:]), errors.NonFinite),
     ]
@@ -753,7 +785,9 @@ def test_bench_codecs_cli_prints_json_rows_for_every_codec():
     assert [row["codec"] for row in rows] == ["none", "fp16", "int8", "topk-int8", "topk-fp16"]
     for row in rows:
         assert {"codec", "bits_per_param", "encode_mb_s", "decode_mb_s", "rel_error"} <= set(row)
-        assert all(math.isfinite(row[key]) for key in ("bits_per_param", "encode_mb_s", "decode_mb_s", "rel_error"))
+        assert all(
+            math.isfinite(row[key]) for key in ("bits_per_param", "encode_mb_s", "decode_mb_s", "rel_error")
+        )
     by_codec = {row["codec"]: row for row in rows}
     assert by_codec["none"]["rel_error"] == 0.0
     assert by_codec["topk-int8"]["bits_per_param"] <= 0.5

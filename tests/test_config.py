@@ -200,8 +200,16 @@ def test_load_toml_reads_tables(tmp_path):
 def test_config_to_dict_round_trips_through_build_config():
     """config_to_dict gives plain values (str paths, lists) that rebuild the same config."""
     config = Outer(
-        name="n", count=9, rate=0.25, enabled=True, mode="slow", path=Path("p/q"), maybe=Path("m"),
-        tags=("a", "b"), sizes=[3], inner=Inner(depth=2, ratio=0.1),
+        name="n",
+        count=9,
+        rate=0.25,
+        enabled=True,
+        mode="slow",
+        path=Path("p/q"),
+        maybe=Path("m"),
+        tags=("a", "b"),
+        sizes=[3],
+        inner=Inner(depth=2, ratio=0.1),
     )
     plain = config_to_dict(config)
     assert plain["path"] == "p/q" and plain["maybe"] == "m"

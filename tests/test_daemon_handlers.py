@@ -62,17 +62,33 @@ def runtime(tmp_path: Path) -> PeerRuntime:
     model = torch.nn.Linear(4, 2)
     trainer = ModelAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1))
     identity = Identity.generate()
-    protocol = PeerProtocol(PeerSetup(identity=identity, run_id=RUN, gossip=config.gossip,
-                                      limits=EnvelopeLimits(max_bytes=config.net.max_message_bytes)), trainer.flat())
-    rt = PeerRuntime(config=config, protocol=protocol, trainer=trainer, net=PeerNetwork(config.net, identity, RUN),
-                     metrics=MetricsLog(config.work_dir), shard_index=0, rng=np.random.default_rng(0))
+    protocol = PeerProtocol(
+        PeerSetup(
+            identity=identity,
+            run_id=RUN,
+            gossip=config.gossip,
+            limits=EnvelopeLimits(max_bytes=config.net.max_message_bytes),
+        ),
+        trainer.flat(),
+    )
+    rt = PeerRuntime(
+        config=config,
+        protocol=protocol,
+        trainer=trainer,
+        net=PeerNetwork(config.net, identity, RUN),
+        metrics=MetricsLog(config.work_dir),
+        shard_index=0,
+        rng=np.random.default_rng(0),
+    )
     rt.refresh_snapshot()
     return rt
 
 
 def stranger(numel: int) -> PeerProtocol:
-    return PeerProtocol(PeerSetup(identity=Identity.generate(), run_id=RUN, gossip=PeerConfig().gossip),
-                        np.zeros(numel, np.float32))
+    return PeerProtocol(
+        PeerSetup(identity=Identity.generate(), run_id=RUN, gossip=PeerConfig().gossip),
+        np.zeros(numel, np.float32),
+    )
 
 
 def call(handler, remote: str, *frames: bytes) -> list[bytes]:

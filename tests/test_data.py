@@ -24,8 +24,33 @@ from p2pfm.model.data import (
 
 FILES = 60
 BLOCK = 16
-WORDS = ("the", "a", "river", "stone", "quiet", "morning", "of", "and", "light", "over", "garden", "she", "walked",
-         "slowly", "toward", "old", "house", "where", "nobody", "had", "lived", "for", "years", "in", "winter")
+WORDS = (
+    "the",
+    "a",
+    "river",
+    "stone",
+    "quiet",
+    "morning",
+    "of",
+    "and",
+    "light",
+    "over",
+    "garden",
+    "she",
+    "walked",
+    "slowly",
+    "toward",
+    "old",
+    "house",
+    "where",
+    "nobody",
+    "had",
+    "lived",
+    "for",
+    "years",
+    "in",
+    "winter",
+)
 
 
 def english_like(size: int, seed: int = 0) -> str:
@@ -85,7 +110,11 @@ def test_lists_only_nonempty_text_files_sorted(corpus):
 
 def test_same_seed_gives_the_same_split_and_another_seed_other_shards(corpus):
     """Every peer computes the same split; the seed reshuffles shards but not the held-out set."""
-    first, second, other = split_corpus(corpus, 3, seed=1), split_corpus(corpus, 3, seed=1), split_corpus(corpus, 3, 2)
+    first, second, other = (
+        split_corpus(corpus, 3, seed=1),
+        split_corpus(corpus, 3, seed=1),
+        split_corpus(corpus, 3, 2),
+    )
     for index in range(3):
         assert np.array_equal(first.shard_blocks(index), second.shard_blocks(index))
     assert not all(np.array_equal(first.shard_blocks(i), other.shard_blocks(i)) for i in range(3))
@@ -144,7 +173,9 @@ def test_one_big_file_gives_three_disjoint_shards_and_a_holdout(book):
     assert all(s["shard_bytes"] > 300_000 and s["holdout_bytes"] > 40_000 for s in sizes)
     assert sum(s["shard_bytes"] for s in sizes) + sizes[0]["holdout_bytes"] == 1_100_000
     shard_sets = [set(split.shard_blocks(i).tolist()) for i in range(3)]
-    assert not (shard_sets[0] & shard_sets[1] or shard_sets[0] & shard_sets[2] or shard_sets[1] & shard_sets[2])
+    assert not (
+        shard_sets[0] & shard_sets[1] or shard_sets[0] & shard_sets[2] or shard_sets[1] & shard_sets[2]
+    )
     assert not set().union(*shard_sets) & set(split.holdout_blocks.tolist())
     for index, dataset in enumerate(datasets):
         assert dataset.train.tobytes() == expected_bytes(split, split.shard_blocks(index), stream)
@@ -202,10 +233,13 @@ def test_a_big_file_is_read_in_bounded_memory(tmp_path, monkeypatch):
     (tmp_path / "big.txt").write_text(english_like(3_000_000, seed=3))
     counter = [0]
     real_open = pathlib.Path.open
-    monkeypatch.setattr(pathlib.Path, "open", lambda self, *a, **k: CountingFile(real_open(self, *a, **k), counter))
+    monkeypatch.setattr(
+        pathlib.Path, "open", lambda self, *a, **k: CountingFile(real_open(self, *a, **k), counter)
+    )
     shard_cap, holdout_cap = 64 << 10, 32 << 10
-    dataset = ByteDataset(tmp_path, ShardSpec(0, 2), block_size=64, max_shard_bytes=shard_cap,
-                          max_holdout_bytes=holdout_cap)
+    dataset = ByteDataset(
+        tmp_path, ShardSpec(0, 2), block_size=64, max_shard_bytes=shard_cap, max_holdout_bytes=holdout_cap
+    )
     assert len(dataset.train) == shard_cap and len(dataset.holdout) == holdout_cap
     assert dataset.train.nbytes + dataset.holdout.nbytes <= shard_cap + holdout_cap
     assert dataset.shard_total_bytes > 1_000_000  # the shard itself is big; only the cap is held
@@ -239,8 +273,11 @@ def test_folder_without_text_says_what_counts_as_text(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"\x00" * 100)
     (tmp_path / "b.txt").write_text("")
     (tmp_path / "c.txt").write_bytes(b"\0" * 100)
-    with pytest.raises(ConfigError, match=r"^data: no usable text under .*text means files ending in \.py.*UTF-8.*"
-                       r"1 files were skipped"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data: no usable text under .*text means files ending in \.py.*UTF-8.*"
+        r"1 files were skipped",
+    ):
         ByteDataset(tmp_path, ShardSpec(0, 1), block_size=BLOCK)
 
 
@@ -254,7 +291,9 @@ def test_too_little_text_to_split_is_a_config_error(tmp_path):
 def test_more_shards_than_blocks_is_a_config_error(tmp_path):
     """A shard without blocks says what to do: fewer peers or more text."""
     (tmp_path / "f.txt").write_text("some text\n" * 100)  # 1000 bytes: 4 blocks of 256
-    with pytest.raises(ConfigError, match=r"^data: shard 5 of 6 is empty.*fewer shards \(peers\) or add text"):
+    with pytest.raises(
+        ConfigError, match=r"^data: shard 5 of 6 is empty.*fewer shards \(peers\) or add text"
+    ):
         ByteDataset(tmp_path, ShardSpec(5, 6), block_size=BLOCK)
 
 
@@ -328,7 +367,9 @@ def test_eval_batches_are_fixed_by_seed_and_come_from_holdout(corpus):
     assert not torch.equal(other[0][0], batches_a[0][0])
 
 
-@pytest.mark.parametrize(("index", "count", "field_name"), [(0, 0, "num_shards"), (3, 3, "shard"), (-1, 2, "shard")])
+@pytest.mark.parametrize(
+    ("index", "count", "field_name"), [(0, 0, "num_shards"), (3, 3, "shard"), (-1, 2, "shard")]
+)
 def test_shard_spec_validation_names_the_field(index, count, field_name):
     """ShardSpec refuses an index outside [0, count) or a non-positive count."""
     with pytest.raises(ConfigError, match=rf"^{field_name}: "):

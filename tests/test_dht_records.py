@@ -18,8 +18,16 @@ NOW = 1_000_000.0
 
 
 def announce_payload(**extra) -> dict:
-    return {"libp2p_id": "12D3KooA", "maddrs": ["/ip4/127.0.0.1/tcp/1"], "round": 3, "model_hash": b"h" * 32,
-            "device": "cpu-host", "power_w": 15.0, "state_bytes": 10, **extra}
+    return {
+        "libp2p_id": "12D3KooA",
+        "maddrs": ["/ip4/127.0.0.1/tcp/1"],
+        "round": 3,
+        "model_hash": b"h" * 32,
+        "device": "cpu-host",
+        "power_w": 15.0,
+        "state_bytes": 10,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -30,8 +38,15 @@ def net() -> PeerNetwork:
 def test_announcement_with_sees_is_parsed(net):
     """The libp2p ids an announcement lists come out in ``Announcement.sees``."""
     sender = Identity.generate()
-    record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW,
-                  payload=announce_payload(sees=["12D3KooB", "12D3KooC"]))
+    record = seal(
+        sender,
+        kind="announce",
+        run_id=RUN,
+        round=3,
+        seq=1,
+        timestamp=NOW,
+        payload=announce_payload(sees=["12D3KooB", "12D3KooC"]),
+    )
     parsed = net.parse_announcement(sender.peer_id, record, NOW)
     assert parsed.sees == ("12D3KooB", "12D3KooC") and parsed.round == 3
 
@@ -39,7 +54,9 @@ def test_announcement_with_sees_is_parsed(net):
 def test_announcement_without_sees_is_still_accepted(net):
     """``sees`` is optional: announcements that omit it parse with an empty list."""
     sender = Identity.generate()
-    record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload())
+    record = seal(
+        sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload()
+    )
     assert net.parse_announcement(sender.peer_id, record, NOW).sees == ()
 
 
@@ -51,11 +68,20 @@ def test_foreign_records_are_refused_with_their_reason(net, label):
         subkey, record = sender.peer_id, {"junk": 1}
     elif label == "wrong_kind":
         subkey = sender.peer_id
-        record = seal(sender, kind="state_request", run_id=RUN, round=0, seq=1, timestamp=NOW,
-                      payload={"round": 0, "nonce": b"n" * 16})
+        record = seal(
+            sender,
+            kind="state_request",
+            run_id=RUN,
+            round=0,
+            seq=1,
+            timestamp=NOW,
+            payload={"round": 0, "nonce": b"n" * 16},
+        )
     else:
         subkey = Identity.generate().peer_id
-        record = seal(sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload())
+        record = seal(
+            sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=NOW, payload=announce_payload()
+        )
     with pytest.raises(Reject) as refused:
         net.parse_announcement(subkey, record, NOW)
     assert refused.value.reason.value == label

@@ -166,7 +166,9 @@ def test_body_with_a_payload_packed_once_is_pack_body_byte_for_byte(kind):
         st.text(max_size=6),
         st.recursive(
             st.one_of(st.none(), st.booleans(), st.integers(0, 2**32), st.binary(max_size=300), st.text()),
-            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+            ),
             max_leaves=10,
         ),
         max_size=20,

@@ -75,9 +75,7 @@ def test_partner_choice_varies_with_the_seed():
     assert len(chosen) > 5
 
 
-@pytest.mark.parametrize(
-    ("live", "fanout"), [([], 3), (["me"], 3), (["me", "a", "b"], 0), (["a", "b"], -1)]
-)
+@pytest.mark.parametrize(("live", "fanout"), [([], 3), (["me"], 3), (["me", "a", "b"], 0), (["a", "b"], -1)])
 def test_no_partners_when_alone_or_fanout_zero(live, fanout):
     """No other live peer, or fanout 0, gives an empty list."""
     assert choose_partners(live, "me", fanout, np.random.default_rng(0)) == []
@@ -184,7 +182,9 @@ def test_trimmed_mean_drops_extremes_per_coordinate():
 def test_trimmed_mean_of_two_is_the_mean():
     """With fewer than 3 vectors nothing can be trimmed: plain mean."""
     own = np.array([0, 4], np.float32)
-    assert np.allclose(aggregate(own, [np.array([2, 0], np.float32)], config(aggregation="trimmed_mean")), [1, 2])
+    assert np.allclose(
+        aggregate(own, [np.array([2, 0], np.float32)], config(aggregation="trimmed_mean")), [1, 2]
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "clipped_mean"])
@@ -464,9 +464,7 @@ def test_load_state_arrays_refuses_wrong_shapes():
         node.load_state_arrays(state)
 
 
-@pytest.mark.parametrize(
-    ("every", "rounds_true"), [(3, {3, 6, 9}), (1, set(range(1, 10))), (0, set())]
-)
+@pytest.mark.parametrize(("every", "rounds_true"), [(3, {3, 6, 9}), (1, set(range(1, 10))), (0, set())])
 def test_sync_due_every_n_rounds_never_at_round_zero(every, rounds_true):
     """sync_due is true at multiples of sync_every (never at round 0; never if 0)."""
     observed = {r for r in range(10) if sync_due(r, 0, config(sync_every=every))}

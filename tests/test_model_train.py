@@ -69,8 +69,14 @@ def test_daemon_trainer_and_simulator_build_the_same_inner_optimizer(corpus):
     train = TrainConfig(lr=1e-3, weight_decay=0.05, batch_size=4, eval_batches=1, eval_batch_size=4)
     dataset = ByteDataset(corpus, ShardSpec(0, 2), block_size=TINY_MODEL.block_size)
     daemon = LocalTrainer(
-        build_model(TINY_MODEL, 0), dataset, lr=train.lr, weight_decay=train.weight_decay,
-        batch_size=train.batch_size, seed=0, eval_batches=train.eval_batches, eval_batch_size=train.eval_batch_size,
+        build_model(TINY_MODEL, 0),
+        dataset,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        batch_size=train.batch_size,
+        seed=0,
+        eval_batches=train.eval_batches,
+        eval_batch_size=train.eval_batch_size,
     )
     scenario = scenario_from_dict({
         "name": "same-optimizer", "peers": 2, "rounds": 1,
@@ -98,4 +104,6 @@ def test_bench_baselines_build_the_daemon_inner_optimizer():
     peer = build_inner_optimizer(build_model(TINY_MODEL, 0).parameters(), train)
     worker = inner_optimizer(Namespace(lr=train.lr, batch_size=8), build_model(TINY_MODEL, 0).parameters())
     assert type(worker) is type(peer) and hyper_parameters(worker) == hyper_parameters(peer)
-    assert hyper_parameters(worker)[0]["weight_decay"] == train.weight_decay == 0.0  # torch's AdamW default is 0.01
+    assert (
+        hyper_parameters(worker)[0]["weight_decay"] == train.weight_decay == 0.0
+    )  # torch's AdamW default is 0.01

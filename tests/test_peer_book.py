@@ -11,11 +11,26 @@ from p2pfm.core.announce import Announcement, PeerBook
 TTL = 15.0
 
 
-def announcement(peer_id: str = "a", *, timestamp: float = 100.0, seq: int = 1, maddrs=("/ip4/1.2.3.4/tcp/1",),
-                 round: int = 0) -> Announcement:
+def announcement(
+    peer_id: str = "a",
+    *,
+    timestamp: float = 100.0,
+    seq: int = 1,
+    maddrs=("/ip4/1.2.3.4/tcp/1",),
+    round: int = 0,
+) -> Announcement:
     return Announcement(
-        peer_id=peer_id, public_key=b"k" * 32, libp2p_id=f"12D3Koo{peer_id}", maddrs=tuple(maddrs), round=round,
-        model_hash=b"h" * 32, device="cpu-host", power_w=15.0, state_bytes=1000, seq=seq, timestamp=timestamp,
+        peer_id=peer_id,
+        public_key=b"k" * 32,
+        libp2p_id=f"12D3Koo{peer_id}",
+        maddrs=tuple(maddrs),
+        round=round,
+        model_hash=b"h" * 32,
+        device="cpu-host",
+        power_w=15.0,
+        state_bytes=1000,
+        seq=seq,
+        timestamp=timestamp,
     )
 
 

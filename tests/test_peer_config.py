@@ -101,13 +101,17 @@ def test_data_directory_is_accepted_as_path(tmp_path):
 
 def test_unknown_codec_name_is_refused_naming_the_field_and_value():
     """gossip.codec.name outside the registry is refused, naming the field and the bad value."""
-    with pytest.raises(ConfigError, match=r"^gossip\.codec\.name: must be one of none, fp16, int8, topk, got 'zip'"):
+    with pytest.raises(
+        ConfigError, match=r"^gossip\.codec\.name: must be one of none, fp16, int8, topk, got 'zip'"
+    ):
         load_peer_config(None, {"gossip.codec.name": "zip"})
 
 
 def test_sync_codec_errors_name_the_sync_codec_table():
     """The same CodecSpec serves gossip.codec and gossip.sync_codec; errors say which one was wrong."""
-    with pytest.raises(ConfigError, match=r"^gossip\.sync_codec\.topk_fraction: must be a number in \(0, 1\]"):
+    with pytest.raises(
+        ConfigError, match=r"^gossip\.sync_codec\.topk_fraction: must be a number in \(0, 1\]"
+    ):
         load_peer_config(None, {"gossip.sync_codec.topk_fraction": 2.0})
 
 
@@ -135,7 +139,13 @@ def test_overrides_beat_toml_values(tmp_path):
         '[gossip.codec]\nname = "int8"\n[train]\nlr = 0.01\n'
     )
     config = load_peer_config(
-        path, {"run_id": "from-flag", "gossip.fanout": 1, "gossip.codec.name": "fp16", "net.listen": ["/ip4/0.0.0.0/tcp/1"]}
+        path,
+        {
+            "run_id": "from-flag",
+            "gossip.fanout": 1,
+            "gossip.codec.name": "fp16",
+            "net.listen": ["/ip4/0.0.0.0/tcp/1"],
+        },
     )
     assert config.run_id == "from-flag"
     assert config.gossip.fanout == 1
@@ -186,7 +196,10 @@ def test_cli_peer_with_unknown_key_exits_2_naming_it_before_any_network(tmp_path
     bad.write_text(f'work_dir = "{work_dir}"\nkey = "{key}"\n[net]\nlisten_on = ["/ip4/127.0.0.1/tcp/0"]\n')
     result = subprocess.run(
         [sys.executable, "-m", "p2pfm", "peer", "--config", str(bad)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr
     assert "net.listen_on" in result.stderr
@@ -211,7 +224,10 @@ def test_key_defaults_into_the_work_dir_not_the_current_directory(tmp_path):
 def test_explicit_key_wins_over_the_work_dir_default(tmp_path):
     """--key, or `key` in a config file (relative paths kept as written), is used as given."""
     work_dir = tmp_path / "work"
-    assert load_peer_config(None, {"work_dir": str(work_dir), "key": str(tmp_path / "k.pem")}).key == tmp_path / "k.pem"
+    assert (
+        load_peer_config(None, {"work_dir": str(work_dir), "key": str(tmp_path / "k.pem")}).key
+        == tmp_path / "k.pem"
+    )
     toml = tmp_path / "peer.toml"
     toml.write_text(f'work_dir = "{work_dir}"\nkey = "ids/peer.key"\n')
     assert load_peer_config(toml, {}).key == Path("ids/peer.key")

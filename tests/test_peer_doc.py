@@ -21,4 +21,7 @@ def test_the_diagram_has_every_transition():
     text = DOC.read_text()
     for (phase, event), next_phase in TRANSITIONS.items():
         assert re.search(rf"^\s+{phase.value} --> {next_phase.value}: {event.value}\b", text, flags=re.M), (
-            phase, event, next_phase)
+            phase,
+            event,
+            next_phase,
+        )

@@ -91,9 +91,14 @@ def test_lifecycle_follows_the_transition_table_and_refuses_the_rest():
     """STARTING -> JOINING -> TRAINING -> DRAINING -> LEFT; an event out of place is a driver bug."""
     peer = make_peer()
     assert peer.phase is Phase.STARTING
-    for event, phase in [(Event.ONLINE, Phase.JOINING), (Event.QUORUM_SETTLED, Phase.TRAINING),
-                         (Event.BEHIND, Phase.CATCHING_UP), (Event.CAUGHT_UP, Phase.TRAINING),
-                         (Event.ROUNDS_DONE, Phase.DRAINING), (Event.STOP, Phase.LEFT)]:
+    for event, phase in [
+        (Event.ONLINE, Phase.JOINING),
+        (Event.QUORUM_SETTLED, Phase.TRAINING),
+        (Event.BEHIND, Phase.CATCHING_UP),
+        (Event.CAUGHT_UP, Phase.TRAINING),
+        (Event.ROUNDS_DONE, Phase.DRAINING),
+        (Event.STOP, Phase.LEFT),
+    ]:
         assert peer.fire(event) is phase
     with pytest.raises(InvalidTransition):
         peer.fire(Event.ONLINE)
@@ -158,8 +163,11 @@ def serve(donor: PeerProtocol, chunk: int = 300) -> tuple[bytes, list[bytes], Do
     manifest, chunks = donor.serve_state(snapshot, donor.round, chunk, NOW)
     from p2pfm.core.tensorfile import digest
 
-    return manifest, chunks, Donor(public_key=donor.identity.public_key_bytes, round=donor.round,
-                                   model_hash=digest(snapshot))
+    return (
+        manifest,
+        chunks,
+        Donor(public_key=donor.identity.public_key_bytes, round=donor.round, model_hash=digest(snapshot)),
+    )
 
 
 def test_state_transfer_end_to_end_then_adopt():
@@ -199,7 +207,9 @@ def test_state_transfer_refuses_strangers_lies_and_tampering():
     manifest_bytes, chunks = pair.a.serve_state(other_model, 0, 1000, NOW)
     from p2pfm.core.tensorfile import digest
 
-    manifest = pair.b.open_manifest(manifest_bytes, dataclasses.replace(claim, model_hash=digest(other_model)), NOW)
+    manifest = pair.b.open_manifest(
+        manifest_bytes, dataclasses.replace(claim, model_hash=digest(other_model)), NOW
+    )
     with pytest.raises(BadState):
         pair.b.open_state(manifest, chunks)
 
@@ -235,7 +245,10 @@ def test_join_and_round_plans_follow_the_catch_up_rule():
     assert catch_up_donors({"a": 19, "b": 18, "c": 10}, 19) == ["a", "b"]
     peer = make_peer(sync_every=5)
     peer.learner.round = 10
-    assert peer.plan_round(10, live_others=3) == Sync() and peer.plan_round(10, 3, sync_requested=False) == Sync()
+    assert (
+        peer.plan_round(10, live_others=3) == Sync()
+        and peer.plan_round(10, 3, sync_requested=False) == Sync()
+    )
     peer.learner.round = 11
     assert peer.plan_round(11, 3) is None and peer.plan_round(11, 3, sync_requested=True) == Sync()
 
@@ -244,8 +257,15 @@ def test_chunk_frames_are_bounded_by_their_exact_length_not_by_chunk_size():
     """A manifest may claim any chunk_size; the reader's bound is what the chunk must weigh."""
     from p2pfm.core.transfer import Manifest
 
-    lying = Manifest(round=0, model_hash=b"h" * 32, total_bytes=100, chunk_size=1 << 40, chunk_hashes=(b"c" * 32,))
+    lying = Manifest(
+        round=0, model_hash=b"h" * 32, total_bytes=100, chunk_size=1 << 40, chunk_hashes=(b"c" * 32,)
+    )
     assert lying.chunk_length(0) == 100
-    honest = Manifest(round=0, model_hash=b"h" * 32, total_bytes=2500, chunk_size=1000,
-                      chunk_hashes=(b"a" * 32, b"b" * 32, b"c" * 32))
+    honest = Manifest(
+        round=0,
+        model_hash=b"h" * 32,
+        total_bytes=2500,
+        chunk_size=1000,
+        chunk_hashes=(b"a" * 32, b"b" * 32, b"c" * 32),
+    )
     assert [honest.chunk_length(i) for i in range(3)] == [1000, 1000, 500]

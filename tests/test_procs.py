@@ -62,8 +62,9 @@ def test_wait_all_overruns_at_the_deadline(tmp_path):
 def test_kill_groups_stops_helpers_left_by_a_leader_that_exited_cleanly(tmp_path):
     """A leader that exited 0 may leave a forked helper (p2pd) in its group: kill_groups stops it too."""
     pid_file = tmp_path / "helper.pid"
-    leader = launch(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; exit 0"], tmp_path / "leader.log",
-                    child_env(1))
+    leader = launch(
+        ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; exit 0"], tmp_path / "leader.log", child_env(1)
+    )
     assert wait_all([leader], deadline=time.time() + 30).failed is None
     helper = int(pid_file.read_text())
     assert not _gone(helper)

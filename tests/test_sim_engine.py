@@ -124,7 +124,9 @@ def test_scenario_errors_name_the_field():
 
 def test_gpt_workload_embeds_the_peer_model_and_train_tables():
     """workload.gpt holds the peer's [model] and [train] tables: old flat keys are refused, errors name the path."""
-    with pytest.raises(ConfigError, match=r"unknown config key workload\.gpt\.n_layer \(known: data, model, train\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key workload\.gpt\.n_layer \(known: data, model, train\)"
+    ):
         tiny(workload={"kind": "gpt", "gpt": {"n_layer": 2}})
     with pytest.raises(ConfigError, match=r"^workload\.gpt\.model\.n_embd: must be divisible"):
         tiny(workload={"kind": "gpt", "gpt": {"model": {"n_embd": 10, "n_head": 4}}})

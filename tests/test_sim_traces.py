@@ -75,7 +75,9 @@ def test_trace_churn_replays_intervals():
 def week_scenario(tmp_path, scale: float | None):
     """Four peers on a week-long trace: online the first 4 days, offline 1, online again from day 5 on."""
     day = 86400
-    (tmp_path / "week.csv").write_text(f"device,start_s,end_s\na,0,{4 * day}\na,{5 * day},{8 * day}\nb,0,{8 * day}\n")
+    (tmp_path / "week.csv").write_text(
+        f"device,start_s,end_s\na,0,{4 * day}\na,{5 * day},{8 * day}\nb,0,{8 * day}\n"
+    )
     churn = {"model": "trace", "trace": str(tmp_path / "week.csv")}
     if scale is not None:
         churn["trace_time_scale"] = scale
@@ -139,7 +141,9 @@ def test_converter_turns_user_weeks_in_ms_into_our_csv():
 
 def test_converter_with_absolute_times_joins_weeks_per_user_from_the_earliest_start():
     """Absolute (epoch) ms: one device per user, shifted so the earliest start is 0."""
-    result = convert_phone_trace("u1,1,1700000001000:1700000002000\nu1,2,1700000005000:1700000006500\n", absolute=True)
+    result = convert_phone_trace(
+        "u1,1,1700000001000:1700000002000\nu1,2,1700000005000:1700000006500\n", absolute=True
+    )
     assert result.csv == "device,start_s,end_s\nu1,0,1\nu1,4,5.5\n"
     assert result.span_s == 5.5
 
@@ -165,7 +169,15 @@ def test_converter_rejects_malformed_lines_naming_line_and_reason(text, line, re
 def test_shipped_example_converts_to_the_shipped_csv_and_replays_the_whole_week(tmp_path, capsys):
     """The documented command reproduces sim/traces/phone-week.csv; its scenario maps the week onto the run."""
     out = tmp_path / "phone-week.csv"
-    argv = ["sim", "convert-trace", str(SIM / "traces/phone-week-ms.txt"), "--out", str(out), "--run-seconds", "30"]
+    argv = [
+        "sim",
+        "convert-trace",
+        str(SIM / "traces/phone-week-ms.txt"),
+        "--out",
+        str(out),
+        "--run-seconds",
+        "30",
+    ]
     assert cli_main(argv) == 0
     assert out.read_text() == (SIM / "traces/phone-week.csv").read_text()
     captured = capsys.readouterr()

@@ -14,9 +14,20 @@ from p2pfm.swarm import PeerProcess, consensus_distance, final_params, summarize
 NUMEL = 1000
 
 SUMMARY_KEYS = {
-    "peers", "rounds", "params", "initial_eval_loss", "final_eval_loss", "final_eval_loss_per_peer",
-    "bytes_sent_total", "bits_per_param_per_round", "update_bits_per_param_per_round",
-    "sync_bits_per_param_per_round", "consensus_distance", "messages_rejected", "data_split", "wall_seconds",
+    "peers",
+    "rounds",
+    "params",
+    "initial_eval_loss",
+    "final_eval_loss",
+    "final_eval_loss_per_peer",
+    "bytes_sent_total",
+    "bits_per_param_per_round",
+    "update_bits_per_param_per_round",
+    "sync_bits_per_param_per_round",
+    "consensus_distance",
+    "messages_rejected",
+    "data_split",
+    "wall_seconds",
 }
 
 
@@ -27,8 +38,13 @@ def start(initial_eval_loss: float) -> dict:
 def round_record(number: int, *, sent: int, update: int, sync: int, eval_loss: float, rejected=None) -> dict:
     """Counters are cumulative since the process started, as the daemon writes them."""
     return {
-        "event": "round", "round": number, "eval_loss": eval_loss, "bytes_sent": sent,
-        "update_bytes_sent": update, "sync_bytes_sent": sync, "messages_rejected": rejected or {},
+        "event": "round",
+        "round": number,
+        "eval_loss": eval_loss,
+        "bytes_sent": sent,
+        "update_bytes_sent": update,
+        "sync_bytes_sent": sync,
+        "messages_rejected": rejected or {},
         "wall_time": float(number),
     }
 
@@ -47,18 +63,28 @@ def make_peer(root, index: int, records: list[dict], params: np.ndarray | None =
 @pytest.fixture
 def two_peers(tmp_path) -> list[PeerProcess]:
     """Peer 0 runs once; peer 1 is restarted after round 1, so its counters restart from zero."""
-    peer0 = make_peer(tmp_path, 0, [
-        start(5.5),
-        round_record(1, sent=100, update=80, sync=0, eval_loss=5.0, rejected={"bad_signature": 1}),
-        round_record(2, sent=250, update=200, sync=20, eval_loss=4.5, rejected={"bad_signature": 2}),
-    ], params=np.ones(NUMEL))
-    peer1 = make_peer(tmp_path, 1, [
-        start(5.7),
-        round_record(1, sent=100, update=90, sync=0, eval_loss=5.1, rejected={"replay": 1}),
-        start(4.8),  # restart: resumes from the checkpoint, counters from zero
-        round_record(2, sent=40, update=30, sync=10, eval_loss=4.7, rejected={"replay": 3}),
-        {"event": "drain", "round": 2, "applied": 1, "eval_loss": 4.6},
-    ], params=np.full(NUMEL, 3.0))
+    peer0 = make_peer(
+        tmp_path,
+        0,
+        [
+            start(5.5),
+            round_record(1, sent=100, update=80, sync=0, eval_loss=5.0, rejected={"bad_signature": 1}),
+            round_record(2, sent=250, update=200, sync=20, eval_loss=4.5, rejected={"bad_signature": 2}),
+        ],
+        params=np.ones(NUMEL),
+    )
+    peer1 = make_peer(
+        tmp_path,
+        1,
+        [
+            start(5.7),
+            round_record(1, sent=100, update=90, sync=0, eval_loss=5.1, rejected={"replay": 1}),
+            start(4.8),  # restart: resumes from the checkpoint, counters from zero
+            round_record(2, sent=40, update=30, sync=10, eval_loss=4.7, rejected={"replay": 3}),
+            {"event": "drain", "round": 2, "applied": 1, "eval_loss": 4.6},
+        ],
+        params=np.full(NUMEL, 3.0),
+    )
     return [peer0, peer1]
 
 
@@ -135,11 +161,16 @@ def test_summary_reports_the_byte_split_of_each_peer(tmp_path):
     """The start events' byte counts become data_split; a restarted peer counts its latest start."""
     sizes = {"corpus_bytes": 1000, "holdout_bytes": 50}
     peer0 = make_peer(tmp_path, 0, [{**start(5.0), **sizes, "shard_bytes": 310}])
-    peer1 = make_peer(tmp_path, 1, [{**start(5.0), **sizes, "shard_bytes": 1},
-                                    {**start(4.0), **sizes, "shard_bytes": 320}])
+    peer1 = make_peer(
+        tmp_path, 1, [{**start(5.0), **sizes, "shard_bytes": 1}, {**start(4.0), **sizes, "shard_bytes": 320}]
+    )
     peer2 = make_peer(tmp_path, 2, [start(5.0)])  # a user's own model: no byte counts
     summary = summarize([peer0, peer1, peer2], wall_seconds=1.0)
-    assert summary["data_split"] == {"corpus_bytes": 1000, "holdout_bytes": 50, "shard_bytes": {"0": 310, "1": 320}}
+    assert summary["data_split"] == {
+        "corpus_bytes": 1000,
+        "holdout_bytes": 50,
+        "shard_bytes": {"0": 310, "1": 320},
+    }
 
 
 def test_summary_tolerates_peers_without_metrics_or_checkpoint(tmp_path, two_peers):
@@ -154,7 +185,9 @@ def test_summary_tolerates_peers_without_metrics_or_checkpoint(tmp_path, two_pee
 def test_summary_skips_torn_last_line_and_non_finite_losses(tmp_path):
     """A crash-torn metrics line is skipped; NaN losses do not poison the mean."""
     peer0 = make_peer(tmp_path, 0, [start(5.0), round_record(1, sent=10, update=10, sync=0, eval_loss=4.0)])
-    peer1 = make_peer(tmp_path, 1, [start(5.0), round_record(1, sent=10, update=10, sync=0, eval_loss=float("nan"))])
+    peer1 = make_peer(
+        tmp_path, 1, [start(5.0), round_record(1, sent=10, update=10, sync=0, eval_loss=float("nan"))]
+    )
     with (peer0.work_dir / "metrics.jsonl").open("a") as handle:
         handle.write('{"event": "round", "round": 2, "bytes_se')
     summary = summarize([peer0, peer1], wall_seconds=1.0)

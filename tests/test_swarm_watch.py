@@ -14,7 +14,9 @@ from pathlib import Path
 from p2pfm.swarm import PeerProcess, error_excerpt, first_failure, peer_failure, swarm_phase
 
 
-def exited_peer(tmp_path: Path, index: int, code: str, *, log: str = "", round_done: int | None = None) -> PeerProcess:
+def exited_peer(
+    tmp_path: Path, index: int, code: str, *, log: str = "", round_done: int | None = None
+) -> PeerProcess:
     """A PeerProcess whose process ran ``code`` (Python) and exited, with ``log`` in its peer.log."""
     peer = PeerProcess(index=index, work_dir=tmp_path / f"peer-{index}", args=[], env={})
     peer.work_dir.mkdir(parents=True)
@@ -60,7 +62,9 @@ def test_running_and_unstarted_peers_have_not_failed(tmp_path):
     """Only exited peers can fail; first_failure returns the first one in peer order."""
     unstarted = PeerProcess(index=0, work_dir=tmp_path / "peer-0", args=[], env={})
     running = PeerProcess(index=1, work_dir=tmp_path / "peer-1", args=[], env={})
-    running.process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    running.process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     try:
         failed_a = exited_peer(tmp_path, 2, "raise SystemExit(1)")
         failed_b = exited_peer(tmp_path, 3, "raise SystemExit(3)")
@@ -87,10 +91,28 @@ def test_error_excerpt_keeps_the_whole_last_traceback():
 def test_phase_uses_the_quorum_of_the_slowest_joiner():
     """Joining peers' quorum reports drive "waiting for peers have/need", with the time waited."""
     statuses = [
-        {"state": "joining", "quorum": {"need": 3, "have": 2, "seen": ["b"], "unconfirmed": [],
-                                        "waited_s": 12.4, "deadline_s": 300.0}},
-        {"state": "joining", "quorum": {"need": 3, "have": 1, "seen": [], "unconfirmed": [],
-                                        "waited_s": 3.0, "deadline_s": 300.0}},
+        {
+            "state": "joining",
+            "quorum": {
+                "need": 3,
+                "have": 2,
+                "seen": ["b"],
+                "unconfirmed": [],
+                "waited_s": 12.4,
+                "deadline_s": 300.0,
+            },
+        },
+        {
+            "state": "joining",
+            "quorum": {
+                "need": 3,
+                "have": 1,
+                "seen": [],
+                "unconfirmed": [],
+                "waited_s": 3.0,
+                "deadline_s": 300.0,
+            },
+        },
         {},
     ]
     assert swarm_phase(statuses, 3) == "waiting for peers 1/3 (12 s of 300 s)"

@@ -238,7 +238,11 @@ def test_truncated_file_is_refused():
 # --------------------------------------------------------------------------- fuzz
 
 FUZZ_BASE = pack_arrays(
-    {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.array([3], np.int64), "b": np.arange(5, dtype=np.uint8)},
+    {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "n": np.array([3], np.int64),
+        "b": np.arange(5, dtype=np.uint8),
+    },
     {"round": 1},
 )
 

@@ -15,13 +15,17 @@ from p2pfm.daemon.trainer import ModelAdapter, flatten_parameters, load_flat_par
 def tiny_model(seed: int) -> torch.nn.Module:
     """Three layers; the last bias has a single entry (numel 1, like the optimizer's step count)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(),
-                               torch.nn.Linear(3, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
 
 
 def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(123)
-    return [(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)) for _ in range(count)]
+    return [
+        (torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))
+        for _ in range(count)
+    ]
 
 
 def train(adapter: ModelAdapter, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -79,7 +83,9 @@ def test_optimizer_arrays_are_flat_float32_per_parameter():
     train(adapter, batches(2))
     arrays = adapter.optimizer_arrays()
     params = list(model.parameters())
-    assert set(arrays) == {f"opt.{i}.{k}" for i in range(len(params)) for k in ("step", "exp_avg", "exp_avg_sq")}
+    assert set(arrays) == {
+        f"opt.{i}.{k}" for i in range(len(params)) for k in ("step", "exp_avg", "exp_avg_sq")
+    }
     for index, param in enumerate(params):
         assert arrays[f"opt.{index}.exp_avg"].dtype == np.float32
         assert arrays[f"opt.{index}.exp_avg"].shape == (param.numel(),)
@@ -163,7 +169,11 @@ def test_restored_state_takes_the_parameters_dtype_and_step_stays_float32(dtype)
     for param in model.parameters():
         state = restored.optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq"):
-            assert (state[key].dtype, state[key].device, state[key].shape) == (dtype, param.device, param.shape)
+            assert (state[key].dtype, state[key].device, state[key].shape) == (
+                dtype,
+                param.device,
+                param.shape,
+            )
         assert_step_is_a_float32_scalar_on(state, torch.device("cpu"))
     assert model[4].bias.numel() == 1  # the case a size-based rule gets wrong
 

@@ -74,14 +74,24 @@ def test_update_refusals_score_the_sender_as_wire_md_says(folder):
     before = peer.scores.ban_after if context["banned"] else 0
     added = 1 if expected["outcome"] == "reject" else 0
     assert peer.scores.rejections[context["remote"]] == before + added
-    counted = {"accept": {}, "reject": peer.scores.rejected, "ignore": peer.scores.ignored}[expected["outcome"]]
+    counted = {"accept": {}, "reject": peer.scores.rejected, "ignore": peer.scores.ignored}[
+        expected["outcome"]
+    ]
     assert dict(counted) == ({expected["reason"]: 1} if "reason" in expected else {})
     assert peer.accepted == (expected["outcome"] == "accept")
 
 
 REQUIRED = {
     "stream": {"accept", "wrong_kind"},
-    "update": {"accept", "banned", "wrong_kind", "bad_update", "stale_round", "future_round", "shape_mismatch"},
+    "update": {
+        "accept",
+        "banned",
+        "wrong_kind",
+        "bad_update",
+        "stale_round",
+        "future_round",
+        "shape_mismatch",
+    },
     "manifest": {"accept", "wrong_kind", "not_donor", "bad_manifest", "oversize"},
     "chunk": {"accept", "hash_mismatch"},
     "state": {"accept", "hash_mismatch", "malformed", "schema", "shape_mismatch", "bad_state"},
@@ -96,7 +106,9 @@ def test_vectors_cover_every_rule_of_each_group():
     for folder in CASES:
         expected = read(folder, "expected.json")
         seen.setdefault(read(folder, "context.json")["group"], set()).add(expected.get("reason", "accept"))
-    assert {group: REQUIRED[group] - seen.get(group, set()) for group in REQUIRED} == {g: set() for g in REQUIRED}
+    assert {group: REQUIRED[group] - seen.get(group, set()) for group in REQUIRED} == {
+        g: set() for g in REQUIRED
+    }
 
 
 def tags(text: str) -> set[tuple[str, str]]:
@@ -111,11 +123,22 @@ def test_the_specs_tag_every_reason_the_vectors_use():
     section6 = wire.split("\n## 6.", 1)[1].split("\n## ", 1)[0]
     section3 = wire.split("\n## 3.", 1)[1].split("\n## ", 1)[0]
     known = tags(section6) | tags(section3) | tags((VECTORS.parent / "codecs.md").read_text())
-    used = {(read(c, "expected.json")["outcome"].upper(), read(c, "expected.json").get("reason", "").upper())
-            for c in CASES if read(c, "expected.json")["outcome"] != "accept"}
+    used = {
+        (read(c, "expected.json")["outcome"].upper(), read(c, "expected.json").get("reason", "").upper())
+        for c in CASES
+        if read(c, "expected.json")["outcome"] != "accept"
+    }
     assert used - known == set()
-    envelope_or_codec = {"OVERSIZE", "MALFORMED", "SCHEMA", "BAD_SIGNATURE", "REPLAY", "CLOCK_SKEW",
-                         "SHAPE_MISMATCH", "UNKNOWN_CODEC"}
+    envelope_or_codec = {
+        "OVERSIZE",
+        "MALFORMED",
+        "SCHEMA",
+        "BAD_SIGNATURE",
+        "REPLAY",
+        "CLOCK_SKEW",
+        "SHAPE_MISMATCH",
+        "UNKNOWN_CODEC",
+    }
     assert {pair for pair in used if pair[1] not in envelope_or_codec} - tags(section6) == set()
 
 
@@ -134,7 +157,9 @@ def test_vectors_are_signed_by_the_test_key_file():
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key((VECTORS / "test_key.pem").read_bytes(), password=None)
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     assert raw == generator.DONOR.private_bytes()
     assert generator.STRANGER.public_key_bytes != generator.DONOR.public_key_bytes
     assert read(ROOT / "params_accept", "context.json")["donor_key"] == generator.DONOR.public_key_bytes.hex()

@@ -47,9 +47,17 @@ class CodecBenchConfig:
     """Seed of the input vector."""
 
     def __post_init__(self) -> None:
-        require(isinstance(self.size, int) and 1 <= self.size <= 1 << 30, "size", f"must be in [1, 2**30], got {self.size!r}")
-        require(isinstance(self.repeat, int) and self.repeat >= 1, "repeat", f"must be >= 1, got {self.repeat!r}")
-        require(0.0 < self.topk_fraction <= 1.0, "topk_fraction", f"must be in (0, 1], got {self.topk_fraction!r}")
+        require(
+            isinstance(self.size, int) and 1 <= self.size <= 1 << 30,
+            "size",
+            f"must be in [1, 2**30], got {self.size!r}",
+        )
+        require(
+            isinstance(self.repeat, int) and self.repeat >= 1, "repeat", f"must be >= 1, got {self.repeat!r}"
+        )
+        require(
+            0.0 < self.topk_fraction <= 1.0, "topk_fraction", f"must be in (0, 1], got {self.topk_fraction!r}"
+        )
         CodecSpec(block_size=self.block_size)  # same range rules as the codec itself
 
 
@@ -88,7 +96,13 @@ def run_codec_bench(config: CodecBenchConfig) -> list[dict[str, Any]]:
                 round=1,
                 seq=attempt,
                 timestamp=1000.0,
-                payload={"tensor": wire, "weight": 1.0, "inner_steps": 1, "train_loss": 0.0, "model_hash": model_hash},
+                payload={
+                    "tensor": wire,
+                    "weight": 1.0,
+                    "inner_steps": 1,
+                    "train_loss": 0.0,
+                    "model_hash": model_hash,
+                },
             )
             middle = time.perf_counter()
             envelope = open_envelope(sealed, run_id=RUN_ID, now=1000.0, limits=limits)
@@ -107,7 +121,9 @@ def run_codec_bench(config: CodecBenchConfig) -> list[dict[str, Any]]:
                 "numel": x.size,
                 "wire_bytes": len(sealed),
                 "topk_fraction": spec.topk_fraction if spec.name == "topk" else None,
-                "block_size": spec.block_size if spec.name == "int8" or (spec.name == "topk" and spec.value_bits == 8) else None,
+                "block_size": spec.block_size
+                if spec.name == "int8" or (spec.name == "topk" and spec.value_bits == 8)
+                else None,
             }
         )
     return rows

@@ -107,8 +107,15 @@ def shape_links(lab: Any, rate_mbit: float, delay_ms: float) -> str:
     except subprocess.CalledProcessError:
         pass
     # tbf: rate with a burst of ~1 ms of traffic and a queue bounded to 200 ms; adds no delay.
-    tbf = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", f"{max(2, int(rate_mbit * 1000 / 8 / 1000))}kb",
-           "latency", "200ms"]
+    tbf = [
+        "tbf",
+        "rate",
+        f"{rate_mbit:g}mbit",
+        "burst",
+        f"{max(2, int(rate_mbit * 1000 / 8 / 1000))}kb",
+        "latency",
+        "200ms",
+    ]
     for i in range(lab.k):
         lab.exec(i, "tc", "qdisc", "replace", "dev", "eth0", "root", *tbf)
         lab.sw("tc", "qdisc", "replace", "dev", f"p{i}", "root", *tbf)
@@ -126,19 +133,29 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> dict[str, An
     started = time.time()
     for variant in config.variants:
         if progress:
-            print(f"[compare] {variant}: {config.peers if variant != 'single' else 1} process(es), "
-                  f"{config.samples_per_peer} samples per peer ...", file=sys.stderr, flush=True)
+            print(
+                f"[compare] {variant}: {config.peers if variant != 'single' else 1} process(es), "
+                f"{config.samples_per_peer} samples per peer ...",
+                file=sys.stderr,
+                flush=True,
+            )
         run = run_variant(config, variant, raw / variant)
         runs.append(run)
         if progress:
-            status = f"FAILED: {run.error.splitlines()[0]}" if run.error else (
-                f"final loss {run.points[-1].eval_loss:.4f}" if run.points else "no points")
+            status = (
+                f"FAILED: {run.error.splitlines()[0]}"
+                if run.error
+                else (f"final loss {run.points[-1].eval_loss:.4f}" if run.points else "no points")
+            )
             print(f"[compare] {variant}: {run.wall_s:.1f} s, {status}", file=sys.stderr, flush=True)
     rows, target = summarize_runs(config, runs)
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    title = (f"p2pfm bench compare: {config.peers} peers, {runs[0].params if runs else 0:,} params, "
-             f"{config.samples_per_peer} samples/peer, {os.cpu_count()} cores"
-             + (f", links {config.shaped[0]:g} Mbit/s {config.shaped[1]:g} ms" if config.shaped else "") + f" ({date})")
+    title = (
+        f"p2pfm bench compare: {config.peers} peers, {runs[0].params if runs else 0:,} params, "
+        f"{config.samples_per_peer} samples/peer, {os.cpu_count()} cores"
+        + (f", links {config.shaped[0]:g} Mbit/s {config.shaped[1]:g} ms" if config.shaped else "")
+        + f" ({date})"
+    )
     plot(runs, target, out / "compare.png", title)
     result = {
         "date": date,
@@ -146,9 +163,13 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> dict[str, An
         "git": _git_state(),
         "cores": os.cpu_count(),
         "total_seconds": time.time() - started,
-        "config": {**{k: v for k, v in asdict(config).items() if k not in ("out_dir", "model")},
-                   "model": asdict(config.model), "torch_threads": config.torch_threads,
-                   "rounds": config.rounds, "steps": config.steps},
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k not in ("out_dir", "model")},
+            "model": asdict(config.model),
+            "torch_threads": config.torch_threads,
+            "rounds": config.rounds,
+            "steps": config.steps,
+        },
         "target_loss": target,
         "rows": rows,
         "curves": {run.variant: [asdict(p) for p in run.points] for run in runs},
@@ -161,10 +182,18 @@ def _git_state() -> str:
     """The commit the peers ran (plus "+dirty": the shared tree may hold others' uncommitted work)."""
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")

@@ -81,7 +81,9 @@ class WorkerLog:
         self._handle = path.open("a", buffering=1)
 
     def write(self, event: str, **fields: Any) -> None:
-        self._handle.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
+        self._handle.write(
+            json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n"
+        )
 
     def close(self) -> None:
         self._handle.close()

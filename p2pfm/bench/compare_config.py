@@ -28,7 +28,9 @@ class CompareConfig:
     """One side-by-side run. Defaults: the full comparison (4 peers, default GPT)."""
 
     peers: int = 4
-    samples_per_peer: int = 2400  # 150 steps of 16 (15 rounds): ~10-15 min for all five variants on 2 shared cores
+    samples_per_peer: int = (
+        2400  # 150 steps of 16 (15 rounds): ~10-15 min for all five variants on 2 shared cores
+    )
     batch_size: int = 16  # the daemon's train.batch_size default
     inner_steps: int = 10  # p2pfm's H (its default); also every variant's evaluation period in steps
     lr: float = 3e-3  # the daemon's inner AdamW lr, used by every variant
@@ -41,7 +43,9 @@ class CompareConfig:
     timeout_s: float = 1800.0  # per variant; a variant that overruns is killed and reported as failed
     time_cap_s: float | None = None  # per variant: stop here and report what it reached (completed: false)
     quick: bool = False
-    shaped: tuple[float, float] | None = None  # (Mbit/s, ms one way per link end): each process in its own netns
+    shaped: tuple[float, float] | None = (
+        None  # (Mbit/s, ms one way per link end): each process in its own netns
+    )
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -49,17 +53,26 @@ class CompareConfig:
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
         require(self.inner_steps >= 1, "inner_steps", "must be at least 1")
         per_round = self.inner_steps * self.batch_size
-        require(self.samples_per_peer >= per_round and self.samples_per_peer % per_round == 0, "samples_per_peer",
-                f"must be a positive multiple of inner_steps * batch_size = {per_round}, got {self.samples_per_peer}")
+        require(
+            self.samples_per_peer >= per_round and self.samples_per_peer % per_round == 0,
+            "samples_per_peer",
+            f"must be a positive multiple of inner_steps * batch_size = {per_round}, got {self.samples_per_peer}",
+        )
         require(self.lr > 0, "lr", "must be positive")
         require(self.target_loss is None or self.target_loss > 0, "target_loss", "must be positive")
         unknown = set(self.variants) - set(ALL_VARIANTS) - set(OPTIONAL_VARIANTS)
-        require(not unknown and len(self.variants) > 0, "variants",
-                f"unknown {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS + OPTIONAL_VARIANTS)}")
+        require(
+            not unknown and len(self.variants) > 0,
+            "variants",
+            f"unknown {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS + OPTIONAL_VARIANTS)}",
+        )
         require(self.threads >= 0, "threads", "must be non-negative")
         require(self.time_cap_s is None or self.time_cap_s > 0, "time_cap_s", "must be positive")
-        require(self.shaped is None or set(self.variants) <= set(SHAPED_VARIANTS), "variants",
-                f"with --shaped only {', '.join(SHAPED_VARIANTS)} run (one network namespace per process)")
+        require(
+            self.shaped is None or set(self.variants) <= set(SHAPED_VARIANTS),
+            "variants",
+            f"with --shaped only {', '.join(SHAPED_VARIANTS)} run (one network namespace per process)",
+        )
 
     @property
     def steps(self) -> int:
@@ -76,8 +89,14 @@ class CompareConfig:
 
 def quick_config(**overrides: Any) -> CompareConfig:
     """Small settings for ``--quick``: 2 peers, a ~0.1M-parameter GPT, 6 rounds of 10 steps of 8."""
-    values: dict[str, Any] = {"peers": 2, "samples_per_peer": 480, "batch_size": 8, "model": QUICK_MODEL,
-                              "quick": True, "timeout_s": 300.0}
+    values: dict[str, Any] = {
+        "peers": 2,
+        "samples_per_peer": 480,
+        "batch_size": 8,
+        "model": QUICK_MODEL,
+        "quick": True,
+        "timeout_s": 300.0,
+    }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return CompareConfig(**values)
 
@@ -87,9 +106,17 @@ def config_from_args(args: Any) -> CompareConfig:
     variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
     if args.shaped and variants is None:
         variants = ("p2pfm", "ddp")
-    common = {"peers": args.peers, "time_cap_s": args.time_cap, "shaped": EDGE_LINK if args.shaped else None,
-              "samples_per_peer": args.samples_per_peer, "target_loss": args.target_loss, "seed": args.seed,
-              "variants": variants, "out_dir": args.out, "command": "p2pfm " + " ".join(sys.argv[1:])}
+    common = {
+        "peers": args.peers,
+        "time_cap_s": args.time_cap,
+        "shaped": EDGE_LINK if args.shaped else None,
+        "samples_per_peer": args.samples_per_peer,
+        "target_loss": args.target_loss,
+        "seed": args.seed,
+        "variants": variants,
+        "out_dir": args.out,
+        "command": "p2pfm " + " ".join(sys.argv[1:]),
+    }
     if args.quick:
         return quick_config(**common)
     try:

@@ -42,19 +42,33 @@ def run_ddp(args: argparse.Namespace) -> int:
     log = WorkerLog(args.log)
     model, dataset, eval_set = setup(args)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://{args.host}:{args.port}", rank=args.rank, world_size=args.world,
+        "gloo",
+        init_method=f"tcp://{args.host}:{args.port}",
+        rank=args.rank,
+        world_size=args.world,
     )
     ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights: identical start anyway
     optimizer = inner_optimizer(args, ddp.parameters())
     generator = batch_generator(args.seed, args.rank)
-    log.write("start", rank=args.rank, params=model.num_parameters(),
-              initial_eval_loss=evaluate(model, eval_set) if args.rank == 0 else None)
+    log.write(
+        "start",
+        rank=args.rank,
+        params=model.num_parameters(),
+        initial_eval_loss=evaluate(model, eval_set) if args.rank == 0 else None,
+    )
     for step in range(1, args.steps + 1):
         inputs, targets = dataset.batch(generator, args.batch_size)
-        loss = train_step(ddp, optimizer, inputs, targets)  # the all-reduce runs in backward, bucket by bucket
+        loss = train_step(
+            ddp, optimizer, inputs, targets
+        )  # the all-reduce runs in backward, bucket by bucket
         if args.rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            log.write("eval", step=step, samples=step * args.batch_size, eval_loss=evaluate(model, eval_set),
-                      train_loss=loss)
+            log.write(
+                "eval",
+                step=step,
+                samples=step * args.batch_size,
+                eval_loss=evaluate(model, eval_set),
+                train_loss=loss,
+            )
     dist.barrier()
     log.write("end", rank=args.rank, steps=args.steps)
     dist.destroy_process_group()
@@ -69,7 +83,9 @@ def run_single(args: argparse.Namespace) -> int:
     from p2pfm.model.gpt import build_model
 
     model = build_model(config, args.seed)
-    shards = [ByteDataset(None, ShardSpec(i, args.world), block_size=config.block_size) for i in range(args.world)]
+    shards = [
+        ByteDataset(None, ShardSpec(i, args.world), block_size=config.block_size) for i in range(args.world)
+    ]
     eval_set = shards[0].eval_batches(EVAL_BATCHES, EVAL_BATCH_SIZE)
     optimizer = inner_optimizer(args, model.parameters())
     generators = [batch_generator(args.seed, i) for i in range(args.world)]
@@ -80,16 +96,24 @@ def run_single(args: argparse.Namespace) -> int:
         targets = torch.cat([p[1] for p in parts])
         loss = train_step(model, optimizer, inputs, targets)
         if step % args.eval_every == 0 or step == args.steps:
-            log.write("eval", step=step, samples=step * args.batch_size * args.world,
-                      eval_loss=evaluate(model, eval_set), train_loss=loss)
+            log.write(
+                "eval",
+                step=step,
+                samples=step * args.batch_size * args.world,
+                eval_loss=evaluate(model, eval_set),
+                train_loss=loss,
+            )
     log.write("end", rank=0, steps=args.steps, wall_end=time.time())
     log.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfm.bench.compare_ddp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m p2pfm.bench.compare_ddp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("mode", choices=("ddp", "single"))
     parser.add_argument("--host", default="127.0.0.1", help="ddp: rank 0's address")
     parser.add_argument("--port", type=int, default=0, help="ddp: rank 0's TCP port")

@@ -79,15 +79,22 @@ def wait_for_all(folder: Path, rank: int, world: int, timeout_s: float = 300.0) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfm.bench.compare_hivemind", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m p2pfm.bench.compare_hivemind",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_worker_flags(parser)
     parser.add_argument("--mode", choices=("grad", "local"), default="grad")
     parser.add_argument("--run-id", default="p2pfm-compare-hivemind")
     parser.add_argument("--maddr-file", type=Path, help="rank 0 writes its DHT address here")
     parser.add_argument("--initial-peer", default=None, help="a live peer's multiaddr (ranks > 0)")
-    parser.add_argument("--barrier-dir", type=Path, default=None,
-                        help="start training only when every rank has written its ready file here")
+    parser.add_argument(
+        "--barrier-dir",
+        type=Path,
+        default=None,
+        help="start training only when every rank has written its ready file here",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("hivemind").setLevel(logging.WARNING)
 
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     model, dataset, eval_set = setup(args)
     dht = hivemind.DHT(
         initial_peers=[args.initial_peer] if args.initial_peer else [],
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        start=True,
     )
     if args.maddr_file is not None:
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
@@ -110,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.barrier_dir is not None:
         wait_for_all(args.barrier_dir, args.rank, args.world)
     generator = batch_generator(args.seed, args.rank)
-    log.write("start", rank=args.rank, params=model.num_parameters(), initial_eval_loss=evaluate(model, eval_set))
+    log.write(
+        "start", rank=args.rank, params=model.num_parameters(), initial_eval_loss=evaluate(model, eval_set)
+    )
     for step in range(1, args.steps + 1):
         inputs, targets = dataset.batch(generator, args.batch_size)
         _, loss = model(inputs, targets)
@@ -118,9 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         optimizer.zero_grad()
         if step % args.eval_every == 0 or step == args.steps:
-            log.write("eval", step=step, samples=step * args.batch_size, eval_loss=evaluate(model, eval_set),
-                      train_loss=float(loss.detach()), epoch=int(optimizer.local_epoch))
-    log.write("end", rank=args.rank, steps=args.steps, epochs=int(optimizer.local_epoch), wall_end=time.time())
+            log.write(
+                "eval",
+                step=step,
+                samples=step * args.batch_size,
+                eval_loss=evaluate(model, eval_set),
+                train_loss=float(loss.detach()),
+                epoch=int(optimizer.local_epoch),
+            )
+    log.write(
+        "end", rank=args.rank, steps=args.steps, epochs=int(optimizer.local_epoch), wall_end=time.time()
+    )
     log.close()
     optimizer.shutdown()
     dht.shutdown()

@@ -23,39 +23,50 @@ def default_target(runs: list[VariantRun]) -> float | None:
     return max(finals.values()) if finals else None
 
 
-def summarize_runs(config: CompareConfig, runs: list[VariantRun]) -> tuple[list[dict[str, Any]], float | None]:
+def summarize_runs(
+    config: CompareConfig, runs: list[VariantRun]
+) -> tuple[list[dict[str, Any]], float | None]:
     target = config.target_loss if config.target_loss is not None else default_target(runs)
     cores = os.cpu_count() or 1
     rows = []
     for run in runs:
         reached = next((p.t for p in run.points if target is not None and p.eval_loss <= target), None)
         rounds = run.comm_rounds
-        bits = (8.0 * run.payload_bytes / run.params / run.processes / rounds
-                if rounds and run.params and run.processes else None)
-        wire_bits = (8.0 * run.bytes_sent / run.params / run.processes / rounds
-                     if rounds and run.params and run.processes else None)
-        rows.append({
-            "variant": run.variant,
-            "final_eval_loss": run.points[-1].eval_loss if run.points else None,
-            "time_to_target_s": reached,
-            "bytes_sent": run.bytes_sent,
-            "bits_per_param_per_round": bits,
-            "wire_bits_per_param_per_round": wire_bits,
-            "payload_bytes": run.payload_bytes,
-            "bytes_to_target": next((p.bytes_sent for p in run.points if target is not None and p.eval_loss <= target),
-                                    None),
-            "wall_s": run.wall_s,
-            "cpu_seconds": run.cpu_s,
-            "cpu_utilisation": run.cpu_s / max(run.wall_s, 1e-9) / cores,
-            "comm_rounds_per_peer": rounds,
-            "processes": run.processes,
-            "samples_per_peer": run.points[-1].samples_per_peer if run.points else 0,
-            "params": run.params,
-            "target_loss": target,
-            "error": run.error,
-            "completed": run.completed,
-            **run.extra,
-        })
+        bits = (
+            8.0 * run.payload_bytes / run.params / run.processes / rounds
+            if rounds and run.params and run.processes
+            else None
+        )
+        wire_bits = (
+            8.0 * run.bytes_sent / run.params / run.processes / rounds
+            if rounds and run.params and run.processes
+            else None
+        )
+        rows.append(
+            {
+                "variant": run.variant,
+                "final_eval_loss": run.points[-1].eval_loss if run.points else None,
+                "time_to_target_s": reached,
+                "bytes_sent": run.bytes_sent,
+                "bits_per_param_per_round": bits,
+                "wire_bits_per_param_per_round": wire_bits,
+                "payload_bytes": run.payload_bytes,
+                "bytes_to_target": next(
+                    (p.bytes_sent for p in run.points if target is not None and p.eval_loss <= target), None
+                ),
+                "wall_s": run.wall_s,
+                "cpu_seconds": run.cpu_s,
+                "cpu_utilisation": run.cpu_s / max(run.wall_s, 1e-9) / cores,
+                "comm_rounds_per_peer": rounds,
+                "processes": run.processes,
+                "samples_per_peer": run.points[-1].samples_per_peer if run.points else 0,
+                "params": run.params,
+                "target_loss": target,
+                "error": run.error,
+                "completed": run.completed,
+                **run.extra,
+            }
+        )
     base = next((r for r in rows if r["variant"] == "p2pfm"), None)
     for row in rows:
         ok = base is not None and base["time_to_target_s"] and row["time_to_target_s"] is not None
@@ -77,16 +88,22 @@ def _fmt_bytes(value: float | None) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], target: float | None) -> str:
-    header = (f"{'variant':<19} {'final loss':>10} {'t->target s':>11} {'x p2pfm':>8} {'wall s':>7} "
-              f"{'bytes sent':>10} {'payload':>10} {'bits/param/rnd':>14} {'CPU %':>6}")
-    lines = [f"target eval loss {target:.4f} nats/byte" if target is not None else "no target", header,
-             "-" * len(header)]
+    header = (
+        f"{'variant':<19} {'final loss':>10} {'t->target s':>11} {'x p2pfm':>8} {'wall s':>7} "
+        f"{'bytes sent':>10} {'payload':>10} {'bits/param/rnd':>14} {'CPU %':>6}"
+    )
+    lines = [
+        f"target eval loss {target:.4f} nats/byte" if target is not None else "no target",
+        header,
+        "-" * len(header),
+    ]
     for row in rows:
         lines.append(
             f"{row['variant']:<19} {_fmt(row['final_eval_loss'], '.4f'):>10} {_fmt(row['time_to_target_s'], '.1f'):>11} "
             f"{_fmt(row['time_to_target_vs_p2pfm'], '.2f'):>8} {row['wall_s']:>7.1f} {_fmt_bytes(row['bytes_sent']):>10} "
             f"{_fmt_bytes(row['payload_bytes']):>10} {_fmt(row['bits_per_param_per_round'], '.3f'):>14} "
-            f"{100 * row['cpu_utilisation']:>6.0f}" + ("  FAILED" if row["error"] else "")
+            f"{100 * row['cpu_utilisation']:>6.0f}"
+            + ("  FAILED" if row["error"] else "")
             + ("" if row["completed"] else f"  (time cap: {row['samples_per_peer']} samples/peer)")
         )
     return "\n".join(lines)

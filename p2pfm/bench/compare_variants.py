@@ -93,20 +93,35 @@ def _curve(per_process: list[list[dict[str, Any]]], t0: float) -> list[tuple[flo
     for k in range(count):
         rows = [records[k] for records in per_process]
         losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-        points.append((max(r["time"] for r in rows) - t0, float(np.mean(losses)) if losses else float("nan"),
-                       int(rows[0].get("samples", 0)), rows))
+        points.append(
+            (
+                max(r["time"] for r in rows) - t0,
+                float(np.mean(losses)) if losses else float("nan"),
+                int(rows[0].get("samples", 0)),
+                rows,
+            )
+        )
     return points
 
 
 def _model_flags(model: GPTConfig) -> list[str]:
     """The same flag names for a ``p2pfm peer`` and for a worker (:mod:`p2pfm.bench.compare_common`)."""
-    return ["--n-layer", str(model.n_layer), "--n-embd", str(model.n_embd), "--n-head", str(model.n_head),
-            "--block-size", str(model.block_size)]
+    return [
+        "--n-layer",
+        str(model.n_layer),
+        "--n-embd",
+        str(model.n_embd),
+        "--n-head",
+        str(model.n_head),
+        "--block-size",
+        str(model.block_size),
+    ]
 
 
 def _watched(launcher: Launcher, sampler: ProcessSampler) -> Launcher:
     """``launcher``, with the sampler watching each process's group from its start (the first
     peer's too, before it is ready: its start-up CPU and p2pd bytes count)."""
+
     def start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         process = launcher(argv, log, env)
         sampler.watch(process.pid)
@@ -128,15 +143,29 @@ def _payload(record: dict[str, Any]) -> int:
 def run_p2pfm(config: CompareConfig, variant: str, work: Path, lab: Any = None) -> VariantRun:
     """p2pfm peers planned as ``p2pfm swarm`` plans them (rounds, seed, quorum of all peers before
     training); with ``lab``, peer i runs in host i, listening on its address."""
-    training = ["--inner-steps", str(config.inner_steps), "--batch-size", str(config.batch_size),
-                "--lr", str(config.lr), *_model_flags(config.model)]
+    training = [
+        "--inner-steps",
+        str(config.inner_steps),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.lr),
+        *_model_flags(config.model),
+    ]
     if variant == "p2pfm-uncompressed":
         training += ["--codec", "none"]
-    swarm = plan_swarm(SwarmOptions(
-        peers=config.peers, rounds=config.rounds, out_dir=work, seed=config.seed,
-        run_id=f"compare-{variant}-{os.getpid()}", peer_args=tuple(training),
-        threads_per_peer=config.torch_threads, progress=False,
-    ))
+    swarm = plan_swarm(
+        SwarmOptions(
+            peers=config.peers,
+            rounds=config.rounds,
+            out_dir=work,
+            seed=config.seed,
+            run_id=f"compare-{variant}-{os.getpid()}",
+            peer_args=tuple(training),
+            threads_per_peer=config.torch_threads,
+            progress=False,
+        )
+    )
     error = None
     with ProcessSampler() as sampler, swarm:
         for peer in swarm.peers:
@@ -163,30 +192,68 @@ def run_p2pfm(config: CompareConfig, variant: str, work: Path, lab: Any = None) 
         start = next((r for r in records if r.get("event") == "start"), {})
         params = start.get("params", params)
         rounds = [r for r in records if r.get("event") == "round"]
-        initial = {"time": start.get("time", t0), "eval_loss": start.get("initial_eval_loss"), "samples": 0,
-                   "bytes_sent": 0, "state_bytes_downloaded": 0, "round": 0}
+        initial = {
+            "time": start.get("time", t0),
+            "eval_loss": start.get("initial_eval_loss"),
+            "samples": 0,
+            "bytes_sent": 0,
+            "state_bytes_downloaded": 0,
+            "round": 0,
+        }
         per_peer.append([initial, *rounds])
     points = [
-        Point(t=t, eval_loss=loss, samples_per_peer=samples, payload_bytes=float(sum(_payload(r) for r in rows)),
-              bytes_sent=sampler.wire_bytes_at(t + t0))
+        Point(
+            t=t,
+            eval_loss=loss,
+            samples_per_peer=samples,
+            payload_bytes=float(sum(_payload(r) for r in rows)),
+            bytes_sent=sampler.wire_bytes_at(t + t0),
+        )
         for t, loss, samples, rows in _curve(per_peer, t0)
     ]
     last = [records[-1] for records in per_peer if records]
     return VariantRun(
-        variant=variant, points=points, wall_s=t_end - t0, cpu_s=sampler.cpu_seconds, bytes_sent=sampler.wire_bytes,
+        variant=variant,
+        points=points,
+        wall_s=t_end - t0,
+        cpu_s=sampler.cpu_seconds,
+        bytes_sent=sampler.wire_bytes,
         payload_bytes=float(sum(_payload(r) for r in last)),
-        comm_rounds=float(np.mean([r.get("round", 0) for r in last])) if last else None, params=params,
-        processes=config.peers, error=error, completed=completed,
-        extra={"update_bytes": int(sum(r.get("update_bytes_sent", 0) for r in last)),
-               "sync_bytes": int(sum(r.get("sync_bytes_sent", 0) for r in last)),
-               "state_bytes_downloaded": int(sum(r.get("state_bytes_downloaded", 0) for r in last))},
+        comm_rounds=float(np.mean([r.get("round", 0) for r in last])) if last else None,
+        params=params,
+        processes=config.peers,
+        error=error,
+        completed=completed,
+        extra={
+            "update_bytes": int(sum(r.get("update_bytes_sent", 0) for r in last)),
+            "sync_bytes": int(sum(r.get("sync_bytes_sent", 0) for r in last)),
+            "state_bytes_downloaded": int(sum(r.get("state_bytes_downloaded", 0) for r in last)),
+        },
     )
 
 
 def _worker_flags(config: CompareConfig, rank: int, world: int, steps: int, log: Path) -> list[str]:
-    return ["--rank", str(rank), "--world", str(world), "--steps", str(steps), "--batch-size", str(config.batch_size),
-            "--lr", str(config.lr), "--eval-every", str(config.inner_steps), "--seed", str(config.seed),
-            "--threads", str(config.torch_threads), "--log", str(log), *_model_flags(config.model)]
+    return [
+        "--rank",
+        str(rank),
+        "--world",
+        str(world),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.lr),
+        "--eval-every",
+        str(config.inner_steps),
+        "--seed",
+        str(config.seed),
+        "--threads",
+        str(config.torch_threads),
+        "--log",
+        str(log),
+        *_model_flags(config.model),
+    ]
 
 
 def _python_m(module: str, *args: str) -> list[str]:
@@ -200,8 +267,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_workers(config: CompareConfig, variant: str, work: Path, logs: list[Path], env: dict[str, str],
-                   lab: Any, sampler: ProcessSampler, t0: float) -> list[subprocess.Popen]:
+def _start_workers(
+    config: CompareConfig,
+    variant: str,
+    work: Path,
+    logs: list[Path],
+    env: dict[str, str],
+    lab: Any,
+    sampler: ProcessSampler,
+    t0: float,
+) -> list[subprocess.Popen]:
     """Start every rank of a worker variant; hivemind's rank 0 first, the others join through it.
 
     Started processes go into ``processes`` as they start, so that a failure half-way kills them.
@@ -211,19 +286,28 @@ def _start_workers(config: CompareConfig, variant: str, work: Path, logs: list[P
     try:
         if variant == "single":
             flags = _worker_flags(config, 0, config.peers, config.steps, logs[0])
-            processes.append(launch(_python_m("p2pfm.bench.compare_ddp", "single", *flags), work / "rank-0.log", env))
+            processes.append(
+                launch(_python_m("p2pfm.bench.compare_ddp", "single", *flags), work / "rank-0.log", env)
+            )
         elif variant == "ddp" and lab is not None:
             env["GLOO_SOCKET_IFNAME"] = "eth0"  # the lab host's link, not its loopback
             for rank in range(world):
                 flags = _worker_flags(config, rank, world, config.steps, logs[rank])
-                cmd = _python_m("p2pfm.bench.compare_ddp", "ddp", "--host", lab.addrs[0], "--port", "29500", *flags)
+                cmd = _python_m(
+                    "p2pfm.bench.compare_ddp", "ddp", "--host", lab.addrs[0], "--port", "29500", *flags
+                )
                 processes.append(lab.popen(rank, cmd, log=work / f"rank-{rank}.log", env=env))
         elif variant == "ddp":
             port = _free_port()
             for rank in range(world):
                 flags = _worker_flags(config, rank, world, config.steps, logs[rank])
-                processes.append(launch(_python_m("p2pfm.bench.compare_ddp", "ddp", "--port", str(port), *flags),
-                                        work / f"rank-{rank}.log", env))
+                processes.append(
+                    launch(
+                        _python_m("p2pfm.bench.compare_ddp", "ddp", "--port", str(port), *flags),
+                        work / f"rank-{rank}.log",
+                        env,
+                    )
+                )
         else:
             mode = "local" if variant == "hivemind-local" else "grad"
             maddr_file = work / "maddr.txt"
@@ -235,8 +319,13 @@ def _start_workers(config: CompareConfig, variant: str, work: Path, logs: list[P
                     extra += ["--maddr-file", str(maddr_file)]
                 else:
                     extra += ["--initial-peer", maddr_file.read_text().strip()]
-                processes.append(launch(_python_m("p2pfm.bench.compare_hivemind", *flags, *extra),
-                                        work / f"rank-{rank}.log", env))
+                processes.append(
+                    launch(
+                        _python_m("p2pfm.bench.compare_hivemind", *flags, *extra),
+                        work / f"rank-{rank}.log",
+                        env,
+                    )
+                )
                 sampler.watch(processes[-1].pid)
                 if rank == 0:
                     wait_for_file(maddr_file, processes[0], t0 + 120)
@@ -272,8 +361,14 @@ def run_workers(config: CompareConfig, variant: str, work: Path, lab: Any = None
     return run
 
 
-def _worker_run(config: CompareConfig, variant: str, records: list[list[dict[str, Any]]], t0: float, t_end: float,
-                sampler: ProcessSampler) -> VariantRun:
+def _worker_run(
+    config: CompareConfig,
+    variant: str,
+    records: list[list[dict[str, Any]]],
+    t0: float,
+    t_end: float,
+    sampler: ProcessSampler,
+) -> VariantRun:
     """A worker variant's curve and totals from its ranks' logs (``start``, ``eval``, ``end`` records)."""
     world = len(records)
     starts = [next((r for r in recs if r["event"] == "start"), None) for recs in records]
@@ -281,8 +376,15 @@ def _worker_run(config: CompareConfig, variant: str, records: list[list[dict[str
     ends = [next((r for r in recs if r["event"] == "end"), {}) for recs in records]
     evaluating = [i for i, s in enumerate(starts) if s and s.get("initial_eval_loss") is not None]
     per_process = [
-        [{"time": starts[i]["time"], "eval_loss": starts[i]["initial_eval_loss"], "samples": 0, "epoch": 0},
-         *[r for r in records[i] if r["event"] == "eval"]]
+        [
+            {
+                "time": starts[i]["time"],
+                "eval_loss": starts[i]["initial_eval_loss"],
+                "samples": 0,
+                "epoch": 0,
+            },
+            *[r for r in records[i] if r["event"] == "eval"],
+        ]
         for i in evaluating
     ]
     ring = 2.0 * (world - 1) / world * params * 4  # bytes one rank sends per all-reduce (fp32)
@@ -298,8 +400,15 @@ def _worker_run(config: CompareConfig, variant: str, records: list[list[dict[str
         else:
             payload = 0.0
         wire = payload if variant in ("ddp", "single") else sampler.wire_bytes_at(t + t0)
-        points.append(Point(t=t, eval_loss=loss, samples_per_peer=samples // (config.peers if variant == "single" else 1),
-                            payload_bytes=payload, bytes_sent=wire))
+        points.append(
+            Point(
+                t=t,
+                eval_loss=loss,
+                samples_per_peer=samples // (config.peers if variant == "single" else 1),
+                payload_bytes=payload,
+                bytes_sent=wire,
+            )
+        )
     comm_rounds: float | None
     if variant == "single":
         comm_rounds, payload_total, wire_total = None, 0.0, 0.0
@@ -308,13 +417,23 @@ def _worker_run(config: CompareConfig, variant: str, records: list[list[dict[str
         payload_total = wire_total = config.steps * ring * world
     else:
         # A rank stopped at the time cap wrote no "end": its last evaluation has its epoch.
-        epochs = [end["epochs"] if "epochs" in end else max((r.get("epoch", 0) for r in recs if r["event"] == "eval"),
-                                                            default=0)
-                  for end, recs in zip(ends, records, strict=True)]
+        epochs = [
+            end["epochs"]
+            if "epochs" in end
+            else max((r.get("epoch", 0) for r in recs if r["event"] == "eval"), default=0)
+            for end, recs in zip(ends, records, strict=True)
+        ]
         comm_rounds = float(np.mean(epochs)) if epochs else None
         payload_total = sum(epochs) * per_epoch
         wire_total = sampler.wire_bytes
     return VariantRun(
-        variant=variant, points=points, wall_s=t_end - t0, cpu_s=sampler.cpu_seconds, bytes_sent=wire_total,
-        payload_bytes=payload_total, comm_rounds=comm_rounds, params=params, processes=world,
+        variant=variant,
+        points=points,
+        wall_s=t_end - t0,
+        cpu_s=sampler.cpu_seconds,
+        bytes_sent=wire_total,
+        payload_bytes=payload_total,
+        comm_rounds=comm_rounds,
+        params=params,
+        processes=world,
     )

@@ -47,8 +47,16 @@ def single_process_rate(config: SwarmBenchConfig) -> float:
     try:
         model_config = GPTConfig()
         dataset = ByteDataset(None, ShardSpec(0, config.peers), block_size=model_config.block_size)
-        trainer = LocalTrainer(build_model(model_config, config.seed), dataset, lr=3e-3, weight_decay=0.0,
-                               batch_size=config.batch_size, seed=config.seed, eval_batches=0, eval_batch_size=1)
+        trainer = LocalTrainer(
+            build_model(model_config, config.seed),
+            dataset,
+            lr=3e-3,
+            weight_decay=0.0,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            eval_batches=0,
+            eval_batch_size=1,
+        )
         trainer.train_steps(2)  # warm-up: allocator and kernels
         start, samples = time.perf_counter(), 0
         while time.perf_counter() - start < config.single_seconds:
@@ -91,11 +99,17 @@ def run_swarm_bench(config: SwarmBenchConfig, progress: bool = True) -> dict[str
 
     out_dir = config.out_dir or Path(tempfile.mkdtemp(prefix="p2pfm-bench-swarm-"))
     before = single_process_rate(config)
-    summary = run_swarm(SwarmOptions(
-        peers=config.peers, rounds=config.rounds, out_dir=out_dir / "swarm", seed=config.seed,
-        run_id="bench-swarm", progress=progress,
-        peer_args=("--inner-steps", str(config.inner_steps), "--batch-size", str(config.batch_size)),
-    ))
+    summary = run_swarm(
+        SwarmOptions(
+            peers=config.peers,
+            rounds=config.rounds,
+            out_dir=out_dir / "swarm",
+            seed=config.seed,
+            run_id="bench-swarm",
+            progress=progress,
+            peer_args=("--inner-steps", str(config.inner_steps), "--batch-size", str(config.batch_size)),
+        )
+    )
     breakdown = swarm_breakdown(out_dir / "swarm")
     # Measured right after the swarm, on the same machine; run before it too and average, so
     # that load from anything else running drifts into both sides alike.
@@ -121,15 +135,17 @@ def format_report(result: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f} %"
 
-    return "\n".join([
-        f"p2pfm bench swarm: {result['config']['peers']} peers x {result['config']['rounds']} rounds, "
-        f"{result['params']:,} params, {result['cores']} cores",
-        f"  bits/param/round      {result['bits_per_param_per_round']:.3f} "
-        f"(updates {result['update_bits_per_param_per_round']:.3f}, syncs {result['sync_bits_per_param_per_round']:.3f})",
-        f"  round time: compute   {pct(result['compute_share'])}",
-        f"              gossip    {pct(result['gossip_share'])}  (compress, sign, push, verify, merge, sync)",
-        f"              eval      {pct(result['eval_share'])}",
-        f"  samples/s: swarm {result['swarm_samples_per_s']:.1f}, one process {result['single_samples_per_s']:.1f}"
-        f"  -> swarm efficiency {pct(result['swarm_efficiency'])}",
-        f"  final eval loss {result['final_eval_loss']:.3f}, consensus distance {result['consensus_distance']:.2e}",
-    ])
+    return "\n".join(
+        [
+            f"p2pfm bench swarm: {result['config']['peers']} peers x {result['config']['rounds']} rounds, "
+            f"{result['params']:,} params, {result['cores']} cores",
+            f"  bits/param/round      {result['bits_per_param_per_round']:.3f} "
+            f"(updates {result['update_bits_per_param_per_round']:.3f}, syncs {result['sync_bits_per_param_per_round']:.3f})",
+            f"  round time: compute   {pct(result['compute_share'])}",
+            f"              gossip    {pct(result['gossip_share'])}  (compress, sign, push, verify, merge, sync)",
+            f"              eval      {pct(result['eval_share'])}",
+            f"  samples/s: swarm {result['swarm_samples_per_s']:.1f}, one process {result['single_samples_per_s']:.1f}"
+            f"  -> swarm efficiency {pct(result['swarm_efficiency'])}",
+            f"  final eval loss {result['final_eval_loss']:.3f}, consensus distance {result['consensus_distance']:.2e}",
+        ]
+    )

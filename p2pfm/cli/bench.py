@@ -40,9 +40,15 @@ def register_codecs(bench_subparsers: argparse._SubParsersAction) -> None:
             "and the relative reconstruction error."
         ),
     )
-    parser.add_argument("--size", type=int, default=10_000_000, help="elements of the vector (default: 10,000,000)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per codec, best reported (default: 3)")
-    parser.add_argument("--topk-fraction", type=float, default=0.01, help="share of entries topk keeps (default: 0.01)")
+    parser.add_argument(
+        "--size", type=int, default=10_000_000, help="elements of the vector (default: 10,000,000)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed runs per codec, best reported (default: 3)"
+    )
+    parser.add_argument(
+        "--topk-fraction", type=float, default=0.01, help="share of entries topk keeps (default: 0.01)"
+    )
     parser.add_argument("--block-size", type=int, default=256, help="int8 block size (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input vector (default: 0)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
@@ -84,24 +90,52 @@ def register_compare(bench_subparsers: argparse._SubParsersAction) -> None:
             "CPU utilisation, and plot loss vs wall time and vs bytes. See p2pfm/bench/compare.py."
         ),
     )
-    parser.add_argument("--peers", type=int, default=None, help="processes per distributed variant (default 4; quick 2)")
-    parser.add_argument("--samples-per-peer", type=int, default=None,
-                        help="training sequences per peer (default 2400; quick 480); a multiple of inner_steps*batch")
-    parser.add_argument("--target-loss", type=float, default=None,
-                        help="eval loss for time_to_target_s (default: 5%% above single's final loss)")
-    parser.add_argument("--quick", action="store_true", help="2 peers, ~0.1M-param GPT, 480 samples/peer: minutes")
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated subset (default p2pfm,p2pfm-uncompressed,hivemind,ddp,single; "
-                        "also hivemind-local)")
+    parser.add_argument(
+        "--peers", type=int, default=None, help="processes per distributed variant (default 4; quick 2)"
+    )
+    parser.add_argument(
+        "--samples-per-peer",
+        type=int,
+        default=None,
+        help="training sequences per peer (default 2400; quick 480); a multiple of inner_steps*batch",
+    )
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="eval loss for time_to_target_s (default: 5%% above single's final loss)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="2 peers, ~0.1M-param GPT, 480 samples/peer: minutes"
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset (default p2pfm,p2pfm-uncompressed,hivemind,ddp,single; "
+        "also hivemind-local)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
-    parser.add_argument("--shaped", action="store_true",
-                        help="root only: run p2pfm and ddp with each process in its own network namespace, "
-                        "links shaped to 50 Mbit/s and 30 ms (p2pfm/netlab)")
-    parser.add_argument("--time-cap", type=float, default=None,
-                        help="stop each variant after this many seconds and report what it reached (default: none)")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"),
-                        help="writes compare.json, compare.png and raw/ logs here (default runs/compare)")
-    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    parser.add_argument(
+        "--shaped",
+        action="store_true",
+        help="root only: run p2pfm and ddp with each process in its own network namespace, "
+        "links shaped to 50 Mbit/s and 30 ms (p2pfm/netlab)",
+    )
+    parser.add_argument(
+        "--time-cap",
+        type=float,
+        default=None,
+        help="stop each variant after this many seconds and report what it reached (default: none)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/compare"),
+        help="writes compare.json, compare.png and raw/ logs here (default runs/compare)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the rows as a JSON list instead of a table"
+    )
     parser.set_defaults(handler=_run_compare)
 
 
@@ -138,7 +172,9 @@ def register_swarm(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--peers", type=int, default=3, help="peer processes (default 3)")
     parser.add_argument("--rounds", type=int, default=15, help="rounds per peer (default 15)")
     parser.add_argument("--inner-steps", type=int, default=10, help="inner steps per round (default 10)")
-    parser.add_argument("--single-seconds", type=float, default=30.0, help="one-process baseline duration (default 30)")
+    parser.add_argument(
+        "--single-seconds", type=float, default=30.0, help="one-process baseline duration (default 30)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=_run_swarm)
@@ -151,8 +187,13 @@ def _run_swarm(args: argparse.Namespace) -> int:
     from p2pfm.bench.swarm import SwarmBenchConfig, format_report, run_swarm_bench
     from p2pfm.swarm import PeerFailed
 
-    config = SwarmBenchConfig(peers=args.peers, rounds=args.rounds, inner_steps=args.inner_steps,
-                              single_seconds=args.single_seconds, out_dir=args.out)
+    config = SwarmBenchConfig(
+        peers=args.peers,
+        rounds=args.rounds,
+        inner_steps=args.inner_steps,
+        single_seconds=args.single_seconds,
+        out_dir=args.out,
+    )
     try:
         result = run_swarm_bench(config, progress=not args.json)
     except PeerFailed as exc:  # the peer's own error, not a traceback of ours
@@ -162,5 +203,9 @@ def _run_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [register_codecs, register_swarm, register_compare]
+BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_codecs,
+    register_swarm,
+    register_compare,
+]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""

@@ -109,7 +109,9 @@ def convert_trace(args: argparse.Namespace) -> int:
     from p2pfm.sim.traces import TraceError, convert_phone_trace
 
     if args.scenario is None or args.out is None:
-        raise ConfigError("sim convert-trace: give the input and --out: p2pfm sim convert-trace IN.txt --out OUT.csv")
+        raise ConfigError(
+            "sim convert-trace: give the input and --out: p2pfm sim convert-trace IN.txt --out OUT.csv"
+        )
     for flag in ("seed", "rounds", "churn_rates"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')}: not for `p2pfm sim convert-trace`")
@@ -133,5 +135,7 @@ def convert_trace(args: argparse.Namespace) -> int:
         scale = result.time_scale_for(args.run_seconds)
         if not TRACE_TIME_SCALE_MIN <= scale <= TRACE_TIME_SCALE_MAX:
             raise ConfigError(f"--run-seconds: gives trace_time_scale {scale:g}, outside the allowed range")
-        print(f"trace_time_scale = {scale!r}  # [churn]: {result.span_s:g} trace s over {args.run_seconds:g} virtual s")
+        print(
+            f"trace_time_scale = {scale!r}  # [churn]: {result.span_s:g} trace s over {args.run_seconds:g} virtual s"
+        )
     return 0

@@ -9,8 +9,20 @@ from pathlib import Path
 
 from p2pfm.cli.peer import add_peer_flags, overrides_from_args
 
-SWARM_MANAGED = ("--key", "--work-dir", "--run-id", "--seed", "--rounds", "--shard", "--num-shards",
-                 "--threads", "--min-peers", "--listen", "--announce", "--initial-peers")
+SWARM_MANAGED = (
+    "--key",
+    "--work-dir",
+    "--run-id",
+    "--seed",
+    "--rounds",
+    "--shard",
+    "--num-shards",
+    "--threads",
+    "--min-peers",
+    "--listen",
+    "--announce",
+    "--initial-peers",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/swarm-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--run-id", default="p2pfm-swarm", help="swarm name")
-    parser.add_argument("--threads-per-peer", type=int, default=0, help="torch threads per peer (0 = cores // peers)")
+    parser.add_argument(
+        "--threads-per-peer", type=int, default=0, help="torch threads per peer (0 = cores // peers)"
+    )
     parser.add_argument("--json", action="store_true", help="print summary.json to stdout")
     add_peer_flags(parser, skip=SWARM_MANAGED)
     parser.set_defaults(handler=run)
@@ -58,27 +72,42 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data: {args.data} does not exist; give a folder of text files or one text file")
     out = args.out or Path("runs") / time.strftime("swarm-%Y%m%d-%H%M%S")
     try:
-        summary = run_swarm(SwarmOptions(
-            peers=args.peers, rounds=args.rounds, out_dir=out, seed=args.seed, run_id=args.run_id,
-            peer_args=tuple(_passthrough(args)), threads_per_peer=args.threads_per_peer,
-        ))
+        summary = run_swarm(
+            SwarmOptions(
+                peers=args.peers,
+                rounds=args.rounds,
+                out_dir=out,
+                seed=args.seed,
+                run_id=args.run_id,
+                peer_args=tuple(_passthrough(args)),
+                threads_per_peer=args.threads_per_peer,
+            )
+        )
     except PeerFailed as exc:
         # The peer's own error, not a traceback of ours: the swarm only noticed it.
-        print(f"p2pfm: error: {exc}\np2pfm: the swarm was stopped; every peer's log is in {out}/peer-*/peer.log",
-              file=sys.stderr)
+        print(
+            f"p2pfm: error: {exc}\np2pfm: the swarm was stopped; every peer's log is in {out}/peer-*/peer.log",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
-        print(f"swarm of {summary['peers']} peers, {summary['rounds']} rounds, {summary['params']:,} parameters, "
-              f"{summary['wall_seconds']:.0f} s")
-        print(f"eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/byte; "
-              f"consensus distance {summary['consensus_distance']:.2e}; "
-              f"{summary['bits_per_param_per_round']:.3f} bits/param/round")
+        print(
+            f"swarm of {summary['peers']} peers, {summary['rounds']} rounds, {summary['params']:,} parameters, "
+            f"{summary['wall_seconds']:.0f} s"
+        )
+        print(
+            f"eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/byte; "
+            f"consensus distance {summary['consensus_distance']:.2e}; "
+            f"{summary['bits_per_param_per_round']:.3f} bits/param/round"
+        )
         split = summary.get("data_split") or {}
         if split.get("shard_bytes"):
             shards = ", ".join(f"{b:,}" for b in split["shard_bytes"].values())
-            print(f"data: {split['corpus_bytes']:,} bytes of text; held-out {split['holdout_bytes']:,} bytes; "
-                  f"shards in memory {shards} bytes")
+            print(
+                f"data: {split['corpus_bytes']:,} bytes of text; held-out {split['holdout_bytes']:,} bytes; "
+                f"shards in memory {shards} bytes"
+            )
         print(f"wrote {out / 'summary.json'} and {out / 'loss.png'}")
     return 0

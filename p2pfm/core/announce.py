@@ -35,12 +35,16 @@ class Announcement:
 
 def announcement_limits(limits: EnvelopeLimits, ttl_s: float) -> EnvelopeLimits:
     """Records are re-read for up to a TTL after signing: allow that age on top of the clock skew."""
-    return EnvelopeLimits(max_bytes=limits.max_bytes, max_clock_skew_s=limits.max_clock_skew_s + ttl_s,
-                          replay_window_s=max(limits.replay_window_s, limits.max_clock_skew_s + ttl_s))
+    return EnvelopeLimits(
+        max_bytes=limits.max_bytes,
+        max_clock_skew_s=limits.max_clock_skew_s + ttl_s,
+        replay_window_s=max(limits.replay_window_s, limits.max_clock_skew_s + ttl_s),
+    )
 
 
-def check_announcement(subkey: object, record: object, *, run_id: str, now: float,
-                       limits: EnvelopeLimits) -> Announcement:
+def check_announcement(
+    subkey: object, record: object, *, run_id: str, now: float, limits: EnvelopeLimits
+) -> Announcement:
     """A DHT record under the swarm's key, checked; raises a Reject subclass naming the problem.
 
     Rules (``protocols/wire.md`` section 6.5):
@@ -58,9 +62,17 @@ def check_announcement(subkey: object, record: object, *, run_id: str, now: floa
         raise SubkeyMismatch(f"record under subkey {subkey!r} is signed by {envelope.sender_id}")
     p = envelope.payload
     return Announcement(
-        peer_id=envelope.sender_id, public_key=envelope.sender, libp2p_id=p["libp2p_id"],
-        maddrs=tuple(p["maddrs"]), round=p["round"], model_hash=p["model_hash"], device=p["device"],
-        power_w=p["power_w"], state_bytes=p["state_bytes"], seq=envelope.seq, timestamp=envelope.timestamp,
+        peer_id=envelope.sender_id,
+        public_key=envelope.sender,
+        libp2p_id=p["libp2p_id"],
+        maddrs=tuple(p["maddrs"]),
+        round=p["round"],
+        model_hash=p["model_hash"],
+        device=p["device"],
+        power_w=p["power_w"],
+        state_bytes=p["state_bytes"],
+        seq=envelope.seq,
+        timestamp=envelope.timestamp,
         sees=tuple(p.get("sees", ())),
     )
 
@@ -114,6 +126,7 @@ class PeerBook:
             self._suspects.pop(peer_id, None)
             self._first_seen.pop(peer_id, None)
         return {
-            p: a for p, a in self._known.items()
+            p: a
+            for p, a in self._known.items()
             if a.maddrs and (a.timestamp, a.seq) > self._suspects.get(p, (float("-inf"), -1))
         }

@@ -171,9 +171,5 @@ class Banned(Ignore):
     reason = IgnoreReason.BANNED
 
 
-REJECT_TYPES: dict[RejectReason, type[Reject]] = {
-    cls.reason: cls for cls in Reject.__subclasses__()
-}
-IGNORE_TYPES: dict[IgnoreReason, type[Ignore]] = {
-    cls.reason: cls for cls in Ignore.__subclasses__()
-}
+REJECT_TYPES: dict[RejectReason, type[Reject]] = {cls.reason: cls for cls in Reject.__subclasses__()}
+IGNORE_TYPES: dict[IgnoreReason, type[Ignore]] = {cls.reason: cls for cls in Ignore.__subclasses__()}

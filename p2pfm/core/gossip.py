@@ -50,9 +50,13 @@ class GossipConfig:
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
     trim_fraction: float = 0.2  # trimmed_mean drops this share at each end, at least 1 (0.2: 1 of 5)
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
-    sync_every: int | Literal["auto"] = "auto"  # rounds between parameter pulls (0 = never); see sync_interval
+    sync_every: int | Literal["auto"] = (
+        "auto"  # rounds between parameter pulls (0 = never); see sync_interval
+    )
     sync_weight: float = 0.5  # how far to move towards the pulled parameters
-    sync_codec: CodecSpec = field(default_factory=lambda: CodecSpec(name="int8"))  # of params - initial params
+    sync_codec: CodecSpec = field(
+        default_factory=lambda: CodecSpec(name="int8")
+    )  # of params - initial params
 
     def __post_init__(self) -> None:
         require(self.inner_steps >= 1, "gossip.inner_steps", "must be at least 1")
@@ -155,7 +159,10 @@ def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:
 
 
 def aggregate(
-    own: np.ndarray, received: Sequence[np.ndarray], config: GossipConfig, expected_received: int | None = None
+    own: np.ndarray,
+    received: Sequence[np.ndarray],
+    config: GossipConfig,
+    expected_received: int | None = None,
 ) -> np.ndarray:
     """Combine our own compressed delta with the received ones, by the rule ``config.aggregation`` names.
 

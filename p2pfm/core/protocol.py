@@ -312,7 +312,9 @@ class PeerProtocol:
         return round_plan(self.round, newest, self.config, sync_due=due)
 
     # --- state transfer: donor -----------------------------------------------------------------
-    def serve_state(self, snapshot: bytes, snapshot_round: int, chunk_size: int, now: float) -> tuple[bytes, list[bytes]]:
+    def serve_state(
+        self, snapshot: bytes, snapshot_round: int, chunk_size: int, now: float
+    ) -> tuple[bytes, list[bytes]]:
         """The signed manifest for ``snapshot`` and the chunks that follow it."""
         payload, chunks = manifest_payload(snapshot, snapshot_round, chunk_size)
         return self.seal("state_manifest", payload, now, round=snapshot_round), chunks
@@ -320,14 +322,21 @@ class PeerProtocol:
     def serve_params(self, request: Envelope, now: float) -> bytes:
         """A signed ``params_sync`` answer: ``sync_codec`` of our params - initial, echoing the nonce."""
         wire = encode_sync(self.learner.params, self.initial_params, self.config)
-        return self.seal("params_sync", {"tensor": wire, "round": self.round, "nonce": request.payload["nonce"]}, now)
+        return self.seal(
+            "params_sync", {"tensor": wire, "round": self.round, "nonce": request.payload["nonce"]}, now
+        )
 
     # --- state transfer: joiner ----------------------------------------------------------------
     def open_manifest(self, data: bytes, donor: Donor, now: float) -> Manifest:
         """A donor's first frame: envelope rules (no replay guard: answers are bound by the
         donor's key and our fresh request instead), then the manifest rules."""
-        envelope = open_envelope(data, run_id=self.setup.run_id, now=now, limits=self.setup.limits,
-                                 verify_signature=self.setup.verify_signatures)
+        envelope = open_envelope(
+            data,
+            run_id=self.setup.run_id,
+            now=now,
+            limits=self.setup.limits,
+            verify_signature=self.setup.verify_signatures,
+        )
         return check_manifest(envelope, donor, max_state_bytes=self.setup.max_state_bytes)
 
     @staticmethod
@@ -335,7 +344,9 @@ class PeerProtocol:
         check_chunk(manifest, index, piece)
 
     def open_state(self, manifest: Manifest, pieces: list[bytes]) -> tuple[dict[str, np.ndarray], int]:
-        return check_state(manifest, pieces, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes)
+        return check_state(
+            manifest, pieces, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes
+        )
 
     def adopt(self, params: np.ndarray, round: int) -> None:
         """Replace our state with a donor's (joining, or too far behind to mix)."""
@@ -343,8 +354,14 @@ class PeerProtocol:
 
     def open_params(self, data: bytes, donor_key: bytes, nonce: bytes, now: float) -> tuple[np.ndarray, int]:
         """A consensus-pull answer: envelope rules, then the binding to our ask, then the codec."""
-        envelope = open_envelope(data, run_id=self.setup.run_id, now=now, limits=self.setup.limits,
-                                 replay_guard=self.replay_guard, verify_signature=self.setup.verify_signatures)
+        envelope = open_envelope(
+            data,
+            run_id=self.setup.run_id,
+            now=now,
+            limits=self.setup.limits,
+            replay_guard=self.replay_guard,
+            verify_signature=self.setup.verify_signatures,
+        )
         check_params_answer(envelope, donor_key, nonce)
         return decode_sync(envelope.payload["tensor"], self.initial_params), envelope.payload["round"]
 

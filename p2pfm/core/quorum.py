@@ -47,15 +47,22 @@ class QuorumView:
 
     def as_status(self) -> dict[str, object]:
         """The view for status.json and metrics (JSON types)."""
-        return {"need": self.need, "have": self.have, "seen": list(self.seen), "confirmed": list(self.confirmed),
-                "unconfirmed": list(self.unconfirmed)}
+        return {
+            "need": self.need,
+            "have": self.have,
+            "seen": list(self.seen),
+            "confirmed": list(self.confirmed),
+            "unconfirmed": list(self.unconfirmed),
+        }
 
     def describe(self) -> str:
         """One log line: who we have and whom we wait for."""
         waiting = ", ".join(self.unconfirmed) or "nobody seen yet"
         missing = max(0, self.need - self.have)
-        return (f"have {self.have} of {self.need} peers (us + {', '.join(self.confirmed) or 'no one'}), "
-                f"waiting for {missing} more; seen but not yet hearing us: {waiting}")
+        return (
+            f"have {self.have} of {self.need} peers (us + {', '.join(self.confirmed) or 'no one'}), "
+            f"waiting for {missing} more; seen but not yet hearing us: {waiting}"
+        )
 
 
 def quorum_view(my_libp2p_id: str, sees_by_peer: Mapping[str, Iterable[str]], need: int) -> QuorumView:
@@ -65,7 +72,9 @@ def quorum_view(my_libp2p_id: str, sees_by_peer: Mapping[str, Iterable[str]], ne
     return QuorumView(need=max(1, need), seen=seen, confirmed=confirmed)
 
 
-def peers_to_list(first_seen: Mapping[str, float], libp2p_ids: Mapping[str, str], limit: int = MAX_SEES) -> list[str]:
+def peers_to_list(
+    first_seen: Mapping[str, float], libp2p_ids: Mapping[str, str], limit: int = MAX_SEES
+) -> list[str]:
     """The libp2p ids our announcement lists: of the peers in ``libp2p_ids`` (the live ones), the
     most recently first-seen first, at most ``limit`` (a peer that just joined is the one waiting
     for confirmation; long-known peers trained past their quorum long ago)."""

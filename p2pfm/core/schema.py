@@ -321,7 +321,9 @@ register_kind(
         {
             "tensor": AnyMap(),  # codec dict of (params - initial params), validated by codecs.decode
             "round": Int(),  # the donor's round
-            "nonce": Bytes(length=16),  # echoes the request's nonce: an answer cannot be replayed to another ask
+            "nonce": Bytes(
+                length=16
+            ),  # echoes the request's nonce: an answer cannot be replayed to another ask
         }
     ),
 )

@@ -46,7 +46,8 @@ def pack_state(params: np.ndarray, round: int, optimizer: dict[str, np.ndarray])
     sign-sized first steps at full lr and wreck the model it just downloaded.
     """
     return pack_arrays(
-        {"params": params, "round": np.array([round], dtype=np.int64), **optimizer}, {"numel": int(params.size)}
+        {"params": params, "round": np.array([round], dtype=np.int64), **optimizer},
+        {"numel": int(params.size)},
     )
 
 
@@ -136,7 +137,9 @@ def check_chunk(manifest: Manifest, index: int, piece: bytes) -> None:
         raise HashMismatch(f"state chunk {index} does not match its hash")
 
 
-def check_state(manifest: Manifest, pieces: list[bytes], *, numel: int, max_state_bytes: int) -> tuple[dict[str, np.ndarray], int]:
+def check_state(
+    manifest: Manifest, pieces: list[bytes], *, numel: int, max_state_bytes: int
+) -> tuple[dict[str, np.ndarray], int]:
     """The assembled state, checked: its hash, then its contents.
 
     [REJECT] HASH_MISMATCH unless the chunks add up to ``total_bytes`` and hash to

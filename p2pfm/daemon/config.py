@@ -43,7 +43,9 @@ class NetConfig:
     initial_peers: tuple[str, ...] = ()  # any live peer's multiaddr; empty = start a new swarm
     announce_ttl_s: float = 15.0  # a dead peer vanishes from discovery within this (hivemind: 60 s+)
     heartbeat_s: float = 4.0  # re-announce period; well under the TTL so a live peer never lapses
-    request_timeout_s: float = 5.0  # gossip push deadline: a dead partner costs at most this, off the compute path
+    request_timeout_s: float = (
+        5.0  # gossip push deadline: a dead partner costs at most this, off the compute path
+    )
     state_timeout_s: float = 60.0  # whole state download deadline before trying another donor
     max_message_bytes: int = 64 << 20  # larger gossip messages are refused unread
     max_state_bytes: int = 2 << 30  # cap on a downloaded state snapshot
@@ -51,15 +53,29 @@ class NetConfig:
 
     def __post_init__(self) -> None:
         require(len(self.listen) > 0, "net.listen", "needs at least one multiaddr")
-        for name, values in (("net.listen", self.listen), ("net.announce", self.announce),
-                             ("net.initial_peers", self.initial_peers)):
+        for name, values in (
+            ("net.listen", self.listen),
+            ("net.announce", self.announce),
+            ("net.initial_peers", self.initial_peers),
+        ):
             for value in values:
-                require(value.startswith("/"), name, f"{value!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/31337)")
+                require(
+                    value.startswith("/"),
+                    name,
+                    f"{value!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/31337)",
+                )
         for value in self.initial_peers:
-            require("/p2p/" in value, "net.initial_peers",
-                    f"{value!r} lacks the /p2p/<peer id> part; copy the full address a peer prints at start")
+            require(
+                "/p2p/" in value,
+                "net.initial_peers",
+                f"{value!r} lacks the /p2p/<peer id> part; copy the full address a peer prints at start",
+            )
         require(self.announce_ttl_s >= 2, "net.announce_ttl_s", "must be at least 2 seconds")
-        require(0 < self.heartbeat_s < self.announce_ttl_s, "net.heartbeat_s", "must be positive and below announce_ttl_s")
+        require(
+            0 < self.heartbeat_s < self.announce_ttl_s,
+            "net.heartbeat_s",
+            "must be positive and below announce_ttl_s",
+        )
         require(self.request_timeout_s > 0, "net.request_timeout_s", "must be positive")
         require(self.state_timeout_s > 0, "net.state_timeout_s", "must be positive")
         require(self.max_message_bytes >= 4096, "net.max_message_bytes", "must be at least 4096")
@@ -96,10 +112,16 @@ class PeerConfig:
     def __post_init__(self) -> None:
         if self.key is None:  # resolved here so that every user of the config sees one real path
             object.__setattr__(self, "key", self.work_dir / "peer.key")
-        require(0 < len(self.run_id) <= 64 and self.run_id.isprintable(), "run_id", "must be 1-64 printable characters")
+        require(
+            0 < len(self.run_id) <= 64 and self.run_id.isprintable(),
+            "run_id",
+            "must be 1-64 printable characters",
+        )
         require(self.rounds >= 0, "rounds", "must be non-negative")
         require(self.num_shards >= 1, "num_shards", "must be at least 1")
-        require(-1 <= self.shard < self.num_shards, "shard", f"must be -1 (auto) or in [0, {self.num_shards})")
+        require(
+            -1 <= self.shard < self.num_shards, "shard", f"must be -1 (auto) or in [0, {self.num_shards})"
+        )
         require(self.power_w >= 0, "power_w", "must be non-negative")
         require(self.grid_g_per_kwh >= 0, "grid_g_per_kwh", "must be non-negative")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
@@ -107,7 +129,11 @@ class PeerConfig:
         require(self.min_peers_timeout_s >= 0, "min_peers_timeout_s", "must be non-negative")
         require(self.final_drain_s >= 0, "final_drain_s", "must be non-negative")
         if self.data is not None:
-            require(self.data.exists(), "data", f"{self.data} does not exist; give a folder of text files or one text file")
+            require(
+                self.data.exists(),
+                "data",
+                f"{self.data} does not exist; give a folder of text files or one text file",
+            )
 
 
 def _set_nested(values: dict[str, Any], dotted: str, value: Any) -> None:

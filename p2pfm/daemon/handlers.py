@@ -56,15 +56,23 @@ class StreamHandlers:
         await self.rt.net.add_handler("state", self.handle_state)
         await self.rt.net.add_handler("params", self.handle_params)
 
-    async def _refuse(self, remote: str, writer: asyncio.StreamWriter, exc: Refusal, *, counted: bool) -> None:
+    async def _refuse(
+        self, remote: str, writer: asyncio.StreamWriter, exc: Refusal, *, counted: bool
+    ) -> None:
         """Count a refusal (unless the protocol already did) and tell the asker why."""
         if not counted and self.protocol.refused(remote, exc):
             log.warning("banned libp2p peer %s after repeated rejected messages", remote)
         log.warning("refused a message from libp2p peer %s: %s", remote, exc)
         await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
 
-    async def _read_request(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            limit: int, timeout: float) -> bytes | None:
+    async def _read_request(
+        self,
+        remote: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limit: int,
+        timeout: float,
+    ) -> bytes | None:
         try:
             return await asyncio.wait_for(read_frame(reader, limit), timeout)
         except Refusal as exc:  # a frame over the limit, refused before its body is read
@@ -80,11 +88,15 @@ class StreamHandlers:
             return True
         return False
 
-    async def handle_gossip(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle_gossip(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if await self._banned(remote, writer):
             return
         net = self.rt.config.net
-        data = await self._read_request(remote, reader, writer, net.max_message_bytes, net.request_timeout_s * 4)
+        data = await self._read_request(
+            remote, reader, writer, net.max_message_bytes, net.request_timeout_s * 4
+        )
         if data is None:
             return
         self.rt.counters["bytes_received"] += len(data)
@@ -96,7 +108,9 @@ class StreamHandlers:
         self.rt.heard_update.set()
         await write_frame(writer, msgpack.packb({"ok": True}))
 
-    async def handle_state(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle_state(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
         if await self._banned(remote, writer):
             return
@@ -110,14 +124,18 @@ class StreamHandlers:
             await self._refuse(remote, writer, exc, counted=False)
             return
         snapshot = self.rt.snapshot
-        manifest, chunks = self.protocol.serve_state(snapshot.data, snapshot.round, net.state_chunk_bytes, time.time())
+        manifest, chunks = self.protocol.serve_state(
+            snapshot.data, snapshot.round, net.state_chunk_bytes, time.time()
+        )
         await write_frame(writer, manifest)
         for piece in chunks:
             await write_frame(writer, piece)
         self.rt.counters["state_bytes_served"] += len(snapshot.data)
         self.rt.counters["bytes_sent"] += len(snapshot.data)
 
-    async def handle_params(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle_params(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Serve our parameters for a consensus pull: ``sync_codec`` of (params - initial), signed."""
         if await self._banned(remote, writer):
             return
@@ -147,8 +165,9 @@ class StreamClient:
     async def push_update(self, target: Announcement, message: bytes) -> None:
         net = self.rt.config.net
         try:
-            reader, writer = await asyncio.wait_for(self.rt.net.open_stream(target.libp2p_id, "gossip"),
-                                                    net.request_timeout_s)
+            reader, writer = await asyncio.wait_for(
+                self.rt.net.open_stream(target.libp2p_id, "gossip"), net.request_timeout_s
+            )
             try:
                 await asyncio.wait_for(write_frame(writer, message), net.request_timeout_s)
                 reply = await asyncio.wait_for(read_frame(reader, 1024), net.request_timeout_s)
@@ -178,8 +197,9 @@ class StreamClient:
         raise_if_refused(data, "parameter sync")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, self.protocol.open_params, data, donor.public_key, nonce,
-                                              time.time())
+            return await loop.run_in_executor(
+                None, self.protocol.open_params, data, donor.public_key, nonce, time.time()
+            )
         except Refusal as exc:
             self.protocol.refused(donor.libp2p_id, exc)  # a bad answer counts against the donor
             raise
@@ -211,10 +231,14 @@ class StreamClient:
         try:
             return await asyncio.wait_for(fetch(), net.state_timeout_s)
         except Refusal as exc:
-            self.protocol.refused(donor.libp2p_id, exc)  # a bad manifest, chunk or state counts against the donor
+            self.protocol.refused(
+                donor.libp2p_id, exc
+            )  # a bad manifest, chunk or state counts against the donor
             raise
 
-    async def fetch_from_some_donor(self, candidates: list[Announcement]) -> tuple[dict[str, np.ndarray], int, str] | None:
+    async def fetch_from_some_donor(
+        self, candidates: list[Announcement]
+    ) -> tuple[dict[str, np.ndarray], int, str] | None:
         """Try candidates in random order (spreads joiners over donors); None if all fail."""
         candidates = [c for c in candidates if self.protocol.may_ask(c.libp2p_id)]
         order = self.rt.rng.permutation(len(candidates))

@@ -89,8 +89,13 @@ class IgnoredRecords:
         self._last_logged.move_to_end(offender)
         while len(self._last_logged) > self.max_offenders:
             self._last_logged.popitem(last=False)
-        log.info("ignored a DHT record under %s: %s (%d ignored records in all; "
-                 "this offender is logged at most once a minute)", offender, exc, sum(self.by_reason.values()))
+        log.info(
+            "ignored a DHT record under %s: %s (%d ignored records in all; "
+            "this offender is logged at most once a minute)",
+            offender,
+            exc,
+            sum(self.by_reason.values()),
+        )
 
 
 async def _redial_in_dht_process(_dht, node, targets: list[tuple[str, list[str]]]) -> int:
@@ -190,8 +195,11 @@ class PeerNetwork:
 
         self.dht.run_coroutine(partial(_exit_with_parent, parent_pid=os.getpid()), return_future=True)
         try:
-            self._p2pd_pid = int(await asyncio.wait_for(self.dht.run_coroutine(_p2pd_pid, return_future=True),
-                                                        self.config.request_timeout_s))
+            self._p2pd_pid = int(
+                await asyncio.wait_for(
+                    self.dht.run_coroutine(_p2pd_pid, return_future=True), self.config.request_timeout_s
+                )
+            )
         except Exception as exc:  # only used to make sure nothing outlives us
             log.debug("could not learn the p2pd pid: %r", exc)
         self.p2p = await self.dht.replicate_p2p()
@@ -219,7 +227,9 @@ class PeerNetwork:
 
         await self.p2p.add_binary_stream_handler(f"/p2pfm/{self.run_id}/{name}/1", wrapped)
 
-    async def open_stream(self, libp2p_id: str, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open_stream(
+        self, libp2p_id: str, name: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         from hivemind.p2p import PeerID
 
         _, reader, writer = await self.p2p.call_binary_stream_handler(
@@ -230,18 +240,33 @@ class PeerNetwork:
     # --- discovery -----------------------------------------------------------------
     async def announce(self, payload: dict, now: float) -> bool:
         """Store our signed announcement in the DHT for ``announce_ttl_s``."""
-        if self.dht is None or not self.dht.is_alive():  # e.g. Ctrl-C reached the DHT child first: nothing to tell
+        if (
+            self.dht is None or not self.dht.is_alive()
+        ):  # e.g. Ctrl-C reached the DHT child first: nothing to tell
             return False
         self._announce_seq += 1
         record = seal(
-            self.identity, kind="announce", run_id=self.run_id, round=payload["round"],
-            seq=self._announce_seq, timestamp=now, payload=payload,
+            self.identity,
+            kind="announce",
+            run_id=self.run_id,
+            round=payload["round"],
+            seq=self._announce_seq,
+            timestamp=now,
+            payload=payload,
         )
         try:
-            return bool(await asyncio.wait_for(self.dht.store(
-                self.dht_key, record, expiration_time=now + self.config.announce_ttl_s,
-                subkey=self.identity.peer_id, return_future=True,
-            ), self.config.request_timeout_s))
+            return bool(
+                await asyncio.wait_for(
+                    self.dht.store(
+                        self.dht_key,
+                        record,
+                        expiration_time=now + self.config.announce_ttl_s,
+                        subkey=self.identity.peer_id,
+                        return_future=True,
+                    ),
+                    self.config.request_timeout_s,
+                )
+            )
         except Exception as exc:  # DHT hiccups (or a DHT child killed by Ctrl-C) must not stop us
             log.warning("announcement failed: %r", exc)
             return False
@@ -264,8 +289,9 @@ class PeerNetwork:
         if found is None:
             return {}
         if not isinstance(found.value, dict):  # someone stored a plain value over the swarm's key
-            self.ignored_records.note(self.dht_key, ForeignRecord("not_a_dictionary", "swarm key holds a plain value"),
-                                      now)
+            self.ignored_records.note(
+                self.dht_key, ForeignRecord("not_a_dictionary", "swarm key holds a plain value"), now
+            )
             return {}
         peers: dict[str, Announcement] = {}
         for subkey, item in found.value.items():
@@ -280,8 +306,13 @@ class PeerNetwork:
 
     def parse_announcement(self, subkey: object, record: object, now: float) -> Announcement:
         """One DHT record, checked by the core's rule (raises a Reject subclass)."""
-        return check_announcement(subkey, record, run_id=self.run_id, now=now,
-                                  limits=announcement_limits(self._limits, self.config.announce_ttl_s))
+        return check_announcement(
+            subkey,
+            record,
+            run_id=self.run_id,
+            now=now,
+            limits=announcement_limits(self._limits, self.config.announce_ttl_s),
+        )
 
     async def redial(self, targets: list[tuple[str, list[str]]]) -> int:
         """Reconnect the DHT to peers we knew but no longer see (e.g. after a network partition).
@@ -295,7 +326,9 @@ class PeerNetwork:
         from functools import partial
 
         try:
-            future = self.dht.run_coroutine(partial(_redial_in_dht_process, targets=targets), return_future=True)
+            future = self.dht.run_coroutine(
+                partial(_redial_in_dht_process, targets=targets), return_future=True
+            )
             return int(await asyncio.wait_for(future, 3.0 * 2 * len(targets) + 2.0))
         except Exception as exc:
             log.debug("re-dial failed: %r", exc)
@@ -315,7 +348,9 @@ class PeerNetwork:
         if self.dht is not None:
             loop = asyncio.get_running_loop()
             try:
-                await asyncio.wait_for(loop.run_in_executor(None, self.dht.shutdown), self.config.request_timeout_s)
+                await asyncio.wait_for(
+                    loop.run_in_executor(None, self.dht.shutdown), self.config.request_timeout_s
+                )
             except Exception as exc:
                 log.debug("dht shutdown: %r", exc)
             if self.dht.is_alive():  # never leave an orphan that blocks interpreter exit

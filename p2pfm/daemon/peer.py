@@ -49,7 +49,9 @@ __all__ = ["PeerDaemon", "load_or_create_identity", "run_peer", "shard_for"]
 def shard_for(config: PeerConfig, peer_id: str) -> ShardSpec:
     if config.shard >= 0:
         return ShardSpec(config.shard, config.num_shards)
-    return ShardSpec(int.from_bytes(digest(peer_id.encode())[:8], "little") % config.num_shards, config.num_shards)
+    return ShardSpec(
+        int.from_bytes(digest(peer_id.encode())[:8], "little") % config.num_shards, config.num_shards
+    )
 
 
 def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> LocalTrainer:
@@ -128,8 +130,13 @@ class PeerDaemon:
         await self.net.start()
         self._install_signal_handlers()
         await self.handlers.install()
-        log.info("peer %s (libp2p %s) listening on %s", self.peer_id, self.net.libp2p_id, " ".join(self.net.maddrs))
-        print(f"p2pfm peer {self.peer_id} ready; others join with --initial-peers {self.net.maddrs[0]}", flush=True)
+        log.info(
+            "peer %s (libp2p %s) listening on %s", self.peer_id, self.net.libp2p_id, " ".join(self.net.maddrs)
+        )
+        print(
+            f"p2pfm peer {self.peer_id} ready; others join with --initial-peers {self.net.maddrs[0]}",
+            flush=True,
+        )
         self.protocol.fire(Event.ONLINE)
         rt.write_status()
         if self.on_online is not None:
@@ -140,11 +147,21 @@ class PeerDaemon:
         initial_eval_loss = await loop.run_in_executor(None, self.trainer.evaluate)
         # The byte split this peer trains and evaluates on (absent for a user's own model).
         data_sizes = self.trainer.dataset.sizes() if isinstance(self.trainer, LocalTrainer) else {}
-        rt.record(StartRecord(round=self.protocol.round, resumed=rt.resumed, params=self.protocol.learner.numel,
-                              shard=self.shard.index, initial_eval_loss=initial_eval_loss,
-                              wall_time=rt.wall_time(), data_split=data_sizes))
+        rt.record(
+            StartRecord(
+                round=self.protocol.round,
+                resumed=rt.resumed,
+                params=self.protocol.learner.numel,
+                shard=self.shard.index,
+                initial_eval_loss=initial_eval_loss,
+                wall_time=rt.wall_time(),
+                data_split=data_sizes,
+            )
+        )
         joined = await self.driver.join("rejoin" if rt.resumed else "join")
-        rt.eval_loss = await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
+        rt.eval_loss = (
+            await loop.run_in_executor(None, self.trainer.evaluate) if joined else initial_eval_loss
+        )
         self._heartbeat = asyncio.create_task(self.driver.heartbeat())
         rt.write_status()
 

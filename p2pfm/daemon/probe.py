@@ -35,9 +35,15 @@ STREAMS = ("gossip", "state", "params")
 
 def build_update(identity: Identity, run_id: str, numel: int, round_: int) -> bytes:
     wire = encode(np.zeros(numel, dtype=np.float32), CodecSpec())
-    return seal(identity, kind="update", run_id=run_id, round=round_, seq=time.time_ns(), timestamp=time.time(),
-                payload={"tensor": wire, "weight": 1.0, "inner_steps": 1, "train_loss": 0.0,
-                         "model_hash": bytes(32)})
+    return seal(
+        identity,
+        kind="update",
+        run_id=run_id,
+        round=round_,
+        seq=time.time_ns(),
+        timestamp=time.time(),
+        payload={"tensor": wire, "weight": 1.0, "inner_steps": 1, "train_loss": 0.0, "model_hash": bytes(32)},
+    )
 
 
 def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes | int]:
@@ -62,9 +68,25 @@ def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes 
     if case == "oversize":
         return [2**31]
     if case == "announce":  # a small, valid, signed message of a kind no stream takes as a request
-        return [seal(me, kind="announce", run_id=run_id, round=round_, seq=time.time_ns(), timestamp=time.time(),
-                     payload={"libp2p_id": "probe", "maddrs": [], "round": round_, "model_hash": bytes(32),
-                              "device": "probe", "power_w": 0.0, "state_bytes": 0})]
+        return [
+            seal(
+                me,
+                kind="announce",
+                run_id=run_id,
+                round=round_,
+                seq=time.time_ns(),
+                timestamp=time.time(),
+                payload={
+                    "libp2p_id": "probe",
+                    "maddrs": [],
+                    "round": round_,
+                    "model_hash": bytes(32),
+                    "device": "probe",
+                    "power_w": 0.0,
+                    "state_bytes": 0,
+                },
+            )
+        ]
     raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
@@ -77,16 +99,24 @@ def current_round(round_: int, round_from: Path | None) -> int:
     return int(json.loads(round_from.read_text()).get("round", 0)) + 1
 
 
-async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], round_: int,
-                round_from: Path | None = None, stream: str = "gossip") -> list[dict]:
+async def probe(
+    peer_maddr: str,
+    run_id: str,
+    numel: int,
+    cases: list[str],
+    round_: int,
+    round_from: Path | None = None,
+    stream: str = "gossip",
+) -> list[dict]:
     from hivemind.p2p import P2P, PeerID
 
     p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     target = PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
     results = []
     try:
-        for case, message in [(c, m) for c in cases
-                              for m in messages_for(c, run_id, numel, current_round(round_, round_from))]:
+        for case, message in [
+            (c, m) for c in cases for m in messages_for(c, run_id, numel, current_round(round_, round_from))
+        ]:
             _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/{stream}/1")
             try:
                 if isinstance(message, int):
@@ -109,18 +139,29 @@ async def probe(peer_maddr: str, run_id: str, numel: int, cases: list[str], roun
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--peer", required=True, help="the target peer's full multiaddr (with /p2p/...)")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--numel", type=int, required=True, help="the model's parameter count")
-    parser.add_argument("--case", choices=CASES, nargs="+", required=True, help="one or more cases, sent in order")
+    parser.add_argument(
+        "--case", choices=CASES, nargs="+", required=True, help="one or more cases, sent in order"
+    )
     parser.add_argument("--round", type=int, default=0, help="round to claim in the update")
-    parser.add_argument("--round-from", type=Path, default=None,
-                        help="the target's status.json: claim its current round + 1, read just before sending")
-    parser.add_argument("--stream", choices=STREAMS, default="gossip", help="which of the peer's streams to send to")
+    parser.add_argument(
+        "--round-from",
+        type=Path,
+        default=None,
+        help="the target's status.json: claim its current round + 1, read just before sending",
+    )
+    parser.add_argument(
+        "--stream", choices=STREAMS, default="gossip", help="which of the peer's streams to send to"
+    )
     args = parser.parse_args()
-    for result in asyncio.run(probe(args.peer, args.run_id, args.numel, args.case, args.round, args.round_from,
-                                    args.stream)):
+    for result in asyncio.run(
+        probe(args.peer, args.run_id, args.numel, args.case, args.round, args.round_from, args.stream)
+    ):
         print(json.dumps(result), flush=True)
 
 

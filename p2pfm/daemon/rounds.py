@@ -65,24 +65,44 @@ class RoundDriver:
                 announced = listed
             now = time.time()
             waited = now - started
-            rt.write_status({**view.as_status(), "waited_s": round(waited, 1), "deadline_s": round(patience, 1)})
+            rt.write_status(
+                {**view.as_status(), "waited_s": round(waited, 1), "deadline_s": round(patience, 1)}
+            )
             if view.ready or rt.stop_event.is_set():
                 if view.need > 1:
                     log.info("quorum reached after %.1f s: %s", waited, view.describe())
                 return view
             if not hard and not view.seen and waited >= 5.0:  # pointed at a swarm that is not there
-                log.warning("no peer of the swarm found after %.0f s; training alone until peers appear", waited)
+                log.warning(
+                    "no peer of the swarm found after %.0f s; training alone until peers appear", waited
+                )
                 return view
             if now > deadline:
-                log.warning("gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; %s", waited, patience,
-                            view.describe(), "training alone until peers appear" if view.have == 1 else
-                            f"training with the {view.have - 1} partner(s) that hear us")
-                rt.record(QuorumTimeoutRecord(
-                    need=view.need, have=view.have, seen=list(view.seen), confirmed=list(view.confirmed),
-                    unconfirmed=list(view.unconfirmed), waited_s=waited, wall_time=rt.wall_time()))
+                log.warning(
+                    "gave up waiting for a quorum after %.0f s (deadline %.0f s): %s; %s",
+                    waited,
+                    patience,
+                    view.describe(),
+                    "training alone until peers appear"
+                    if view.have == 1
+                    else f"training with the {view.have - 1} partner(s) that hear us",
+                )
+                rt.record(
+                    QuorumTimeoutRecord(
+                        need=view.need,
+                        have=view.have,
+                        seen=list(view.seen),
+                        confirmed=list(view.confirmed),
+                        unconfirmed=list(view.unconfirmed),
+                        waited_s=waited,
+                        wall_time=rt.wall_time(),
+                    )
+                )
                 return view
             if now - last_log >= 5.0:
-                log.info("waiting for a quorum: %s; waited %.0f s of %.0f s", view.describe(), waited, patience)
+                log.info(
+                    "waiting for a quorum: %s; waited %.0f s of %.0f s", view.describe(), waited, patience
+                )
                 last_log = now
             await asyncio.sleep(0.25)
 
@@ -113,10 +133,14 @@ class RoundDriver:
         started = time.perf_counter()
         try:
             await asyncio.wait_for(self.rt.heard_update.wait(), patience)
-            log.info("first update from a partner arrived after %.2f s: the swarm is training together",
-                     time.perf_counter() - started)
+            log.info(
+                "first update from a partner arrived after %.2f s: the swarm is training together",
+                time.perf_counter() - started,
+            )
         except TimeoutError:
-            log.warning("no partner's update within %.0f s of our first round; training on without waiting", patience)
+            log.warning(
+                "no partner's update within %.0f s of our first round; training on without waiting", patience
+            )
 
     # --- background: heartbeats ------------------------------------------------------------------
     async def heartbeat(self) -> None:
@@ -158,8 +182,11 @@ class RoundDriver:
         except (ValueError, KeyError) as exc:
             log.warning("donor optimizer state unusable (%s); keeping ours", exc)
         rt.refresh_snapshot()
-        rt.record(StateDownloadRecord(reason=reason, donor=donor, round=round_, behind=plan.behind,
-                                      wall_time=rt.wall_time()))
+        rt.record(
+            StateDownloadRecord(
+                reason=reason, donor=donor, round=round_, behind=plan.behind, wall_time=rt.wall_time()
+            )
+        )
         log.info("adopted state of round %d from %s (%s)", round_, donor, reason)
         return True
 
@@ -187,7 +214,9 @@ class RoundDriver:
         rt = self.rt
         loop = asyncio.get_running_loop()
         round_start = time.perf_counter()
-        stats = await loop.run_in_executor(None, rt.trainer.train_steps, rt.config.gossip.inner_steps, rt.stop_flag)
+        stats = await loop.run_in_executor(
+            None, rt.trainer.train_steps, rt.config.gossip.inner_steps, rt.stop_flag
+        )
         if stats.steps < rt.config.gossip.inner_steps:  # stopping mid-round: keep the anchor
             rt.trainer.load_flat(self.protocol.params)
             return
@@ -201,7 +230,9 @@ class RoundDriver:
         rt.train_loss = stats.mean_loss
         gossip_start = time.perf_counter()
         work = LocalWork(samples=stats.samples, inner_steps=stats.steps, train_loss=stats.mean_loss)
-        message = self.protocol.seal("update", self.protocol.make_update(rt.trainer.flat(), work), time.time())
+        message = self.protocol.seal(
+            "update", self.protocol.make_update(rt.trainer.flat(), work), time.time()
+        )
         for target in choose_partners(list(rt.live), rt.peer_id, rt.config.gossip.fanout, rt.rng):
             task = asyncio.create_task(self.client.push_update(rt.live[target], message))
             rt.background.add(task)

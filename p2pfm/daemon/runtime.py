@@ -144,14 +144,20 @@ class PeerRuntime:
         if found is None:
             return False
         arrays, meta = found
-        expected = {"run_id": self.config.run_id, "seed": self.config.seed, "model": config_to_dict(self.config.model)}
+        expected = {
+            "run_id": self.config.run_id,
+            "seed": self.config.seed,
+            "model": config_to_dict(self.config.model),
+        }
         saved = meta.get("config", {})
         if {k: saved.get(k) for k in expected} != expected:
             raise ConfigError(
                 f"work_dir: {self.config.work_dir} holds a checkpoint of another run or model ({saved}); "
                 "use a fresh --work-dir or the same run_id, seed and model"
             )
-        self.protocol.learner.load_state_arrays({k: arrays[k] for k in ("params", "momentum", "residual", "round")})
+        self.protocol.learner.load_state_arrays(
+            {k: arrays[k] for k in ("params", "momentum", "residual", "round")}
+        )
         self.trainer.load_flat(self.protocol.params)
         self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
         self.protocol.seq = max(self.protocol.seq, int(meta.get("seq", 0)) + 1)

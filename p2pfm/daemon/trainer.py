@@ -98,11 +98,13 @@ class ModelAdapter:
         """
         for index, param in enumerate(self.model.parameters()):
             prefix = f"opt.{index}."
-            entries = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            entries = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             if not entries:
                 continue
             group = next((g for g in self.optimizer.param_groups if any(p is param for p in g["params"])), {})
-            step_device = param.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+            step_device = (
+                param.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+            )
             state: dict[str, torch.Tensor] = {}
             for key, value in entries.items():
                 if key == "step" and value.size == 1:
@@ -113,8 +115,12 @@ class ModelAdapter:
                 elif value.size == 1:  # another scalar (ASGD's eta, mu)
                     shape = torch.Size()
                 else:
-                    raise ValueError(f"optimizer state {prefix}{key} has {value.size} entries, parameter has {param.numel()}")
-                own = torch.from_numpy(np.array(value, dtype=np.float32).reshape(shape))  # a copy: not the caller's array
+                    raise ValueError(
+                        f"optimizer state {prefix}{key} has {value.size} entries, parameter has {param.numel()}"
+                    )
+                own = torch.from_numpy(
+                    np.array(value, dtype=np.float32).reshape(shape)
+                )  # a copy: not the caller's array
                 state[key] = own.to(device=param.device, dtype=param.dtype)
             self.optimizer.state[param] = state
 
@@ -137,7 +143,9 @@ class LocalTrainer(ModelAdapter):
         eval_batches: int,
         eval_batch_size: int,
     ) -> None:
-        optimizer = build_inner_optimizer(model.parameters(), InnerTrainConfig(lr=lr, weight_decay=weight_decay))
+        optimizer = build_inner_optimizer(
+            model.parameters(), InnerTrainConfig(lr=lr, weight_decay=weight_decay)
+        )
         super().__init__(model, optimizer)
         self.dataset = dataset
         self.batch_size = batch_size

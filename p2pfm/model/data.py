@@ -102,8 +102,10 @@ class CorpusFile:
 
 
 def _text_description() -> str:
-    return (f"text means files ending in {', '.join(TEXT_SUFFIXES)} (any name when --data is one file) "
-            "that are UTF-8 without NUL bytes")
+    return (
+        f"text means files ending in {', '.join(TEXT_SUFFIXES)} (any name when --data is one file) "
+        "that are UTF-8 without NUL bytes"
+    )
 
 
 def list_corpus_files(root: Path, *, skipped_level: int = logging.WARNING) -> list[CorpusFile]:
@@ -163,7 +165,9 @@ class Corpus:
     def scan(cls, root: Path | None) -> Corpus:
         """List ``root`` (None: the default corpus); reads only sizes and small samples."""
         if root is None:
-            return cls(default_corpus_dir(), list_corpus_files(default_corpus_dir(), skipped_level=logging.INFO))
+            return cls(
+                default_corpus_dir(), list_corpus_files(default_corpus_dir(), skipped_level=logging.INFO)
+            )
         return cls(root, list_corpus_files(root))
 
     def read_into(self, start: int, out: np.ndarray) -> int:
@@ -181,7 +185,7 @@ class Corpus:
             try:
                 with file.path.open("rb") as handle:
                     handle.seek(within)
-                    got = handle.readinto(view[done:done + want]) or 0
+                    got = handle.readinto(view[done : done + want]) or 0
             except OSError:
                 got = 0
             done += got
@@ -224,7 +228,7 @@ class CorpusSplit:
 
     def shard_blocks(self, index: int) -> np.ndarray:
         """Shard ``index``'s blocks in its seeded order (a prefix is a random sample of it)."""
-        return self._shuffled[index::self.count]
+        return self._shuffled[index :: self.count]
 
     def block_range(self, block: int) -> tuple[int, int]:
         start = int(block) * self.block_bytes
@@ -261,7 +265,7 @@ class CorpusSplit:
             want = min(stop - start, size - filled)
             if want <= 0:
                 break
-            got = self.corpus.read_into(start, out[filled:filled + want])
+            got = self.corpus.read_into(start, out[filled : filled + want])
             filled += got
         return out[:filled]
 
@@ -326,9 +330,15 @@ class ByteDataset:
 
     def sizes(self) -> dict[str, int]:
         """Bytes of the corpus, of this shard in memory, and of the held-out set in memory (metrics)."""
-        return {"corpus_bytes": self.corpus_bytes, "shard_bytes": len(self.train), "holdout_bytes": len(self.holdout)}
+        return {
+            "corpus_bytes": self.corpus_bytes,
+            "shard_bytes": len(self.train),
+            "holdout_bytes": len(self.holdout),
+        }
 
-    def batch(self, generator: torch.Generator, batch_size: int, *, holdout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, generator: torch.Generator, batch_size: int, *, holdout: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of shape (B, T), int64, drawn with ``generator``."""
         source = self.holdout if holdout else self.train
         starts = torch.randint(0, len(source) - self.block_size - 1, (batch_size,), generator=generator)
@@ -336,7 +346,9 @@ class ByteDataset:
         window = torch.from_numpy(source[offsets].astype(np.int64))  # (B, T+1)
         return window[:, :-1], window[:, 1:]
 
-    def eval_batches(self, count: int, batch_size: int, seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, count: int, batch_size: int, seed: int = 1234
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed held-out batches every peer evaluates on (same seed -> same bytes)."""
         generator = torch.Generator().manual_seed(seed)
         return [self.batch(generator, batch_size, holdout=True) for _ in range(count)]

@@ -69,8 +69,13 @@ class NfQueue:
 
     def _send(self, msg_type: int, flags: int, body: bytes) -> None:
         self.seq += 1
-        header = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type,
-                                NLM_F_REQUEST | flags, self.seq, 0)
+        header = NLMSG_HDR.pack(
+            NLMSG_HDR.size + len(body),
+            (NFNL_SUBSYS_QUEUE << 8) | msg_type,
+            NLM_F_REQUEST | flags,
+            self.seq,
+            0,
+        )
         self.sock.send(header + body)
 
     def _config(self, attrs: bytes) -> None:
@@ -83,7 +88,9 @@ class NfQueue:
                 raise OSError(-error, f"nfqueue config refused: {-error}")
 
     def verdict(self, packet_id: int, verdict: int) -> None:
-        body = NFGEN_HDR.pack(socket.AF_UNSPEC, 0, self.queue) + _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
+        body = NFGEN_HDR.pack(socket.AF_UNSPEC, 0, self.queue) + _attr(
+            NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)
+        )
         self._send(NFQNL_MSG_VERDICT, 0, body)
 
     def packets(self, timeout: float | None) -> list[int]:

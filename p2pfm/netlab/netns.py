@@ -89,7 +89,7 @@ def sweep_stale() -> list[str]:
         if not name.startswith(NAME_ROOT):
             continue
         try:
-            owner = int(name[len(NAME_ROOT):].split("-")[0])
+            owner = int(name[len(NAME_ROOT) :].split("-")[0])
         except ValueError:
             continue
         if not Path(f"/proc/{owner}").exists():
@@ -161,8 +161,25 @@ class NetLab:
                 self._add_ns(host)
                 # Both ends are born inside their namespaces: no name ever exists in the
                 # root namespace, so parallel labs cannot collide.
-                _run("ip", "link", "add", "eth0", "netns", host, "mtu", str(self.mtu), "type", "veth",
-                     "peer", "name", f"p{i}", "netns", self.switch, "mtu", str(self.mtu))
+                _run(
+                    "ip",
+                    "link",
+                    "add",
+                    "eth0",
+                    "netns",
+                    host,
+                    "mtu",
+                    str(self.mtu),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    f"p{i}",
+                    "netns",
+                    self.switch,
+                    "mtu",
+                    str(self.mtu),
+                )
                 self.sw("ip", "link", "set", f"p{i}", "master", "br0", "up")
                 self.exec(i, "ip", "addr", "add", f"{self.addrs[i]}/24", "dev", "eth0")
                 self.exec(i, "ip", "link", "set", "eth0", "up")
@@ -198,14 +215,26 @@ class NetLab:
         """Run ``cmd`` in host ``i`` and wait for it."""
         return _run("ip", "netns", "exec", self.hosts[i], *cmd, check=check, timeout=timeout)
 
-    def popen(self, i: int, cmd: Sequence[str], *, log: Path | None = None,
-              env: dict[str, str] | None = None, cwd: str | Path | None = None) -> subprocess.Popen:
+    def popen(
+        self,
+        i: int,
+        cmd: Sequence[str],
+        *,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ) -> subprocess.Popen:
         """Start ``cmd`` in host ``i`` in a new session (its own process group); the lab
         stops the whole group on close. Output goes to ``log`` (or is discarded)."""
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (kept by the Popen)
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.hosts[i], *cmd], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+            ["ip", "netns", "exec", self.hosts[i], *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
         if log:
             out.close()
@@ -214,8 +243,20 @@ class NetLab:
 
     def ping(self, src: int, dst: int, count: int = 1, timeout_s: float = 1.0) -> list[float] | None:
         """RTTs in ms of ``count`` pings from host ``src`` to host ``dst``; None if none came back."""
-        res = self.exec(src, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(timeout_s),
-                        self.addrs[dst], check=False, timeout=count * (timeout_s + 1) + 5)
+        res = self.exec(
+            src,
+            "ping",
+            "-n",
+            "-c",
+            str(count),
+            "-i",
+            "0.2",
+            "-W",
+            str(timeout_s),
+            self.addrs[dst],
+            check=False,
+            timeout=count * (timeout_s + 1) + 5,
+        )
         rtts = [float(tok.split("=")[1]) for tok in res.stdout.split() if tok.startswith("time=")]
         return rtts or None
 
@@ -229,8 +270,15 @@ class NetLab:
             self.sw("tc", "qdisc", "del", "dev", "br0", "root", check=False)
         return self._shaper
 
-    def shape(self, i: int, *, rate_mbit: float | None = None, delay_ms: float | None = None,
-              jitter_ms: float | None = None, loss_pct: float | None = None) -> None:
+    def shape(
+        self,
+        i: int,
+        *,
+        rate_mbit: float | None = None,
+        delay_ms: float | None = None,
+        jitter_ms: float | None = None,
+        loss_pct: float | None = None,
+    ) -> None:
         """Shape host ``i``'s link in both directions (its upload and its download); replaces
         any earlier shape of that link.
 
@@ -262,16 +310,42 @@ class NetLab:
             log = self.tmp / f"linkemu-h{i}.log"
             log.write_text("")
             # By path, not -m: this very file, whichever p2pfm the working directory would import.
-            self._emu[i] = self.popen(i, [sys.executable, str(Path(__file__).with_name("linkemu.py")), "--queue", "0",
-                                          "--delay-ms", str(2 * (delay_ms or 0)), "--loss-pct", str(both_ways_loss),
-                                          "--seed", str(i)], log=log)
+            self._emu[i] = self.popen(
+                i,
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("linkemu.py")),
+                    "--queue",
+                    "0",
+                    "--delay-ms",
+                    str(2 * (delay_ms or 0)),
+                    "--loss-pct",
+                    str(both_ways_loss),
+                    "--seed",
+                    str(i),
+                ],
+                log=log,
+            )
             deadline = time.monotonic() + 60
             while "linkemu:" not in log.read_text():  # bound to its queue: safe to divert packets
                 if self._emu[i].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"linkemu did not start in h{i}: {log.read_text()}")
                 time.sleep(0.05)
-            self.exec(i, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "eth0", "-j", "NFQUEUE",
-                      "--queue-num", "0", "--queue-bypass")
+            self.exec(
+                i,
+                "iptables",
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "eth0",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                "0",
+                "--queue-bypass",
+            )
 
     def unshape(self, i: int) -> None:
         self.exec(i, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)

@@ -234,7 +234,9 @@ class Simulation:
     def _work(self, train_loss: float) -> LocalWork:
         """One round of a simulated peer's local work, as its update reports it."""
         steps = self.gossip.inner_steps
-        return LocalWork(samples=self.workload.samples_per_step * steps, inner_steps=steps, train_loss=train_loss)
+        return LocalWork(
+            samples=self.workload.samples_per_step * steps, inner_steps=steps, train_loss=train_loss
+        )
 
     def _pack(self, payload: dict[str, Any]) -> bytes | None:
         """The payload's canonical bytes for unsigned sealing, packed once for all partners (None if signed)."""
@@ -250,7 +252,9 @@ class Simulation:
         """
         identity = self.identities[peer]
         if packed is None:
-            return seal(identity, kind="update", run_id=RUN_ID, round=round, seq=seq, timestamp=now, payload=payload)
+            return seal(
+                identity, kind="update", run_id=RUN_ID, round=round, seq=seq, timestamp=now, payload=payload
+            )
         body = pack_body_with_payload(
             {"v": PROTOCOL_VERSION, "kind": "update", "run": RUN_ID, "sender": identity.public_key_bytes,
              "round": round, "seq": seq, "ts": float(now)},
@@ -551,8 +555,9 @@ class Simulation:
         self.online_since[peer] = self.now
         self.uplink_free[peer] = self.now
         # A restart: a fresh protocol (replay guard, scores) from the peer's own (stale) checkpoint.
-        protocol = PeerProtocol(self.setups[peer], self.initial, seq=self.peers[peer].seq,
-                                round=self.peers[peer].round)
+        protocol = PeerProtocol(
+            self.setups[peer], self.initial, seq=self.peers[peer].seq, round=self.peers[peer].round
+        )
         protocol.learner.params = self.peers[peer].params.copy()
         if self.checkpoints[peer] is not None:
             protocol.learner.load_state_arrays(self.checkpoints[peer])

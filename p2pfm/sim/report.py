@@ -150,7 +150,9 @@ def summarize(sim) -> dict[str, Any]:
         "bits_per_param_per_round": expected_round_bits_per_param(
             sim.update_bytes, sim.workload.numel, sc.gossip.fanout
         ),
-        "sync_bits_per_param_per_round": bits_per_param(sim.sync_bytes_sent, sim.workload.numel * peer_rounds),
+        "sync_bits_per_param_per_round": bits_per_param(
+            sim.sync_bytes_sent, sim.workload.numel * peer_rounds
+        ),
         "energy_wh": energy.energy_wh,
         "energy_breakdown_wh": {
             "compute": energy.compute_wh,

@@ -87,7 +87,11 @@ class GPTWorkloadConfig:
 
     def __post_init__(self) -> None:
         # A live peer may skip evaluation; the simulator's loss figures are this held-out set.
-        require(self.train.eval_batches >= 1, "workload.gpt.train.eval_batches", "must be at least 1 in the simulator")
+        require(
+            self.train.eval_batches >= 1,
+            "workload.gpt.train.eval_batches",
+            "must be at least 1 in the simulator",
+        )
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,9 @@ def run_sweep(scenario: Scenario, rates: list[float], out: Path, *, progress: bo
     points = []
     curves = []
     for rate in rates:
-        sim, summary = simulate(at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=True)
+        sim, summary = simulate(
+            at_rate(scenario, rate), out / f"rate_{rate:g}", progress=progress, plots=True
+        )
         curves.append({row["round"]: row for row in sim.metrics.rows if math.isfinite(row["mean_loss"])})
         points.append(
             {
@@ -130,7 +132,11 @@ def sweep_table(result: dict[str, Any]) -> str:
             f"| {p['energy_wh']:.3g} | {p['carbon_g']:.3g} |"
         )
         if p["final_loss_round"] != result["rounds"]:
-            last = "never" if p["final_loss"] is None else f"{p['final_loss']:.4f} at round {p['final_loss_round']}"
+            last = (
+                "never"
+                if p["final_loss"] is None
+                else f"{p['final_loss']:.4f} at round {p['final_loss_round']}"
+            )
             notes.append(f"- rate {p['churn_rate']:g}: no peer online at the end; last measured loss {last}")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
@@ -142,7 +148,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rates = [p["churn_rate"] for p in result["points"]]
-    losses = [math.nan if p["loss_at_compare_round"] is None else p["loss_at_compare_round"] for p in result["points"]]
+    losses = [
+        math.nan if p["loss_at_compare_round"] is None else p["loss_at_compare_round"]
+        for p in result["points"]
+    ]
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=80)
     ax.plot(rates, losses, marker="o")
     if result["points"] and result["points"][0]["churn_rate"] == 0:

@@ -229,7 +229,9 @@ def convert_phone_trace(text: str, source: str = "<phone trace>", *, absolute: b
                 raise TraceError(source, number, f"end_ms ({end}) must be greater than start_ms ({start})")
             if not absolute and end > WEEK_MS:
                 raise TraceError(
-                    source, number, f"end_ms ({end}) is past the end of the week ({WEEK_MS}); use absolute times"
+                    source,
+                    number,
+                    f"end_ms ({end}) is past the end of the week ({WEEK_MS}); use absolute times",
                 )
             spans[device].append((start, end))
             intervals_in += 1

@@ -178,7 +178,9 @@ class GPTWorkload:
         self.models = [build_model(config.model, seed) for _ in range(peers)]
         self.optimizers = [build_inner_optimizer(m.parameters(), train) for m in self.models]
         self.generators = [torch.Generator().manual_seed(int(rng.integers(2**31))) for _ in range(peers)]
-        self.eval_batches = self.datasets[0].eval_batches(train.eval_batches, train.eval_batch_size, seed=seed)
+        self.eval_batches = self.datasets[0].eval_batches(
+            train.eval_batches, train.eval_batch_size, seed=seed
+        )
         vector = torch.nn.utils.parameters_to_vector(self.models[0].parameters())
         self.numel = int(vector.numel())
         tokens = train.batch_size * config.model.block_size

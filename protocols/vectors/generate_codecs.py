@@ -108,16 +108,63 @@ class RejectCase:
 
 
 ACCEPT_CASES = [
-    Accept("accept_none", "fp32 raw bytes, lossless, edge values included", CodecSpec("none"), _input_edge_values),
-    Accept("accept_fp16", "fp16 with saturation at 65504 and underflow of tiny values", CodecSpec("fp16"), _input_edge_values),
-    Accept("accept_int8_single_block", "int8, 40 values in one partial block of 256", CodecSpec("int8"), _input_edge_values),
-    Accept("accept_int8_blocks", "int8, block 64: zero block, tiny block, huge block, partial tail", CodecSpec("int8", block_size=64), _input_blocks),
-    Accept("accept_int8_one_element", "int8 with numel 1", CodecSpec("int8"), lambda: np.array([-0.75], np.float32)),
-    Accept("accept_topk_int8", "topk 5 % (k=15 of 300), int8 values, block 8", CodecSpec("topk", topk_fraction=0.05, block_size=8), lambda: gauss(14, 300)),
-    Accept("accept_topk_fp16", "topk 10 % (k=20 of 200), fp16 values", CodecSpec("topk", topk_fraction=0.1, value_bits=16), lambda: gauss(15, 200)),
-    Accept("accept_topk_ties", "topk k=8 of 64 with many equal magnitudes: lower index wins", CodecSpec("topk", topk_fraction=0.125, value_bits=16), _input_ties),
-    Accept("accept_topk_sparse_gaps", "topk k=6 of 300: first index 0, gaps of 1 and 2-byte varints", CodecSpec("topk", topk_fraction=0.02), _input_sparse_wide),
-    Accept("accept_topk_one_element", "topk with numel 1 keeps it", CodecSpec("topk"), lambda: np.array([2.0], np.float32)),
+    Accept(
+        "accept_none", "fp32 raw bytes, lossless, edge values included", CodecSpec("none"), _input_edge_values
+    ),
+    Accept(
+        "accept_fp16",
+        "fp16 with saturation at 65504 and underflow of tiny values",
+        CodecSpec("fp16"),
+        _input_edge_values,
+    ),
+    Accept(
+        "accept_int8_single_block",
+        "int8, 40 values in one partial block of 256",
+        CodecSpec("int8"),
+        _input_edge_values,
+    ),
+    Accept(
+        "accept_int8_blocks",
+        "int8, block 64: zero block, tiny block, huge block, partial tail",
+        CodecSpec("int8", block_size=64),
+        _input_blocks,
+    ),
+    Accept(
+        "accept_int8_one_element",
+        "int8 with numel 1",
+        CodecSpec("int8"),
+        lambda: np.array([-0.75], np.float32),
+    ),
+    Accept(
+        "accept_topk_int8",
+        "topk 5 % (k=15 of 300), int8 values, block 8",
+        CodecSpec("topk", topk_fraction=0.05, block_size=8),
+        lambda: gauss(14, 300),
+    ),
+    Accept(
+        "accept_topk_fp16",
+        "topk 10 % (k=20 of 200), fp16 values",
+        CodecSpec("topk", topk_fraction=0.1, value_bits=16),
+        lambda: gauss(15, 200),
+    ),
+    Accept(
+        "accept_topk_ties",
+        "topk k=8 of 64 with many equal magnitudes: lower index wins",
+        CodecSpec("topk", topk_fraction=0.125, value_bits=16),
+        _input_ties,
+    ),
+    Accept(
+        "accept_topk_sparse_gaps",
+        "topk k=6 of 300: first index 0, gaps of 1 and 2-byte varints",
+        CodecSpec("topk", topk_fraction=0.02),
+        _input_sparse_wide,
+    ),
+    Accept(
+        "accept_topk_one_element",
+        "topk with numel 1 keeps it",
+        CodecSpec("topk"),
+        lambda: np.array([2.0], np.float32),
+    ),
 ]
 
 
@@ -144,31 +191,157 @@ def _f32(*values: float) -> bytes:
 
 R = RejectReason
 REJECT_CASES = [
-    RejectCase("reject_schema_not_a_map", "the codec field is a list, not a map", R.SCHEMA, "accept_none", lambda w: [w["codec"], w["numel"]]),
+    RejectCase(
+        "reject_schema_not_a_map",
+        "the codec field is a list, not a map",
+        R.SCHEMA,
+        "accept_none",
+        lambda w: [w["codec"], w["numel"]],
+    ),
     RejectCase("reject_schema_codec_missing", "no codec field", R.SCHEMA, "accept_none", _set(codec=None)),
-    RejectCase("reject_unknown_codec", "codec 'zstd' is not registered", R.UNKNOWN_CODEC, "accept_none", _set(codec="zstd")),
-    RejectCase("reject_schema_missing_field", "int8 map without scales", R.SCHEMA, "accept_int8_blocks", _set(scales=None)),
-    RejectCase("reject_schema_extra_field", "fp16 map with an extra 'shape' field", R.SCHEMA, "accept_fp16", _set(shape=[40])),
+    RejectCase(
+        "reject_unknown_codec",
+        "codec 'zstd' is not registered",
+        R.UNKNOWN_CODEC,
+        "accept_none",
+        _set(codec="zstd"),
+    ),
+    RejectCase(
+        "reject_schema_missing_field",
+        "int8 map without scales",
+        R.SCHEMA,
+        "accept_int8_blocks",
+        _set(scales=None),
+    ),
+    RejectCase(
+        "reject_schema_extra_field",
+        "fp16 map with an extra 'shape' field",
+        R.SCHEMA,
+        "accept_fp16",
+        _set(shape=[40]),
+    ),
     RejectCase("reject_schema_wrong_type", "numel as a string", R.SCHEMA, "accept_none", _set(numel="40")),
-    RejectCase("reject_schema_value_bits", "topk value_bits 4", R.SCHEMA, "accept_topk_fp16", _set(value_bits=4)),
+    RejectCase(
+        "reject_schema_value_bits", "topk value_bits 4", R.SCHEMA, "accept_topk_fp16", _set(value_bits=4)
+    ),
     RejectCase("reject_schema_block_zero", "int8 block 0", R.SCHEMA, "accept_int8_blocks", _set(block=0)),
-    RejectCase("reject_schema_int8_minus_128", "int8 value -128 (outside the symmetric range)", R.SCHEMA, "accept_int8_blocks", _set(values=lambda w: b"\x80" + w["values"][1:])),
-    RejectCase("reject_schema_negative_scale", "int8 scale -1.0", R.SCHEMA, "accept_int8_blocks", _set(scales=lambda w: _f32(-1.0) + w["scales"][4:])),
-    RejectCase("reject_oversize_numel", "numel 40 above max_numel 39", R.OVERSIZE, "accept_none", lambda w: w, max_numel=39),
-    RejectCase("reject_shape_numel_mismatch", "numel 40 but the receiver's model has 41", R.SHAPE_MISMATCH, "accept_none", lambda w: w, expected_numel=41),
-    RejectCase("reject_shape_values_length", "fp16 values one element short", R.SHAPE_MISMATCH, "accept_fp16", _set(values=lambda w: w["values"][:-2])),
-    RejectCase("reject_shape_scales_length", "int8 scales for 4 blocks instead of 5", R.SHAPE_MISMATCH, "accept_int8_blocks", _set(scales=lambda w: w["scales"][:-4])),
-    RejectCase("reject_shape_k_above_numel", "topk k = numel + 1", R.SHAPE_MISMATCH, "accept_topk_fp16", _set(k=201)),
-    RejectCase("reject_shape_index_count", "topk index bytes hold k-1 varints", R.SHAPE_MISMATCH, "accept_topk_fp16", _set(indices=lambda w: _indices(*([1] * 19)))),
-    RejectCase("reject_bad_index_out_of_bounds", "topk last index = numel", R.BAD_INDEX, "accept_topk_sparse_gaps", _set(indices=_indices(0, 1, 4, 125, 1, 169))),
-    RejectCase("reject_bad_index_duplicate", "topk gap 0 after the first index (duplicate)", R.BAD_INDEX, "accept_topk_sparse_gaps", _set(indices=_indices(0, 1, 0, 125, 1, 168))),
-    RejectCase("reject_bad_index_truncated_varint", "last varint has its continuation bit set", R.BAD_INDEX, "accept_topk_sparse_gaps", _set(indices=_indices(0, 1, 4, 125, 1) + b"\xa8")),
-    RejectCase("reject_bad_index_overlong_varint", "varint 0x81 0x00: value 1 in two bytes", R.BAD_INDEX, "accept_topk_sparse_gaps", _set(indices=_indices(0) + b"\x81\x00" + _indices(4, 125, 1, 168))),
-    RejectCase("reject_bad_index_varint_overflow", "a 6-byte varint", R.BAD_INDEX, "accept_topk_sparse_gaps", _set(indices=_indices(0, 1, 4, 125, 1) + b"\xff\xff\xff\xff\xff\x01")),
-    RejectCase("reject_non_finite_fp32", "NaN among fp32 values", R.NON_FINITE, "accept_none", _set(values=lambda w: _f32(float("nan")) + w["values"][4:])),
-    RejectCase("reject_non_finite_fp16", "+Inf among fp16 values", R.NON_FINITE, "accept_fp16", _set(values=lambda w: w["values"][:-2] + b"\x00\x7c")),
-    RejectCase("reject_non_finite_scale", "NaN int8 scale", R.NON_FINITE, "accept_int8_blocks", _set(scales=lambda w: _f32(float("nan")) + w["scales"][4:])),
-    RejectCase("reject_non_finite_scale_overflow", "scale 3e38: 127 * scale overflows float32", R.NON_FINITE, "accept_topk_int8", _set(scales=lambda w: _f32(3e38) + w["scales"][4:])),
+    RejectCase(
+        "reject_schema_int8_minus_128",
+        "int8 value -128 (outside the symmetric range)",
+        R.SCHEMA,
+        "accept_int8_blocks",
+        _set(values=lambda w: b"\x80" + w["values"][1:]),
+    ),
+    RejectCase(
+        "reject_schema_negative_scale",
+        "int8 scale -1.0",
+        R.SCHEMA,
+        "accept_int8_blocks",
+        _set(scales=lambda w: _f32(-1.0) + w["scales"][4:]),
+    ),
+    RejectCase(
+        "reject_oversize_numel",
+        "numel 40 above max_numel 39",
+        R.OVERSIZE,
+        "accept_none",
+        lambda w: w,
+        max_numel=39,
+    ),
+    RejectCase(
+        "reject_shape_numel_mismatch",
+        "numel 40 but the receiver's model has 41",
+        R.SHAPE_MISMATCH,
+        "accept_none",
+        lambda w: w,
+        expected_numel=41,
+    ),
+    RejectCase(
+        "reject_shape_values_length",
+        "fp16 values one element short",
+        R.SHAPE_MISMATCH,
+        "accept_fp16",
+        _set(values=lambda w: w["values"][:-2]),
+    ),
+    RejectCase(
+        "reject_shape_scales_length",
+        "int8 scales for 4 blocks instead of 5",
+        R.SHAPE_MISMATCH,
+        "accept_int8_blocks",
+        _set(scales=lambda w: w["scales"][:-4]),
+    ),
+    RejectCase(
+        "reject_shape_k_above_numel", "topk k = numel + 1", R.SHAPE_MISMATCH, "accept_topk_fp16", _set(k=201)
+    ),
+    RejectCase(
+        "reject_shape_index_count",
+        "topk index bytes hold k-1 varints",
+        R.SHAPE_MISMATCH,
+        "accept_topk_fp16",
+        _set(indices=lambda w: _indices(*([1] * 19))),
+    ),
+    RejectCase(
+        "reject_bad_index_out_of_bounds",
+        "topk last index = numel",
+        R.BAD_INDEX,
+        "accept_topk_sparse_gaps",
+        _set(indices=_indices(0, 1, 4, 125, 1, 169)),
+    ),
+    RejectCase(
+        "reject_bad_index_duplicate",
+        "topk gap 0 after the first index (duplicate)",
+        R.BAD_INDEX,
+        "accept_topk_sparse_gaps",
+        _set(indices=_indices(0, 1, 0, 125, 1, 168)),
+    ),
+    RejectCase(
+        "reject_bad_index_truncated_varint",
+        "last varint has its continuation bit set",
+        R.BAD_INDEX,
+        "accept_topk_sparse_gaps",
+        _set(indices=_indices(0, 1, 4, 125, 1) + b"\xa8"),
+    ),
+    RejectCase(
+        "reject_bad_index_overlong_varint",
+        "varint 0x81 0x00: value 1 in two bytes",
+        R.BAD_INDEX,
+        "accept_topk_sparse_gaps",
+        _set(indices=_indices(0) + b"\x81\x00" + _indices(4, 125, 1, 168)),
+    ),
+    RejectCase(
+        "reject_bad_index_varint_overflow",
+        "a 6-byte varint",
+        R.BAD_INDEX,
+        "accept_topk_sparse_gaps",
+        _set(indices=_indices(0, 1, 4, 125, 1) + b"\xff\xff\xff\xff\xff\x01"),
+    ),
+    RejectCase(
+        "reject_non_finite_fp32",
+        "NaN among fp32 values",
+        R.NON_FINITE,
+        "accept_none",
+        _set(values=lambda w: _f32(float("nan")) + w["values"][4:]),
+    ),
+    RejectCase(
+        "reject_non_finite_fp16",
+        "+Inf among fp16 values",
+        R.NON_FINITE,
+        "accept_fp16",
+        _set(values=lambda w: w["values"][:-2] + b"\x00\x7c"),
+    ),
+    RejectCase(
+        "reject_non_finite_scale",
+        "NaN int8 scale",
+        R.NON_FINITE,
+        "accept_int8_blocks",
+        _set(scales=lambda w: _f32(float("nan")) + w["scales"][4:]),
+    ),
+    RejectCase(
+        "reject_non_finite_scale_overflow",
+        "scale 3e38: 127 * scale overflows float32",
+        R.NON_FINITE,
+        "accept_topk_int8",
+        _set(scales=lambda w: _f32(3e38) + w["scales"][4:]),
+    ),
 ]
 
 
@@ -191,7 +364,9 @@ def build_cases() -> dict[str, dict[str, str]]:
         wires[case.name] = wire
         decoded = decode(msgpack.unpackb(pack_canonical(wire), raw=False), expected_numel=x.size)
         cases[case.name] = {
-            "context.json": _json({"expected_numel": int(x.size), "max_numel": None, "spec": asdict(case.spec)}),
+            "context.json": _json(
+                {"expected_numel": int(x.size), "max_numel": None, "spec": asdict(case.spec)}
+            ),
             "input.json": _floats(x),
             "wire.hex": pack_canonical(wire).hex() + "\n",
             "decoded.json": _floats(decoded),
@@ -202,7 +377,11 @@ def build_cases() -> dict[str, dict[str, str]]:
         bad = case.mutate(dict(base))
         expected_numel = case.expected_numel or base["numel"]
         try:
-            decode(msgpack.unpackb(pack_canonical(bad), raw=False), expected_numel=expected_numel, max_numel=case.max_numel)
+            decode(
+                msgpack.unpackb(pack_canonical(bad), raw=False),
+                expected_numel=expected_numel,
+                max_numel=case.max_numel,
+            )
         except Reject as exc:
             if exc.reason is not case.reason:
                 raise AssertionError(f"{case.name}: expected {case.reason.value}, got {exc}") from None
@@ -211,7 +390,9 @@ def build_cases() -> dict[str, dict[str, str]]:
         cases[case.name] = {
             "context.json": _json({"expected_numel": expected_numel, "max_numel": case.max_numel}),
             "wire.hex": pack_canonical(bad).hex() + "\n",
-            "expected.json": _json({"outcome": "reject", "reason": case.reason.value, "description": case.description}),
+            "expected.json": _json(
+                {"outcome": "reject", "reason": case.reason.value, "description": case.description}
+            ),
         }
     return cases
 

@@ -202,7 +202,12 @@ def run_case(context: dict[str, Any], data: Any, peer: PeerProtocol | None = Non
     if group == "update":
         env = peer.receive_update(context["remote"], data, now)
         p = env.payload
-        return {"sender_id": env.sender_id, "round": env.round, "weight": p["weight"], "inner_steps": p["inner_steps"]}
+        return {
+            "sender_id": env.sender_id,
+            "round": env.round,
+            "weight": p["weight"],
+            "inner_steps": p["inner_steps"],
+        }
     if group == "manifest":
         donor = Donor(**{k: v if k == "round" else bytes.fromhex(v) for k, v in context["donor"].items()})
         return manifest_view(peer.open_manifest(data, donor, now))
@@ -218,7 +223,9 @@ def run_case(context: dict[str, Any], data: Any, peer: PeerProtocol | None = Non
         return {"round": round_, "params": array_view(params)}
     if group == "announce":
         limits = announcement_limits(EnvelopeLimits(**context.get("limits", {})), context["ttl_s"])
-        announcement = check_announcement(context["subkey"], data, run_id=context["run_id"], now=now, limits=limits)
+        announcement = check_announcement(
+            context["subkey"], data, run_id=context["run_id"], now=now, limits=limits
+        )
         return announcement_view(announcement)
     raise ValueError(f"unknown group {group!r}")
 
@@ -226,8 +233,15 @@ def run_case(context: dict[str, Any], data: Any, peer: PeerProtocol | None = Non
 # --- building blocks -----------------------------------------------------------------------
 
 
-def sealed(kind: str, payload: dict[str, Any], *, signer: Identity = DONOR, round: int = STATE_ROUND,
-           seq: int = 1, ts: float = TS) -> bytes:
+def sealed(
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    signer: Identity = DONOR,
+    round: int = STATE_ROUND,
+    seq: int = 1,
+    ts: float = TS,
+) -> bytes:
     """A message signed by ``signer`` (the test key unless a stranger's case)."""
     return seal(signer, kind=kind, run_id=RUN, round=round, seq=seq, timestamp=ts, payload=payload)
 
@@ -265,8 +279,9 @@ DELTA = np.array([0.5, -0.25, 0.125, 2.0, 0.0, 0.0, -1.0, 0.75], dtype=np.float3
 ANCHOR = anchor_hash(np.zeros(NUMEL, dtype=np.float32))
 
 
-def update(round: int = RECEIVER_ROUND, inner_steps: int = 10, tensor: dict | None = None,
-           signer: Identity = DONOR) -> bytes:
+def update(
+    round: int = RECEIVER_ROUND, inner_steps: int = 10, tensor: dict | None = None, signer: Identity = DONOR
+) -> bytes:
     wire = encode(DELTA, CodecSpec()) if tensor is None else tensor
     payload = update_payload(wire, LocalWork(samples=256, inner_steps=inner_steps, train_loss=2.5), ANCHOR)
     return sealed("update", payload, signer=signer, round=round)
@@ -278,10 +293,13 @@ DONOR_PARAMS = INITIAL + np.array([0.5, -0.25, 0.0, 1.0, 0.125, -0.5, 0.25, 0.06
 PARAMS_ROUND = 12
 
 
-def params_answer(nonce: bytes = NONCE, signer: Identity = DONOR, tensor: dict | None = None,
-                  kind: str = "params_sync") -> bytes:
+def params_answer(
+    nonce: bytes = NONCE, signer: Identity = DONOR, tensor: dict | None = None, kind: str = "params_sync"
+) -> bytes:
     wire = encode_sync(DONOR_PARAMS, INITIAL, GossipConfig()) if tensor is None else tensor
-    return sealed(kind, {"tensor": wire, "round": PARAMS_ROUND, "nonce": nonce}, signer=signer, round=PARAMS_ROUND)
+    return sealed(
+        kind, {"tensor": wire, "round": PARAMS_ROUND, "nonce": nonce}, signer=signer, round=PARAMS_ROUND
+    )
 
 
 def manifest_msg(signer: Identity = DONOR, **changes: Any) -> bytes:
@@ -328,237 +346,614 @@ def replay_seen(seq: int = 1) -> list[dict[str, Any]]:
     return [{"sender": DONOR.public_key_bytes.hex(), "seq": seq, "timestamp": TS - 30.0}]
 
 
-def state_case(name: str, description: str, blob: bytes, reason: RejectReason | None,
-               manifest_round: int = STATE_ROUND) -> Case:
+def state_case(
+    name: str, description: str, blob: bytes, reason: RejectReason | None, manifest_round: int = STATE_ROUND
+) -> Case:
     """A state case whose manifest is honest about ``blob`` (so only the contents decide)."""
     manifest, chunks = manifest_payload(blob, manifest_round, CHUNK)
     return Case(name, description, lambda: chunks, reason, {"manifest": hexify(manifest)})
 
 
 STREAM_CASES = [
-    Case("stream_accept_update_on_gossip", "the gossip stream takes an update", lambda: update(), None,
-         {"stream": "gossip"}),
-    Case("stream_accept_state_request_on_state", "the state stream takes a state_request",
-         lambda: sealed("state_request", REQUEST), None, {"stream": "state"}),
-    Case("stream_accept_state_request_on_params", "the params stream takes a state_request",
-         lambda: sealed("state_request", REQUEST), None, {"stream": "params"}),
-    Case("stream_reject_wrong_kind_announce_on_state", "a valid announcement sent as a state request",
-         lambda: sealed("announce", ANNOUNCE), R.WRONG_KIND, {"stream": "state"}),
-    Case("stream_reject_wrong_kind_announce_on_params", "a valid announcement sent as a params request",
-         lambda: sealed("announce", ANNOUNCE), R.WRONG_KIND, {"stream": "params"}),
-    Case("stream_reject_wrong_kind_update_on_state", "an update sent to the state stream",
-         lambda: update(), R.WRONG_KIND, {"stream": "state"}),
-    Case("stream_reject_wrong_kind_manifest_on_state", "a state_manifest (an answer) sent as a request",
-         lambda: manifest_msg(), R.WRONG_KIND, {"stream": "state"}),
-    Case("stream_reject_wrong_kind_params_sync_on_params", "a params_sync (an answer) sent as a request",
-         lambda: params_answer(), R.WRONG_KIND, {"stream": "params"}),
-    Case("stream_reject_wrong_kind_state_request_on_gossip", "a state_request sent to the gossip stream",
-         lambda: sealed("state_request", REQUEST), R.WRONG_KIND, {"stream": "gossip"}),
-    Case("stream_reject_bad_signature_before_kind",
-         "order: an announcement with a broken signature on the state stream fails the envelope first",
-         lambda: flip_last(sealed("announce", ANNOUNCE)), R.BAD_SIGNATURE, {"stream": "state"}),
+    Case(
+        "stream_accept_update_on_gossip",
+        "the gossip stream takes an update",
+        lambda: update(),
+        None,
+        {"stream": "gossip"},
+    ),
+    Case(
+        "stream_accept_state_request_on_state",
+        "the state stream takes a state_request",
+        lambda: sealed("state_request", REQUEST),
+        None,
+        {"stream": "state"},
+    ),
+    Case(
+        "stream_accept_state_request_on_params",
+        "the params stream takes a state_request",
+        lambda: sealed("state_request", REQUEST),
+        None,
+        {"stream": "params"},
+    ),
+    Case(
+        "stream_reject_wrong_kind_announce_on_state",
+        "a valid announcement sent as a state request",
+        lambda: sealed("announce", ANNOUNCE),
+        R.WRONG_KIND,
+        {"stream": "state"},
+    ),
+    Case(
+        "stream_reject_wrong_kind_announce_on_params",
+        "a valid announcement sent as a params request",
+        lambda: sealed("announce", ANNOUNCE),
+        R.WRONG_KIND,
+        {"stream": "params"},
+    ),
+    Case(
+        "stream_reject_wrong_kind_update_on_state",
+        "an update sent to the state stream",
+        lambda: update(),
+        R.WRONG_KIND,
+        {"stream": "state"},
+    ),
+    Case(
+        "stream_reject_wrong_kind_manifest_on_state",
+        "a state_manifest (an answer) sent as a request",
+        lambda: manifest_msg(),
+        R.WRONG_KIND,
+        {"stream": "state"},
+    ),
+    Case(
+        "stream_reject_wrong_kind_params_sync_on_params",
+        "a params_sync (an answer) sent as a request",
+        lambda: params_answer(),
+        R.WRONG_KIND,
+        {"stream": "params"},
+    ),
+    Case(
+        "stream_reject_wrong_kind_state_request_on_gossip",
+        "a state_request sent to the gossip stream",
+        lambda: sealed("state_request", REQUEST),
+        R.WRONG_KIND,
+        {"stream": "gossip"},
+    ),
+    Case(
+        "stream_reject_bad_signature_before_kind",
+        "order: an announcement with a broken signature on the state stream fails the envelope first",
+        lambda: flip_last(sealed("announce", ANNOUNCE)),
+        R.BAD_SIGNATURE,
+        {"stream": "state"},
+    ),
 ]
 
 UPDATE_CASES = [
     Case("update_accept", "an update for the receiver's own round", lambda: update()),
-    Case("update_accept_oldest_round", f"round = receiver round - max_round_lag ({RECEIVER_ROUND - LAG})",
-         lambda: update(round=RECEIVER_ROUND - LAG)),
-    Case("update_accept_newest_round", f"round = receiver round + 4 * max_round_lag ({RECEIVER_ROUND + 4 * LAG})",
-         lambda: update(round=RECEIVER_ROUND + 4 * LAG)),
-    Case("update_accept_inner_steps_max", "inner_steps = 2^20, the most an honest peer claims",
-         lambda: update(inner_steps=1 << 20)),
-    Case("update_accept_lag_zero_newest_round", "max_round_lag 0: the future window is still 4 rounds",
-         lambda: update(round=RECEIVER_ROUND + 4), None, {"max_round_lag": 0}),
-    Case("update_ignore_banned", "a valid update from a banned sender is dropped unread",
-         lambda: update(), I.BANNED, {"banned": True}),
-    Case("update_ignore_banned_before_envelope", "order: garbage from a banned sender is not even decoded",
-         lambda: b"\x00not an envelope", I.BANNED, {"banned": True}),
-    Case("update_reject_bad_signature", "envelope rules apply (here: the last signature byte flipped)",
-         lambda: flip_last(update()), R.BAD_SIGNATURE),
-    Case("update_reject_replay", "the gossip stream keeps a replay guard: (sender, seq) already seen",
-         lambda: update(), R.REPLAY, {"replay_seen": replay_seen()}),
-    Case("update_reject_wrong_kind", "a state_request on the gossip stream",
-         lambda: sealed("state_request", REQUEST), R.WRONG_KIND),
-    Case("update_reject_bad_update_zero_inner_steps", "inner_steps = 0: an update without local work",
-         lambda: update(inner_steps=0), R.BAD_UPDATE),
-    Case("update_reject_bad_update_too_many_inner_steps", "inner_steps = 2^20 + 1",
-         lambda: update(inner_steps=(1 << 20) + 1), R.BAD_UPDATE),
-    Case("update_reject_bad_update_before_stale_round", "order: inner_steps = 0 and a stale round",
-         lambda: update(round=RECEIVER_ROUND - LAG - 1, inner_steps=0), R.BAD_UPDATE),
-    Case("update_ignore_stale_round", f"round {RECEIVER_ROUND - LAG - 1}: more than max_round_lag behind",
-         lambda: update(round=RECEIVER_ROUND - LAG - 1), I.STALE_ROUND),
-    Case("update_ignore_future_round", f"round {RECEIVER_ROUND + 4 * LAG + 1}: beyond 4 * max_round_lag ahead",
-         lambda: update(round=RECEIVER_ROUND + 4 * LAG + 1), I.FUTURE_ROUND),
-    Case("update_ignore_future_round_lag_zero", "max_round_lag 0: 5 rounds ahead is beyond max(0, 1) * 4",
-         lambda: update(round=RECEIVER_ROUND + 5), I.FUTURE_ROUND, {"max_round_lag": 0}),
-    Case("update_ignore_stale_round_before_codec", "order: a stale round whose tensor has the wrong size",
-         lambda: update(round=RECEIVER_ROUND - LAG - 1, tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec())),
-         I.STALE_ROUND),
-    Case("update_reject_shape_mismatch", "codec rules: a tensor of 9 elements for a model of 8",
-         lambda: update(tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec())), R.SHAPE_MISMATCH),
-    Case("update_reject_unknown_codec", "codec rules: codec 'zstd' is not registered",
-         lambda: update(tensor={"codec": "zstd", "numel": NUMEL}), R.UNKNOWN_CODEC),
+    Case(
+        "update_accept_oldest_round",
+        f"round = receiver round - max_round_lag ({RECEIVER_ROUND - LAG})",
+        lambda: update(round=RECEIVER_ROUND - LAG),
+    ),
+    Case(
+        "update_accept_newest_round",
+        f"round = receiver round + 4 * max_round_lag ({RECEIVER_ROUND + 4 * LAG})",
+        lambda: update(round=RECEIVER_ROUND + 4 * LAG),
+    ),
+    Case(
+        "update_accept_inner_steps_max",
+        "inner_steps = 2^20, the most an honest peer claims",
+        lambda: update(inner_steps=1 << 20),
+    ),
+    Case(
+        "update_accept_lag_zero_newest_round",
+        "max_round_lag 0: the future window is still 4 rounds",
+        lambda: update(round=RECEIVER_ROUND + 4),
+        None,
+        {"max_round_lag": 0},
+    ),
+    Case(
+        "update_ignore_banned",
+        "a valid update from a banned sender is dropped unread",
+        lambda: update(),
+        I.BANNED,
+        {"banned": True},
+    ),
+    Case(
+        "update_ignore_banned_before_envelope",
+        "order: garbage from a banned sender is not even decoded",
+        lambda: b"\x00not an envelope",
+        I.BANNED,
+        {"banned": True},
+    ),
+    Case(
+        "update_reject_bad_signature",
+        "envelope rules apply (here: the last signature byte flipped)",
+        lambda: flip_last(update()),
+        R.BAD_SIGNATURE,
+    ),
+    Case(
+        "update_reject_replay",
+        "the gossip stream keeps a replay guard: (sender, seq) already seen",
+        lambda: update(),
+        R.REPLAY,
+        {"replay_seen": replay_seen()},
+    ),
+    Case(
+        "update_reject_wrong_kind",
+        "a state_request on the gossip stream",
+        lambda: sealed("state_request", REQUEST),
+        R.WRONG_KIND,
+    ),
+    Case(
+        "update_reject_bad_update_zero_inner_steps",
+        "inner_steps = 0: an update without local work",
+        lambda: update(inner_steps=0),
+        R.BAD_UPDATE,
+    ),
+    Case(
+        "update_reject_bad_update_too_many_inner_steps",
+        "inner_steps = 2^20 + 1",
+        lambda: update(inner_steps=(1 << 20) + 1),
+        R.BAD_UPDATE,
+    ),
+    Case(
+        "update_reject_bad_update_before_stale_round",
+        "order: inner_steps = 0 and a stale round",
+        lambda: update(round=RECEIVER_ROUND - LAG - 1, inner_steps=0),
+        R.BAD_UPDATE,
+    ),
+    Case(
+        "update_ignore_stale_round",
+        f"round {RECEIVER_ROUND - LAG - 1}: more than max_round_lag behind",
+        lambda: update(round=RECEIVER_ROUND - LAG - 1),
+        I.STALE_ROUND,
+    ),
+    Case(
+        "update_ignore_future_round",
+        f"round {RECEIVER_ROUND + 4 * LAG + 1}: beyond 4 * max_round_lag ahead",
+        lambda: update(round=RECEIVER_ROUND + 4 * LAG + 1),
+        I.FUTURE_ROUND,
+    ),
+    Case(
+        "update_ignore_future_round_lag_zero",
+        "max_round_lag 0: 5 rounds ahead is beyond max(0, 1) * 4",
+        lambda: update(round=RECEIVER_ROUND + 5),
+        I.FUTURE_ROUND,
+        {"max_round_lag": 0},
+    ),
+    Case(
+        "update_ignore_stale_round_before_codec",
+        "order: a stale round whose tensor has the wrong size",
+        lambda: update(
+            round=RECEIVER_ROUND - LAG - 1, tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec())
+        ),
+        I.STALE_ROUND,
+    ),
+    Case(
+        "update_reject_shape_mismatch",
+        "codec rules: a tensor of 9 elements for a model of 8",
+        lambda: update(tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec())),
+        R.SHAPE_MISMATCH,
+    ),
+    Case(
+        "update_reject_unknown_codec",
+        "codec rules: codec 'zstd' is not registered",
+        lambda: update(tensor={"codec": "zstd", "numel": NUMEL}),
+        R.UNKNOWN_CODEC,
+    ),
 ]
 
-_DONOR_CLAIM = {"public_key": DONOR.public_key_bytes.hex(), "round": STATE_ROUND, "model_hash": digest(STATE).hex()}
+_DONOR_CLAIM = {
+    "public_key": DONOR.public_key_bytes.hex(),
+    "round": STATE_ROUND,
+    "model_hash": digest(STATE).hex(),
+}
 _NEWER_MANIFEST, _ = manifest_payload(NEWER_STATE, STATE_ROUND + 2, CHUNK)
 _OTHER_HASH = digest(b"another state")
 
 MANIFEST_CASES = [
     Case("manifest_accept", "the donor's manifest of the state it announced", lambda: manifest_msg()),
-    Case("manifest_accept_newer_round", "another hash, but a newer round than announced (the donor moved on)",
-         lambda: manifest_msg(**_NEWER_MANIFEST)),
-    Case("manifest_accept_same_round_other_hash", "another hash at the announced round (>= is enough)",
-         lambda: manifest_msg(model_hash=_OTHER_HASH)),
-    Case("manifest_accept_at_size_limit", "total_bytes equal to max_state_bytes", lambda: manifest_msg(), None,
-         {"max_state_bytes": len(STATE)}),
-    Case("manifest_accept_without_replay_guard",
-         "the same (sender, seq) already seen: manifests are bound by the donor's key, not the guard",
-         lambda: manifest_msg(), None, {"replay_seen": replay_seen()}),
-    Case("manifest_reject_bad_signature", "envelope rules apply (here: the last signature byte flipped)",
-         lambda: flip_last(manifest_msg()), R.BAD_SIGNATURE),
-    Case("manifest_reject_wrong_kind", "the donor's announcement where a manifest belongs",
-         lambda: sealed("announce", ANNOUNCE), R.WRONG_KIND),
-    Case("manifest_reject_wrong_kind_before_not_donor", "order: a stranger's announcement",
-         lambda: sealed("announce", ANNOUNCE, signer=STRANGER), R.WRONG_KIND),
-    Case("manifest_reject_not_donor", "the same manifest signed by a stranger",
-         lambda: manifest_msg(signer=STRANGER), R.NOT_DONOR),
-    Case("manifest_reject_not_donor_before_bad_manifest", "order: a stranger's manifest of an older state",
-         lambda: manifest_msg(signer=STRANGER, round=STATE_ROUND - 1, model_hash=_OTHER_HASH), R.NOT_DONOR),
-    Case("manifest_reject_bad_manifest_older_round", "another hash and a round older than announced",
-         lambda: manifest_msg(round=STATE_ROUND - 1, model_hash=_OTHER_HASH), R.BAD_MANIFEST),
-    Case("manifest_reject_bad_manifest_before_oversize", "order: an older state that is also too large",
-         lambda: manifest_msg(round=STATE_ROUND - 1, model_hash=_OTHER_HASH), R.BAD_MANIFEST,
-         {"max_state_bytes": len(STATE) - 1}),
-    Case("manifest_reject_oversize", "total_bytes one over max_state_bytes", lambda: manifest_msg(), R.OVERSIZE,
-         {"max_state_bytes": len(STATE) - 1}),
-    Case("manifest_reject_oversize_before_chunk_count", "order: too large, and one chunk hash short",
-         lambda: manifest_msg(chunk_hashes=MANIFEST["chunk_hashes"][:-1]), R.OVERSIZE,
-         {"max_state_bytes": len(STATE) - 1}),
-    Case("manifest_reject_bad_manifest_too_few_chunks", "one chunk hash fewer than ceil(total_bytes / chunk_size)",
-         lambda: manifest_msg(chunk_hashes=MANIFEST["chunk_hashes"][:-1]), R.BAD_MANIFEST),
-    Case("manifest_reject_bad_manifest_too_many_chunks", "one chunk hash more than ceil(total_bytes / chunk_size)",
-         lambda: manifest_msg(chunk_hashes=[*MANIFEST["chunk_hashes"], _OTHER_HASH]), R.BAD_MANIFEST),
-    Case("manifest_reject_bad_manifest_chunk_size", "the right hashes under another chunk_size",
-         lambda: manifest_msg(chunk_size=CHUNK * 4), R.BAD_MANIFEST),
+    Case(
+        "manifest_accept_newer_round",
+        "another hash, but a newer round than announced (the donor moved on)",
+        lambda: manifest_msg(**_NEWER_MANIFEST),
+    ),
+    Case(
+        "manifest_accept_same_round_other_hash",
+        "another hash at the announced round (>= is enough)",
+        lambda: manifest_msg(model_hash=_OTHER_HASH),
+    ),
+    Case(
+        "manifest_accept_at_size_limit",
+        "total_bytes equal to max_state_bytes",
+        lambda: manifest_msg(),
+        None,
+        {"max_state_bytes": len(STATE)},
+    ),
+    Case(
+        "manifest_accept_without_replay_guard",
+        "the same (sender, seq) already seen: manifests are bound by the donor's key, not the guard",
+        lambda: manifest_msg(),
+        None,
+        {"replay_seen": replay_seen()},
+    ),
+    Case(
+        "manifest_reject_bad_signature",
+        "envelope rules apply (here: the last signature byte flipped)",
+        lambda: flip_last(manifest_msg()),
+        R.BAD_SIGNATURE,
+    ),
+    Case(
+        "manifest_reject_wrong_kind",
+        "the donor's announcement where a manifest belongs",
+        lambda: sealed("announce", ANNOUNCE),
+        R.WRONG_KIND,
+    ),
+    Case(
+        "manifest_reject_wrong_kind_before_not_donor",
+        "order: a stranger's announcement",
+        lambda: sealed("announce", ANNOUNCE, signer=STRANGER),
+        R.WRONG_KIND,
+    ),
+    Case(
+        "manifest_reject_not_donor",
+        "the same manifest signed by a stranger",
+        lambda: manifest_msg(signer=STRANGER),
+        R.NOT_DONOR,
+    ),
+    Case(
+        "manifest_reject_not_donor_before_bad_manifest",
+        "order: a stranger's manifest of an older state",
+        lambda: manifest_msg(signer=STRANGER, round=STATE_ROUND - 1, model_hash=_OTHER_HASH),
+        R.NOT_DONOR,
+    ),
+    Case(
+        "manifest_reject_bad_manifest_older_round",
+        "another hash and a round older than announced",
+        lambda: manifest_msg(round=STATE_ROUND - 1, model_hash=_OTHER_HASH),
+        R.BAD_MANIFEST,
+    ),
+    Case(
+        "manifest_reject_bad_manifest_before_oversize",
+        "order: an older state that is also too large",
+        lambda: manifest_msg(round=STATE_ROUND - 1, model_hash=_OTHER_HASH),
+        R.BAD_MANIFEST,
+        {"max_state_bytes": len(STATE) - 1},
+    ),
+    Case(
+        "manifest_reject_oversize",
+        "total_bytes one over max_state_bytes",
+        lambda: manifest_msg(),
+        R.OVERSIZE,
+        {"max_state_bytes": len(STATE) - 1},
+    ),
+    Case(
+        "manifest_reject_oversize_before_chunk_count",
+        "order: too large, and one chunk hash short",
+        lambda: manifest_msg(chunk_hashes=MANIFEST["chunk_hashes"][:-1]),
+        R.OVERSIZE,
+        {"max_state_bytes": len(STATE) - 1},
+    ),
+    Case(
+        "manifest_reject_bad_manifest_too_few_chunks",
+        "one chunk hash fewer than ceil(total_bytes / chunk_size)",
+        lambda: manifest_msg(chunk_hashes=MANIFEST["chunk_hashes"][:-1]),
+        R.BAD_MANIFEST,
+    ),
+    Case(
+        "manifest_reject_bad_manifest_too_many_chunks",
+        "one chunk hash more than ceil(total_bytes / chunk_size)",
+        lambda: manifest_msg(chunk_hashes=[*MANIFEST["chunk_hashes"], _OTHER_HASH]),
+        R.BAD_MANIFEST,
+    ),
+    Case(
+        "manifest_reject_bad_manifest_chunk_size",
+        "the right hashes under another chunk_size",
+        lambda: manifest_msg(chunk_size=CHUNK * 4),
+        R.BAD_MANIFEST,
+    ),
 ]
 
 _LAST = len(CHUNKS) - 1
 CHUNK_CASES = [
     Case("chunk_accept_first", "chunk 0 as listed", lambda: CHUNKS[0], None, {"index": 0}),
-    Case("chunk_accept_last_shorter", "the last chunk, shorter than chunk_size", lambda: CHUNKS[_LAST], None,
-         {"index": _LAST}),
-    Case("chunk_reject_hash_mismatch_flipped_byte", "chunk 0 with its first byte changed",
-         lambda: bytes([CHUNKS[0][0] ^ 1]) + CHUNKS[0][1:], R.HASH_MISMATCH, {"index": 0}),
-    Case("chunk_reject_hash_mismatch_out_of_order", "chunk 1 where chunk 0 belongs", lambda: CHUNKS[1],
-         R.HASH_MISMATCH, {"index": 0}),
-    Case("chunk_reject_hash_mismatch_truncated", "chunk 0 without its last byte", lambda: CHUNKS[0][:-1],
-         R.HASH_MISMATCH, {"index": 0}),
-    Case("chunk_reject_hash_mismatch_padded", "the last chunk padded with zeros to chunk_size",
-         lambda: CHUNKS[_LAST].ljust(CHUNK, b"\x00"), R.HASH_MISMATCH, {"index": _LAST}),
+    Case(
+        "chunk_accept_last_shorter",
+        "the last chunk, shorter than chunk_size",
+        lambda: CHUNKS[_LAST],
+        None,
+        {"index": _LAST},
+    ),
+    Case(
+        "chunk_reject_hash_mismatch_flipped_byte",
+        "chunk 0 with its first byte changed",
+        lambda: bytes([CHUNKS[0][0] ^ 1]) + CHUNKS[0][1:],
+        R.HASH_MISMATCH,
+        {"index": 0},
+    ),
+    Case(
+        "chunk_reject_hash_mismatch_out_of_order",
+        "chunk 1 where chunk 0 belongs",
+        lambda: CHUNKS[1],
+        R.HASH_MISMATCH,
+        {"index": 0},
+    ),
+    Case(
+        "chunk_reject_hash_mismatch_truncated",
+        "chunk 0 without its last byte",
+        lambda: CHUNKS[0][:-1],
+        R.HASH_MISMATCH,
+        {"index": 0},
+    ),
+    Case(
+        "chunk_reject_hash_mismatch_padded",
+        "the last chunk padded with zeros to chunk_size",
+        lambda: CHUNKS[_LAST].ljust(CHUNK, b"\x00"),
+        R.HASH_MISMATCH,
+        {"index": _LAST},
+    ),
 ]
 
 _GOOD_ARRAYS = {"params": PARAMS, "round": round_array()}
 STATE_CASES = [
     Case("state_accept", "params, round and optimizer moments, matching the manifest", lambda: CHUNKS),
-    Case("state_reject_hash_mismatch_missing_chunk", "the last chunk missing: fewer bytes than total_bytes",
-         lambda: CHUNKS[:-1], R.HASH_MISMATCH),
-    Case("state_reject_hash_mismatch_model_hash",
-         "chunks match their hashes, the whole does not match model_hash (a lying manifest)",
-         lambda: CHUNKS, R.HASH_MISMATCH, {"manifest": hexify({**MANIFEST, "model_hash": _OTHER_HASH})}),
-    state_case("state_reject_malformed_magic", "verified bytes that are not a tensor file (bad magic)",
-               b"NOTATENS" + STATE[8:], R.MALFORMED),
-    state_case("state_reject_schema_header", "a tensor file header with an extra key",
-               tensorfile({"meta": {}, "arrays": [], "extra": 1}), R.SCHEMA),
-    state_case("state_reject_shape_mismatch_nbytes", "an array whose nbytes disagrees with its shape",
-               tensorfile({"meta": {}, "arrays": [{"name": "params", "dtype": "<f4", "shape": [NUMEL],
-                                                   "offset": 0, "nbytes": 4 * NUMEL - 4}]}, PARAMS.tobytes()[:-4]),
-               R.SHAPE_MISMATCH),
-    state_case("state_reject_bad_state_no_params", "no params array",
-               pack_arrays({"round": round_array()}), R.BAD_STATE),
-    state_case("state_reject_bad_state_params_float16", "params stored as float16",
-               pack_arrays({**_GOOD_ARRAYS, "params": PARAMS.astype(np.float16)}), R.BAD_STATE),
-    state_case("state_reject_bad_state_params_size", f"params of {NUMEL + 1} elements for a model of {NUMEL}",
-               pack_arrays({**_GOOD_ARRAYS, "params": np.append(PARAMS, np.float32(1.0))}), R.BAD_STATE),
-    state_case("state_reject_bad_state_params_2d", "params of the right size in a 2-D shape",
-               pack_arrays({**_GOOD_ARRAYS, "params": PARAMS.reshape(2, NUMEL // 2)}), R.BAD_STATE),
-    state_case("state_reject_bad_state_no_round", "no round array", pack_arrays({"params": PARAMS}), R.BAD_STATE),
-    state_case("state_reject_bad_state_round_int32", "round stored as int32",
-               pack_arrays({**_GOOD_ARRAYS, "round": np.array([STATE_ROUND], np.int32)}), R.BAD_STATE),
-    state_case("state_reject_bad_state_round_two_elements", "round of two elements",
-               pack_arrays({**_GOOD_ARRAYS, "round": np.array([STATE_ROUND, 0], np.int64)}), R.BAD_STATE),
-    state_case("state_reject_bad_state_round_differs", "the state says round 6, its manifest round 7",
-               pack_arrays({**_GOOD_ARRAYS, "round": round_array(STATE_ROUND - 1)}), R.BAD_STATE),
-    state_case("state_reject_bad_state_non_finite", "a NaN among the params",
-               pack_arrays({**_GOOD_ARRAYS, "params": np.where(np.arange(NUMEL) == 3, np.nan, PARAMS)
-                            .astype(np.float32)}), R.BAD_STATE),
+    Case(
+        "state_reject_hash_mismatch_missing_chunk",
+        "the last chunk missing: fewer bytes than total_bytes",
+        lambda: CHUNKS[:-1],
+        R.HASH_MISMATCH,
+    ),
+    Case(
+        "state_reject_hash_mismatch_model_hash",
+        "chunks match their hashes, the whole does not match model_hash (a lying manifest)",
+        lambda: CHUNKS,
+        R.HASH_MISMATCH,
+        {"manifest": hexify({**MANIFEST, "model_hash": _OTHER_HASH})},
+    ),
+    state_case(
+        "state_reject_malformed_magic",
+        "verified bytes that are not a tensor file (bad magic)",
+        b"NOTATENS" + STATE[8:],
+        R.MALFORMED,
+    ),
+    state_case(
+        "state_reject_schema_header",
+        "a tensor file header with an extra key",
+        tensorfile({"meta": {}, "arrays": [], "extra": 1}),
+        R.SCHEMA,
+    ),
+    state_case(
+        "state_reject_shape_mismatch_nbytes",
+        "an array whose nbytes disagrees with its shape",
+        tensorfile(
+            {
+                "meta": {},
+                "arrays": [
+                    {"name": "params", "dtype": "<f4", "shape": [NUMEL], "offset": 0, "nbytes": 4 * NUMEL - 4}
+                ],
+            },
+            PARAMS.tobytes()[:-4],
+        ),
+        R.SHAPE_MISMATCH,
+    ),
+    state_case(
+        "state_reject_bad_state_no_params",
+        "no params array",
+        pack_arrays({"round": round_array()}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_params_float16",
+        "params stored as float16",
+        pack_arrays({**_GOOD_ARRAYS, "params": PARAMS.astype(np.float16)}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_params_size",
+        f"params of {NUMEL + 1} elements for a model of {NUMEL}",
+        pack_arrays({**_GOOD_ARRAYS, "params": np.append(PARAMS, np.float32(1.0))}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_params_2d",
+        "params of the right size in a 2-D shape",
+        pack_arrays({**_GOOD_ARRAYS, "params": PARAMS.reshape(2, NUMEL // 2)}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_no_round", "no round array", pack_arrays({"params": PARAMS}), R.BAD_STATE
+    ),
+    state_case(
+        "state_reject_bad_state_round_int32",
+        "round stored as int32",
+        pack_arrays({**_GOOD_ARRAYS, "round": np.array([STATE_ROUND], np.int32)}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_round_two_elements",
+        "round of two elements",
+        pack_arrays({**_GOOD_ARRAYS, "round": np.array([STATE_ROUND, 0], np.int64)}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_round_differs",
+        "the state says round 6, its manifest round 7",
+        pack_arrays({**_GOOD_ARRAYS, "round": round_array(STATE_ROUND - 1)}),
+        R.BAD_STATE,
+    ),
+    state_case(
+        "state_reject_bad_state_non_finite",
+        "a NaN among the params",
+        pack_arrays(
+            {**_GOOD_ARRAYS, "params": np.where(np.arange(NUMEL) == 3, np.nan, PARAMS).astype(np.float32)}
+        ),
+        R.BAD_STATE,
+    ),
 ]
 
 PARAMS_CASES = [
     Case("params_accept", "the donor's int8 answer to our nonce", lambda: params_answer()),
-    Case("params_reject_bad_signature", "envelope rules apply (here: the last signature byte flipped)",
-         lambda: flip_last(params_answer()), R.BAD_SIGNATURE),
-    Case("params_reject_replay", "answers pass the replay guard: (sender, seq) already seen",
-         lambda: params_answer(), R.REPLAY, {"replay_seen": replay_seen()}),
-    Case("params_reject_wrong_kind", "the donor's state_manifest where a params_sync belongs",
-         lambda: manifest_msg(), R.WRONG_KIND),
-    Case("params_reject_wrong_kind_before_not_donor", "order: a stranger's update",
-         lambda: update(signer=STRANGER), R.WRONG_KIND),
-    Case("params_reject_not_donor_signer", "a stranger's answer echoing our nonce",
-         lambda: params_answer(signer=STRANGER), R.NOT_DONOR),
-    Case("params_reject_not_donor_nonce", "the donor's answer to another request (another nonce)",
-         lambda: params_answer(nonce=OTHER_NONCE), R.NOT_DONOR),
-    Case("params_reject_not_donor_before_codec", "order: another nonce and a tensor of the wrong size",
-         lambda: params_answer(nonce=OTHER_NONCE, tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec("int8"))),
-         R.NOT_DONOR),
-    Case("params_reject_shape_mismatch", "codec rules: 9 elements for a model of 8",
-         lambda: params_answer(tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec("int8"))), R.SHAPE_MISMATCH),
-    Case("params_reject_unknown_codec", "codec rules: codec 'zstd' is not registered",
-         lambda: params_answer(tensor={"codec": "zstd", "numel": NUMEL}), R.UNKNOWN_CODEC),
+    Case(
+        "params_reject_bad_signature",
+        "envelope rules apply (here: the last signature byte flipped)",
+        lambda: flip_last(params_answer()),
+        R.BAD_SIGNATURE,
+    ),
+    Case(
+        "params_reject_replay",
+        "answers pass the replay guard: (sender, seq) already seen",
+        lambda: params_answer(),
+        R.REPLAY,
+        {"replay_seen": replay_seen()},
+    ),
+    Case(
+        "params_reject_wrong_kind",
+        "the donor's state_manifest where a params_sync belongs",
+        lambda: manifest_msg(),
+        R.WRONG_KIND,
+    ),
+    Case(
+        "params_reject_wrong_kind_before_not_donor",
+        "order: a stranger's update",
+        lambda: update(signer=STRANGER),
+        R.WRONG_KIND,
+    ),
+    Case(
+        "params_reject_not_donor_signer",
+        "a stranger's answer echoing our nonce",
+        lambda: params_answer(signer=STRANGER),
+        R.NOT_DONOR,
+    ),
+    Case(
+        "params_reject_not_donor_nonce",
+        "the donor's answer to another request (another nonce)",
+        lambda: params_answer(nonce=OTHER_NONCE),
+        R.NOT_DONOR,
+    ),
+    Case(
+        "params_reject_not_donor_before_codec",
+        "order: another nonce and a tensor of the wrong size",
+        lambda: params_answer(
+            nonce=OTHER_NONCE, tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec("int8"))
+        ),
+        R.NOT_DONOR,
+    ),
+    Case(
+        "params_reject_shape_mismatch",
+        "codec rules: 9 elements for a model of 8",
+        lambda: params_answer(tensor=encode(np.ones(NUMEL + 1, np.float32), CodecSpec("int8"))),
+        R.SHAPE_MISMATCH,
+    ),
+    Case(
+        "params_reject_unknown_codec",
+        "codec rules: codec 'zstd' is not registered",
+        lambda: params_answer(tensor={"codec": "zstd", "numel": NUMEL}),
+        R.UNKNOWN_CODEC,
+    ),
 ]
 
 _ALLOWANCE = EnvelopeLimits().max_clock_skew_s + TTL_S
 ANNOUNCE_CASES = [
-    Case("announce_accept", "a fresh announcement under its signer's peer id", lambda: sealed("announce", ANNOUNCE)),
-    Case("announce_accept_tombstone", "no addresses: a signed tombstone is a valid record",
-         lambda: sealed("announce", {**ANNOUNCE, "maddrs": []})),
-    Case("announce_accept_aged_to_the_allowance", f"signed max_clock_skew_s + ttl_s ({_ALLOWANCE:g} s) ago",
-         lambda: sealed("announce", ANNOUNCE, ts=NOW - _ALLOWANCE)),
-    Case("announce_accept_future_within_allowance",
-         f"dated {_ALLOWANCE:g} s ahead: the allowance is symmetric (the envelope's |ts - now| rule)",
-         lambda: sealed("announce", ANNOUNCE, ts=NOW + _ALLOWANCE)),
-    Case("announce_accept_reread_without_replay_guard",
-         "the same (sender, seq) already seen: records are re-read on every lookup",
-         lambda: sealed("announce", ANNOUNCE), None, {"replay_seen": replay_seen()}),
-    Case("announce_reject_malformed_not_bytes", "the DHT returned a string, not bytes",
-         lambda: "not an envelope", R.MALFORMED),
-    Case("announce_reject_clock_skew_too_old", f"signed {_ALLOWANCE + 0.5:g} s ago, past the allowance",
-         lambda: sealed("announce", ANNOUNCE, ts=NOW - _ALLOWANCE - 0.5), R.CLOCK_SKEW),
-    Case("announce_reject_bad_signature", "envelope rules apply (here: the last signature byte flipped)",
-         lambda: flip_last(sealed("announce", ANNOUNCE)), R.BAD_SIGNATURE),
-    Case("announce_reject_wrong_kind", "a state_request stored as the signer's record",
-         lambda: sealed("state_request", REQUEST), R.WRONG_KIND),
-    Case("announce_reject_wrong_kind_before_subkey", "order: a state_request under another peer's subkey",
-         lambda: sealed("state_request", REQUEST), R.WRONG_KIND, {"subkey": STRANGER.peer_id}),
-    Case("announce_reject_subkey_mismatch", "a valid announcement stored under a stranger's peer id",
-         lambda: sealed("announce", ANNOUNCE), R.SUBKEY_MISMATCH, {"subkey": STRANGER.peer_id}),
+    Case(
+        "announce_accept",
+        "a fresh announcement under its signer's peer id",
+        lambda: sealed("announce", ANNOUNCE),
+    ),
+    Case(
+        "announce_accept_tombstone",
+        "no addresses: a signed tombstone is a valid record",
+        lambda: sealed("announce", {**ANNOUNCE, "maddrs": []}),
+    ),
+    Case(
+        "announce_accept_aged_to_the_allowance",
+        f"signed max_clock_skew_s + ttl_s ({_ALLOWANCE:g} s) ago",
+        lambda: sealed("announce", ANNOUNCE, ts=NOW - _ALLOWANCE),
+    ),
+    Case(
+        "announce_accept_future_within_allowance",
+        f"dated {_ALLOWANCE:g} s ahead: the allowance is symmetric (the envelope's |ts - now| rule)",
+        lambda: sealed("announce", ANNOUNCE, ts=NOW + _ALLOWANCE),
+    ),
+    Case(
+        "announce_accept_reread_without_replay_guard",
+        "the same (sender, seq) already seen: records are re-read on every lookup",
+        lambda: sealed("announce", ANNOUNCE),
+        None,
+        {"replay_seen": replay_seen()},
+    ),
+    Case(
+        "announce_reject_malformed_not_bytes",
+        "the DHT returned a string, not bytes",
+        lambda: "not an envelope",
+        R.MALFORMED,
+    ),
+    Case(
+        "announce_reject_clock_skew_too_old",
+        f"signed {_ALLOWANCE + 0.5:g} s ago, past the allowance",
+        lambda: sealed("announce", ANNOUNCE, ts=NOW - _ALLOWANCE - 0.5),
+        R.CLOCK_SKEW,
+    ),
+    Case(
+        "announce_reject_bad_signature",
+        "envelope rules apply (here: the last signature byte flipped)",
+        lambda: flip_last(sealed("announce", ANNOUNCE)),
+        R.BAD_SIGNATURE,
+    ),
+    Case(
+        "announce_reject_wrong_kind",
+        "a state_request stored as the signer's record",
+        lambda: sealed("state_request", REQUEST),
+        R.WRONG_KIND,
+    ),
+    Case(
+        "announce_reject_wrong_kind_before_subkey",
+        "order: a state_request under another peer's subkey",
+        lambda: sealed("state_request", REQUEST),
+        R.WRONG_KIND,
+        {"subkey": STRANGER.peer_id},
+    ),
+    Case(
+        "announce_reject_subkey_mismatch",
+        "a valid announcement stored under a stranger's peer id",
+        lambda: sealed("announce", ANNOUNCE),
+        R.SUBKEY_MISMATCH,
+        {"subkey": STRANGER.peer_id},
+    ),
 ]
 
 GROUP_CONTEXTS: dict[str, dict[str, Any]] = {
     "stream": {},
-    "update": {"receiver_round": RECEIVER_ROUND, "max_round_lag": LAG, "numel": NUMEL, "remote": REMOTE,
-               "banned": False},
+    "update": {
+        "receiver_round": RECEIVER_ROUND,
+        "max_round_lag": LAG,
+        "numel": NUMEL,
+        "remote": REMOTE,
+        "banned": False,
+    },
     "manifest": {"donor": _DONOR_CLAIM, "max_state_bytes": 1 << 20},
     "chunk": {"manifest": hexify(MANIFEST)},
     "state": {"manifest": hexify(MANIFEST), "numel": NUMEL, "max_state_bytes": 1 << 20},
-    "params": {"donor_key": DONOR.public_key_bytes.hex(), "nonce": NONCE.hex(), "initial": [v.item() for v in INITIAL]},
-    "announce": {"subkey": DONOR.peer_id, "ttl_s": TTL_S,
-                 "limits": {"max_clock_skew_s": EnvelopeLimits().max_clock_skew_s}},
+    "params": {
+        "donor_key": DONOR.public_key_bytes.hex(),
+        "nonce": NONCE.hex(),
+        "initial": [v.item() for v in INITIAL],
+    },
+    "announce": {
+        "subkey": DONOR.peer_id,
+        "ttl_s": TTL_S,
+        "limits": {"max_clock_skew_s": EnvelopeLimits().max_clock_skew_s},
+    },
 }
 """What the receiver knows in each group; a case's own context entries replace these."""
 
 CASES: list[Case] = [
-    *STREAM_CASES, *UPDATE_CASES, *MANIFEST_CASES, *CHUNK_CASES, *STATE_CASES, *PARAMS_CASES, *ANNOUNCE_CASES,
+    *STREAM_CASES,
+    *UPDATE_CASES,
+    *MANIFEST_CASES,
+    *CHUNK_CASES,
+    *STATE_CASES,
+    *PARAMS_CASES,
+    *ANNOUNCE_CASES,
 ]
 
 
@@ -605,8 +1000,11 @@ def write_vectors(out_dir: Path) -> list[Path]:
         context = context_of(case)
         folder = root / case.name
         folder.mkdir(exist_ok=True)
-        files = {**input_files(case, data), "context.json": _dump(context),
-                 "expected.json": _dump(expected_of(case, context, data))}
+        files = {
+            **input_files(case, data),
+            "context.json": _dump(context),
+            "expected.json": _dump(expected_of(case, context, data)),
+        }
         for name, text in files.items():
             (folder / name).write_text(text)
             written.append(folder / name)

@@ -36,8 +36,19 @@ MODELS = {
 
 def run_once(args: argparse.Namespace, codec: str) -> dict:
     """One swarm of ``args.peers`` with ``codec``; returns the per-round figures."""
-    peer_args = [*MODELS[args.model], "--batch-size", "16", "--eval-batches", "2", "--codec", codec,
-                 "--rounds", str(args.rounds), "--min-peers", str(args.peers)]
+    peer_args = [
+        *MODELS[args.model],
+        "--batch-size",
+        "16",
+        "--eval-batches",
+        "2",
+        "--codec",
+        codec,
+        "--rounds",
+        str(args.rounds),
+        "--min-peers",
+        str(args.peers),
+    ]
     with NetLab(args.peers) as lab, tempfile.TemporaryDirectory(prefix="p2pfm-bench-") as tmp:
         per_link_loss = 100 * (1 - (1 - args.loss_pct / 100) ** 0.5)
         lab.shape_all(rate_mbit=args.rate_mbit, delay_ms=args.rtt_ms / 4, loss_pct=per_link_loss)
@@ -45,8 +56,12 @@ def run_once(args: argparse.Namespace, codec: str) -> dict:
         started = time.monotonic()
         try:
             swarm.start_all()
-            swarm.wait(lambda: all(p.poll() is not None for p in swarm.procs.values()),
-                       args.timeout, f"{args.rounds} rounds with codec {codec}", exits_ok=True)
+            swarm.wait(
+                lambda: all(p.poll() is not None for p in swarm.procs.values()),
+                args.timeout,
+                f"{args.rounds} rounds with codec {codec}",
+                exits_ok=True,
+            )
         finally:
             swarm.stop_all()
         wall = time.monotonic() - started
@@ -58,14 +73,23 @@ def run_once(args: argparse.Namespace, codec: str) -> dict:
     round_s = [r["round_seconds"] for r in rounds]
     # Wall time per round, from each peer's first to its last round record.
     wall_per_round = [
-        (records[-1]["time"] - records[0]["time"]) / (len(records) - 1) for records in per_peer.values() if len(records) > 1
+        (records[-1]["time"] - records[0]["time"]) / (len(records) - 1)
+        for records in per_peer.values()
+        if len(records) > 1
     ]
-    bytes_per_round = [records[-1]["update_bytes_sent"] / len(records) for records in per_peer.values() if records]
+    bytes_per_round = [
+        records[-1]["update_bytes_sent"] / len(records) for records in per_peer.values() if records
+    ]
     finals = [records[-1]["eval_loss"] for records in per_peer.values() if records]
     return {
-        "codec": codec, "shaper": shaper, "peers": len(per_peer), "rounds": max(len(r) for r in per_peer.values()),
-        "params": rounds[0].get("params"), "wall_s": wall,
-        "round_s_median": statistics.median(round_s), "round_s_p90": sorted(round_s)[int(0.9 * (len(round_s) - 1))],
+        "codec": codec,
+        "shaper": shaper,
+        "peers": len(per_peer),
+        "rounds": max(len(r) for r in per_peer.values()),
+        "params": rounds[0].get("params"),
+        "wall_s": wall,
+        "round_s_median": statistics.median(round_s),
+        "round_s_p90": sorted(round_s)[int(0.9 * (len(round_s) - 1))],
         "wall_per_round_s": statistics.mean(wall_per_round) if wall_per_round else float("nan"),
         "update_bytes_per_round": statistics.mean(bytes_per_round),
         "received_per_round": statistics.mean(r["received_updates"] for r in rounds),
@@ -118,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: codec {codec}: {results[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     print(table(results, args))
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1)
+        )
     return 0
 
 

@@ -58,8 +58,9 @@ def docker_client() -> tuple[str, dict[str, str]]:
     if subprocess.run([default, "buildx", "version"], capture_output=True).returncode == 0:
         return default, {}
     for candidate in ("/usr/bin/docker", default):
-        res = subprocess.run([candidate, "version", "--format", "{{.Client.Version}}"],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [candidate, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True
+        )
         major = res.stdout.strip().split(".")[0]
         if res.returncode in (0, 1) and major.isdigit() and int(major) < 23:
             return candidate, {"DOCKER_BUILDKIT": "1"}
@@ -91,10 +92,21 @@ class Engine:
     def start(self, timeout: float = 300) -> None:
         log_file = open(self.root / "dockerd.log", "ab")  # noqa: SIM115 (the engine keeps it)
         self.process = subprocess.Popen(
-            ["dockerd", "--storage-driver=vfs", "--bridge=none", "--iptables=false", "--ip6tables=false",
-             f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'exec'}",
-             f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.socket}"],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                "dockerd",
+                "--storage-driver=vfs",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+                f"--data-root={self.root / 'data'}",
+                f"--exec-root={self.root / 'exec'}",
+                f"--pidfile={self.root / 'dockerd.pid'}",
+                f"--host=unix://{self.socket}",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log_file.close()
         deadline = time.monotonic() + timeout
@@ -111,8 +123,9 @@ class Engine:
         path = self.root / "dockerd.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def docker(self, *args: str, check: bool = True, timeout: float | None = 600,
-               quiet: bool = False) -> subprocess.CompletedProcess:
+    def docker(
+        self, *args: str, check: bool = True, timeout: float | None = 600, quiet: bool = False
+    ) -> subprocess.CompletedProcess:
         return run("docker", *args, env=self.env, check=check, timeout=timeout, quiet=quiet)
 
     def stop(self) -> None:
@@ -164,8 +177,15 @@ def base_image(engine: Engine, phases: Phases) -> None:
             tmp = Path(tempfile.mkdtemp(prefix="p2pfm-debootstrap-", dir=CACHE_DIR))
             try:
                 rootfs = tmp / "root"
-                run("debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", DEBIAN_SUITE,
-                    rootfs, mirror, timeout=1800)
+                run(
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={BASE_PACKAGES}",
+                    DEBIAN_SUITE,
+                    rootfs,
+                    mirror,
+                    timeout=1800,
+                )
                 # apt lists and caches are dead weight in an image that never runs apt.
                 for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
                     shutil.rmtree(rootfs / junk, ignore_errors=True)
@@ -191,8 +211,19 @@ def collect_wheels(phases: Phases) -> Path:
             for stale in CACHE_DIR.glob("wheels-*"):  # older dependency sets
                 shutil.rmtree(stale, ignore_errors=True)
             deps.mkdir(parents=True)
-            run("python3", "-m", "pip", "wheel", "--quiet", "-w", deps, "-c", REPO / "constraints.txt", REPO,
-                timeout=1800)
+            run(
+                "python3",
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "-w",
+                deps,
+                "-c",
+                REPO / "constraints.txt",
+                REPO,
+                timeout=1800,
+            )
             for own in deps.glob("p2pfm-*.whl"):
                 own.unlink()
             (deps / ".complete").write_text(time.strftime("%F %T\n"))
@@ -222,9 +253,24 @@ def build_image(engine: Engine, wheels: Path, phases: Phases, tag: str = IMAGE_T
         shutil.copytree(wheels, context / "wheels", copy_function=_link_or_copy)
         client, extra_env = docker_client()
         log(f"building with {client} ({extra_env or 'buildx'})")
-        run(client, "build", "--network", "host", "-f", "peers/Dockerfile",
-            "--build-arg", f"BASE_IMAGE={BASE_TAG}", "--build-arg", "WHEELS_DIR=wheels", "-t", tag, ".",
-            env={**engine.env, **extra_env}, cwd=context, timeout=3600)
+        run(
+            client,
+            "build",
+            "--network",
+            "host",
+            "-f",
+            "peers/Dockerfile",
+            "--build-arg",
+            f"BASE_IMAGE={BASE_TAG}",
+            "--build-arg",
+            "WHEELS_DIR=wheels",
+            "-t",
+            tag,
+            ".",
+            env={**engine.env, **extra_env},
+            cwd=context,
+            timeout=3600,
+        )
     return tag
 
 
@@ -252,9 +298,20 @@ class Compose:
         self.env = {**self.engine.env, "COMPOSE_HTTP_TIMEOUT": "900", **self.settings}
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-        return run(*self.base, "-p", self.project, "-f", REPO / "peers" / "compose.yaml",
-                   "-f", REPO / "peers" / "compose.hostnet.yaml", *args, env=self.env, check=check,
-                   timeout=timeout, cwd=REPO / "peers")
+        return run(
+            *self.base,
+            "-p",
+            self.project,
+            "-f",
+            REPO / "peers" / "compose.yaml",
+            "-f",
+            REPO / "peers" / "compose.hostnet.yaml",
+            *args,
+            env=self.env,
+            check=check,
+            timeout=timeout,
+            cwd=REPO / "peers",
+        )
 
     def containers(self, service: str | None = None) -> list[str]:
         """Names of the project's containers (running or not), sorted, optionally of one service."""
@@ -294,8 +351,10 @@ def main() -> None:
     build_image(engine, wheels, phases)
     shutil.rmtree(wheels, ignore_errors=True)
     print(phases.table())
-    print(f"engine left running: export DOCKER_HOST=unix://{engine.socket}; stop it with "
-          f"kill {engine.process.pid if engine.process else '?'} and rm -rf {engine.root}")
+    print(
+        f"engine left running: export DOCKER_HOST=unix://{engine.socket}; stop it with "
+        f"kill {engine.process.pid if engine.process else '?'} and rm -rf {engine.root}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,14 @@ class Phases:
         return "phase timings:\n" + "\n".join(lines)
 
 
-def run(*cmd: str | os.PathLike, check: bool = True, timeout: float | None = None,
-        env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
-        quiet: bool = False) -> subprocess.CompletedProcess:
+def run(
+    *cmd: str | os.PathLike,
+    check: bool = True,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> subprocess.CompletedProcess:
     """Run a command, capturing output; on failure raise with the tail of its output."""
     args = [str(c) for c in cmd]
     if not quiet:

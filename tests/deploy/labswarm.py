@@ -18,8 +18,20 @@ from netns import NetLab, stop_process_group
 
 PORT = 7000
 # The integration tests' tiny GPT: rounds of about a second on a shared CPU.
-TINY_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--block-size", "64", "--batch-size", "16",
-              "--eval-batches", "2"]
+TINY_MODEL = [
+    "--n-layer",
+    "2",
+    "--n-embd",
+    "64",
+    "--n-head",
+    "4",
+    "--block-size",
+    "64",
+    "--batch-size",
+    "16",
+    "--eval-batches",
+    "2",
+]
 
 
 class LabSwarm:
@@ -44,9 +56,23 @@ class LabSwarm:
     def start(self, i: int, join: Sequence[int] = ()) -> None:
         work = self.work_dir(i)
         work.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "p2pfm", "peer", "--key", str(work / "peer.key"), "--work-dir", str(work),
-               "--run-id", self.run_id, "--listen", f"/ip4/{self.lab.addrs[i]}/tcp/{PORT}", "--threads", "1",
-               *self.peer_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "p2pfm",
+            "peer",
+            "--key",
+            str(work / "peer.key"),
+            "--work-dir",
+            str(work),
+            "--run-id",
+            self.run_id,
+            "--listen",
+            f"/ip4/{self.lab.addrs[i]}/tcp/{PORT}",
+            "--threads",
+            "1",
+            *self.peer_args,
+        ]
         if join:
             cmd += ["--initial-peers", *(self.maddr(j) for j in join)]
         self.procs[i] = self.lab.popen(i, cmd, log=work / "peer.log")
@@ -106,7 +132,9 @@ class LabSwarm:
         spread = np.sqrt(((stacked - mean) ** 2).sum(axis=1).mean())
         return float(spread / np.linalg.norm(mean))
 
-    def wait(self, condition: Callable[[], bool], timeout: float, what: str, *, exits_ok: bool = False) -> None:
+    def wait(
+        self, condition: Callable[[], bool], timeout: float, what: str, *, exits_ok: bool = False
+    ) -> None:
         """Poll ``condition``; fail on timeout, or as soon as a peer exits (unless ``exits_ok``:
         peers given --rounds leave by themselves, with exit code 0)."""
         deadline = time.monotonic() + timeout
@@ -117,8 +145,10 @@ class LabSwarm:
             if dead:
                 raise RuntimeError(f"peer(s) {dead} exited while waiting for {what}:\n{self.tails(dead)}")
             time.sleep(0.5)
-        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                           f"rounds {[self.round(i) for i in self.procs]}\n{self.tails(list(self.procs))}")
+        raise TimeoutError(
+            f"timed out after {timeout:.0f} s waiting for {what}\n"
+            f"rounds {[self.round(i) for i in self.procs]}\n{self.tails(list(self.procs))}"
+        )
 
     def tails(self, peers: Sequence[int], lines: int = 12) -> str:
         out = []

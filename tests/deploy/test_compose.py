@@ -42,9 +42,13 @@ class Swarm:
         for name in self.compose.containers("first"):
             dirs[name] = self.compose.volume("first-data")
         peer_data = self.compose.volume("peer-data")
-        owners = {(p / "owner").read_text().strip(): p for p in peer_data.glob("slot-*") if (p / "owner").exists()}
+        owners = {
+            (p / "owner").read_text().strip(): p for p in peer_data.glob("slot-*") if (p / "owner").exists()
+        }
         for name in self.compose.containers("peer"):
-            cid = self.compose.engine.docker("inspect", "--format", "{{.Id}}", name, quiet=True).stdout.strip()
+            cid = self.compose.engine.docker(
+                "inspect", "--format", "{{.Id}}", name, quiet=True
+            ).stdout.strip()
             if cid in owners:
                 dirs[name] = owners[cid]
         return dirs
@@ -56,7 +60,9 @@ class Swarm:
         return {name: int(s.get("round", -1)) for name, s in self.status().items()}
 
     def state(self, name: str) -> str:
-        return self.compose.engine.docker("inspect", "--format", "{{.State.Status}}", name, quiet=True).stdout.strip()
+        return self.compose.engine.docker(
+            "inspect", "--format", "{{.State.Status}}", name, quiet=True
+        ).stdout.strip()
 
     def health(self, name: str) -> str:
         return self.compose.engine.docker(
@@ -70,8 +76,10 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, swarm: Sw
         if condition():
             return
         time.sleep(2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\nstatus: {swarm.status()}\n"
-                f"{swarm.compose.logs(tail=25)}")
+    pytest.fail(
+        f"timed out after {timeout:.0f} s waiting for {what}\nstatus: {swarm.status()}\n"
+        f"{swarm.compose.logs(tail=25)}"
+    )
 
 
 @pytest.mark.timeout(3600)  # includes the session's image build (pytest-timeout counts fixtures)
@@ -79,14 +87,18 @@ def test_compose_swarm_trains_and_survives_stop_start(docker_engine, p2pfm_image
     """first + 3 replicas train; with first and one replica stopped the other two go on;
     started again, both resume from their checkpoints with the same identity and rejoin."""
     project = f"p2pfmdeploy{os.getpid()}"
-    compose = Compose(docker_engine, project, {
-        "P2PFM_IMAGE": p2pfm_image,
-        "P2PFM_RUN_ID": "deploy-test",
-        "P2PFM_ROUNDS": "0",  # until stopped
-        "P2PFM_FIRST_PORT": str(free_port()),
-        "P2PFM_THREADS": "1",
-        "P2PFM_EXTRA_ARGS": TINY_MODEL,
-    })
+    compose = Compose(
+        docker_engine,
+        project,
+        {
+            "P2PFM_IMAGE": p2pfm_image,
+            "P2PFM_RUN_ID": "deploy-test",
+            "P2PFM_ROUNDS": "0",  # until stopped
+            "P2PFM_FIRST_PORT": str(free_port()),
+            "P2PFM_THREADS": "1",
+            "P2PFM_EXTRA_ARGS": TINY_MODEL,
+        },
+    )
     swarm = Swarm(compose)
     everyone = 1 + REPLICAS
     try:
@@ -124,8 +136,10 @@ def test_compose_swarm_trains_and_survives_stop_start(docker_engine, p2pfm_image
 
             def survivors_alone() -> bool:
                 status, rounds = swarm.status(), swarm.rounds()
-                return all(rounds[n] >= start_rounds[n] + 3 and not gone & set(status[n]["live_peers"])
-                           for n in survivors)
+                return all(
+                    rounds[n] >= start_rounds[n] + 3 and not gone & set(status[n]["live_peers"])
+                    for n in survivors
+                )
 
             wait_for(survivors_alone, 300, "survivors to advance 3 rounds without the stopped peers", swarm)
 
@@ -136,8 +150,12 @@ def test_compose_swarm_trains_and_survives_stop_start(docker_engine, p2pfm_image
 
             def rejoined() -> bool:
                 status = swarm.status()
-                back = all(status[n].get("state") == "training" and status[n]["round"] > swarm_round
-                           and len(status[n]["live_peers"]) >= everyone - 1 for n in (first, victim))
+                back = all(
+                    status[n].get("state") == "training"
+                    and status[n]["round"] > swarm_round
+                    and len(status[n]["live_peers"]) >= everyone - 1
+                    for n in (first, victim)
+                )
                 seen = all(gone <= set(status[n]["live_peers"]) for n in survivors)
                 return back and seen
 
@@ -153,8 +171,12 @@ def test_compose_swarm_trains_and_survives_stop_start(docker_engine, p2pfm_image
 
         with phases("healthchecks report healthy"):
             # The Dockerfile's HEALTHCHECK runs every 30 s (start period 180 s): a few periods.
-            wait_for(lambda: all(swarm.health(n) == "healthy" for n in compose.containers()), 300,
-                     "every container's healthcheck to pass", swarm)
+            wait_for(
+                lambda: all(swarm.health(n) == "healthy" for n in compose.containers()),
+                300,
+                "every container's healthcheck to pass",
+                swarm,
+            )
 
         rounds = swarm.rounds()
         print(f"final rounds: {rounds}")

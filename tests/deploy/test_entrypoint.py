@@ -19,8 +19,9 @@ python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$FAKE_LO
 sleep "${FAKE_SLEEP:-0}"
 """
 
-pytestmark = pytest.mark.skipif(shutil.which("flock") is None or shutil.which("bash") is None,
-                                reason="needs bash and flock (util-linux)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("flock") is None or shutil.which("bash") is None, reason="needs bash and flock (util-linux)"
+)
 
 
 @pytest.fixture
@@ -35,14 +36,24 @@ def run_entrypoint(tmp_path: Path):
 
     def env_for(settings: dict[str, str]) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("P2PFM_")}
-        return {**base, "PATH": f"{bin_dir}:{base['PATH']}", "FAKE_LOG": str(log),
-                "P2PFM_WORK_DIR_NOTE": str(tmp_path / "work-dir-note"), **settings}
+        return {
+            **base,
+            "PATH": f"{bin_dir}:{base['PATH']}",
+            "FAKE_LOG": str(log),
+            "P2PFM_WORK_DIR_NOTE": str(tmp_path / "work-dir-note"),
+            **settings,
+        }
 
     def run(settings: dict[str, str], *args: str, background: bool = False):
         cmd = ["bash", str(ENTRYPOINT), *args]
         if background:
-            proc = subprocess.Popen(cmd, env=env_for(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=env_for(settings),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             procs.append(proc)
             return proc
         res = subprocess.run(cmd, env=env_for(settings), capture_output=True, text=True, timeout=60)
@@ -62,7 +73,7 @@ def flag(argv: list[str], name: str) -> list[str]:
     """The values following ``name`` up to the next flag."""
     i = argv.index(name)
     values = []
-    for item in argv[i + 1:]:
+    for item in argv[i + 1 :]:
         if item.startswith("--"):
             break
         values.append(item)
@@ -91,11 +102,20 @@ def write_status(path: Path, **fields) -> None:
 
 def test_entrypoint_turns_p2pfm_variables_into_flags(run_entrypoint, tmp_path: Path):
     """P2PFM_NAME=value -> --name value; true -> bare flag; false/empty -> nothing; extra args last."""
-    code, argv, _ = run_entrypoint({
-        "P2PFM_WORK_DIR": str(tmp_path / "w"), "P2PFM_ROUNDS": "5", "P2PFM_RUN_ID": "r1",
-        "P2PFM_SOME_SWITCH": "true", "P2PFM_OFF_SWITCH": "false", "P2PFM_EMPTY": "",
-        "P2PFM_EXTRA_ARGS": "--n-layer 2", "P2PFM_INITIAL_PEERS": "/ip4/1.2.3.4/tcp/1/p2p/A,/ip4/1.2.3.4/tcp/2/p2p/B",
-    }, "--lr", "0.1")
+    code, argv, _ = run_entrypoint(
+        {
+            "P2PFM_WORK_DIR": str(tmp_path / "w"),
+            "P2PFM_ROUNDS": "5",
+            "P2PFM_RUN_ID": "r1",
+            "P2PFM_SOME_SWITCH": "true",
+            "P2PFM_OFF_SWITCH": "false",
+            "P2PFM_EMPTY": "",
+            "P2PFM_EXTRA_ARGS": "--n-layer 2",
+            "P2PFM_INITIAL_PEERS": "/ip4/1.2.3.4/tcp/1/p2p/A,/ip4/1.2.3.4/tcp/2/p2p/B",
+        },
+        "--lr",
+        "0.1",
+    )
     assert code == 0
     assert argv[:5] == ["peer", "--key", str(tmp_path / "w" / "peer.key"), "--work-dir", str(tmp_path / "w")]
     assert flag(argv, "--rounds") == ["5"] and flag(argv, "--run-id") == ["r1"]
@@ -124,11 +144,20 @@ def test_entrypoint_gives_concurrent_replicas_their_own_slots(run_entrypoint, tm
 
 def test_entrypoint_joins_the_first_peer_at_its_host_with_its_libp2p_id(run_entrypoint, tmp_path: Path):
     """The /p2p/ part is the libp2p id from the first peer's status.json, not its p2pfm peer id."""
-    write_status(tmp_path / "first" / "status.json", peer_id="p2pfm1abc", libp2p_id="12D3KooWFirst",
-                 maddrs=["/ip4/172.18.0.2/tcp/7000/p2p/12D3KooWFirst"])
-    code, argv, _ = run_entrypoint({"P2PFM_DATA": str(tmp_path / "data"),
-                                    "P2PFM_BOOTSTRAP_FILE": str(tmp_path / "first" / "status.json"),
-                                    "P2PFM_BOOTSTRAP_HOST": "127.0.0.1", "P2PFM_BOOTSTRAP_PORT": "7123"})
+    write_status(
+        tmp_path / "first" / "status.json",
+        peer_id="p2pfm1abc",
+        libp2p_id="12D3KooWFirst",
+        maddrs=["/ip4/172.18.0.2/tcp/7000/p2p/12D3KooWFirst"],
+    )
+    code, argv, _ = run_entrypoint(
+        {
+            "P2PFM_DATA": str(tmp_path / "data"),
+            "P2PFM_BOOTSTRAP_FILE": str(tmp_path / "first" / "status.json"),
+            "P2PFM_BOOTSTRAP_HOST": "127.0.0.1",
+            "P2PFM_BOOTSTRAP_PORT": "7123",
+        }
+    )
     assert code == 0
     assert flag(argv, "--initial-peers") == ["/ip4/127.0.0.1/tcp/7123/p2p/12D3KooWFirst"]
 
@@ -138,11 +167,19 @@ def test_entrypoint_without_a_live_first_peer_joins_live_siblings(run_entrypoint
     data = tmp_path / "data"
     write_status(tmp_path / "first" / "status.json", libp2p_id="12D3KooWFirst", state="left")
     write_status(data / "slot-1" / "status.json", libp2p_id="S1", maddrs=["/ip4/127.0.0.1/tcp/4001/p2p/S1"])
-    write_status(data / "slot-2" / "status.json", libp2p_id="S2", maddrs=["/ip4/127.0.0.1/tcp/4002/p2p/S2"],
-                 state="left")
-    code, argv, _ = run_entrypoint({"P2PFM_DATA": str(data),
-                                    "P2PFM_BOOTSTRAP_FILE": str(tmp_path / "first" / "status.json"),
-                                    "P2PFM_BOOTSTRAP_GLOB": f"{data}/slot-*/status.json"})
+    write_status(
+        data / "slot-2" / "status.json",
+        libp2p_id="S2",
+        maddrs=["/ip4/127.0.0.1/tcp/4002/p2p/S2"],
+        state="left",
+    )
+    code, argv, _ = run_entrypoint(
+        {
+            "P2PFM_DATA": str(data),
+            "P2PFM_BOOTSTRAP_FILE": str(tmp_path / "first" / "status.json"),
+            "P2PFM_BOOTSTRAP_GLOB": f"{data}/slot-*/status.json",
+        }
+    )
     assert code == 0
     assert flag(argv, "--work-dir") == [str(data / "slot-0")]
     assert flag(argv, "--initial-peers") == ["/ip4/127.0.0.1/tcp/4001/p2p/S1"]
@@ -151,15 +188,24 @@ def test_entrypoint_without_a_live_first_peer_joins_live_siblings(run_entrypoint
 def test_entrypoint_gives_up_when_no_peer_is_live(run_entrypoint, tmp_path: Path):
     """A joiner with nobody to join exits non-zero (the restart policy tries again later)."""
     write_status(tmp_path / "first" / "status.json", libp2p_id="12D3KooWFirst", state="left")
-    code, argv, err = run_entrypoint({"P2PFM_DATA": str(tmp_path / "data"), "P2PFM_BOOTSTRAP_TIMEOUT": "1",
-                                      "P2PFM_BOOTSTRAP_FILE": str(tmp_path / "first" / "status.json")})
+    code, argv, err = run_entrypoint(
+        {
+            "P2PFM_DATA": str(tmp_path / "data"),
+            "P2PFM_BOOTSTRAP_TIMEOUT": "1",
+            "P2PFM_BOOTSTRAP_FILE": str(tmp_path / "first" / "status.json"),
+        }
+    )
     assert code == 2 and argv is None and "no live peer" in err
 
 
 def test_entrypoint_first_peer_with_nobody_around_starts_a_new_swarm(run_entrypoint, tmp_path: Path):
     """Only a glob and no live sibling: no --initial-peers at all."""
-    code, argv, err = run_entrypoint({"P2PFM_WORK_DIR": str(tmp_path / "first"),
-                                      "P2PFM_BOOTSTRAP_GLOB": f"{tmp_path}/data/slot-*/status.json"})
+    code, argv, err = run_entrypoint(
+        {
+            "P2PFM_WORK_DIR": str(tmp_path / "first"),
+            "P2PFM_BOOTSTRAP_GLOB": f"{tmp_path}/data/slot-*/status.json",
+        }
+    )
     assert code == 0 and "--initial-peers" not in argv and "new swarm" in err
 
 

@@ -156,7 +156,9 @@ def test_closing_the_lab_kills_its_processes_and_deletes_its_namespaces(root_req
     assert not any(name in listed for name in names)
     assert leader.poll() is not None
     for pid in inside:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )
 
 
 def netns_pids(ns: str) -> list[str]:

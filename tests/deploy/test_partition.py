@@ -27,8 +27,11 @@ RECONVERGE_S = 600  # generous: reconvergence is waited for, never timed
 def wait_rounds(swarm: LabSwarm, peers: Sequence[int], n: int = 1, timeout: float = 300) -> None:
     """Wait until every one of ``peers`` has finished ``n`` more rounds (a new checkpoint)."""
     start = {i: swarm.round(i) for i in peers}
-    swarm.wait(lambda: all(swarm.round(i) >= start[i] + n for i in peers), timeout,
-               f"{n} more round(s) on peers {list(peers)} (from rounds {start})")
+    swarm.wait(
+        lambda: all(swarm.round(i) >= start[i] + n for i in peers),
+        timeout,
+        f"{n} more round(s) on peers {list(peers)} (from rounds {start})",
+    )
 
 
 def sample_distance(swarm: LabSwarm, peers: Sequence[int], samples: int = 3) -> float:
@@ -56,8 +59,11 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
         try:
             with phases("partition test: 4 peers start and train together"):
                 swarm.start_all()
-                swarm.wait(lambda: all(swarm.round(i) >= 6 and len(swarm.live(i)) == 3 for i in everyone), 300,
-                           "all 4 peers past round 6, each seeing the other 3")
+                swarm.wait(
+                    lambda: all(swarm.round(i) >= 6 and len(swarm.live(i)) == 3 for i in everyone),
+                    300,
+                    "all 4 peers past round 6, each seeing the other 3",
+                )
                 ids = {i: swarm.peer_id(i) for i in everyone}
                 before = sample_distance(swarm, everyone)
 
@@ -68,10 +74,17 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
                 # Each side forgets the other (announcements expire) and keeps going; the cut
                 # lasts at least PARTITION_S (the scenario), however fast that happens.
                 cut_at = time.monotonic()
-                swarm.wait(lambda: all(not (swarm.live(i) & halves[i]) and swarm.round(i) >= cut_rounds[i] + 8
-                                       for i in everyone) and time.monotonic() - cut_at >= PARTITION_S,
-                           PARTITION_S + 300,
-                           f"both halves to train 8 rounds without the other, cut for at least {PARTITION_S} s")
+                swarm.wait(
+                    lambda: (
+                        all(
+                            not (swarm.live(i) & halves[i]) and swarm.round(i) >= cut_rounds[i] + 8
+                            for i in everyone
+                        )
+                        and time.monotonic() - cut_at >= PARTITION_S
+                    ),
+                    PARTITION_S + 300,
+                    f"both halves to train 8 rounds without the other, cut for at least {PARTITION_S} s",
+                )
                 during = sample_distance(swarm, everyone)
                 inside = max(sample_distance(swarm, [0, 1], 1), sample_distance(swarm, [2, 3], 1))
 
@@ -82,8 +95,11 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
                 healed_rounds = {i: swarm.round(i) for i in everyone}
                 # Each half's DHT drops the other half's nodes during the cut; the daemon's
                 # heartbeat re-dials peers it lost (PeerBook.lost -> PeerNetwork.redial).
-                swarm.wait(lambda: all(len(swarm.live(i)) == 3 for i in everyone), 300,
-                           "every peer to see all 3 others again")
+                swarm.wait(
+                    lambda: all(len(swarm.live(i)) == 3 for i in everyone),
+                    300,
+                    "every peer to see all 3 others again",
+                )
                 # Reconvergence is an event: sample until the distance is back near its
                 # pre-partition level (parameter syncs every 5 rounds pull the halves together).
                 bound = 1.5 * before + 0.25 * (during - before)
@@ -95,18 +111,24 @@ def test_partitioned_halves_keep_training_and_reconverge_after_heal(root_require
                     if readings[-1][1] <= bound:
                         break
                     if time.monotonic() > deadline:
-                        pytest.fail(f"consensus distance not back to <= {bound:.3e} within {RECONVERGE_S} s of the "
-                                    f"heal (before {before:.3e}, partitioned {during:.3e}, healed at rounds "
-                                    f"{healed_rounds}); readings (rounds, median distance): "
-                                    + "; ".join(f"{r} {d:.3e}" for r, d in readings))
+                        pytest.fail(
+                            f"consensus distance not back to <= {bound:.3e} within {RECONVERGE_S} s of the "
+                            f"heal (before {before:.3e}, partitioned {during:.3e}, healed at rounds "
+                            f"{healed_rounds}); readings (rounds, median distance): "
+                            + "; ".join(f"{r} {d:.3e}" for r, d in readings)
+                        )
                     wait_rounds(swarm, everyone)
                 after = readings[-1][1]
-                print(f"reconverged after {len(readings)} reading(s), at rounds {readings[-1][0]} "
-                      f"(healed at {healed_rounds})")
+                print(
+                    f"reconverged after {len(readings)} reading(s), at rounds {readings[-1][0]} "
+                    f"(healed at {healed_rounds})"
+                )
         finally:
             swarm.stop_all()
-        print(f"consensus distance: before {before:.2e}, partitioned {during:.2e} "
-              f"(within halves {inside:.2e}), after heal {after:.2e}")
+        print(
+            f"consensus distance: before {before:.2e}, partitioned {during:.2e} "
+            f"(within halves {inside:.2e}), after heal {after:.2e}"
+        )
         assert during > before, "the halves did not drift apart: was the partition real?"
         assert after < during, "the models did not come back together after the heal"
         assert after <= bound, (before, during, after)

@@ -12,8 +12,20 @@ from p2pfm.swarm import LocalSwarm, PeerProcess
 
 # A tiny GPT keeps each round well under a second on a shared CPU while still learning
 # visibly: byte-level loss falls from ln 256 = 5.5 to below 3.5 in a few hundred steps.
-TINY_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--block-size", "64", "--batch-size", "16",
-              "--eval-batches", "2"]
+TINY_MODEL = [
+    "--n-layer",
+    "2",
+    "--n-embd",
+    "64",
+    "--n-head",
+    "4",
+    "--block-size",
+    "64",
+    "--batch-size",
+    "16",
+    "--eval-batches",
+    "2",
+]
 
 
 @pytest.fixture
@@ -21,8 +33,9 @@ def make_swarm(tmp_path: Path) -> Iterator[Callable[..., LocalSwarm]]:
     swarms: list[LocalSwarm] = []
 
     def factory(peer_args: list[str], run_id: str = "itest") -> LocalSwarm:
-        swarm = LocalSwarm(tmp_path / f"swarm-{len(swarms)}", [*TINY_MODEL, *peer_args], threads_per_peer=1,
-                           run_id=run_id)
+        swarm = LocalSwarm(
+            tmp_path / f"swarm-{len(swarms)}", [*TINY_MODEL, *peer_args], threads_per_peer=1, run_id=run_id
+        )
         swarms.append(swarm)
         return swarm
 

@@ -21,4 +21,9 @@ def test_sigkilled_peer_leaves_no_orphans(make_swarm):
     wait_for(lambda: len(live_group_members({pgid})) >= 3, 120, "the peer, its DHT child and p2pd", [peer])
     os.kill(peer.process.pid, signal.SIGKILL)  # no clean-up code of the peer runs
     peer.process.wait()
-    wait_for(lambda: not live_group_members({pgid}), 60, "the DHT child and p2pd to exit after their parent died", [peer])
+    wait_for(
+        lambda: not live_group_members({pgid}),
+        60,
+        "the DHT child and p2pd to exit after their parent died",
+        [peer],
+    )

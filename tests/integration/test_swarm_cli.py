@@ -29,8 +29,14 @@ FAIL_FAST_S = 30.0  # the requirement: the whole swarm is down and has said why 
 @pytest.mark.timeout(240)
 def test_peer_failing_at_start_up_stops_the_swarm_with_its_error(tmp_path):
     """Peer 1 cannot load its key: the swarm raises PeerFailed with that error within 30 s, all peers gone."""
-    options = SwarmOptions(peers=3, rounds=50, out_dir=tmp_path / "run", peer_args=tuple(TINY_MODEL),
-                           threads_per_peer=1, progress=False)
+    options = SwarmOptions(
+        peers=3,
+        rounds=50,
+        out_dir=tmp_path / "run",
+        peer_args=tuple(TINY_MODEL),
+        threads_per_peer=1,
+        progress=False,
+    )
     swarm = plan_swarm(options)
     bad_key = swarm.peers[1].work_dir / "peer.key"  # a real user error: a key file that is not a key
     bad_key.parent.mkdir(parents=True)
@@ -47,7 +53,9 @@ def test_peer_failing_at_start_up_stops_the_swarm_with_its_error(tmp_path):
     assert failure.reason == "exited with status 2 at start-up", str(failure)
     # The peer's own words (its CLI's error line naming the key file), not just a log path.
     assert f"p2pfm: error: key file {bad_key}" in str(failure)
-    assert elapsed < FAIL_FAST_S, f"took {elapsed:.1f} s to stop; peer 1 failed after {failed_at:.1f} s: {failure}"
+    assert elapsed < FAIL_FAST_S, (
+        f"took {elapsed:.1f} s to stop; peer 1 failed after {failed_at:.1f} s: {failure}"
+    )
     assert not any(peer.alive for peer in swarm.peers)
     assert live_group_members({p.process.pid for p in swarm.peers}) == []
     assert not (options.out_dir / "summary.json").exists()
@@ -58,19 +66,42 @@ def test_peer_failing_at_start_up_stops_the_swarm_with_its_error(tmp_path):
 def test_cli_exits_non_zero_naming_a_crashed_peer_and_leaves_no_process(tmp_path):
     """SIGKILL peer 1 of a running `p2pfm swarm`: the command exits 1 within 30 s, names peer 1, kills the rest."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "p2pfm", "swarm", "--peers", "3", "--rounds", "200", "--out", str(out),
-               "--threads-per-peer", "1", *TINY_MODEL]
-    swarm = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    command = [
+        sys.executable,
+        "-m",
+        "p2pfm",
+        "swarm",
+        "--peers",
+        "3",
+        "--rounds",
+        "200",
+        "--out",
+        str(out),
+        "--threads-per-peer",
+        "1",
+        *TINY_MODEL,
+    ]
+    swarm = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
+
         def status(index: int) -> dict:
             try:
                 return json.loads((out / f"peer-{index}" / "status.json").read_text())
             except (OSError, json.JSONDecodeError):
                 return {}
 
-        wait_for(lambda: all(status(i).get("pid") for i in range(3)) or swarm.poll() is not None, 180,
-                 "all three peers to be online")
+        wait_for(
+            lambda: all(status(i).get("pid") for i in range(3)) or swarm.poll() is not None,
+            180,
+            "all three peers to be online",
+        )
         assert swarm.poll() is None, swarm.communicate()
         pids = {i: status(i)["pid"] for i in range(3)}
         os.killpg(pids[1], signal.SIGKILL)  # a device crash
@@ -93,17 +124,34 @@ def test_cli_exits_non_zero_naming_a_crashed_peer_and_leaves_no_process(tmp_path
 def test_cli_swarm_finds_itself_trains_and_exits_0(tmp_path):
     """The happy path of `p2pfm swarm`: the peers find each other, the bar moves from waiting to training."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "p2pfm", "swarm", "--peers", "3", "--rounds", "3", "--out", str(out),
-               "--threads-per-peer", "1", "--json", *TINY_MODEL]
+    command = [
+        sys.executable,
+        "-m",
+        "p2pfm",
+        "swarm",
+        "--peers",
+        "3",
+        "--rounds",
+        "3",
+        "--out",
+        str(out),
+        "--threads-per-peer",
+        "1",
+        "--json",
+        *TINY_MODEL,
+    ]
     # Far below the daemons' 300 s quorum deadline: peers that cannot find each other fail this.
-    result = subprocess.run(command, capture_output=True, text=True, timeout=200,
-                            cwd=Path(__file__).resolve().parents[2])
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=200, cwd=Path(__file__).resolve().parents[2]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["peers"] == 3 and summary["rounds"] == 3
     assert "swarm of 3: waiting for peers" in result.stderr
     assert "swarm of 3: training" in result.stderr or "swarm of 3: finishing" in result.stderr
     for index in range(3):
-        records = [json.loads(line) for line in (out / f"peer-{index}" / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (out / f"peer-{index}" / "metrics.jsonl").read_text().splitlines()
+        ]
         rounds = [r for r in records if r.get("event") == "round"]
         assert rounds and max(r["live_peers"] for r in rounds) == 2, f"peer {index} never saw both others"

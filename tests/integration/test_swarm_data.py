@@ -25,12 +25,32 @@ def test_swarm_trains_three_peers_on_one_big_file(tmp_path):
     (data / "book.txt").write_text(english_like(1_100_000, seed=7))
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's p2pfm, whatever is installed
     result = subprocess.run(
-        [sys.executable, "-m", "p2pfm", "swarm", "--peers", "3", "--rounds", "3", "--data", str(data), "--json",
-         "--out", str(tmp_path / "run"), "--threads-per-peer", "1", *TINY_MODEL],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "p2pfm",
+            "swarm",
+            "--peers",
+            "3",
+            "--rounds",
+            "3",
+            "--data",
+            str(data),
+            "--json",
+            "--out",
+            str(tmp_path / "run"),
+            "--threads-per-peer",
+            "1",
+            *TINY_MODEL,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     split = summary["data_split"]
     assert split["corpus_bytes"] == 1_100_000
     assert split["holdout_bytes"] > 0

@@ -21,7 +21,7 @@ def rounds_of_run(peer, run: int) -> list[dict]:
     if len(starts) <= run:
         return []
     end = starts[run + 1] if len(starts) > run + 1 else len(records)
-    return [r for r in records[starts[run]:end] if r.get("event") == "round"]
+    return [r for r in records[starts[run] : end] if r.get("event") == "round"]
 
 
 def stop_gracefully(peers) -> None:
@@ -63,21 +63,28 @@ def test_killed_peer_does_not_stall_others_and_rejoins(make_swarm):
     rounds_at_kill = [round_of(p) for p in survivors]
     # Survivors keep going: several rounds pass while the victim is dead (pushes to it time out
     # off the compute path, and its DHT record expires after the TTL).
-    wait_for(lambda: all(round_of(p) >= r + 8 for p, r in zip(survivors, rounds_at_kill, strict=True)), 120,
-             "survivors to advance 8 rounds after the kill", swarm.peers)
+    wait_for(
+        lambda: all(round_of(p) >= r + 8 for p, r in zip(survivors, rounds_at_kill, strict=True)),
+        120,
+        "survivors to advance 8 rounds after the kill",
+        swarm.peers,
+    )
     stalled = time.time() - killed_at
     checkpoint_round = int(final_params(victim.work_dir) is not None)
     assert checkpoint_round == 1, "the victim left a readable checkpoint"
     swarm.restart_peer(victim)
-    wait_for(lambda: len(rounds_of_run(victim, 1)) >= 8, 240, "the restarted victim to train 8 rounds",
-             swarm.peers)
+    wait_for(
+        lambda: len(rounds_of_run(victim, 1)) >= 8, 240, "the restarted victim to train 8 rounds", swarm.peers
+    )
     stop_gracefully(swarm.peers)
     records = victim.metrics()
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] is True, starts
     survivor_final = np.mean([round_records(p)[-1]["eval_loss"] for p in survivors])
     victim_final = round_records(victim)[-1]["eval_loss"]
-    print(f"survivors advanced 8 rounds in {stalled:.1f} s; final losses {survivor_final:.3f} vs {victim_final:.3f}")
+    print(
+        f"survivors advanced 8 rounds in {stalled:.1f} s; final losses {survivor_final:.3f} vs {victim_final:.3f}"
+    )
     assert abs(victim_final - survivor_final) < 0.25
 
 
@@ -116,14 +123,35 @@ def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(m
     wait_for(lambda: round_of(peer) >= 1, 120, "first round", [peer])
     numel = next(r for r in peer.metrics() if r.get("event") == "start")["params"]
     maddr = peer.status()["maddrs"][0]
-    expected = {"valid": ["ok"], "replayed": ["ok", "replay"], "forged": ["bad_signature"],
-                "tampered": ["bad_signature"], "wrong-run": ["wrong_run"], "garbage": ["malformed"],
-                "oversize": ["oversize"]}
+    expected = {
+        "valid": ["ok"],
+        "replayed": ["ok", "replay"],
+        "forged": ["bad_signature"],
+        "tampered": ["bad_signature"],
+        "wrong-run": ["wrong_run"],
+        "garbage": ["malformed"],
+        "oversize": ["oversize"],
+    }
     # One prober process (its own libp2p host) sends every case in turn.
     result = subprocess.run(
-        [sys.executable, "-m", "p2pfm.daemon.probe", "--peer", maddr, "--run-id", "probe-run",
-         "--numel", str(numel), "--case", *expected, "--round-from", str(peer.work_dir / "status.json")],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "p2pfm.daemon.probe",
+            "--peer",
+            maddr,
+            "--run-id",
+            "probe-run",
+            "--numel",
+            str(numel),
+            "--case",
+            *expected,
+            "--round-from",
+            str(peer.work_dir / "status.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     outcomes: dict[str, list[str]] = {}
@@ -136,14 +164,32 @@ def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(m
     # refusal with its reason (before, the state stream sent its whole snapshot for any valid kind).
     for stream in ("state", "params"):
         result = subprocess.run(
-            [sys.executable, "-m", "p2pfm.daemon.probe", "--peer", maddr, "--run-id", "probe-run",
-             "--numel", str(numel), "--case", "announce", "garbage", "--stream", stream],
-            capture_output=True, text=True, timeout=180,
+            [
+                sys.executable,
+                "-m",
+                "p2pfm.daemon.probe",
+                "--peer",
+                maddr,
+                "--run-id",
+                "probe-run",
+                "--numel",
+                str(numel),
+                "--case",
+                "announce",
+                "garbage",
+                "--stream",
+                stream,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert result.returncode == 0, result.stderr[-2000:]
         answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         assert [(a["case"], a["ok"], a.get("reason")) for a in answers] == [
-            ("announce", False, "wrong_kind"), ("garbage", False, "malformed")], (stream, answers)
+            ("announce", False, "wrong_kind"),
+            ("garbage", False, "malformed"),
+        ], (stream, answers)
     round_after_attacks = round_of(peer)
     wait_for(lambda: round_of(peer) >= round_after_attacks + 2, 120, "training to continue", [peer])
     rejected = round_records(peer)[-1]["messages_rejected"]
