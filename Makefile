@@ -23,7 +23,9 @@ test-deploy: setup
 	$(BIN)/python -m pytest -m deploy tests/deploy
 
 lint: setup
-	$(BIN)/ruff check p2pfm tests bench examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy p2pfm/core
 
 bench: setup
 	$(BIN)/p2pfm bench codecs
