@@ -24,10 +24,11 @@ figures do not depend on ``--jobs``.
 Measured per variant: the mean held-out eval loss over peers after each round, the consensus
 distance (mean ||x_i - mean|| / ||mean||), and bits per parameter per round per peer of sealed
 update messages (whole envelopes, as sent) and of parameter-sync answers. Used to choose the
-defaults recorded in ``protocols/gossip.md`` section 2:
+defaults recorded in ``protocols/gossip.md`` section 2 (``PYTHONPATH=.``: this checkout's p2pfm,
+whatever else is installed; the JSON records which one ran):
 
-    python bench/gossip_ablation.py --peers 3 --rounds 20 --variants none,topk --jobs 2 \\
-        --out bench/results/ablation-2026-11-30
+    PYTHONPATH=. python bench/gossip_ablation.py --peers 3 --rounds 20 \\
+        --variants none,topk,topk-f1,topk-sync10 --jobs 2 --out bench/results/ablation-2026-11-30
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import p2pfm
 from p2pfm.core.codecs import CodecSpec
 from p2pfm.core.errors import Refusal
 from p2pfm.core.gossip import GossipConfig, choose_partners, consensus_distance
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import CatchUp, Event, LocalWork, PeerProtocol, PeerSetup, Sync
 from p2pfm.daemon.trainer import LocalTrainer
+from p2pfm.model.config import InnerTrainConfig
 from p2pfm.model.data import ByteDataset, ShardSpec
 from p2pfm.model.gpt import GPTConfig, build_model
 
@@ -67,7 +70,7 @@ VARIANTS = {
 }
 RUN_ID = "gossip-ablation"
 CLOCK_START = 1_800_000_000.0  # virtual unix time of round 0; one second per round
-LR, BATCH, EVAL_BATCHES, EVAL_BATCH = 3e-3, 16, 4, 16
+TRAIN = InnerTrainConfig()  # the daemon's default inner loop: batch 16, lr 3e-3, 4 x 16 held-out batches
 
 
 @dataclasses.dataclass
@@ -86,16 +89,21 @@ def make_peers(config: GossipConfig, count: int, seed: int) -> list[Peer]:
     keys = np.random.default_rng([seed, 1])
     peers = []
     for index in range(count):
-        dataset = ByteDataset(None, ShardSpec(index, count), block_size=model_config.block_size)
+        dataset = ByteDataset(
+            None,
+            ShardSpec(index, count),
+            block_size=model_config.block_size,
+            max_shard_bytes=TRAIN.max_shard_bytes,
+        )
         trainer = LocalTrainer(
             build_model(model_config, seed),
             dataset,
-            lr=LR,
-            weight_decay=0.0,
-            batch_size=BATCH,
+            lr=TRAIN.lr,
+            weight_decay=TRAIN.weight_decay,
+            batch_size=TRAIN.batch_size,
             seed=seed * 1000 + index,
-            eval_batches=EVAL_BATCHES,
-            eval_batch_size=EVAL_BATCH,
+            eval_batches=TRAIN.eval_batches,
+            eval_batch_size=TRAIN.eval_batch_size,
         )
         setup = PeerSetup(identity=Identity.from_private_bytes(keys.bytes(32)), run_id=RUN_ID, gossip=config)
         protocol = PeerProtocol(setup, trainer.flat())
@@ -233,14 +241,22 @@ def table(results: list[dict], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def git_state() -> dict:
+def git_state(package: Path) -> dict:
+    """Commit and cleanliness of the checkout the measured ``p2pfm`` was imported from."""
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=package, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    return {
+        "p2pfm": str(package),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain")),
+    }
 
 
 def main() -> None:
@@ -267,6 +283,14 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     if args.peers < 2 or args.rounds < 1 or args.jobs < 1:
         parser.error("need --peers >= 2, --rounds >= 1, --jobs >= 1")
+    package = Path(p2pfm.__file__).resolve().parent
+    checkout = Path(__file__).resolve().parents[1]
+    if package.parent != checkout:  # `python bench/...` puts bench/, not the cwd, first on sys.path
+        print(
+            f"warning: measuring the p2pfm at {package}, not this checkout's ({checkout}); "
+            f"run with PYTHONPATH={checkout} to measure this one",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     tasks = [(v, args.peers, args.rounds, args.seed) for v in variants]
     if args.jobs > 1:
@@ -291,13 +315,11 @@ def main() -> None:
             "seed": args.seed,
             "variants": variants,
             "model": dataclasses.asdict(GPTConfig()),
-            "inner_lr": LR,
-            "batch_size": BATCH,
-            "eval_batches": EVAL_BATCHES,
-            "eval_batch_size": EVAL_BATCH,
-            "signatures": "ed25519, verified",
+            "train": dataclasses.asdict(TRAIN),
+            "signatures": "ed25519, made and verified",
+            "clock": "virtual, one second per round",
         },
-        "git": git_state(),
+        "git": git_state(package),
         "wall_seconds": round(seconds, 1),
         "results": results,
     }
