@@ -316,7 +316,9 @@ def summarize(
     peers: list[PeerProcess], *, wall_seconds: float, alive_at_end: list[int] | None = None
 ) -> dict[str, Any]:
     """The swarm's ``summary.json`` from the peers' metrics files and final checkpoints."""
-    per_peer, initial, params, bytes_sent, update_bytes, rejected, rounds = {}, [], [], 0, 0, {}, 0
+    per_peer, initial, params, bytes_sent, update_bytes, rounds = {}, [], [], 0, 0, 0
+    rejected: dict[str, int] = {}  # lowered a sender's score
+    ignored: dict[str, int] = {}  # authentic but unused (stale rounds, banned senders): no penalty
     numel, sync_bytes, peer_rounds = 0, 0, 0
     # The byte split each peer reported at its (latest) start; corpus and held-out are shared.
     data_split: dict[str, Any] = {"corpus_bytes": None, "holdout_bytes": None, "shard_bytes": {}}
@@ -347,8 +349,9 @@ def summarize(
         update_bytes += sum(r.get("update_bytes_sent", 0) for r in runs)
         sync_bytes += sum(r.get("sync_bytes_sent", 0) for r in runs)
         for r in runs:
-            for reason, count in r.get("messages_rejected", {}).items():
-                rejected[reason] = rejected.get(reason, 0) + count
+            for key, totals in (("messages_rejected", rejected), ("messages_ignored", ignored)):
+                for reason, count in r.get(key, {}).items():
+                    totals[reason] = totals.get(reason, 0) + count
         if round_records:
             rounds = max(rounds, round_records[-1]["round"])
             if alive_at_end is None or peer.index in alive_at_end:
@@ -377,6 +380,7 @@ def summarize(
         "sync_bits_per_param_per_round": 8.0 * sync_bytes / max(1, numel) / peer_rounds,
         "consensus_distance": consensus_distance(params),
         "messages_rejected": rejected,
+        "messages_ignored": ignored,
         "data_split": data_split,
         "wall_seconds": wall_seconds,
     }

@@ -26,6 +26,7 @@ SUMMARY_KEYS = {
     "sync_bits_per_param_per_round",
     "consensus_distance",
     "messages_rejected",
+    "messages_ignored",
     "data_split",
     "wall_seconds",
 }
@@ -80,7 +81,10 @@ def two_peers(tmp_path) -> list[PeerProcess]:
             start(5.7),
             round_record(1, sent=100, update=90, sync=0, eval_loss=5.1, rejected={"replay": 1}),
             start(4.8),  # restart: resumes from the checkpoint, counters from zero
-            round_record(2, sent=40, update=30, sync=10, eval_loss=4.7, rejected={"replay": 3}),
+            {
+                **round_record(2, sent=40, update=30, sync=10, eval_loss=4.7, rejected={"replay": 3}),
+                "messages_ignored": {"stale_round": 4},
+            },
             {"event": "drain", "round": 2, "applied": 1, "eval_loss": 4.6},
         ],
         params=np.full(NUMEL, 3.0),
@@ -146,6 +150,7 @@ def test_summary_sums_counters_over_the_runs_of_a_restarted_peer(two_peers):
     assert summary["sync_bits_per_param_per_round"] == pytest.approx(8 * sync / NUMEL / peer_rounds)
     assert summary["bits_per_param_per_round"] == pytest.approx(8 * (update + sync) / NUMEL / peer_rounds)
     assert summary["messages_rejected"] == {"bad_signature": 2, "replay": 1 + 3}
+    assert summary["messages_ignored"] == {"stale_round": 4}
 
 
 def test_summary_of_alive_at_end_only_counts_survivors_for_losses_and_consensus(two_peers):
