@@ -510,3 +510,27 @@ def test_gossip_config_validation_names_the_field(changes, field_name):
     """Each invalid GossipConfig value is a ConfigError starting with the field's dotted name."""
     with pytest.raises(ConfigError, match=rf"^{field_name}: "):
         GossipConfig(**changes)
+
+
+def test_drain_clips_late_updates_to_the_size_of_our_last_update():
+    """A stranger's huge update arriving after our last round moves us by a bounded step (issue 12)."""
+    node = GossipLearner(np.zeros(NUMEL, np.float32), config(aggregation="clipped_mean", clip_multiplier=2.0))
+    node.make_update(np.full(NUMEL, -0.01, np.float32))  # our own update: norm 0.08
+    node.finish_round(expected_received=1)
+    own_norm = 0.01 * np.sqrt(NUMEL)
+    before = node.params.copy()
+    node.receive("stranger", 1, wire_of(np.full(NUMEL, 1e6)))
+    params, applied = node.drain(expected_received=1)
+    assert applied == 1
+    assert (
+        np.linalg.norm(params - before) <= 2.0 * own_norm / 2 * 1.0001
+    )  # clipped to 2 x, halved by the mean
+
+
+def test_checkpoint_with_a_poisoned_round_is_refused():
+    """A checkpointed round beyond MAX_ROUND (as the overflow attack left them) is refused on load."""
+    node = GossipLearner(np.zeros(NUMEL, np.float32), config())
+    state = node.state_arrays()
+    state["round"] = np.array([2**63 - 1], np.int64)
+    with pytest.raises(ValueError, match="round"):
+        GossipLearner(np.zeros(NUMEL, np.float32), config()).load_state_arrays(state)

@@ -269,3 +269,77 @@ def test_chunk_frames_are_bounded_by_their_exact_length_not_by_chunk_size():
         chunk_hashes=(b"a" * 32, b"b" * 32, b"c" * 32),
     )
     assert [honest.chunk_length(i) for i in range(3)] == [1000, 1000, 500]
+
+
+def test_rounds_beyond_any_run_are_refused_everywhere_they_enter():
+    """Round 2^63-1 (the observed swarm crash: max() then +1 overflowed int64) is BAD_ROUND in a
+    manifest, a params answer and an announcement, and a sync never carries us far ahead."""
+    from p2pfm.core.announce import announcement_limits, check_announcement
+    from p2pfm.core.envelope import EnvelopeLimits
+    from p2pfm.core.errors import BadRound
+    from p2pfm.core.gossip import MAX_ROUND
+    from p2pfm.core.tensorfile import digest
+
+    pair = Pair()
+    liar = pair.a
+    huge = 2**63 - 1
+    snapshot = pack_state(liar.params, 0, {})
+    payload = {
+        "round": huge,
+        "model_hash": digest(snapshot),
+        "total_bytes": len(snapshot),
+        "chunk_size": len(snapshot),
+        "chunk_hashes": [digest(snapshot)],
+    }
+    manifest = liar.seal("state_manifest", payload, NOW, round=huge)
+    claim = Donor(public_key=liar.identity.public_key_bytes, round=huge, model_hash=digest(snapshot))
+    with pytest.raises(BadRound):
+        pair.b.open_manifest(manifest, claim, NOW)
+    request = pair.b.state_request(b"z" * 16, NOW)
+    answer = liar.seal("params_sync", {**_params_payload(liar, request, NOW), "round": MAX_ROUND + 1}, NOW)
+    with pytest.raises(BadRound):
+        pair.b.open_params(answer, liar.identity.public_key_bytes, b"z" * 16, NOW)
+    record = liar.seal(
+        "announce",
+        {
+            "libp2p_id": "x",
+            "maddrs": ["/ip4/127.0.0.1/tcp/1"],
+            "round": huge,
+            "model_hash": bytes(32),
+            "device": "cpu",
+            "power_w": 1.0,
+            "state_bytes": 1,
+        },
+        NOW,
+        round=0,
+    )
+    with pytest.raises(BadRound):
+        check_announcement(
+            liar.peer_id, record, run_id=RUN, now=NOW, limits=announcement_limits(EnvelopeLimits(), 15.0)
+        )
+    pair.b.mix(pair.b.params, MAX_ROUND)  # within the bound, but one peer's word moves us 4 x lag at most
+    assert pair.b.round == 4 * pair.b.config.max_round_lag
+
+
+def _params_payload(donor: PeerProtocol, request: bytes, now: float) -> dict:
+    from p2pfm.core.gossip import encode_sync
+
+    return {
+        "tensor": encode_sync(donor.params, donor.initial_params, donor.config),
+        "round": 0,
+        "nonce": donor.open(request, now, stream="params").payload["nonce"],
+    }
+
+
+def test_a_step_that_would_make_the_model_non_finite_is_dropped():
+    """Finite updates whose sum overflows float32: the round's step is not taken, the model stays finite."""
+    pair = Pair(aggregation="mean")
+    before = pair.b.params.copy()
+    for sender, shift in (("a", -3e38), ("c", -3e38)):
+        peer = make_peer(3 if sender == "c" else 0, aggregation="mean")
+        pair.b.receive_update(
+            sender, peer.seal("update", peer.make_update(peer.params - shift, WORK), NOW), NOW
+        )
+    params, report = pair.b.finish_round(live_others=2)
+    assert report.rolled_back and report.received == 2
+    assert np.isfinite(params).all() and np.array_equal(params, before) and pair.b.round == 1

@@ -81,12 +81,18 @@ class AggregationRule(ABC):
             return own / denominator(0, expected_received) if expected_received is not None else own.copy()
         return self.merge(own, received, expected_received)
 
-    def drain(self, received: Sequence[np.ndarray], expected_received: int | None = None) -> np.ndarray:
+    def drain(
+        self,
+        received: Sequence[np.ndarray],
+        expected_received: int | None = None,
+        *,
+        anchor_norm: float = 0.0,
+    ) -> np.ndarray:
         """Updates that arrived after our last round, combined without an update of our own.
 
         By default :meth:`combine` with a zero update of ours; a rule that needs our own update
-        as an anchor overrides this (``clipped_mean``: nothing to clip around, so a plain mean).
-        ``received`` holds at least one update.
+        as an anchor overrides this (``clipped_mean`` clips around zero with the size of our last
+        update, ``anchor_norm``, as the yardstick). ``received`` holds at least one update.
         """
         return self.combine(np.zeros_like(received[0]), received, expected_received)
 
@@ -159,9 +165,26 @@ class ClippedMean(AggregationRule):
     parameters: ClassVar[tuple[str, ...]] = ("clip_multiplier",)
     clip_multiplier: float = 2.0
 
-    def drain(self, received: Sequence[np.ndarray], expected_received: int | None = None) -> np.ndarray:
-        """No update of ours to clip around: the plain sum-preserving mean."""
-        return np.sum(received, axis=0) / denominator(len(received), expected_received)
+    def drain(
+        self,
+        received: Sequence[np.ndarray],
+        expected_received: int | None = None,
+        *,
+        anchor_norm: float = 0.0,
+    ) -> np.ndarray:
+        """No update of ours this time: each received one is clipped to ``clip_multiplier`` times the
+        size of our last update (``anchor_norm``), then the sum-preserving mean.
+
+        An unclipped drain let one stranger's update, arriving after our last round, take the final
+        model from eval 2.14 to 4.28 (issue 12). With ``anchor_norm`` 0 (we never sent an update)
+        there is no yardstick and the plain mean applies, as a normal round does.
+        """
+        radius = self.clip_multiplier * anchor_norm
+        total = np.zeros_like(received[0], dtype=np.float64)
+        for update in received:
+            size = norm(update)
+            total += update * (radius / size) if radius > 0.0 and size > radius else update
+        return (total / denominator(len(received), expected_received)).astype(np.float32)
 
     def merge(
         self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from p2pfm.core.envelope import EnvelopeLimits, open_envelope
-from p2pfm.core.errors import Malformed, SubkeyMismatch, WrongKind
+from p2pfm.core.errors import BadRound, Malformed, SubkeyMismatch, WrongKind
+from p2pfm.core.gossip import MAX_ROUND
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def check_announcement(
     [REJECT] MALFORMED if the record is not bytes; then every envelope rule (no replay guard:
     records are re-read on every lookup); [REJECT] WRONG_KIND unless the kind is ``announce``;
     [REJECT] SUBKEY_MISMATCH unless the subkey is the signer's peer id (nobody can speak for
-    another peer). ``limits`` should come from :func:`announcement_limits`.
+    another peer); [REJECT] BAD_ROUND if the announced round exceeds ``MAX_ROUND``. ``limits`` should come from :func:`announcement_limits`.
     """
     if not isinstance(record, bytes):
         raise Malformed(f"announcement record is {type(record).__name__}, not bytes")
@@ -61,6 +62,8 @@ def check_announcement(
     if subkey != envelope.sender_id:
         raise SubkeyMismatch(f"record under subkey {subkey!r} is signed by {envelope.sender_id}")
     p = envelope.payload
+    if p["round"] > MAX_ROUND:
+        raise BadRound(f"announcement claims round {p['round']}, beyond any run (max {MAX_ROUND})")
     return Announcement(
         peer_id=envelope.sender_id,
         public_key=envelope.sender,

@@ -42,6 +42,7 @@ class RejectReason(enum.Enum):
     BAD_STATE = "bad_state"  # a verified state download that is not a state of our model
     SUBKEY_MISMATCH = "subkey_mismatch"  # a DHT record stored under another peer's subkey
     BAD_UPDATE = "bad_update"  # an update whose metadata no honest peer sends
+    BAD_ROUND = "bad_round"  # a round beyond MAX_ROUND: no run gets there, and int64 arithmetic would
 
 
 class IgnoreReason(enum.Enum):
@@ -157,6 +158,10 @@ class SubkeyMismatch(Reject):
 
 class BadUpdate(Reject):
     reason = RejectReason.BAD_UPDATE
+
+
+class BadRound(Reject):
+    reason = RejectReason.BAD_ROUND
 
 
 class StaleRound(Ignore):

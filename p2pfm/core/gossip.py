@@ -79,6 +79,18 @@ class GossipConfig:
         require(0.0 < self.sync_weight <= 1.0, "gossip.sync_weight", "must be in (0, 1]")
 
 
+MAX_ROUND = 1 << 40
+"""No honest run reaches this round (100 rounds a second for 300 years), and round arithmetic
+stays far inside int64. A round beyond it, in an announcement, a state or a sync answer, is refused
+(``BAD_ROUND``): one stranger's round 2^63-1, taken as the max of two rounds and incremented, used
+to overflow and crash every peer that synced with it (and, checkpointed, again after a restart)."""
+
+
+def future_window(config: GossipConfig) -> int:
+    """How far ahead of ours a round may be and still be taken from one peer's word (updates, syncs)."""
+    return max(config.max_round_lag, 1) * 4
+
+
 def choose_partners(
     live_peers: Sequence[str], self_id: str, fanout: int, rng: np.random.Generator
 ) -> list[str]:
@@ -194,6 +206,7 @@ class RoundReport:
     received: int
     own_norm: float
     applied_norm: float
+    rolled_back: bool = False  # the step would have made the model NaN/Inf: not taken
 
 
 class GossipLearner:
@@ -214,6 +227,7 @@ class GossipLearner:
         self.feedback = ErrorFeedback(self.params.size)
         self.round = round
         self._own: np.ndarray | None = None
+        self._last_own_norm = 0.0  # size of our last update: the drain's clipping radius
         self._inbox: dict[str, np.ndarray] = {}
 
     @property
@@ -242,7 +256,7 @@ class GossipLearner:
             raise StaleRound(f"update for round {sender_round}, we are at round {self.round}")
         # [IGNORE] FUTURE_ROUND: an update claiming a round far ahead is a clock bug, a lie, or
         # we are the laggard (we catch up at the end of the round): unusable either way.
-        if sender_round > self.round + max(self.config.max_round_lag, 1) * 4:
+        if sender_round > self.round + future_window(self.config):
             raise FutureRound(f"update claims round {sender_round}, far ahead of our round {self.round}")
         # decode raises NonFinite for NaN/Inf anywhere in the wire and never returns such a vector,
         # so there is no second finiteness pass over the decoded vector here.
@@ -260,19 +274,28 @@ class GossipLearner:
         """
         own = self._own if self._own is not None else np.zeros_like(self.params)
         received = [self._inbox[k] for k in sorted(self._inbox)]  # order-independent result
-        combined = aggregate(own, received, self.config, expected_received)
-        step = combined
-        if self.config.outer_momentum > 0.0:
-            mu = self.config.outer_momentum
-            self.momentum = mu * self.momentum + combined
-            step = combined + mu * self.momentum  # Nesterov
-        self.params = (self.params - self.config.outer_lr * step).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, not warned about
+            combined = aggregate(own, received, self.config, expected_received)
+            step = combined
+            momentum = self.momentum
+            if self.config.outer_momentum > 0.0:
+                mu = self.config.outer_momentum
+                momentum = mu * self.momentum + combined
+                step = combined + mu * momentum  # Nesterov
+            candidate = (self.params - self.config.outer_lr * step).astype(np.float32)
+        # Decoded updates are finite, but finite sums can overflow float32: a model with NaN/Inf
+        # is never taken (nor checkpointed, served or announced); the round's step is dropped.
+        rolled_back = not bool(np.isfinite(candidate).all())
+        if not rolled_back:
+            self.params, self.momentum = candidate, momentum
         report = RoundReport(
             round=self.round,
             received=len(received),
             own_norm=norm(own),
-            applied_norm=norm(step) * self.config.outer_lr,
+            applied_norm=0.0 if rolled_back else norm(step) * self.config.outer_lr,
+            rolled_back=rolled_back,
         )
+        self._last_own_norm = report.own_norm
         self._own = None
         self._inbox.clear()
         self.round += 1
@@ -288,8 +311,12 @@ class GossipLearner:
         received = [self._inbox[k] for k in sorted(self._inbox)]
         self._inbox.clear()
         if received:
-            combined = rule_for(self.config).drain(received, expected_received)
-            self.params = (self.params - self.config.outer_lr * combined).astype(np.float32)
+            combined = rule_for(self.config).drain(
+                received, expected_received, anchor_norm=self._last_own_norm
+            )
+            candidate = (self.params - self.config.outer_lr * combined).astype(np.float32)
+            if np.isfinite(candidate).all():  # as in finish_round: never a NaN/Inf model
+                self.params = candidate
         return self.params.copy(), len(received)
 
     def mix_with(self, partner_params: np.ndarray, partner_round: int, weight: float | None = None) -> None:
@@ -300,7 +327,8 @@ class GossipLearner:
             raise NonFinite("partner state contains NaN or Inf")
         alpha = self.config.sync_weight if weight is None else weight
         self.params = ((1.0 - alpha) * self.params + alpha * partner_params).astype(np.float32)
-        self.round = max(self.round, partner_round)
+        # A laggard catches up, but never further than one peer's word may carry it.
+        self.round = max(self.round, min(partner_round, self.round + future_window(self.config)))
 
     def adopt(self, params: np.ndarray, round: int) -> None:
         """Replace our state with a live peer's (joining, or too far behind to mix)."""
@@ -327,7 +355,12 @@ class GossipLearner:
         self.params = arrays["params"].astype(np.float32).copy()
         self.momentum = arrays["momentum"].astype(np.float32).copy()
         self.feedback.residual[:] = arrays["residual"]
-        self.round = int(arrays["round"][0])
+        round_ = int(arrays["round"][0])
+        if not 0 <= round_ <= MAX_ROUND:
+            raise ValueError(f"checkpoint round {round_} is outside [0, {MAX_ROUND}] (a poisoned round?)")
+        if not (np.isfinite(self.params).all() and np.isfinite(self.momentum).all()):
+            raise ValueError("checkpoint parameters contain NaN or Inf")
+        self.round = round_
 
 
 def consensus_distance(vectors: Sequence[np.ndarray]) -> float | None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2pfm.core.envelope import Envelope
-from p2pfm.core.errors import BadManifest, BadState, HashMismatch, NotDonor, Oversize, WrongKind
+from p2pfm.core.errors import BadManifest, BadRound, BadState, HashMismatch, NotDonor, Oversize, WrongKind
+from p2pfm.core.gossip import MAX_ROUND
 from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
 
 MAX_CHUNKS = 65536  # the manifest schema's bound on chunk_hashes
@@ -98,7 +99,8 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
     """A donor's manifest, checked against the donor we asked and our limits.
 
     [REJECT] WRONG_KIND unless it is a ``state_manifest``; [REJECT] NOT_DONOR unless the
-    donor's announced key signed it (no stranger's state); [REJECT] BAD_MANIFEST if it
+    donor's announced key signed it (no stranger's state); [REJECT] BAD_ROUND if its round
+    exceeds ``MAX_ROUND``; [REJECT] BAD_MANIFEST if it
     matches neither the announced state hash nor a round at least as new as announced (the
     donor may have moved on since its announcement); [REJECT] OVERSIZE if ``total_bytes``
     exceeds our ``max_state_bytes``; [REJECT] BAD_MANIFEST if the number of chunk hashes is
@@ -109,6 +111,8 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
     if envelope.sender != donor.public_key:
         raise NotDonor("state manifest not signed by the announced donor")
     m = envelope.payload
+    if m["round"] > MAX_ROUND:
+        raise BadRound(f"state manifest claims round {m['round']}, beyond any run (max {MAX_ROUND})")
     if m["model_hash"] != donor.model_hash and m["round"] < donor.round:
         raise BadManifest(
             f"state manifest of round {m['round']} matches neither the announced hash nor a round >= {donor.round}"
@@ -167,10 +171,15 @@ def check_state(
 def check_params_answer(envelope: Envelope, donor_key: bytes, nonce: bytes) -> None:
     """[REJECT] WRONG_KIND unless a ``params_sync``; [REJECT] NOT_DONOR unless signed by the
     peer we asked and echoing our request's nonce (an answer to another ask, or a replayed
-    one, is refused). The tensor is checked by the codec when decoded."""
+    one, is refused); [REJECT] BAD_ROUND if its round exceeds ``MAX_ROUND``. The tensor is
+    checked by the codec when decoded."""
     if envelope.kind != "params_sync":
         raise WrongKind(f"kind {envelope.kind!r} where a params_sync answer belongs")
     if envelope.sender != donor_key:
         raise NotDonor("params answer not signed by the donor we asked")
     if envelope.payload["nonce"] != nonce:
         raise NotDonor("params answer echoes another request's nonce")
+    if envelope.payload["round"] > MAX_ROUND:
+        raise BadRound(
+            f"params answer claims round {envelope.payload['round']}, beyond any run (max {MAX_ROUND})"
+        )

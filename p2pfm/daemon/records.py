@@ -53,6 +53,7 @@ class RoundRecord:
     messages_rejected: dict[str, int]  # by RejectReason value: these lowered a sender's score
     messages_ignored: dict[str, int]  # by IgnoreReason value: authentic but unused, no penalty
     push_failures: int
+    rolled_back_steps: int  # merged steps dropped because they would have made the model NaN/Inf
     compute_seconds: float
     round_seconds: float
     gossip_seconds: float

@@ -238,6 +238,11 @@ class RoundDriver:
             rt.background.add(task)
             task.add_done_callback(rt.background.discard)
         params, report = self.protocol.finish_round(len(rt.live))
+        if report.rolled_back:
+            rt.counters["rolled_back_steps"] += 1
+            log.warning(
+                "round %d: the merged step would have made the model NaN/Inf; step dropped", report.round
+            )
         rt.trainer.load_flat(params)
         plan = self.protocol.plan_round(rt.newest_round(), len(rt.live), sync_requested=rt.sync_soon)
         synced = False
@@ -274,6 +279,7 @@ class RoundDriver:
             bytes_received=c["bytes_received"], state_bytes_downloaded=c["state_bytes_downloaded"],
             messages_accepted=self.protocol.accepted, messages_rejected=dict(self.protocol.scores.rejected),
             messages_ignored=dict(self.protocol.scores.ignored), push_failures=c["push_failures"],
+            rolled_back_steps=c["rolled_back_steps"],
             compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
             gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, wall_time=rt.wall_time(), energy_wh=energy_wh,
             carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,

@@ -155,9 +155,15 @@ class PeerRuntime:
                 f"work_dir: {self.config.work_dir} holds a checkpoint of another run or model ({saved}); "
                 "use a fresh --work-dir or the same run_id, seed and model"
             )
-        self.protocol.learner.load_state_arrays(
-            {k: arrays[k] for k in ("params", "momentum", "residual", "round")}
-        )
+        try:
+            self.protocol.learner.load_state_arrays(
+                {k: arrays[k] for k in ("params", "momentum", "residual", "round")}
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"work_dir: the checkpoint in {self.config.work_dir} is unusable ({exc}); move it away to start "
+                "fresh (the peer then downloads the swarm's state when it joins)"
+            ) from None
         self.trainer.load_flat(self.protocol.params)
         self.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
         self.protocol.seq = max(self.protocol.seq, int(meta.get("seq", 0)) + 1)
