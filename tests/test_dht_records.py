@@ -108,3 +108,39 @@ def test_ignored_records_remember_a_bounded_number_of_offenders():
         ignored.note(f"junk-{i}", ForeignRecord("malformed", "z"), NOW)
     assert ignored.by_reason["malformed"] == 5000
     assert len(ignored._last_logged) == 100
+
+
+def test_the_dht_validator_stores_only_announcements_signed_by_their_subkey():
+    """Honest DHT nodes refuse junk, overwrites of another peer's subkey, plain values over the
+    swarm's key and expirations longer than the signer's own; other keys pass untouched."""
+    import time
+
+    from hivemind.dht.protocol import DHTProtocol
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    from p2pfm.core.envelope import EnvelopeLimits
+    from p2pfm.daemon.dht_validator import AnnouncementValidator
+
+    ttl = 15.0
+    validator = AnnouncementValidator(RUN, f"p2pfm/{RUN}/peers", ttl, EnvelopeLimits(max_bytes=64 * 1024))
+    key = DHTID.generate(source=f"p2pfm/{RUN}/peers").to_bytes()
+    dumps = DHTProtocol.serializer.dumps
+    sender, stranger = Identity.generate(), Identity.generate()
+    now = time.time()
+    record = seal(
+        sender, kind="announce", run_id=RUN, round=3, seq=1, timestamp=now, payload=announce_payload()
+    )
+
+    def stored(subkey, value, expiration=now + ttl, on_key=key) -> bool:
+        return validator.validate(DHTRecord(on_key, dumps(subkey), dumps(value), expiration))
+
+    assert stored(sender.peer_id, record)
+    assert not stored(stranger.peer_id, record)  # someone else's subkey: an overwrite
+    assert not stored(sender.peer_id, b"junk")
+    assert not stored(sender.peer_id, {"not": "bytes"})
+    assert not stored(sender.peer_id, record, expiration=now + 3600)  # kept alive past its signer's TTL
+    assert not validator.validate(DHTRecord(key, DHTProtocol.IS_REGULAR_VALUE, dumps(b"x"), now + 10))
+    assert not validator.validate(DHTRecord(key, b"\xc1", b"\xc1", now + 10))  # undecodable msgpack
+    other_key = DHTID.generate(source="someone-else").to_bytes()
+    assert stored(sender.peer_id, b"junk", on_key=other_key)

@@ -176,11 +176,16 @@ class PeerNetwork:
 
         loop = asyncio.get_running_loop()
 
+        from p2pfm.daemon.dht_validator import AnnouncementValidator
+
+        validator = AnnouncementValidator(self.run_id, self.dht_key, self.config.announce_ttl_s, self._limits)
+
         def create_dht() -> hivemind.DHT:
             return hivemind.DHT(
                 initial_peers=list(self.config.initial_peers),
                 host_maddrs=list(self.config.listen),
                 announce_maddrs=list(self.config.announce) or None,
+                record_validators=[validator],  # honest nodes refuse junk and overwrites at storage
                 start=True,
             )
 
