@@ -9,6 +9,8 @@ nodes now refuse it at storage and on the way back from lookups (``AnnouncementV
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,5 +73,9 @@ def test_junk_under_a_peers_subkey_does_not_erase_it(make_swarm):
         wait_for(lambda: round_of(watcher) >= before + 2, 120, "two more rounds of the watcher", swarm.peers)
         assert victim_id in watcher.status()["live_peers"], watcher.status()
     finally:
-        stranger.kill()  # the fixture stops the peers
+        # The stranger's whole session: its DHT child and p2pd too (the fixture stops the peers).
+        try:
+            os.killpg(stranger.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         stranger.wait()
