@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 
 from p2pfm.core.announce import Announcement
+from p2pfm.core.envelope import Envelope
 from p2pfm.core.errors import Refusal
 from p2pfm.core.transfer import Donor
 from p2pfm.daemon.net import read_frame, write_frame
@@ -108,21 +109,29 @@ class StreamHandlers:
         self.rt.heard_update.set()
         await write_frame(writer, msgpack.packb({"ok": True}))
 
+    async def _open_request(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: str
+    ) -> Envelope | None:
+        """A state/params request: ban, bounded read, the protocol's checks; None once refused (answered)."""
+        if await self._banned(remote, writer):
+            return None
+        timeout = self.rt.config.net.request_timeout_s
+        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, timeout)
+        if data is None:
+            return None
+        try:
+            return self.protocol.open(data, time.time(), stream=stream)
+        except Refusal as exc:
+            await self._refuse(remote, writer, exc, counted=False)
+            return None
+
     async def handle_state(
         self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
-        if await self._banned(remote, writer):
+        if await self._open_request(remote, reader, writer, "state") is None:
             return
         net = self.rt.config.net
-        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, net.request_timeout_s)
-        if data is None:
-            return
-        try:
-            self.protocol.open(data, time.time(), stream="state")
-        except Refusal as exc:
-            await self._refuse(remote, writer, exc, counted=False)
-            return
         snapshot = self.rt.snapshot
         manifest, chunks = self.protocol.serve_state(
             snapshot.data, snapshot.round, net.state_chunk_bytes, time.time()
@@ -137,16 +146,8 @@ class StreamHandlers:
         self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Serve our parameters for a consensus pull: ``sync_codec`` of (params - initial), signed."""
-        if await self._banned(remote, writer):
-            return
-        net = self.rt.config.net
-        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, net.request_timeout_s)
-        if data is None:
-            return
-        try:
-            request = self.protocol.open(data, time.time(), stream="params")
-        except Refusal as exc:
-            await self._refuse(remote, writer, exc, counted=False)
+        request = await self._open_request(remote, reader, writer, "params")
+        if request is None:
             return
         loop = asyncio.get_running_loop()
         message = await loop.run_in_executor(None, self.protocol.serve_params, request, time.time())

@@ -68,7 +68,7 @@ class PeerRuntime:
     shard_index: int
     rng: np.random.Generator
     counters: Counter[str] = field(default_factory=Counter)
-    peer_book: PeerBook | None = None
+    book: PeerBook = field(init=False)  # what we know of the swarm, merged over lookups
     live: dict[str, Announcement] = field(default_factory=dict)
     snapshot: Snapshot = field(default_factory=Snapshot)
     eval_loss: float = float("nan")
@@ -83,17 +83,11 @@ class PeerRuntime:
     resumed: bool = False
 
     def __post_init__(self) -> None:
-        if self.peer_book is None:
-            self.peer_book = PeerBook(self.config.net.announce_ttl_s)
+        self.book = PeerBook(self.config.net.announce_ttl_s)
 
     @property
     def peer_id(self) -> str:
         return self.protocol.peer_id
-
-    @property
-    def book(self) -> PeerBook:
-        assert self.peer_book is not None
-        return self.peer_book
 
     # --- the swarm as we see it ----------------------------------------------------------------
     async def refresh_live(self) -> None:

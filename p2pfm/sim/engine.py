@@ -142,7 +142,6 @@ class Simulation:
             for ident in self.identities
         ]  # fmt: skip
         self.peers = [PeerProtocol(setup, init) for setup in self.setups]
-        self.learners = [peer.learner for peer in self.peers]
         self.checkpoints: list[dict[str, np.ndarray] | None] = [None] * n
         # Per-device arrays, indexed by peer.
         prof = [self.profiles[d] for d in self.device_of]
@@ -279,7 +278,7 @@ class Simulation:
             if change is not None:
                 self._push(change, LEAVE if self.online[peer] else JOIN, (peer,))
         self.metrics.online_curve.append((0.0, int(self.online.sum())))
-        initial = self.workload.evaluate(self.learners[0].params[None, :])
+        initial = self.workload.evaluate(self.peers[0].params[None, :])
         self.initial_loss = float(initial[0])
         self._push(0.0, ROUND_START, (0,))
         bar = None
@@ -333,7 +332,7 @@ class Simulation:
         self.in_round[:] = False
         self.in_round[active] = True
         if active.size:
-            anchors = np.stack([self.learners[i].params for i in active])
+            anchors = np.stack([self.peers[i].params for i in active])
             local, losses = self.workload.local_steps(active, anchors, self.gossip.inner_steps)
             durations = self.gossip.inner_steps * self.step_s[active]
             for row, peer in enumerate(active.tolist()):
@@ -426,10 +425,10 @@ class Simulation:
             if donors:
                 donor = donors[0]
                 # The daemon serves a consensus pull as sync_codec(params - initial params).
-                wire = encode_sync(self.learners[donor].params, self.initial, self.gossip)
+                wire = encode_sync(self.peers[donor].params, self.initial, self.gossip)
                 size = len(msgpack.packb(wire, use_bin_type=True)) + self.envelope_overhead
                 pulled = decode_sync(wire, self.initial)
-                snapshot = (pulled.astype(np.float32), self.learners[donor].round, size)
+                snapshot = (pulled.astype(np.float32), self.peers[donor].round, size)
                 done, arrival = self._transfer(donor, peer, size, self.now)
                 self.bytes_sent[donor] += size
                 self.sync_bytes_sent += size
@@ -460,7 +459,7 @@ class Simulation:
             dict(
                 zip(
                     evaluate.tolist(),
-                    self.workload.evaluate(np.stack([self.learners[i].params for i in evaluate])).tolist(),
+                    self.workload.evaluate(np.stack([self.peers[i].params for i in evaluate])).tolist(),
                     strict=True,
                 )
             )
@@ -481,7 +480,7 @@ class Simulation:
             # older "final" figure. Losses and distance are NaN (written "nan", null in JSON).
             self.metrics.rows.append(self._row(r, ready, math.nan, math.nan, math.nan, math.nan))
             return
-        distance = consensus_distance([self.learners[i].params for i in ready.tolist()])
+        distance = consensus_distance([self.peers[i].params for i in ready.tolist()])
         mean_loss = float(np.mean([losses[p] for p in ready.tolist()]))
         if (
             self.metrics.time_to_target_s is None
@@ -539,7 +538,7 @@ class Simulation:
         self.pending_mix[peer] = None
         if self.trackers.pop(peer, None) is not None:
             self.metrics.catchup_interrupted += 1
-        self.checkpoints[peer] = {k: v.copy() for k, v in self.learners[peer].state_arrays().items()}
+        self.checkpoints[peer] = {k: v.copy() for k, v in self.peers[peer].learner.state_arrays().items()}
         self.metrics.online_curve.append((self.now, int(self.online.sum())))
         change = self.availability.next_change(peer, self.now, False)
         if change is not None:
@@ -562,7 +561,6 @@ class Simulation:
         if self.checkpoints[peer] is not None:
             protocol.learner.load_state_arrays(self.checkpoints[peer])
         self.peers[peer] = protocol
-        self.learners[peer] = protocol.learner
         self.trackers[peer] = Tracker()
         self.metrics.online_curve.append((self.now, int(self.online.sum())))
         self._request_state(peer)
@@ -585,7 +583,7 @@ class Simulation:
             self._invalidate_views()
             return
         donor = self.index_of[chosen[0]]
-        snapshot = (self.learners[donor].params.copy(), self.learners[donor].round)
+        snapshot = (self.peers[donor].params.copy(), self.peers[donor].round)
         done, arrival = self._transfer(donor, peer, self.state_bytes, self.now)
         self.bytes_sent[donor] += self.state_bytes
         self.metrics.state_downloads += 1
@@ -603,8 +601,7 @@ class Simulation:
             return
         self.bytes_received[peer] += self.state_bytes
         params, round = snapshot
-        learner = self.learners[peer]
-        if round - learner.round > self.gossip.max_round_lag:
+        if round - self.peers[peer].round > self.gossip.max_round_lag:
             self.metrics.adopted += 1  # too far behind to mix
         else:
             self.metrics.mixed += 1  # close enough that mixing would do; the daemon adopts anyway
