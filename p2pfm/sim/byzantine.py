@@ -202,7 +202,9 @@ def _row(rule: str, attack: str, fraction: float, summary: dict[str, Any], hones
         "rejected": block["rejected"],
         "ignored": block["ignored"],
         "byzantine_sent": attackers["sent"],
+        # Passed every check and queued; a later claim of the same sender may still replace it.
         "byzantine_accepted": attackers["accepted"],
+        "byzantine_refused": dict(sorted({**attackers["rejected"], **attackers["ignored"]}.items())),
     }
 
 
@@ -246,7 +248,7 @@ def byzantine_table(result: dict[str, Any]) -> str:
         f"`{result['scenario']}` ({result['workload']}, {result['peers']} peers, {result['rounds']} rounds, "
         f"fanout {result['fanout']}, codec {result['codec']}, seed {result['seed']}). "
         "0 % is the same honest-only run for every attack. Refused: messages rejected + ignored at the "
-        "largest fraction.",
+        "largest fraction (the attackers' by reason).",
         "",
         "| attack | rule | " + " | ".join(f"{100 * f:g} %" for f in fractions) + " | refused |",
         "| --- | --- | " + " | ".join("---:" for _ in fractions) + " | ---: |",
@@ -256,9 +258,9 @@ def byzantine_table(result: dict[str, Any]) -> str:
             points = [r for r in result["rows"] if r["attack"] == attack and r["rule"] == rule]
             cells = [_loss(r["honest_final_loss"], r["diverged"]) for r in points]
             last = points[-1]
-            lines.append(
-                f"| {attack} | {rule} | " + " | ".join(cells) + f" | {last['rejected'] + last['ignored']} |"
-            )
+            reasons = ", ".join(f"{k} {v}" for k, v in last["byzantine_refused"].items())
+            refused = f"{last['rejected'] + last['ignored']}" + (f" ({reasons})" if reasons else "")
+            lines.append(f"| {attack} | {rule} | " + " | ".join(cells) + f" | {refused} |")
     attacked = [f for f in fractions if f > 0]
     lines += [
         "",
