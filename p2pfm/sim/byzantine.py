@@ -240,8 +240,32 @@ def _loss(value: float | None, diverged: bool) -> str:
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1e}"
 
 
+def compact_table(result: dict[str, Any]) -> str:
+    """Markdown, one row per attack and one column per rule: the losses at every fraction, "a / b / c"."""
+    fractions = result["fractions"]
+    attacked = [f for f in fractions if f > 0]
+    rules = result["rules"]
+    rows = result["rows"]
+    cell = lambda r: _loss(r["honest_final_loss"], r["diverged"])  # noqa: E731
+    lines = [
+        "| attack (" + " / ".join(f"{100 * f:g} %" for f in attacked) + ") | " + " | ".join(rules) + " |",
+        "| --- | " + " | ".join("---:" for _ in rules) + " |",
+    ]
+    if 0.0 in fractions:
+        honest = [next(r for r in rows if r["rule"] == rule and r["fraction"] == 0) for rule in rules]
+        lines.append("| none (honest only) | " + " | ".join(cell(r) for r in honest) + " |")
+    for attack in result["attacks"]:
+        cells = []
+        for rule in rules:
+            points = [r for r in rows if r["attack"] == attack and r["rule"] == rule and r["fraction"] > 0]
+            cells.append(" / ".join(cell(r) for r in points))
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def byzantine_table(result: dict[str, Any]) -> str:
-    """Markdown: the honest peers' final loss by fraction for every attack and rule, then per-rule robustness."""
+    """Markdown: the honest peers' final loss by fraction for every attack and rule, then per-rule
+    robustness, then the same losses compact (:func:`compact_table`)."""
     fractions = result["fractions"]
     lines = [
         f"Honest peers' final held-out loss (mean over honest peers) with a fraction of Byzantine peers: "
@@ -282,7 +306,8 @@ def byzantine_table(result: dict[str, Any]) -> str:
             + " | ".join(worst + geo)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    lines += ["", "The losses again, compact:", "", compact_table(result)]
+    return "\n".join(lines)
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
