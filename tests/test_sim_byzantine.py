@@ -183,3 +183,15 @@ def test_sim_byzantine_flags_are_checked_and_refused_elsewhere(tmp_path, capsys,
     assert cli_main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) != 0
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_byzantine_table_at_fraction_0_changes_nothing_but_adds_the_honest_figures(tmp_path):
+    plain = run_scenario(tiny(), tmp_path / "plain", plots=False)
+    zero = run_scenario(tiny({"fraction": 0.0}), tmp_path / "zero", plots=False)
+    block = zero.pop("byzantine")
+    assert zero == plain and "byzantine" not in plain
+    assert block["peers"] == [] and block["honest_final_loss"] == plain["final_loss"]
+    assert "byzantine" not in json.loads((tmp_path / "plain" / "scenario.json").read_text())
+    assert (tmp_path / "plain" / "metrics.csv").read_bytes() == (
+        tmp_path / "zero" / "metrics.csv"
+    ).read_bytes()
