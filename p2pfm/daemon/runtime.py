@@ -133,9 +133,6 @@ class PeerRuntime:
     def live_rounds(self) -> dict[str, int]:
         return {p: a.round for p, a in self.live.items()}
 
-    def newest_round(self) -> int | None:
-        return max((a.round for a in self.live.values()), default=None)
-
     def sees(self) -> list[str]:
         """The libp2p ids of the live peers we see: tells joiners that we can hear them."""
         return peers_to_list(self.book.first_seen(), {p: a.libp2p_id for p, a in self.live.items()})
