@@ -1,6 +1,7 @@
 """Byzantine peers in the simulator: the [byzantine] table, who attacks, what arrives, the sweep."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,20 @@ def test_a_byzantine_table_at_fraction_0_changes_nothing_but_adds_the_honest_fig
     assert (tmp_path / "plain" / "metrics.csv").read_bytes() == (
         tmp_path / "zero" / "metrics.csv"
     ).read_bytes()
+
+
+def test_the_example_scenario_is_one_point_of_the_sweep():
+    from p2pfm.sim.byzantine import base_scenario, point
+    from p2pfm.sim.scenario import load_scenario
+
+    example = load_scenario(Path(__file__).resolve().parents[1] / "sim/scenarios/mlp20-signflip30.toml")
+    swept = point(base_scenario(), "clipped_mean", "sign_flip", 0.3)
+    assert example.with_changes(name=swept.name, description="", base_dir="") == swept.with_changes(
+        description="", byzantine=example.byzantine
+    )
+    mine, theirs = example.byzantine, swept.byzantine
+    assert (mine.fraction, mine.attack, mine.resolved_scale) == (
+        theirs.fraction,
+        theirs.attack,
+        theirs.resolved_scale,
+    )

@@ -116,6 +116,7 @@ def handle(args: argparse.Namespace) -> int:
     summary = run_scenario(scenario, out, progress=progress)
     keys = ("final_loss", "final_loss_round", "final_is_last_round", "note", "time_to_target_s", "consensus_distance", "bytes_sent_total", "energy_wh", "carbon_g",
             "datacenter_carbon_g", "churn_events", "rejoin_catchup_rounds")  # fmt: skip
+    keys += ("byzantine",) if "byzantine" in summary else ()  # the honest peers' figures
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"results in {out}", file=sys.stderr)
     return 0
