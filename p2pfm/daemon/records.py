@@ -63,6 +63,8 @@ class RoundRecord:
     carbon_g: float
     params: int
     dht_records_ignored: dict[str, int]
+    diverged_rounds: int = 0  # rounds whose local steps went NaN/Inf: nothing sent, the others merged
+    round_errors: int = 0  # rounds that raised and were retried from the last good anchor
     event: str = "round"
 
 
