@@ -339,7 +339,7 @@ class RoundDriver:
             messages_accepted=self.protocol.accepted, messages_rejected=dict(self.protocol.scores.rejected),
             messages_ignored=dict(self.protocol.scores.ignored), push_failures=c["push_failures"],
             rolled_back_steps=c["rolled_back_steps"], diverged_rounds=c["diverged_rounds"],
-            round_errors=c["round_errors"],
+            round_errors=c["round_errors"], bans=self.protocol.scores.bans_decided,
             compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
             gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, wall_time=rt.wall_time(), energy_wh=energy_wh,
             carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,
