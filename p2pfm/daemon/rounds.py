@@ -328,6 +328,7 @@ class RoundDriver:
         eval_seconds = time.perf_counter() - eval_start
         if self.protocol.round % rt.config.checkpoint_every == 0:
             await loop.run_in_executor(None, rt.write_checkpoint)
+        rt.log_bans()  # bans decided on answers we pulled (donors) are reported here
         energy_wh = rt.config.power_w * rt.compute_seconds / 3600.0
         c = rt.counters
         rt.record(RoundRecord(

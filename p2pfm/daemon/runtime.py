@@ -202,6 +202,13 @@ class PeerRuntime:
         save_checkpoint(self.config.work_dir, arrays, self._state_meta())
 
     # --- reporting ---------------------------------------------------------------------------
+    def log_bans(self) -> None:
+        """Log each ban the protocol decided since the last call, once, with its reason."""
+        for sender, reason, length in self.protocol.scores.take_decisions():
+            log.warning(
+                "banned %s for %.0f s: too many rejected messages (the last: %s)", sender, length, reason
+            )
+
     def record(self, record: Record) -> None:
         self.metrics.write(as_record(record))
 
