@@ -10,7 +10,16 @@ import pytest
 from p2pfm.config import ConfigError
 from p2pfm.core.aggregation import norm as vector_norm
 from p2pfm.core.codecs import CodecSpec, decode, encode
-from p2pfm.core.errors import FutureRound, Ignore, NonFinite, Reject, RoundFull, ShapeMismatch, StaleRound
+from p2pfm.core.errors import (
+    FutureRound,
+    Ignore,
+    NonFinite,
+    Outlier,
+    Reject,
+    RoundFull,
+    ShapeMismatch,
+    StaleRound,
+)
 from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_due, sync_interval
 from p2pfm.core.tensorfile import pack_arrays, unpack_arrays
 
@@ -554,8 +563,10 @@ def test_gossip_config_validation_names_the_field(changes, field_name):
 
 
 def test_drain_clips_late_updates_to_the_size_of_our_last_update():
-    """A stranger's huge update arriving after our last round moves us by a bounded step (issue 12)."""
-    node = GossipLearner(np.zeros(NUMEL, np.float32), config(aggregation="clipped_mean", clip_multiplier=2.0))
+    """A stranger's huge update arriving after our last round moves us by a bounded step (issue 12);
+    the outlier rule is off here to show the drain's own clipping."""
+    cfg = config(aggregation="clipped_mean", clip_multiplier=2.0, outlier_multiplier=0.0)
+    node = GossipLearner(np.zeros(NUMEL, np.float32), cfg)
     node.make_update(np.full(NUMEL, -0.01, np.float32))  # our own update: norm 0.08
     node.finish_round(expected_received=1)
     own_norm = 0.01 * np.sqrt(NUMEL)
@@ -566,6 +577,18 @@ def test_drain_clips_late_updates_to_the_size_of_our_last_update():
     assert (
         np.linalg.norm(params - before) <= 2.0 * own_norm / 2 * 1.0001
     )  # clipped to 2 x, halved by the mean
+
+
+def test_an_update_twenty_times_ours_is_rejected_as_an_outlier():
+    """Clipping bounds a x1e4 update, but only a rejection (severity 10) gets its sender ignored."""
+    node = GossipLearner(np.zeros(NUMEL, np.float32), config(aggregation="clipped_mean", codec=LOSSLESS))
+    node.receive("early", 0, wire_of(np.full(NUMEL, 1e6)))  # before our first update: nothing to compare
+    node.make_update(np.full(NUMEL, -0.01, np.float32))
+    node.finish_round(expected_received=1)
+    node.receive("honest", 1, wire_of(np.full(NUMEL, 0.1)))  # 10x ours: heterogeneous, still fine
+    with pytest.raises(Outlier) as caught:
+        node.receive("liar", 1, wire_of(np.full(NUMEL, 0.25)))  # 25x ours
+    assert caught.value.severity == 10
 
 
 def test_checkpoint_with_a_poisoned_round_is_refused():

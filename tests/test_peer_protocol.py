@@ -23,6 +23,8 @@ from p2pfm.core.errors import (
     HashMismatch,
     NotDonor,
     Oversize,
+    Refusal,
+    RoundRegression,
     StaleRound,
     WrongKind,
 )
@@ -374,3 +376,33 @@ def test_a_step_that_would_make_the_model_non_finite_is_dropped():
     params, report = pair.b.finish_round(live_others=2)
     assert report.rolled_back and report.received == 2
     assert np.isfinite(params).all() and np.array_equal(params, before) and pair.b.round == 1
+
+
+def test_a_sender_whose_rounds_go_back_and_forth_is_rejected_and_soon_banned():
+    """One key claiming rounds r..r+7 every round (issue 12, many rounds per key): the claims go
+    back, an honest peer's never do (one round of slack for a late update)."""
+    pair = Pair(max_round_lag=8)
+    pair.b.learner.round = 10
+    for r in (10, 11, 10):  # a late update of the previous round is fine
+        pair.a.learner.round = r
+        pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW + r)
+    pair.a.learner.round = 9
+    with pytest.raises(RoundRegression):
+        pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW + 20)
+    assert pair.b.scores.score(pair.a.peer_id, NOW + 20) == 5.0  # severity 5: deliberate
+
+
+def test_a_flood_over_the_rate_budget_bans_itself():
+    """Messages over the budget are ignored (rate_limited) and cost a tenth of a point each."""
+    pair = Pair()
+    banned_at = None
+    for i in range(2000):
+        try:
+            pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW)
+        except Banned:
+            banned_at = i
+            break
+        except Refusal:
+            continue
+    assert banned_at is not None and banned_at < 600  # 40 within the burst, then ~500 over it
+    assert pair.b.scores.is_banned(pair.a.peer_id, NOW)

@@ -44,6 +44,8 @@ class RejectReason(enum.Enum):
     BAD_UPDATE = "bad_update"  # an update whose metadata no honest peer sends
     BAD_ROUND = "bad_round"  # a round beyond MAX_ROUND: no run gets there, and int64 arithmetic would
     NOT_ADMITTED = "not_admitted"  # no valid, unexpired, unrevoked certificate of the swarm's authority
+    OUTLIER = "outlier"  # an update many times the size of ours: deliberate, not noise
+    ROUND_REGRESSION = "round_regression"  # a round well below one the same sender already sent us
 
 
 class IgnoreReason(enum.Enum):
@@ -76,6 +78,9 @@ class Reject(Refusal):
     """A message broke a rule; ``reason`` says which rule it broke, the text says how."""
 
     reason: RejectReason = RejectReason.MALFORMED
+    severity: float = 1.0
+    """Score points it costs the sender: 1 for what a fault could cause (a flipped bit, a clock
+    jump), more for what only a deliberate sender does (a signed update far too large)."""
 
 
 class Ignore(Refusal):
@@ -170,6 +175,16 @@ class BadRound(Reject):
 
 class NotAdmitted(Reject):
     reason = RejectReason.NOT_ADMITTED
+
+
+class Outlier(Reject):
+    reason = RejectReason.OUTLIER
+    severity = 10.0
+
+
+class RoundRegression(Reject):
+    reason = RejectReason.ROUND_REGRESSION
+    severity = 5.0
 
 
 class StaleRound(Ignore):

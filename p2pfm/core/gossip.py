@@ -31,7 +31,7 @@ import numpy as np
 from p2pfm.config import require
 from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
 from p2pfm.core.codecs import CodecSpec, decode, encode
-from p2pfm.core.errors import FutureRound, NonFinite, RoundFull, ShapeMismatch, StaleRound
+from p2pfm.core.errors import FutureRound, NonFinite, Outlier, RoundFull, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
 Aggregation = str  # a name in p2pfm.core.aggregation.AGGREGATIONS (mean, clipped_mean, ...)
@@ -48,6 +48,9 @@ class GossipConfig:
     outer_momentum: float = 0.0  # Nesterov momentum on the outer step (DiLoCo: 0.9 with lr 0.7)
     aggregation: Aggregation = "clipped_mean"
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
+    outlier_multiplier: float = (
+        20.0  # an update over this x ||our last update|| is refused and scored (0: off)
+    )
     trim_fraction: float = 0.2  # trimmed_mean drops this share at each end, at least 1 (0.2: 1 of 5)
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
     max_updates_per_round: int = 16  # received updates one round counts, at most one per sender
@@ -71,6 +74,11 @@ class GossipConfig:
             f"must be one of {', '.join(AGGREGATIONS)}",
         )
         require(self.clip_multiplier > 0, "gossip.clip_multiplier", "must be positive")
+        require(
+            self.outlier_multiplier == 0 or self.outlier_multiplier >= self.clip_multiplier,
+            "gossip.outlier_multiplier",
+            "must be 0 (off) or at least clip_multiplier",
+        )
         require(0.0 < self.trim_fraction < 0.5, "gossip.trim_fraction", "must be in (0, 0.5)")
         require(self.max_round_lag >= 0, "gossip.max_round_lag", "must be non-negative")
         require(self.max_updates_per_round >= 1, "gossip.max_updates_per_round", "must be at least 1")
@@ -287,6 +295,14 @@ class GossipLearner:
         decoded = decode(wire, expected_numel=self.numel)
         if decoded.shape != self.params.shape:  # decode enforces it; keep the rule visible
             raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
+        # [REJECT] OUTLIER (severity 10): honest updates of one round are of similar size (same H
+        # steps, same schedule); one 20x ours is deliberate. Clipping would bound its effect, but
+        # only a rejection lets the sender's score fall until it is ignored.
+        limit = self.config.outlier_multiplier * self._last_own_norm
+        if limit > 0 and (size := norm(decoded)) > limit:
+            raise Outlier(
+                f"update of norm {size:.3g} is over {self.config.outlier_multiplier:g}x ours ({self._last_own_norm:.3g})"
+            )
         queued = self._inbox.setdefault(sender_id, {})
         if sender_round not in queued:
             if len(queued) >= UPDATES_PER_SENDER:  # a newer round of the same peer replaces its oldest

@@ -29,7 +29,7 @@ class RateLimits:
     updates_per_s: float = 20.0  # per sender; honest: fanout / round time, well under 1/s
     update_burst: float = 40.0
     requests_per_s: float = 0.2  # state downloads and parameter pulls per sender (one per 5 s)
-    request_burst: float = 3.0
+    request_burst: float = 8.0  # a joiner's downloads and witness pulls, retried, fit in it
     max_inflight_bytes: int = 256 << 20  # incoming gossip frames being read or checked, all senders
     max_streams_per_sender: int = 4  # concurrent incoming streams per transport id
     max_senders: int = 4096  # buckets remembered

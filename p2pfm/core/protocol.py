@@ -18,6 +18,7 @@ The peer's lifecycle and round are drawn in ``protocols/peer.md`` from :data:`TR
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,7 +27,15 @@ import numpy as np
 from p2pfm.core.admission import Admission
 from p2pfm.core.aggregation import norm
 from p2pfm.core.envelope import Envelope, EnvelopeLimits, ReplayGuard, open_envelope, seal
-from p2pfm.core.errors import BadUpdate, Banned, NotAdmitted, Refusal, UnknownSender
+from p2pfm.core.errors import (
+    BadUpdate,
+    Banned,
+    NotAdmitted,
+    RateLimited,
+    Refusal,
+    RoundRegression,
+    UnknownSender,
+)
 from p2pfm.core.gossip import (
     GossipConfig,
     GossipLearner,
@@ -53,6 +62,7 @@ from p2pfm.core.transfer import (
 )
 
 MAX_INNER_STEPS = 1 << 20  # an update claiming more local steps than this is not an honest peer's
+MAX_WITNESSES = 3  # second peers asked to confirm a state; one that agrees is enough
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
@@ -255,6 +265,7 @@ class PeerProtocol:
         # swarm) holding a valid certificate, as the driver's peer book says. None: everyone
         # counts (a driver with no discovery of its own, e.g. unit tests).
         self.members: dict[str, str] | None = None
+        self.newest_from: OrderedDict[str, int] = OrderedDict()  # sender -> newest round it sent us
         self.accepted = 0
         self.heard_update = False  # an update from a partner was accepted (start-up lock-step)
 
@@ -384,17 +395,36 @@ class PeerProtocol:
             self._check_key(envelope, remote, now, serving=False)
             self.update_limiter.check(envelope.sender_id, now, "update")
             check_update_meta(envelope.payload)
+            self.check_round_order(envelope.sender_id, envelope.round)
             self.learner.receive(envelope.sender_id, envelope.round, envelope.payload["tensor"])
         except Refusal as exc:
             self.refused(envelope.sender_id, exc, now)
             raise
+        self.note_round(envelope.sender_id, envelope.round)
         self.accepted += 1
         self.heard_update = True
         return envelope
 
     def refused(self, sender: str, exc: Refusal, now: float) -> bool:
-        """Count a refusal of ``sender``'s message (rejections lower its score); True if now banned."""
+        """Count a refusal of ``sender``'s message (rejections lower its score by their severity,
+        messages over its rate budget by a tenth each); True if now banned."""
+        if isinstance(exc, RateLimited):
+            return self.scores.note_overuse(sender, now)
         return self.scores.note(sender, exc, now)
+
+    def check_round_order(self, sender: str, round: int) -> None:
+        """[REJECT] ROUND_REGRESSION (severity 5) if ``round`` is more than one below the newest
+        round ``sender`` already sent us: an honest peer's rounds only grow (its last update may
+        arrive after its next one, hence the one round of slack). One key claiming many rounds
+        per round goes back and forth and ends here."""
+        newest = self.newest_from.get(sender)
+        if newest is not None and round < newest - 1:
+            raise RoundRegression(f"{sender} sends round {round} after round {newest}")
+
+    def note_round(self, sender: str, round: int) -> None:
+        self.newest_from[sender] = max(round, self.newest_from.pop(sender, round))
+        while len(self.newest_from) > self.scores.max_tracked:
+            self.newest_from.popitem(last=False)
 
     # --- the round ------------------------------------------------------------------------
     def finish_round(self, live_others: int) -> tuple[np.ndarray, RoundReport]:

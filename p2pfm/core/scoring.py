@@ -1,8 +1,10 @@
 """Who we still listen to: per-sender scores with decay, bans with a cool-down, in bounded memory.
 
 The policy, shared by every driver: each :class:`~p2pfm.core.errors.Reject` from a sender adds
-one to its score; an :class:`~p2pfm.core.errors.Ignore` does not (an honest laggard's stale
-update is no offence). Scores decay (half-life ``half_life_s``), so an honest peer's rare bad
+its ``severity`` to its score (1; 5 or 10 for what only a deliberate sender does); an
+:class:`~p2pfm.core.errors.Ignore` does not (an honest laggard's stale update is no offence),
+except that messages over the sender's rate budget cost a tenth of a point each (a flood bans
+itself; honest peers stay far below their budgets). Scores decay (half-life ``half_life_s``), so an honest peer's rare bad
 message (a bit flip, a clock jump) is forgotten. A sender whose score reaches ``ban_after`` is
 banned for ``ban_s``, doubling with each repeat ban (at most a day); its messages are dropped
 unread (counted as ignored, reason ``banned``). After a ban the score restarts at half the
@@ -27,6 +29,7 @@ SCORE_HALF_LIFE_S = 600.0  # a rejection's weight halves every ten minutes
 BAN_S = 600.0  # first ban: ten minutes; each repeat doubles it
 MAX_BAN_S = 86_400.0
 MAX_TRACKED_SENDERS = 4096  # bound on remembered offenders
+OVERUSE_POINTS = 0.1  # a message over the sender's rate budget: ten of them cost one rejection
 
 
 @dataclass
@@ -84,17 +87,28 @@ class Scoreboard:
             return False
         self.rejected[refusal.reason.value] += 1
         self.rejections[sender] += 1
+        return self._add(sender, getattr(refusal, "severity", 1.0), refusal.reason.value, now)
+
+    def note_overuse(self, sender: str, now: float) -> bool:
+        """A message over its sender's rate budget: ignored, but every ten of them cost one point
+        (honest peers stay far below their budgets; a flood bans itself). True if now banned."""
+        self.ignored["rate_limited"] += 1
+        if self.is_banned(sender, now):
+            return False
+        return self._add(sender, OVERUSE_POINTS, "rate_limited", now)
+
+    def _add(self, sender: str, points: float, reason: str, now: float) -> bool:
         if len(self.rejections) > self.max_tracked:  # all-time counts are for reports: keep the worst
             del self.rejections[min(self.rejections, key=self.rejections.__getitem__)]
             self.rejections[sender] = max(self.rejections[sender], 1)
         if self.is_banned(sender, now):
             return False
         record = self._records.setdefault(sender, _Record(at=now))
-        record.score = self._decayed(record, now) + 1.0
+        record.score = self._decayed(record, now) + points
         record.at = max(record.at, now)
         self._bound(keep=sender, now=now)
         if record.score > self.ban_after - 0.5:  # "reaches": decay over the burst must not spare it
-            self.decisions.append((sender, refusal.reason.value, self.ban(sender, now)))
+            self.decisions.append((sender, reason, self.ban(sender, now)))
             return True
         return False
 

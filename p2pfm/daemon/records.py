@@ -87,7 +87,7 @@ class StateRefusedRecord:
 
     donor: str
     round: int
-    witness: str
+    witness: str  # the peers that disagreed, comma-separated
     reason: str  # "disagrees" or "unconfirmed" (no second peer answered)
     wall_time: float
     event: str = "state_refused"

@@ -215,8 +215,9 @@ class RoundDriver:
     async def confirm_state(
         self, params: np.ndarray, round_: int, donor: str, rounds: dict[str, int], plan: CatchUp
     ) -> bool:
-        """Independent evidence before adopting: a second peer's parameters must agree with the
-        donor's state (``PeerProtocol.state_agrees``). A lone donor (nobody else live) is believed."""
+        """Independent evidence before adopting: some second peer's parameters must agree with the
+        donor's state (``PeerProtocol.state_agrees``; up to three are asked). A lone donor (nobody
+        else live) is believed."""
         rt = self.rt
         witnesses = self.protocol.witnesses(rounds, donor, plan, time.time())
         if not witnesses:
@@ -224,7 +225,8 @@ class RoundDriver:
                 "no second peer to check %s's state against: adopting on its word (one peer in view)", donor
             )
             return True
-        for witness in witnesses[:2]:
+        disagreed = []
+        for witness in witnesses:
             try:
                 seen, _ = await self.client.pull_params(rt.live[witness])
             except Exception as exc:
@@ -232,16 +234,11 @@ class RoundDriver:
                 continue
             if self.protocol.state_agrees(params, seen):
                 return True
-            log.warning(
-                "state of round %d from %s disagrees with %s's parameters: not adopted",
-                round_,
-                donor,
-                witness,
-            )
-            rt.record(StateRefusedRecord(donor, round_, witness, "disagrees", rt.wall_time()))
-            return False
-        log.warning("nobody could confirm %s's state of round %d: not adopted", donor, round_)
-        rt.record(StateRefusedRecord(donor, round_, "", "unconfirmed", rt.wall_time()))
+            disagreed.append(witness)
+            log.warning("state of round %d from %s disagrees with %s's parameters", round_, donor, witness)
+        reason = "disagrees" if disagreed else "unconfirmed"
+        log.warning("state of round %d from %s not adopted: %s", round_, donor, reason)
+        rt.record(StateRefusedRecord(donor, round_, ",".join(disagreed), reason, rt.wall_time()))
         return False
 
     async def sync_with_random_peer(self) -> bool:

@@ -670,7 +670,7 @@ class Simulation:
         self._invalidate_views()
 
     def _state_confirmed(self, peer: int, donor: int, params: np.ndarray, round: int) -> bool:
-        """The daemon's evidence rule: the donor's state must agree with a second live peer's
+        """The daemon's evidence rule: the donor's state must agree with some second live peer's
         parameters (``PeerProtocol.witnesses`` / ``state_agrees``); a lone donor is believed."""
         protocol = self.peers[peer]
         names, _ = self._ready_peers()
@@ -679,7 +679,7 @@ class Simulation:
         witnesses = protocol.witnesses(rounds, self.ids[donor], CatchUp(round, 0), self.now)
         if not witnesses:
             return True
-        return protocol.state_agrees(params, self.peers[self.index_of[witnesses[0]]].params)
+        return any(protocol.state_agrees(params, self.peers[self.index_of[w]].params) for w in witnesses)
 
     def _on_sync(
         self, peer: int, session: int, donor: int, donor_session: int, done: float, snapshot: tuple
