@@ -37,6 +37,15 @@ with answers counted ("accepted", "refused" by reason, "failed") and bytes recei
 Only for swarms you run: this is how p2pfm's defences are tested."""
 
 
+def count_value(text: str) -> tuple[str, int]:
+    """``--count``: ``N`` (every attack, key ``*``) or ``ATTACK=N``."""
+    name, _, number = text.rpartition("=")
+    try:
+        return name or "*", int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or ATTACK=N, got {text!r}") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "attack",
@@ -82,7 +91,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rounds-per-round", type=int, default=33, help="many_rounds: rounds claimed per push"
     )
     parser.add_argument("--final-round", type=int, default=0, help="drain: the swarm's --rounds")
-    parser.add_argument("--count", type=int, default=0, help="how many (0 = the attack's default)")
+    parser.add_argument(
+        "--count",
+        nargs="+",
+        type=count_value,
+        default=[],
+        metavar="[ATTACK=]N",
+        help="how many: N for every attack, or ATTACK=N (default: each attack's own)",
+    )
     parser.add_argument("--rate", type=float, default=500.0, help="flood: updates per second")
     parser.add_argument("--every", type=int, default=45, help="id_churn: messages per libp2p identity")
     parser.add_argument("--frame-mib", type=int, default=60, help="big_frames: MiB per frame")
@@ -91,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--duration", type=float, default=0.0, help="stop after this many seconds (0 = never)"
     )
+    parser.add_argument("--target", default=None, help="attack only this peer id (default: every live peer)")
     parser.add_argument(
         "--no-announce", action="store_true", help="do not announce the persona (a silent stranger)"
     )
@@ -110,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out or args.work_dir / "attack.jsonl", work_dir=args.work_dir, key=args.key, cert=args.cert,
         seed=args.seed, model=model, claim_round=args.claim_round, ahead=args.ahead, state=args.state,
         state_scale=args.state_scale, forge=args.forge, scale=args.scale, keys=args.keys,
-        rounds_per_round=args.rounds_per_round, final_round=args.final_round, count=args.count, rate=args.rate,
+        rounds_per_round=args.rounds_per_round, final_round=args.final_round, counts=dict(args.count), rate=args.rate,
         every=args.every, frame_mib=args.frame_mib, interval_s=args.interval, lead=args.lead,
-        duration_s=args.duration, announce=not args.no_announce,
+        duration_s=args.duration, announce=not args.no_announce, target=args.target,
     )  # fmt: skip
     return run_attack(config)

@@ -58,8 +58,11 @@ class Attacker:
         return self.rt.peer_id
 
     def targets(self) -> dict[str, Announcement]:
-        """The live honest peers (everyone announced but us and our sybils)."""
-        return {p: a for p, a in self.rt.live.items() if p not in self.sybils}
+        """The live honest peers (everyone announced but us and our sybils; only ``--target`` if given)."""
+        wanted = self.config.target
+        return {
+            p: a for p, a in self.rt.live.items() if p not in self.sybils and (wanted is None or p == wanted)
+        }
 
     def newest_round(self) -> int:
         return max((a.round for a in self.targets().values()), default=0)
@@ -161,6 +164,7 @@ class Attacker:
                 self.log.count("honest_estimate", f"pull_failed:{type(exc).__name__}")
                 continue
             self.log.count("honest_estimate", "pulls")
+            self.log.count("honest_estimate", "params_bytes_received", params.nbytes)  # decoded
             estimate = ((initial - params) / max(round_, 1)).astype(np.float32)
             break
         if estimate is None or not np.any(estimate):
@@ -245,7 +249,7 @@ class Attacker:
 
     async def sybil(self) -> None:
         """``count`` fresh identities announced like peers, each pointing at our libp2p host."""
-        count = self.config.count_or(200)
+        count = self.config.count_for("sybil", 200)
         identities = [Identity.generate() for _ in range(count)]
         self.sybils.update(i.peer_id for i in identities)
         if not await self.wait_for_targets():
@@ -281,7 +285,7 @@ class Attacker:
         over a live peer's subkey, each for an hour."""
         import hivemind
 
-        count = self.config.count_or(5000)
+        count = self.config.count_for("dht_junk", 5000)
         if not await self.wait_for_targets():
             return
         victim = sorted(self.targets())[0]
@@ -351,7 +355,7 @@ class Attacker:
         """``count`` valid top-k updates sent at once to every target, spread over our keys."""
         if not await self.wait_for_targets():
             return
-        count = self.config.count_or(400)
+        count = self.config.count_for("burst", 400)
         wire = encode((await self.honest_estimate()) + 0.0, CodecSpec())
         for target in list(self.targets().values()):
             messages = [
@@ -373,7 +377,7 @@ class Attacker:
 
         if not await self.wait_for_targets():
             return
-        total, every = self.config.count_or(450), self.config.every
+        total, every = self.config.count_for("id_churn", 450), self.config.every
         target = sorted(self.targets().values(), key=lambda a: a.peer_id)[0]
         maddr = (
             next(m for m in target.maddrs if "/p2p/" in m)
@@ -408,7 +412,7 @@ class Attacker:
         """``count`` frames of ``frame_mib`` MiB of junk, sent in parallel to every target."""
         if not await self.wait_for_targets():
             return
-        count = self.config.count_or(4)
+        count = self.config.count_for("big_frames", 4)
         junk = bytes(self.config.frame_mib << 20)
         for target in list(self.targets().values()):
             answers = await asyncio.gather(
@@ -422,7 +426,7 @@ class Attacker:
         """Ask every target for its full state and its parameters, ``count`` times; count what we get."""
         if not await self.wait_for_targets():
             return
-        for _ in range(self.config.count_or(5)):
+        for _ in range(self.config.count_for("state_leech", 5)):
             for target in list(self.targets().values()):
                 before = self.rt.counters["state_bytes_downloaded"]
                 try:
@@ -435,17 +439,14 @@ class Attacker:
                 self.log.count(
                     "state_leech", "state_bytes_received", self.rt.counters["state_bytes_downloaded"] - before
                 )
-                before = self.rt.counters["bytes_received"]
                 try:
-                    await self.client.pull_params(target)
+                    params, _ = await self.client.pull_params(target)
                     self.log.answer("params_leech", {"ok": True})
+                    self.log.count("params_leech", "params_bytes_received", params.nbytes)  # decoded
                 except Refused as exc:
                     self.log.answer("params_leech", {"ok": False, "reason": str(exc).rsplit(": ", 1)[-1]})
                 except Exception as exc:
                     self.log.answer("params_leech", {"ok": False, "reason": type(exc).__name__})
-                self.log.count(
-                    "params_leech", "params_bytes_received", self.rt.counters["bytes_received"] - before
-                )
             if self.stop_event.is_set():
                 break
         self.log.event("state_leech_done")

@@ -72,7 +72,9 @@ class AttackConfig:
     keys: int = 1  # fresh signing keys for update attacks (1: the persona's own)
     rounds_per_round: int = 33  # many_rounds
     final_round: int = 0  # drain: the swarm's --rounds
-    count: int = 0  # sybil, dht_junk, burst, id_churn, big_frames, state_leech (0: each one's default)
+    counts: dict[str, int] = field(
+        default_factory=dict
+    )  # attack -> how many ("*": every attack); else defaults
     rate: float = 500.0  # flood: updates per second (in all)
     every: int = 45  # id_churn: messages per libp2p identity (bans come at 50)
     frame_mib: int = 60  # big_frames: size of each frame
@@ -80,6 +82,7 @@ class AttackConfig:
     lead: int = 4  # claim a target's announced round + this (announcements lag by a heartbeat)
     duration_s: float = 0.0  # stop after this (0: until SIGTERM/SIGINT)
     announce: bool = True  # the persona announces itself like a peer (False: a silent stranger)
+    target: str | None = None  # attack only this peer id (None: every live peer)
 
     def __post_init__(self) -> None:
         require(len(self.initial_peers) > 0, "initial_peers", "needs a live peer's multiaddr")
@@ -94,7 +97,9 @@ class AttackConfig:
         require(self.ahead is None or self.ahead >= 1, "ahead", "must be at least 1")
         require(self.keys >= 1, "keys", "must be at least 1")
         require(self.rounds_per_round >= 1, "rounds_per_round", "must be at least 1")
-        require(self.count >= 0, "count", "must be non-negative")
+        for name, value in self.counts.items():
+            require(name == "*" or name in ATTACKS, "counts", f"{name!r} is not an attack")
+            require(value >= 1, "counts", f"{name}: must be at least 1")
         require(self.rate > 0, "rate", "must be positive")
         require(self.every >= 1, "every", "must be at least 1")
         require(1 <= self.frame_mib <= 4095, "frame_mib", "must be in [1, 4095]")
@@ -117,8 +122,9 @@ class AttackConfig:
 
         return DEFAULT_SCALE[self.forge] if self.scale is None else self.scale
 
-    def count_or(self, default: int) -> int:
-        return self.count or default
+    def count_for(self, attack: str, default: int) -> int:
+        """How many times ``attack`` acts: ``--count attack=N``, else ``--count N``, else ``default``."""
+        return self.counts.get(attack, self.counts.get("*", default))
 
 
 class AttackLog:
