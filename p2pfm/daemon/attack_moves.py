@@ -33,6 +33,7 @@ log = logging.getLogger("p2pfm.attack")
 
 REFRESH_S = 1.0  # how often we re-read the swarm's announcements
 SUMMARY_S = 2.0  # how often the log gets fresh summary lines
+MAX_PACE = 20.0  # rounds a second we believe a peer runs (a tiny model on a fast CPU: ~3)
 
 
 class Attacker:
@@ -51,6 +52,9 @@ class Attacker:
         self._honest: np.ndarray | None = None  # our estimate of one round's honest pseudo-gradient
         self._honest_at = float("-inf")
         self._seq = time.time_ns()
+        self._first_heard: dict[
+            str, tuple[float, int]
+        ] = {}  # peer -> (timestamp, round) of its first announcement
 
     # --- the swarm -------------------------------------------------------------------------
     @property
@@ -65,7 +69,22 @@ class Attacker:
         }
 
     def newest_round(self) -> int:
-        return max((a.round for a in self.targets().values()), default=0)
+        """The swarm's newest round *now*: announcements are up to a heartbeat old, and a tiny model
+        runs several rounds per heartbeat, so each is extrapolated at its peer's observed pace."""
+        now = time.time()
+        return max((self.estimated_round(p, a, now) for p, a in self.targets().items()), default=0)
+
+    def estimated_round(self, peer_id: str, announcement: Announcement, now: float) -> int:
+        """``announcement``'s round advanced at the pace between its peer's last two announcements
+        (at most MAX_PACE rounds a second: a joiner's jump to the swarm's round is no pace)."""
+        last = (announcement.timestamp, announcement.round)
+        previous, current = self._heard.get(peer_id, (last, last))
+        if last != current:
+            previous, current = current, last
+            self._heard[peer_id] = (previous, current)
+        elapsed = current[0] - previous[0]
+        pace = min(MAX_PACE, (current[1] - previous[1]) / elapsed) if elapsed > 0 else 0.0
+        return announcement.round + int(max(0.0, pace) * max(0.0, now - announcement.timestamp))
 
     async def start(self) -> None:
         await self.rt.net.start()
@@ -89,15 +108,29 @@ class Attacker:
             claim(self.rt, self.newest_round())
 
     async def watch(self) -> None:
-        """Refresh the swarm view every second; announce every heartbeat; note what we served."""
+        """Refresh the swarm view every second; announce every heartbeat and whenever our claim
+        moves; note what we served."""
         last_announce = float("-inf")
         served = (0, 0)
+        announced = -1
         while not self.stop_event.is_set():
             await self.rt.refresh_live()
             self.update_claim()
-            if self.config.announce and time.time() - last_announce >= self.rt.config.net.heartbeat_s:
-                await self.rt.announce()
+            # Re-announced at once when the claim moves: a claim "3 ahead" must stay ahead of rounds
+            # that advance faster than heartbeats.
+            due = time.time() - last_announce >= self.rt.config.net.heartbeat_s
+            if self.config.announce and (due or self.rt.protocol.round != announced):
+                announced = self.rt.protocol.round
+                # Announced like a peer, but hearing nobody (``sees`` empty): we never complete a
+                # joiner's start-up quorum, so a swarm starts training with its real peers only.
+                stored = await self.rt.net.announce(
+                    {**self.rt.announcement_payload(), "sees": []}, time.time()
+                )
                 last_announce = time.time()
+                self.log.event(
+                    "announced", round=announced, stored=stored,
+                    swarm={p: a.round for p, a in self.targets().items()},
+                )  # fmt: skip
             c = self.rt.counters
             now_served = (c["state_bytes_served"], c["sync_bytes_sent"])
             if now_served != served:
