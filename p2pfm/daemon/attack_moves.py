@@ -2,8 +2,9 @@
 
 Targets are the live peers of the swarm as our persona's peer book sees them (their signed
 announcements, refreshed every second); their announced rounds drive every update attack.
-Announcements lag a peer's real round by up to a heartbeat, so updates claim the announced
-round + ``lead``: inside a receiver's window (``max_round_lag`` behind, 4x ahead) either way.
+Announcements lag a peer's real round by up to a heartbeat, so updates claim the round
+extrapolated at the peer's pace + ``lead``: inside a receiver's window (``max_round_lag``
+behind, 4x ahead) either way.
 Each attack counts the answers it gets in the :class:`~p2pfm.daemon.attacker.AttackLog`.
 """
 
@@ -73,6 +74,13 @@ class Attacker:
         runs several rounds per heartbeat, so each is extrapolated at its peer's observed pace."""
         now = time.time()
         return max((self.estimated_round(p, a, now) for p, a in self.targets().items()), default=0)
+
+    def round_of(self, target: Announcement) -> int:
+        return self.estimated_round(target.peer_id, target, time.time())
+
+    def claim_for(self, target: Announcement) -> int:
+        """The round an update to ``target`` claims: its round now (estimated) + ``lead``."""
+        return self.round_of(target) + self.config.lead
 
     def estimated_round(self, peer_id: str, announcement: Announcement, now: float) -> int:
         """``announcement``'s round advanced at the pace between its peer's last two announcements
@@ -254,12 +262,13 @@ class Attacker:
         self.log.event("serving", state=self.config.state, state_bytes=len(self.rt.snapshot.data))
 
     async def updates(self) -> None:
-        await self.every_target("updates", lambda t: [t.round + self.config.lead])
+        await self.every_target("updates", lambda t: [self.claim_for(t)])
 
     async def many_rounds(self) -> None:
         """One key claiming many rounds at once: each (sender, round) is a separate inbox entry."""
         await self.every_target(
-            "many_rounds", lambda t: list(range(t.round, t.round + self.config.rounds_per_round))
+            "many_rounds",
+            lambda t: list(range(self.round_of(t), self.round_of(t) + self.config.rounds_per_round)),
         )
 
     async def drain(self) -> None:
@@ -379,7 +388,7 @@ class Attacker:
                 return
             i = next(turn)
             target, identity = targets[i % len(targets)], self.keys[i % len(self.keys)]
-            message = self.update(identity, target.round + self.config.lead, wire)
+            message = self.update(identity, self.claim_for(target), wire)
             self.log.answer("flood", await self.send(target.libp2p_id, "gossip", message))
 
         await self._paced("flood", None, self.config.rate, one)
@@ -392,8 +401,7 @@ class Attacker:
         wire = encode((await self.honest_estimate()) + 0.0, CodecSpec())
         for target in list(self.targets().values()):
             messages = [
-                self.update(self.keys[i % len(self.keys)], target.round + self.config.lead, wire)
-                for i in range(count)
+                self.update(self.keys[i % len(self.keys)], self.claim_for(target), wire) for i in range(count)
             ]
             self.log.event("burst_start", target=target.peer_id, count=count, bytes=sum(map(len, messages)))
             answers = await asyncio.gather(
