@@ -53,9 +53,8 @@ class Attacker:
         self._honest: np.ndarray | None = None  # our estimate of one round's honest pseudo-gradient
         self._honest_at = float("-inf")
         self._seq = time.time_ns()
-        self._first_heard: dict[
-            str, tuple[float, int]
-        ] = {}  # peer -> (timestamp, round) of its first announcement
+        # peer -> its last two announcements' (timestamp, round): its pace
+        self._heard: dict[str, tuple[tuple[float, int], tuple[float, int]]] = {}
 
     # --- the swarm -------------------------------------------------------------------------
     @property
