@@ -298,7 +298,9 @@ class Attacker:
         net = self.rt.net
         while not self.stop_event.is_set():
             now = time.time()
-            payload = {**self.rt.announcement_payload(), "round": self.newest_round()}
+            # Hearing nobody, like our persona: sybils that claimed to hear a joiner would complete its
+            # start-up quorum (a further attack, not replayed here).
+            payload = {**self.rt.announcement_payload(), "round": self.newest_round(), "sees": []}
             stored = await asyncio.gather(*(self._store_announcement(i, payload, now) for i in identities))
             self.log.count("sybil", "stored", sum(stored))
             self.log.count("sybil", "store_failed", len(stored) - sum(stored))
@@ -325,6 +327,7 @@ class Attacker:
         """``count`` junk records under the swarm's key from a plain DHT node (no validator), one of them
         over a live peer's subkey, each for an hour."""
         import hivemind
+        from hivemind.utils import get_dht_time
 
         count = self.config.count_for("dht_junk", 5000)
         if not await self.wait_for_targets():
@@ -335,7 +338,7 @@ class Attacker:
             None, lambda: hivemind.DHT(initial_peers=list(self.config.initial_peers), start=True)
         )
         try:
-            key, expiration = self.rt.net.dht_key, hivemind.get_dht_time() + 3600
+            key, expiration = self.rt.net.dht_key, get_dht_time() + 3600
             subkeys = [victim] + [f"junk-{i}-{os.urandom(4).hex()}" for i in range(count - 1)]
             for start in range(0, count, 500):
                 batch = subkeys[start : start + 500]

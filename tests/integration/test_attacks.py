@@ -83,6 +83,16 @@ class AttackerProcess:
         online = self.events("online")
         return online[0]["peer_id"] if online else None
 
+    def wait_event(self, name: str, timeout: float, peers=()) -> dict:
+        """Wait for the attacker's ``name`` event; fail at once if an attack failed or it exited."""
+        wait_for(
+            lambda: bool(self.events(name) or self.events("attack_failed")) or self.process.poll() is not None,
+            timeout, f"the attacker's {name!r}", list(peers),
+        )  # fmt: skip
+        assert not self.events("attack_failed"), self.events("attack_failed")
+        assert self.events(name), self.tail()
+        return self.events(name)[0]
+
     def wait_online(self, timeout: float = 120.0) -> dict:
         wait_for(
             lambda: bool(self.events("online")) or self.process.poll() is not None, timeout, "attacker online"
@@ -184,7 +194,8 @@ def test_model_attacks_leave_training_as_good_as_an_honest_run(make_swarm, attac
     )  # fmt: skip
     main.wait_online()
     huge.wait_online()
-    wait_for(lambda: bool(main.events("claiming")) and bool(huge.events("claiming")), 60, "the claims")
+    main.wait_event("claiming", 60, swarm.peers)
+    huge.wait_event("claiming", 60, swarm.peers)
     for index in (1, 2):
         swarm.start_peer(swarm.add_peer(shard=index, num_shards=3))
     mid = ROUNDS // 2
@@ -232,7 +243,7 @@ def test_joiner_does_not_adopt_a_poisoned_state_three_rounds_ahead(make_swarm, a
     )  # fmt: skip
     attacker.wait_online()
     # The attacker's lie must be on the DHT before the joiner looks: wait for its "claiming" line.
-    wait_for(lambda: bool(attacker.events("claiming")), 60, "the attacker's claim", swarm.peers)
+    attacker.wait_event("claiming", 60, swarm.peers)
     joiner = swarm.add_peer(shard=2, num_shards=3)
     swarm.start_peer(joiner)
     wait_for(lambda: len(round_records(joiner)) >= 5, 240, "the joiner to train 5 rounds", swarm.peers)
@@ -319,10 +330,8 @@ def test_floods_junk_frames_id_churn_and_leeching_are_refused(make_swarm, attack
          "--target", target.status()["peer_id"]],
     )  # fmt: skip
     floods.wait_online()
-    wait_for(
-        lambda: all(floods.events(e) for e in ("big_frames_done", "state_leech_done", "id_churn_done")),
-        300, "the junk frames, the leech and the identity churn", swarm.peers,
-    )  # fmt: skip
+    for event in ("big_frames_done", "state_leech_done", "id_churn_done"):
+        floods.wait_event(event, 300, swarm.peers)
     wait_for(lambda: answered(floods.summary("flood")) >= 1000, 120, "1,000 flood answers", swarm.peers)
     wait_for(
         lambda: round_of(target) >= round_before + 3 or not target.alive, 240, "3 more rounds", swarm.peers
@@ -356,8 +365,8 @@ def test_sybils_and_dht_junk_do_not_enter_the_swarm(make_swarm, attackers, hones
     )  # fmt: skip
     attacker.wait_online()
     # dht_junk waits for a live peer to aim at, then stores; sybils are announced every heartbeat.
-    wait_for(lambda: bool(attacker.events("sybils_announced")), 120, "the sybils", swarm.peers)
-    wait_for(lambda: bool(attacker.events("dht_junk_stored")), 240, "the junk records", swarm.peers)
+    attacker.wait_event("sybils_announced", 120, swarm.peers)
+    attacker.wait_event("dht_junk_stored", 240, swarm.peers)
     for index in (1, 2):
         swarm.start_peer(swarm.add_peer(shard=index, num_shards=3))
     wait_for(lambda: min(round_of(p) for p in swarm.peers) >= ROUNDS // 2, 240, "mid-run", swarm.peers)
@@ -412,7 +421,7 @@ def test_unadmitted_key_gets_nothing_in_an_admitted_swarm(tmp_path, make_swarm, 
          "--forge", "scaling", "--scale", "100"],
     )  # fmt: skip
     attacker.wait_online()
-    wait_for(lambda: bool(attacker.events("state_leech_done")), 180, "the leech", swarm.peers)
+    attacker.wait_event("state_leech_done", 180, swarm.peers)
     wait_for(lambda: sum(attacker.summary("updates").get("refused", {}).values()) > 0
              or attacker.summary("updates").get("accepted", 0) > 0, 60, "update answers", swarm.peers)  # fmt: skip
     attacker.stop()
