@@ -340,15 +340,14 @@ class Attacker:
         try:
             key, expiration = self.rt.net.dht_key, get_dht_time() + 3600
             subkeys = [victim] + [f"junk-{i}-{os.urandom(4).hex()}" for i in range(count - 1)]
-            for start in range(0, count, 500):
-                batch = subkeys[start : start + 500]
-                results = await loop.run_in_executor(
-                    None,
-                    lambda batch=batch: dht.store_many(
-                        [key] * len(batch), [os.urandom(64) for _ in batch], expiration, subkeys=batch
-                    ),
-                )
-                ok = sum(1 for v in results.values() if v)
+            for start in range(0, count, 250):
+                batch = subkeys[start : start + 250]
+                stores = [
+                    dht.store(key, os.urandom(64), expiration, subkey=subkey, return_future=True)
+                    for subkey in batch
+                ]
+                results = await asyncio.gather(*stores, return_exceptions=True)
+                ok = sum(1 for v in results if v is True)
                 self.log.count("dht_junk", "stored", ok)
                 self.log.count("dht_junk", "store_failed", len(batch) - ok)
             self.log.event(
