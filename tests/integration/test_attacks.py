@@ -370,10 +370,21 @@ def test_sybils_and_dht_junk_do_not_enter_the_swarm(make_swarm, attackers, hones
     attacker.wait_event("dht_junk_stored", 240, swarm.peers)
     for index in (1, 2):
         swarm.start_peer(swarm.add_peer(shard=index, num_shards=3))
-    wait_for(lambda: min(round_of(p) for p in swarm.peers) >= ROUNDS // 2, 240, "mid-run", swarm.peers)
+    mid = ROUNDS // 2
+    # Mid-run, or as soon as any peer is done: a peer the sybils keep from training must not hang the test.
+    wait_for(
+        lambda: min(round_of(p) for p in swarm.peers) >= mid or not all(p.alive for p in swarm.peers),
+        240, "mid-run", swarm.peers,
+    )  # fmt: skip
     views = {p.index: sorted(p.status().get("live_peers", [])) for p in swarm.peers}
     ids = {p.index: p.status()["peer_id"] for p in swarm.peers}
-    wait_all_exit(swarm.peers, timeout=300)
+    rounds_at_mid = [round_of(p) for p in swarm.peers]
+    wait_for(
+        lambda: all(not p.alive or round_of(p) == 0 for p in swarm.peers), 240, "the training peers to finish",
+        swarm.peers,
+    )  # fmt: skip
+    swarm.stop_all()  # a peer still waiting for its quorum
+    codes = [p.process.returncode for p in swarm.peers]
     attacker.stop()
     losses = final_losses(swarm)
     sybil = attacker.summary("sybil")
@@ -381,9 +392,12 @@ def test_sybils_and_dht_junk_do_not_enter_the_swarm(make_swarm, attackers, hones
     ignored = [round_records(p)[-1].get("dht_records_ignored") for p in swarm.peers]
     report(
         "sybil", live_views_sizes={i: len(v) for i, v in views.items()}, losses=losses, honest=honest_loss,
+        rounds_at_mid=rounds_at_mid, exit_codes=codes,
         sybil=sybil, dht_junk=junk, dht_records_ignored=ignored,
     )  # fmt: skip
     assert sybil.get("stored", 0) > 0, sybil
+    assert codes == [0, 0, 0], codes
+    assert min(rounds_at_mid) >= mid, f"a peer did not train: rounds {rounds_at_mid}"
     for index, view in views.items():
         assert view == sorted(pid for i, pid in ids.items() if i != index), (index, len(view))
     assert all(loss <= honest_loss * (1 + LOSS_TOLERANCE) for loss in losses), (losses, honest_loss)
