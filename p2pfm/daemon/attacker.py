@@ -246,11 +246,14 @@ def build_persona(config: AttackConfig):  # -> PeerRuntime (heavy imports stay l
     )  # fmt: skip
     protocol = PeerProtocol(setup, initial, seq=time.time_ns() // 1_000_000)
     protocol.learner.params = poisoned_params(initial, config, rng)
+    # Our own handlers take anyone's requests (an open policy); what matters is what we send.
     runtime = PeerRuntime(
         config=peer_config, protocol=protocol, trainer=adapter,
         net=PeerNetwork(peer_config.net, identity, config.run_id), metrics=MetricsLog(config.work_dir),
         shard_index=0, rng=rng,
     )  # fmt: skip
+    if config.cert is not None:  # an admitted insider presents its certificate like a peer
+        runtime.certificate = config.cert.read_bytes()[:4096]
     return runtime
 
 
