@@ -437,7 +437,9 @@ class Attacker:
             identities += 1
             try:
                 for _ in range(min(every, total - sent)):
-                    message = messages_for("forged", self.config.run_id, 1, target.round)[0]
+                    message = messages_for(
+                        "forged", self.config.run_id, 1, target.round, Identity.generate()
+                    )[0]
                     try:
                         _, reader, writer = await asyncio.wait_for(
                             p2p.call_binary_stream_handler(
