@@ -372,6 +372,7 @@ def test_floods_junk_frames_id_churn_and_leeching_are_refused(make_swarm, attack
 
 
 # --- section 5: sybils and DHT junk -------------------------------------------------------------
+@pytest.mark.slow  # ~100 s on two cores; tests/integration/test_dht_junk.py keeps section 5 in the default suite
 def test_sybils_and_dht_junk_do_not_enter_the_swarm(make_swarm, attackers, honest_loss):
     """200 fake identities announced (dated 100 s ahead) and 2,000 junk records (one over a peer's
     subkey; 5,000 is the CLI's default, fewer keep the test short): the honest peers see exactly
