@@ -5,7 +5,8 @@ declares its flags and sets ``handler``; handlers import heavy libraries (torch,
 lazily so that ``p2pfm --help`` stays instant.
 
 Modules: ``keys`` (keygen, id), ``admission`` (admit, revoke), ``bench`` (bench codecs|swarm|compare), ``peer`` (the
-daemon), ``swarm`` (local multi-peer swarm), ``sim`` (churn simulator).
+daemon), ``swarm`` (local multi-peer swarm), ``sim`` (churn simulator), ``attack`` (a live
+malicious peer that tests the defences).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 from p2pfm import __version__
 
-SUBCOMMAND_MODULES = ("keys", "admission", "peer", "swarm", "sim", "bench")
+SUBCOMMAND_MODULES = ("keys", "admission", "peer", "swarm", "sim", "bench", "attack")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,4 +12,6 @@ Map:
 - ``checkpoint.py``  atomic checkpoints in the tensor file format (no code runs on load).
 - ``metrics.py``     metrics.jsonl and status.json (strict JSON).
 - ``probe.py``       sends crafted messages to a live peer (tests, operators).
+- ``attacker.py``    ``p2pfm attack``: config, JSON-lines log and persona of a live malicious peer.
+- ``attack_moves.py`` its attacks (far-ahead rounds, poisoned state, forged updates, floods, sybils, ...).
 """

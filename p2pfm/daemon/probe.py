@@ -93,6 +93,33 @@ def messages_for(case: str, run_id: str, numel: int, round_: int, me: Identity) 
     raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: bytes | int, timeout: float = 10.0
+) -> dict:
+    """Send one message on an open stream and read the peer's answer; closes the stream.
+
+    ``message`` as bytes is sent as one frame; an int sends only a frame header announcing that
+    many bytes. The answer is the peer's map (``{"ok": true}`` or ``{"ok": false, "reason"}``),
+    ``{"ok": true, "answer": "envelope"}`` for a signed answer (manifest, params), or
+    ``{"ok": false, "reason": "closed"}`` if the stream ended (or ``timeout`` passed) unanswered.
+    """
+    try:
+        if isinstance(message, int):
+            writer.write(message.to_bytes(4, "big"))
+            await writer.drain()
+        else:
+            await write_frame(writer, message)
+        try:
+            answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 64 << 20), timeout))
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            answer = {"ok": False, "reason": "closed"}
+        if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
+            answer = {"ok": True, "answer": "envelope"}
+        return answer
+    finally:
+        writer.close()
+
+
 def current_round(round_: int, round_from: Path | None) -> int:
     """The round to claim: the target's own round read from its status file just before sending
     (a busy machine may take many seconds to start this prober, and a round fixed at launch would
@@ -151,21 +178,7 @@ async def probe(
             for m in messages_for(c, run_id, numel, current_round(round_, round_from), me)
         ]:
             reader, writer = await net.open_stream(target, stream)
-            try:
-                if isinstance(message, int):
-                    writer.write(message.to_bytes(4, "big"))
-                    await writer.drain()
-                else:
-                    await write_frame(writer, message)
-                try:
-                    answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 64 << 20), 10))
-                except (asyncio.IncompleteReadError, TimeoutError):
-                    answer = {"ok": False, "reason": "closed"}
-                if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
-                    answer = {"ok": True, "answer": "envelope"}
-            finally:
-                writer.close()
-            results.append({"case": case, **answer})
+            results.append({"case": case, **await exchange(reader, writer, message)})
     finally:
         await net.shutdown()
     return results
