@@ -19,6 +19,7 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -27,10 +28,11 @@ import numpy as np
 from p2pfm.core.codecs import CodecSpec, encode
 from p2pfm.core.envelope import seal
 from p2pfm.core.identity import Identity
-from p2pfm.daemon.net import read_frame, write_frame
+from p2pfm.daemon.net import read_frame
 
 CASES = ("valid", "replayed", "forged", "tampered", "wrong-run", "garbage", "oversize", "announce")
 STREAMS = ("gossip", "state", "params")
+ANSWER_LIMIT = 64 << 20  # the largest frame we read back (a params answer of a large model)
 
 
 def build_update(identity: Identity, run_id: str, numel: int, round_: int) -> bytes:
@@ -99,6 +101,53 @@ def current_round(round_: int, round_from: Path | None) -> int:
     return int(json.loads(round_from.read_text()).get("round", 0)) + 1
 
 
+async def open_host(peer_maddr: str):
+    """A libp2p host of our own (a fresh identity, its own ``p2pd``) that knows ``peer_maddr``;
+    returns (host, the target's PeerID). Close it with ``await host.shutdown()``."""
+    from hivemind.p2p import P2P, PeerID
+
+    p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    return p2p, PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
+
+
+async def exchange(
+    p2p,
+    target,
+    protocol: str,
+    raw: bytes,
+    *,
+    timeout: float = 10.0,
+    answer: bool = True,
+    more_frames: Callable[[bytes], int] | None = None,
+) -> tuple[list[bytes], str | None]:
+    """Open one stream, write ``raw`` (frames and length prefixes included, as given), read the
+    answer: (frames, None), or (frames read so far, why no more came: ``closed``, ``timeout``,
+    ``reset``, ``open_failed``). ``answer=False``: close right after writing (an incomplete frame
+    the peer cannot answer). ``more_frames(first)``: how many frames follow the first (state chunks)."""
+    try:
+        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(target, protocol), timeout)
+    except Exception as exc:  # dead peer, refused stream, p2pd trouble
+        return [], f"open_failed:{type(exc).__name__}"
+    frames: list[bytes] = []
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if not answer:
+            return [], "not_awaited"
+        frames.append(await asyncio.wait_for(read_frame(reader, ANSWER_LIMIT), timeout))
+        for _ in range(more_frames(frames[0]) if more_frames else 0):
+            frames.append(await asyncio.wait_for(read_frame(reader, ANSWER_LIMIT), timeout))
+        return frames, None
+    except asyncio.IncompleteReadError:
+        return frames, "closed"
+    except TimeoutError:
+        return frames, "timeout"
+    except (ConnectionError, OSError):
+        return frames, "reset"
+    finally:
+        writer.close()
+
+
 async def probe(
     peer_maddr: str,
     run_id: str,
@@ -108,30 +157,21 @@ async def probe(
     round_from: Path | None = None,
     stream: str = "gossip",
 ) -> list[dict]:
-    from hivemind.p2p import P2P, PeerID
-
-    p2p = await P2P.create(initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    target = PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
+    p2p, target = await open_host(peer_maddr)
     results = []
     try:
         for case, message in [
             (c, m) for c in cases for m in messages_for(c, run_id, numel, current_round(round_, round_from))
         ]:
-            _, reader, writer = await p2p.call_binary_stream_handler(target, f"/p2pfm/{run_id}/{stream}/1")
-            try:
-                if isinstance(message, int):
-                    writer.write(message.to_bytes(4, "big"))
-                    await writer.drain()
-                else:
-                    await write_frame(writer, message)
-                try:
-                    answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 64 << 20), 10))
-                except (asyncio.IncompleteReadError, TimeoutError):
-                    answer = {"ok": False, "reason": "closed"}
-                if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
-                    answer = {"ok": True, "answer": "envelope"}
-            finally:
-                writer.close()
+            raw = (
+                message.to_bytes(4, "big")
+                if isinstance(message, int)
+                else len(message).to_bytes(4, "big") + message
+            )
+            frames, _error = await exchange(p2p, target, f"/p2pfm/{run_id}/{stream}/1", raw)
+            answer = msgpack.unpackb(frames[0]) if frames else {"ok": False, "reason": "closed"}
+            if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
+                answer = {"ok": True, "answer": "envelope"}
             results.append({"case": case, **answer})
     finally:
         await p2p.shutdown()
