@@ -10,7 +10,7 @@ import pytest
 from p2pfm.config import ConfigError
 from p2pfm.core.aggregation import norm as vector_norm
 from p2pfm.core.codecs import CodecSpec, decode, encode
-from p2pfm.core.errors import FutureRound, Ignore, NonFinite, Reject, ShapeMismatch, StaleRound
+from p2pfm.core.errors import FutureRound, Ignore, NonFinite, Reject, RoundFull, ShapeMismatch, StaleRound
 from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate, choose_partners, sync_due, sync_interval
 from p2pfm.core.tensorfile import pack_arrays, unpack_arrays
 
@@ -356,6 +356,47 @@ def test_same_sender_different_rounds_count_separately():
     node.receive("q", 0, wire_of(np.ones(NUMEL)))
     _, report = node.finish_round()
     assert report.received == 3
+
+
+def test_one_key_claiming_many_rounds_counts_at_most_twice():
+    """The observed attack: one key sent updates for 33 rounds into one round (all inside the
+    round window) and each counted. Now a round counts a sender's two newest rounds; older ones
+    are ignored (round_full), and a newer one replaces the oldest."""
+    node = GossipLearner(np.zeros(NUMEL, np.float32), config(aggregation="mean", max_round_lag=8))
+    node.round = 10
+    refused = 0
+    for r in range(2, 35):
+        try:
+            node.receive("liar", r, wire_of(np.full(NUMEL, 100.0)))
+        except RoundFull:
+            refused += 1
+    assert refused == 0  # ascending rounds: each newer one replaces the oldest
+    assert sorted(node._inbox["liar"]) == [33, 34]
+    with pytest.raises(RoundFull):
+        node.receive("liar", 20, wire_of(np.ones(NUMEL)))
+    _, report = node.finish_round()
+    assert report.received == 2
+
+
+def test_a_round_counts_at_most_its_cap_of_updates_and_memory_stays_sparse():
+    """400 valid top-k updates from 400 keys: the round counts max_updates_per_round of them, and
+    holds them in their compressed form (what the peer that grew to 2.4 GB held densely)."""
+    cfg = config(
+        aggregation="mean", max_updates_per_round=16, codec=CodecSpec(name="topk", topk_fraction=0.01)
+    )
+    node = GossipLearner(np.zeros(10_000, np.float32), cfg)
+    rng = np.random.default_rng(0)
+    wire = encode(rng.standard_normal(10_000).astype(np.float32), cfg.codec)
+    refused = 0
+    for sender in range(400):
+        try:
+            node.receive(f"k{sender}", 0, wire)
+        except RoundFull:
+            refused += 1
+    assert refused == 400 - 16
+    assert all(isinstance(w, dict) for queued in node._inbox.values() for w in queued.values())
+    _, report = node.finish_round()
+    assert report.received == 16
 
 
 def test_finish_round_is_independent_of_arrival_order():

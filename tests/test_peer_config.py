@@ -145,6 +145,7 @@ def test_overrides_beat_toml_values(tmp_path):
             "gossip.fanout": 1,
             "gossip.codec.name": "fp16",
             "net.listen": ["/ip4/0.0.0.0/tcp/1"],
+            "admission.open": True,
         },
     )
     assert config.run_id == "from-flag"

@@ -39,8 +39,10 @@ from p2pfm.core.protocol import (
     Phase,
     Sync,
     catch_up_donors,
+    corroborated_round,
     join_plan,
     round_plan,
+    states_agree,
 )
 from p2pfm.core.tensorfile import pack_arrays
 from p2pfm.core.transfer import Donor, pack_state
@@ -110,13 +112,13 @@ def test_stale_and_future_rounds_are_ignored_without_penalty():
     """An honest laggard's stale update is ignored, counted, and never held against it."""
     pair = Pair(max_round_lag=2)
     pair.b.learner.round = 10
-    for _ in range(100):
+    for i in range(100):  # a second apart: within the sender's rate budget
         with pytest.raises(StaleRound):
-            pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW)
+            pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW + i)
     pair.a.learner.round = 60
     with pytest.raises(FutureRound):
         pair.b.receive_update("a", pair.update(pair.a, 0.1), NOW)
-    assert pair.b.scores.rejections["a"] == 0 and not pair.b.scores.is_banned("a")
+    assert sum(pair.b.scores.rejections.values()) == 0 and not pair.b.scores.is_banned("a", NOW)
     assert pair.b.scores.ignored == {"stale_round": 100, "future_round": 1}
     assert pair.b.scores.rejected == {}
 
@@ -130,7 +132,7 @@ def test_rejections_lower_the_score_until_the_sender_is_banned():
     for _ in range(5):
         with pytest.raises(BadSignature):
             pair.b.receive_update("a", forged, NOW)
-    assert pair.b.scores.is_banned("a")
+    assert pair.b.scores.is_banned("a", NOW)  # bad signatures: the transport is all we can name
     with pytest.raises(Banned):
         pair.b.receive_update("a", good, NOW)  # even a good message: the sender is banned
     assert pair.b.scores.rejected == {"bad_signature": 5} and pair.b.scores.ignored == {"banned": 1}
@@ -242,15 +244,44 @@ def test_join_and_round_plans_follow_the_catch_up_rule():
     assert round_plan(10, 18, cfg, sync_due=False) is None
     assert round_plan(10, 19, cfg, sync_due=True) == CatchUp(newest=19, behind=9)
     assert round_plan(10, 12, cfg, sync_due=True) == Sync()
-    assert catch_up_donors({"a": 19, "b": 18, "c": 10}, 19) == ["a", "b"]
+    assert catch_up_donors({"a": 19, "b": 18, "c": 10, "liar": 1_000_000}, 19, cfg) == ["a", "b"]
     peer = make_peer(sync_every=5)
     peer.learner.round = 10
-    assert (
-        peer.plan_round(10, live_others=3) == Sync()
-        and peer.plan_round(10, 3, sync_requested=False) == Sync()
-    )
+    three = {"a": 10, "b": 10, "c": 9}
+    assert peer.plan_round(three) == Sync() and peer.plan_round(three, sync_requested=False) == Sync()
     peer.learner.round = 11
-    assert peer.plan_round(11, 3) is None and peer.plan_round(11, 3, sync_requested=True) == Sync()
+    assert peer.plan_round(three) is None and peer.plan_round(three, sync_requested=True) == Sync()
+
+
+def test_one_peers_word_moves_nobody():
+    """A far-ahead round counts only once a second live peer reaches it (the takeover of issue 12)."""
+    assert corroborated_round({}) is None
+    assert corroborated_round({"a": 7}) == 7  # alone with one peer: nobody to corroborate with
+    assert corroborated_round({"a": 7, "b": 7, "liar": 1_000_000}) == 7
+    assert corroborated_round({"a": 7, "b": 9, "c": 12}) == 9
+    peer = make_peer(max_round_lag=8)
+    peer.learner.round = 7
+    assert peer.plan_join({"a": 7, "b": 7, "liar": 10}) is None  # 3 ahead, to catch joiners: no
+    assert peer.plan_round({"a": 8, "b": 8, "liar": 1_000_000}) is None
+    assert peer.plan_round({"a": 30, "b": 29, "liar": 1_000_000}) == CatchUp(newest=30, behind=23)
+    plan = CatchUp(newest=30, behind=23)
+    assert peer.donors({"a": 30, "b": 29, "liar": 1_000_000}, plan, NOW) == ["a", "b"]
+
+
+def test_a_state_is_adopted_only_when_a_second_peer_agrees():
+    """Zero, sign-flipped, random and 4x scaled states disagree with an honest witness; an honest
+    state a round apart agrees."""
+    rng = np.random.default_rng(1)
+    initial = rng.standard_normal(5000).astype(np.float32)
+    step = rng.standard_normal(5000).astype(np.float32) * 0.01
+    honest_a = initial + 10 * step + rng.standard_normal(5000).astype(np.float32) * 0.002
+    honest_b = initial + 11 * step
+    assert states_agree(honest_a, honest_b, initial, 0.5)
+    assert states_agree(initial + step, initial + 2 * step, initial, 0.5)  # early: rounds 1 and 2
+    for poisoned in (np.zeros_like(initial), initial - 10 * step, initial + 4 * (honest_a - initial),
+                     rng.standard_normal(5000).astype(np.float32)):  # fmt: skip
+        assert not states_agree(poisoned, honest_b, initial, 0.5)
+        assert not states_agree(honest_b, poisoned, initial, 0.5)  # a lying witness blocks, never admits
 
 
 def test_chunk_frames_are_bounded_by_their_exact_length_not_by_chunk_size():

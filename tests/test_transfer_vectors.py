@@ -68,12 +68,13 @@ def test_vector_outcome_matches_expected(folder):
 
 @pytest.mark.parametrize("folder", [c for c in CASES if c.name.startswith("update_")], ids=lambda c: c.name)
 def test_update_refusals_score_the_sender_as_wire_md_says(folder):
-    """receive_update counts its own refusals: a reject adds one to the sender's rejections, an ignore none."""
+    """receive_update counts its own refusals: a reject adds one rejection (against the transport
+    for envelope rules, against the signing key after them), an ignore none."""
     expected = read(folder, "expected.json")
     context, peer, _, _ = run_folder(folder)
-    before = peer.scores.ban_after if context["banned"] else 0
     added = 1 if expected["outcome"] == "reject" else 0
-    assert peer.scores.rejections[context["remote"]] == before + added
+    assert sum(peer.scores.rejections.values()) == added
+    assert peer.scores.is_banned(context["remote"], context["now"]) is bool(context["banned"])
     counted = {"accept": {}, "reject": peer.scores.rejected, "ignore": peer.scores.ignored}[
         expected["outcome"]
     ]

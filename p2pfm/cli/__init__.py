@@ -4,7 +4,7 @@ Each subcommand lives in its own module with a ``register(subparsers)`` function
 declares its flags and sets ``handler``; handlers import heavy libraries (torch, hivemind)
 lazily so that ``p2pfm --help`` stays instant.
 
-Modules: ``keys`` (keygen, id), ``bench`` (bench codecs|swarm|compare), ``peer`` (the
+Modules: ``keys`` (keygen, id), ``admission`` (admit, revoke), ``bench`` (bench codecs|swarm|compare), ``peer`` (the
 daemon), ``swarm`` (local multi-peer swarm), ``sim`` (churn simulator).
 """
 
@@ -17,7 +17,7 @@ import sys
 
 from p2pfm import __version__
 
-SUBCOMMAND_MODULES = ("keys", "peer", "swarm", "sim", "bench")
+SUBCOMMAND_MODULES = ("keys", "admission", "peer", "swarm", "sim", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

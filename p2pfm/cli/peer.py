@@ -64,6 +64,23 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--n-head": ("model.n_head", int, "attention heads"),
     "--block-size": ("model.block_size", int, "context length in bytes"),
     "--announce-ttl": ("net.announce_ttl_s", float, "seconds a DHT announcement lives without refresh"),
+    "--authority": (
+        "admission.authority",
+        str,
+        "the swarm authority's peer id: only peers it certified count",
+    ),
+    "--cert": ("admission.cert", Path, "this peer's certificate from the authority (p2pfm admit)"),
+    "--revocations": (
+        "admission.revocations",
+        Path,
+        "a revocation list (p2pfm revoke) to publish in the DHT",
+    ),
+}
+BOOL_FLAGS: dict[str, tuple[str, str]] = {
+    "--open": (
+        "admission.open",
+        "run an OPEN swarm beyond loopback: anyone may join and send updates (experiments only)",
+    ),
 }
 LIST_FLAGS: dict[str, tuple[str, str]] = {
     "--listen": ("net.listen", "multiaddr(s) to listen on (default /ip4/127.0.0.1/tcp/0)"),
@@ -99,12 +116,15 @@ def add_peer_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (
     for flag, (field, text) in LIST_FLAGS.items():
         if flag not in skip:
             parser.add_argument(flag, nargs="+", default=None, metavar="MULTIADDR", help=f"{text} [{field}]")
+    for flag, (field, text) in BOOL_FLAGS.items():
+        if flag not in skip:
+            parser.add_argument(flag, action="store_true", default=None, help=f"{text} [{field}]")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
     """Dotted config keys for every flag the user gave."""
     overrides: dict[str, object] = {}
-    for flag, (field, *_rest) in {**PEER_FLAGS, **LIST_FLAGS}.items():
+    for flag, (field, *_rest) in {**PEER_FLAGS, **LIST_FLAGS, **BOOL_FLAGS}.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             overrides[field] = str(value) if isinstance(value, Path) else value

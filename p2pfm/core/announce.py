@@ -32,6 +32,7 @@ class Announcement:
     seq: int
     timestamp: float
     sees: tuple[str, ...] = ()  # libp2p ids the sender sees (the start-up quorum's handshake)
+    cert: bytes | None = None  # the swarm authority's certificate for the sender (admitted swarms)
 
 
 def announcement_limits(limits: EnvelopeLimits, ttl_s: float) -> EnvelopeLimits:
@@ -77,6 +78,7 @@ def check_announcement(
         seq=envelope.seq,
         timestamp=envelope.timestamp,
         sees=tuple(p.get("sees", ())),
+        cert=p.get("cert"),
     )
 
 
@@ -105,6 +107,15 @@ class PeerBook:
                 if known is None or known.libp2p_id != announcement.libp2p_id:  # new, or restarted
                     self._first_seen[peer_id] = self._merges
                 self._known[peer_id] = announcement
+
+    def known(self) -> dict[str, Announcement]:
+        """Every peer whose newest announcement we hold (live, suspected or tombstoned, not expired)."""
+        return dict(self._known)
+
+    def forget(self, peer_id: str) -> None:
+        """Drop a peer entirely (its admission was revoked)."""
+        for table in (self._known, self._suspects, self._lost, self._first_seen):
+            table.pop(peer_id, None)
 
     def first_seen(self) -> dict[str, int]:
         """Live-or-known peer id -> when (in merges) we first met its current process."""

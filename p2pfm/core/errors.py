@@ -43,6 +43,7 @@ class RejectReason(enum.Enum):
     SUBKEY_MISMATCH = "subkey_mismatch"  # a DHT record stored under another peer's subkey
     BAD_UPDATE = "bad_update"  # an update whose metadata no honest peer sends
     BAD_ROUND = "bad_round"  # a round beyond MAX_ROUND: no run gets there, and int64 arithmetic would
+    NOT_ADMITTED = "not_admitted"  # no valid, unexpired, unrevoked certificate of the swarm's authority
 
 
 class IgnoreReason(enum.Enum):
@@ -51,6 +52,9 @@ class IgnoreReason(enum.Enum):
     STALE_ROUND = "stale_round"  # gossip update for a round too far behind the receiver
     FUTURE_ROUND = "future_round"  # gossip update claiming a round far ahead (we lag, or it lies)
     BANNED = "banned"  # the sender's earlier rejections banned it; read no further
+    UNKNOWN_SENDER = "unknown_sender"  # authentic, but not from a peer we know announced (and admitted)
+    RATE_LIMITED = "rate_limited"  # the sender (or everyone together) is over its message or byte budget
+    ROUND_FULL = "round_full"  # this round already counts its sender's update, or its cap of updates
 
 
 class Refusal(Exception):
@@ -164,6 +168,10 @@ class BadRound(Reject):
     reason = RejectReason.BAD_ROUND
 
 
+class NotAdmitted(Reject):
+    reason = RejectReason.NOT_ADMITTED
+
+
 class StaleRound(Ignore):
     reason = IgnoreReason.STALE_ROUND
 
@@ -174,6 +182,18 @@ class FutureRound(Ignore):
 
 class Banned(Ignore):
     reason = IgnoreReason.BANNED
+
+
+class UnknownSender(Ignore):
+    reason = IgnoreReason.UNKNOWN_SENDER
+
+
+class RateLimited(Ignore):
+    reason = IgnoreReason.RATE_LIMITED
+
+
+class RoundFull(Ignore):
+    reason = IgnoreReason.ROUND_FULL
 
 
 REJECT_TYPES: dict[RejectReason, type[Reject]] = {cls.reason: cls for cls in Reject.__subclasses__()}

@@ -31,7 +31,7 @@ import numpy as np
 from p2pfm.config import require
 from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
 from p2pfm.core.codecs import CodecSpec, decode, encode
-from p2pfm.core.errors import FutureRound, NonFinite, ShapeMismatch, StaleRound
+from p2pfm.core.errors import FutureRound, NonFinite, RoundFull, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
 Aggregation = str  # a name in p2pfm.core.aggregation.AGGREGATIONS (mean, clipped_mean, ...)
@@ -50,6 +50,8 @@ class GossipConfig:
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
     trim_fraction: float = 0.2  # trimmed_mean drops this share at each end, at least 1 (0.2: 1 of 5)
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
+    max_updates_per_round: int = 16  # received updates one round counts, at most one per sender
+    state_agreement: float = 0.5  # a downloaded state must lie this close to a second peer's (relative)
     sync_every: int | Literal["auto"] = (
         "auto"  # rounds between parameter pulls (0 = never); see sync_interval
     )
@@ -71,6 +73,8 @@ class GossipConfig:
         require(self.clip_multiplier > 0, "gossip.clip_multiplier", "must be positive")
         require(0.0 < self.trim_fraction < 0.5, "gossip.trim_fraction", "must be in (0, 0.5)")
         require(self.max_round_lag >= 0, "gossip.max_round_lag", "must be non-negative")
+        require(self.max_updates_per_round >= 1, "gossip.max_updates_per_round", "must be at least 1")
+        require(self.state_agreement > 0, "gossip.state_agreement", "must be positive")
         require(
             self.sync_every == "auto" or (isinstance(self.sync_every, int) and self.sync_every >= 0),
             "gossip.sync_every",
@@ -78,6 +82,9 @@ class GossipConfig:
         )
         require(0.0 < self.sync_weight <= 1.0, "gossip.sync_weight", "must be in (0, 1]")
 
+
+UPDATES_PER_SENDER = 2
+"""Rounds of one sender a round counts: its current update and one that arrived late."""
 
 MAX_ROUND = 1 << 40
 """No honest run reaches this round (100 rounds a second for 300 years), and round arithmetic
@@ -228,7 +235,8 @@ class GossipLearner:
         self.round = round
         self._own: np.ndarray | None = None
         self._last_own_norm = 0.0  # size of our last update: the drain's clipping radius
-        self._inbox: dict[str, np.ndarray] = {}
+        self._inbox: dict[str, dict[int, dict]] = {}  # sender -> its round -> compressed update
+        self._queued = 0  # updates in the inbox
 
     @property
     def numel(self) -> int:
@@ -244,11 +252,17 @@ class GossipLearner:
         return wire
 
     def receive(self, sender_id: str, sender_round: int, wire: dict) -> np.ndarray:
-        """Decode and queue a verified peer's update; raises a Reject subclass if unusable.
+        """Decode and queue a verified peer's update; raises a Refusal if it is not used.
 
-        One update per sender and round (a duplicate replaces the earlier one): a peer
-        cannot multiply its influence within a round by sending many copies. A faster peer
-        may contribute updates for several of its rounds to one of ours; each is real work.
+        A round counts at most one update per (sender, sender round) (a duplicate replaces
+        the earlier one) and at most
+        :data:`UPDATES_PER_SENDER` rounds per sender (an honest peer's late update of its last
+        round beside its current one; a newer round replaces the oldest), and at most
+        ``max_updates_per_round`` in all, first come first counted. One key claiming 33 rounds
+        used to count 33 times; many keys are bounded by the cap (and by admission), and the
+        inbox stays bounded whatever arrives.
+        It holds the compressed wire form (top-k: ~1 % of a dense vector), decoded again when
+        the round ends. Returns the decoded vector.
         """
         # [IGNORE] STALE_ROUND: updates from far behind would drag us back to old parameters.
         # An honest laggard sends them until it catches up: not held against the sender.
@@ -258,13 +272,40 @@ class GossipLearner:
         # we are the laggard (we catch up at the end of the round): unusable either way.
         if sender_round > self.round + future_window(self.config):
             raise FutureRound(f"update claims round {sender_round}, far ahead of our round {self.round}")
+        # [IGNORE] ROUND_FULL: two newer updates of this sender are counted already, or the round
+        # counts its cap of updates. (A second update for a round it has replaces the first.)
+        queued = self._inbox.get(sender_id, {})
+        if sender_round not in queued:
+            if len(queued) >= UPDATES_PER_SENDER and sender_round < min(queued):
+                raise RoundFull(
+                    f"{sender_id} already has its updates for rounds {sorted(queued)} in this round"
+                )
+            if len(queued) < UPDATES_PER_SENDER and self._queued >= self.config.max_updates_per_round:
+                raise RoundFull(f"this round already counts {self._queued} updates (the cap)")
         # decode raises NonFinite for NaN/Inf anywhere in the wire and never returns such a vector,
         # so there is no second finiteness pass over the decoded vector here.
         decoded = decode(wire, expected_numel=self.numel)
         if decoded.shape != self.params.shape:  # decode enforces it; keep the rule visible
             raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
-        self._inbox[f"{sender_id}@{sender_round}"] = decoded
+        queued = self._inbox.setdefault(sender_id, {})
+        if sender_round not in queued:
+            if len(queued) >= UPDATES_PER_SENDER:  # a newer round of the same peer replaces its oldest
+                del queued[min(queued)]
+            else:
+                self._queued += 1
+        queued[sender_round] = wire
         return decoded
+
+    def _received(self) -> list[np.ndarray]:
+        """The queued updates, decoded, in sender order (an order-independent result); empties the inbox."""
+        received = [
+            decode(self._inbox[sender][r], expected_numel=self.numel)
+            for sender in sorted(self._inbox)
+            for r in sorted(self._inbox[sender])
+        ]
+        self._inbox.clear()
+        self._queued = 0
+        return received
 
     def finish_round(self, expected_received: int | None = None) -> tuple[np.ndarray, RoundReport]:
         """Aggregate own + received deltas, take the outer step, return the new anchor.
@@ -273,7 +314,7 @@ class GossipLearner:
         :func:`aggregate`); None averages over what actually arrived.
         """
         own = self._own if self._own is not None else np.zeros_like(self.params)
-        received = [self._inbox[k] for k in sorted(self._inbox)]  # order-independent result
+        received = self._received()
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, not warned about
             combined = aggregate(own, received, self.config, expected_received)
             step = combined
@@ -297,7 +338,6 @@ class GossipLearner:
         )
         self._last_own_norm = report.own_norm
         self._own = None
-        self._inbox.clear()
         self.round += 1
         return self.params.copy(), report
 
@@ -308,8 +348,7 @@ class GossipLearner:
         so each one's final updates would otherwise be missing from the peers that finished
         first. Returns the new anchor and how many updates were applied.
         """
-        received = [self._inbox[k] for k in sorted(self._inbox)]
-        self._inbox.clear()
+        received = self._received()
         if received:
             combined = rule_for(self.config).drain(
                 received, expected_received, anchor_norm=self._last_own_norm

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from p2pfm.core.admission import Admission
+from p2pfm.core.aggregation import norm
 from p2pfm.core.envelope import Envelope, EnvelopeLimits, ReplayGuard, open_envelope, seal
-from p2pfm.core.errors import BadUpdate, Banned, Refusal
+from p2pfm.core.errors import BadUpdate, Banned, NotAdmitted, Refusal, UnknownSender
 from p2pfm.core.gossip import (
     GossipConfig,
     GossipLearner,
@@ -36,6 +38,7 @@ from p2pfm.core.gossip import (
     sync_due,
 )
 from p2pfm.core.identity import Identity
+from p2pfm.core.limits import RateLimiter, RateLimits
 from p2pfm.core.scoring import Scoreboard
 from p2pfm.core.tensorfile import digest
 from p2pfm.core.transfer import (
@@ -112,15 +115,52 @@ class Sync:
 Plan = CatchUp | Sync | None
 
 
-def catch_up_donors(live_rounds: Mapping[str, int], newest: int) -> list[str]:
-    """Peers at the newest round or one behind: their state is (nearly) the swarm's newest."""
-    return sorted(p for p, r in live_rounds.items() if r >= newest - 1)
+def corroborated_round(live_rounds: Mapping[str, int], need: int = 2) -> int | None:
+    """The newest round that at least ``need`` live peers have reached (all of them, if fewer live).
+
+    One peer's word moves nobody: a stranger announcing round 1,000,000 (or three rounds ahead,
+    to catch joiners) used to make every peer download its state. With two or more peers in
+    view, a round counts only once a second peer vouches for it by reaching it too. A peer
+    alone with one other has nobody to corroborate with (admission is its defence there).
+    None if nobody is live.
+    """
+    rounds = sorted(live_rounds.values(), reverse=True)
+    if not rounds:
+        return None
+    return rounds[min(need, len(rounds)) - 1]
+
+
+def catch_up_donors(live_rounds: Mapping[str, int], target: int, config: GossipConfig) -> list[str]:
+    """Peers whose state is (nearly) the swarm's at ``target``: one round behind it up to
+    ``max_round_lag`` ahead. A peer claiming far more than the corroborated round is no donor."""
+    top = target + max(config.max_round_lag, 1)
+    return sorted(p for p, r in live_rounds.items() if target - 1 <= r <= top)
+
+
+def state_witnesses(
+    live_rounds: Mapping[str, int], donor: str, target: int, config: GossipConfig
+) -> list[str]:
+    """Who to check a donor's state against: the other donors, closest in round to ``target`` first."""
+    others = [p for p in catch_up_donors(live_rounds, target, config) if p != donor]
+    return sorted(others, key=lambda p: (abs(live_rounds[p] - target), p))
+
+
+def states_agree(candidate: np.ndarray, witness: np.ndarray, initial: np.ndarray, tolerance: float) -> bool:
+    """Whether a downloaded state lies close enough to a second peer's parameters to be adopted.
+
+    ``||candidate - witness|| <= tolerance * (||candidate - initial|| + ||witness - initial||)``:
+    distance measured against how far training moved both from the run's initial weights
+    (honest peers a round or two apart pass easily; an all-zero, sign-flipped or random state
+    does not; a state scaled by k passes only for k < 3 at the default 0.5). Pure numpy.
+    """
+    moved = norm((candidate - initial).astype(np.float64)) + norm((witness - initial).astype(np.float64))
+    return norm((candidate - witness).astype(np.float64)) <= tolerance * moved
 
 
 def join_plan(own_round: int, newest: int | None, config: GossipConfig) -> CatchUp | None:
     """On (re)joining: catch up whenever the swarm is ahead of us at all (``needs_catch_up``).
 
-    ``newest``: the newest round among the live peers we see (None: we see nobody).
+    ``newest``: the swarm's corroborated round (:func:`corroborated_round`; None: we see nobody).
     """
     if newest is None or not needs_catch_up(own_round, newest, config, joining=True):
         return None
@@ -185,6 +225,8 @@ class PeerSetup:
     limits: EnvelopeLimits = EnvelopeLimits()  # noqa: RUF009 - frozen, so sharing is safe
     max_state_bytes: int = 1 << 30
     verify_signatures: bool = True  # False only for bytes the driver produced itself (simulator)
+    admission: Admission | None = None  # None: an open swarm (Admission(run_id) with no authority)
+    rate_limits: RateLimits = RateLimits()  # noqa: RUF009 - frozen, so sharing is safe
 
 
 class PeerProtocol:
@@ -205,6 +247,14 @@ class PeerProtocol:
         self.seq = seq
         self.replay_guard = ReplayGuard.for_limits(setup.limits)
         self.scores = Scoreboard()
+        self.admission = setup.admission or Admission(setup.run_id)
+        limits = setup.rate_limits
+        self.update_limiter = RateLimiter(limits.updates_per_s, limits.update_burst, limits.max_senders)
+        self.request_limiter = RateLimiter(limits.requests_per_s, limits.request_burst, limits.max_senders)
+        # Peer id -> libp2p id of the peers whose messages count: announced and (in an admitted
+        # swarm) holding a valid certificate, as the driver's peer book says. None: everyone
+        # counts (a driver with no discovery of its own, e.g. unit tests).
+        self.members: dict[str, str] | None = None
         self.accepted = 0
         self.heard_update = False  # an update from a partner was accepted (start-up lock-step)
 
@@ -256,37 +306,95 @@ class PeerProtocol:
         check_request_kind(stream, envelope)
         return envelope
 
-    def may_ask(self, remote: str) -> bool:
-        """Whether to ask ``remote`` for state or parameters: not once its answers got it banned."""
-        return not self.scores.is_banned(remote)
+    def know(self, members: Mapping[str, str] | None) -> None:
+        """The driver's view of who counts: peer id -> libp2p id of announced (admitted) peers."""
+        self.members = None if members is None else dict(members)
 
-    def check_sender(self, remote: str) -> None:
-        """[IGNORE] BANNED: a banned sender's messages are dropped unread."""
-        if self.scores.is_banned(remote):
+    def may_ask(self, peer_id: str, now: float) -> bool:
+        """Whether to ask a peer for state or parameters: not once its answers got it banned."""
+        return not self.scores.is_banned(peer_id, now)
+
+    def check_sender(self, remote: str, now: float) -> None:
+        """[IGNORE] BANNED: a banned transport's messages (or a banned member's) are dropped unread."""
+        if self.scores.is_banned(remote, now):
             self.scores.note_banned()
-            raise Banned(f"{remote} is banned after {self.scores.rejections[remote]} rejected messages")
+            raise Banned(
+                f"transport {remote} is banned after {self.scores.rejections[remote]} rejected messages"
+            )
+
+    def _check_key(self, envelope: Envelope, remote: str, now: float, *, serving: bool) -> None:
+        """The rules on a verified sender, in order: ban, membership, transport binding.
+
+        [IGNORE] BANNED if the sender's key is banned. Membership: a key that is not an announced
+        (in an admitted swarm: certified) peer is [REJECT] NOT_ADMITTED when it asks us to serve
+        state or parameters in an admitted swarm (nothing is served to it), else [IGNORE]
+        UNKNOWN_SENDER (perhaps an honest peer whose announcement we have not read yet). The same
+        holds if the stream's transport is not the one the key announced.
+        """
+        sender = envelope.sender_id
+        if self.scores.is_banned(sender, now):
+            self.scores.note_banned()
+            raise Banned(f"{sender} is banned after {self.scores.rejections[sender]} rejected messages")
+        if self.members is None:
+            return
+        transport = self.members.get(sender)
+        if transport == remote:
+            return
+        what = (
+            "not an announced peer" if transport is None else f"announced transport {transport}, not {remote}"
+        )
+        if serving and not self.admission.open:
+            raise NotAdmitted(f"{sender} is {what} with a certificate of this swarm: nothing is served to it")
+        raise UnknownSender(f"{sender} is {what}")
+
+    def open_request(self, remote: str, data: bytes, now: float, *, stream: str) -> Envelope:
+        """A state or params request: envelope and kind, then the sender's key, then its budget.
+
+        Raises a Refusal, already counted (envelope problems against the transport, the rest
+        against the key). Only members are served, at most ``requests_per_s`` each.
+        """
+        try:
+            envelope = self.open(data, now, stream=stream)
+        except Refusal as exc:
+            self.refused(remote, exc, now)
+            raise
+        try:
+            self._check_key(envelope, remote, now, serving=True)
+            self.request_limiter.check(envelope.sender_id, now, "state or params request")
+        except Refusal as exc:
+            self.refused(envelope.sender_id, exc, now)
+            raise
+        return envelope
 
     def receive_update(self, remote: str, data: bytes, now: float) -> Envelope:
         """An update from ``remote`` (transport identity): checked, queued for this round.
 
         Raises a :class:`~p2pfm.core.errors.Refusal` (already counted and scored) if it is not
-        used. Rules in order: ban, envelope, kind, update metadata, round window, codec.
+        used. Rules in order: transport ban, envelope, kind (scored against the transport); key
+        ban, membership, rate, update metadata, round window, one per sender and round, cap,
+        codec (scored against the key: the identity that costs something).
         """
-        self.check_sender(remote)
+        self.check_sender(remote, now)
         try:
             envelope = self.open(data, now, stream="gossip")
+        except Refusal as exc:
+            self.refused(remote, exc, now)
+            raise
+        try:
+            self._check_key(envelope, remote, now, serving=False)
+            self.update_limiter.check(envelope.sender_id, now, "update")
             check_update_meta(envelope.payload)
             self.learner.receive(envelope.sender_id, envelope.round, envelope.payload["tensor"])
         except Refusal as exc:
-            self.refused(remote, exc)
+            self.refused(envelope.sender_id, exc, now)
             raise
         self.accepted += 1
         self.heard_update = True
         return envelope
 
-    def refused(self, remote: str, exc: Refusal) -> bool:
-        """Count a refusal of ``remote``'s message (rejections lower its score); True if now banned."""
-        return self.scores.note(remote, exc)
+    def refused(self, sender: str, exc: Refusal, now: float) -> bool:
+        """Count a refusal of ``sender``'s message (rejections lower its score); True if now banned."""
+        return self.scores.note(sender, exc, now)
 
     # --- the round ------------------------------------------------------------------------
     def finish_round(self, live_others: int) -> tuple[np.ndarray, RoundReport]:
@@ -297,19 +405,39 @@ class PeerProtocol:
         """Apply the last updates that arrived after our last round."""
         return self.learner.drain(expected_received(self.config.fanout, live_others))
 
-    def plan_join(self, newest: int | None) -> CatchUp | None:
-        """On joining: catch up from the swarm's ``newest`` round (None: we see nobody)?"""
-        return join_plan(self.round, newest, self.config)
+    def plan_join(self, live_rounds: Mapping[str, int]) -> CatchUp | None:
+        """On joining: catch up to the swarm's corroborated round (``live_rounds``: the others')?"""
+        return join_plan(self.round, corroborated_round(live_rounds), self.config)
 
     def sync_due(self, live_others: int, *, sync_requested: bool = False) -> bool:
         """Whether the round just finished ends with a consensus pull (or the driver asks for one:
         lost peers came back, and only a pull brings drifted models together)."""
         return sync_requested or sync_due(self.round, live_others, self.config)
 
-    def plan_round(self, newest: int | None, live_others: int, *, sync_requested: bool = False) -> Plan:
-        """After :meth:`finish_round`: catch up, sync, or carry on."""
-        due = self.sync_due(live_others, sync_requested=sync_requested)
-        return round_plan(self.round, newest, self.config, sync_due=due)
+    def plan_round(
+        self, live_rounds: Mapping[str, int], *, live_others: int | None = None, sync_requested: bool = False
+    ) -> Plan:
+        """After :meth:`finish_round`: catch up (to the corroborated round), sync, or carry on.
+
+        ``live_rounds``: the other live peers' announced rounds (a driver that knows the swarm's
+        size otherwise may pass just the top few and ``live_others``)."""
+        others = len(live_rounds) if live_others is None else live_others
+        due = self.sync_due(others, sync_requested=sync_requested)
+        return round_plan(self.round, corroborated_round(live_rounds), self.config, sync_due=due)
+
+    def donors(self, live_rounds: Mapping[str, int], plan: CatchUp, now: float) -> list[str]:
+        """Who may serve the state of ``plan``: near its round, and not banned."""
+        return [p for p in catch_up_donors(live_rounds, plan.newest, self.config) if self.may_ask(p, now)]
+
+    def witnesses(self, live_rounds: Mapping[str, int], donor: str, plan: CatchUp, now: float) -> list[str]:
+        """Whom to check ``donor``'s state against (:func:`state_witnesses`), banned peers left out."""
+        return [
+            p for p in state_witnesses(live_rounds, donor, plan.newest, self.config) if self.may_ask(p, now)
+        ]
+
+    def state_agrees(self, candidate: np.ndarray, witness: np.ndarray) -> bool:
+        """:func:`states_agree` with this run's initial weights and ``gossip.state_agreement``."""
+        return states_agree(candidate, witness, self.initial_params, self.config.state_agreement)
 
     # --- state transfer: donor -----------------------------------------------------------------
     def serve_state(

@@ -298,8 +298,12 @@ register_kind(
             # libp2p ids of the peers the sender sees (newest first): the start-up quorum's
             # handshake, see p2pfm.core.quorum. Optional: older announcements omit it.
             "sees": List(Str(128), 64),
+            # The swarm authority's certificate for the sender (p2pfm.core.admission); absent
+            # in an open swarm. Readers of an admitted swarm keep only announcements whose
+            # certificate admits their signer.
+            "cert": Bytes(max_len=512),
         },
-        optional=frozenset({"sees"}),
+        optional=frozenset({"sees", "cert"}),
     ),
 )
 register_kind(

@@ -14,6 +14,7 @@ from typing import Any
 
 from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
+from p2pfm.core.limits import RateLimits
 from p2pfm.model.config import GPTConfig, InnerTrainConfig
 
 
@@ -84,6 +85,50 @@ class NetConfig:
 
 
 @dataclass(frozen=True)
+class AdmissionConfig:
+    """Who may join: holders of the swarm authority's certificates, or (explicitly) anyone.
+
+    ``authority`` is the authority's peer id (``p2pfm keygen --out authority.key`` prints it;
+    ``p2pfm admit`` signs certificates with that key). Without an authority a peer runs an
+    *open* swarm: allowed on loopback (one machine) with a loud warning, and beyond it only
+    with ``open = true``. See ``p2pfm.core.admission``.
+    """
+
+    authority: str = ""  # the swarm authority's peer id (p2pfm1...); "" = no authority
+    cert: Path | None = None  # this peer's certificate (p2pfm admit); required with an authority
+    open: bool = False  # run an open swarm beyond loopback: anyone may join (experiments only)
+    revocations: Path | None = None  # a revocation list (p2pfm revoke) to publish in the DHT
+
+    def __post_init__(self) -> None:
+        if self.authority:
+            require(
+                self.authority.startswith("p2pfm1") and len(self.authority) == 38,
+                "admission.authority",
+                f"{self.authority!r} is not a peer id (p2pfm1 + 32 characters; `p2pfm id KEY` prints it)",
+            )
+            require(not self.open, "admission.open", "cannot be combined with an authority: choose one")
+            require(
+                self.cert is not None and self.cert.is_file(),
+                "admission.cert",
+                f"{self.cert} is not a file; an admitted peer needs its certificate "
+                "(p2pfm admit --authority KEY --peer ID --out CERT)",
+            )
+        else:
+            require(
+                self.cert is None, "admission.cert", "needs admission.authority (whose certificate is it?)"
+            )
+        if self.revocations is not None:
+            require(self.revocations.is_file(), "admission.revocations", f"{self.revocations} is not a file")
+
+
+def _is_loopback(maddr: str) -> bool:
+    parts = maddr.split("/")
+    return len(parts) > 2 and (
+        (parts[1] == "ip4" and parts[2].startswith("127.")) or (parts[1] == "ip6" and parts[2] == "::1")
+    )
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     """Everything one peer needs. All peers of a run must agree on run_id, seed and model."""
 
@@ -108,6 +153,13 @@ class PeerConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     net: NetConfig = field(default_factory=NetConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    limits: RateLimits = field(default_factory=RateLimits)
+
+    @property
+    def open_swarm(self) -> bool:
+        """Whether anyone may join (no authority): loopback-only peers, or ``admission.open``."""
+        return not self.admission.authority
 
     def __post_init__(self) -> None:
         if self.key is None:  # resolved here so that every user of the config sees one real path
@@ -128,6 +180,14 @@ class PeerConfig:
         require(self.min_peers >= 1, "min_peers", "must be at least 1")
         require(self.min_peers_timeout_s >= 0, "min_peers_timeout_s", "must be non-negative")
         require(self.final_drain_s >= 0, "final_drain_s", "must be non-negative")
+        require(
+            bool(self.admission.authority) or self.admission.open or all(map(_is_loopback, self.net.listen)),
+            "admission",
+            f"this peer listens beyond loopback ({', '.join(self.net.listen)}) with no swarm authority: "
+            "anyone could join and feed it updates. Pass --authority ID --cert FILE (make them with "
+            "`p2pfm keygen` and `p2pfm admit`; `p2pfm swarm` does it for you), or --open for an open "
+            "experimental swarm",
+        )
         if self.data is not None:
             require(
                 self.data.exists(),

@@ -10,6 +10,11 @@ signer's own announcement could (timestamp + TTL + clock skew): a replay cannot 
 departed peer alive. Plain values over the swarm's key are refused too. Other keys pass
 untouched (hivemind's own records).
 
+In an admitted swarm it also refuses announcements whose certificate does not admit their
+signer (200 fresh identities used to be stored in seconds and counted as live), and under the
+swarm's revocation key it stores only revocation lists signed by the swarm's authority, under
+their serial as subkey.
+
 Runs inside hivemind's DHT child process, so it is a module-level, picklable class; it reads
 the clock there (this is daemon code, not the core).
 """
@@ -22,21 +27,52 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
+from p2pfm.core.admission import Admission
 from p2pfm.core.announce import announcement_limits, check_announcement
 from p2pfm.core.envelope import EnvelopeLimits
 from p2pfm.core.errors import Refusal
 
+REVOCATION_TTL_S = 3600.0  # a published revocation list lives an hour; peers re-publish it
+
 
 class AnnouncementValidator(RecordValidatorBase):
-    """Accepts under ``dht_key`` only announcements of the run signed by their subkey's peer."""
+    """Accepts under ``dht_key`` only announcements of the run signed by their subkey's peer
+    (and admitted, in an admitted swarm); under ``revocations_key`` only our authority's lists."""
 
-    def __init__(self, run_id: str, dht_key: str, ttl_s: float, limits: EnvelopeLimits) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        dht_key: str,
+        ttl_s: float,
+        limits: EnvelopeLimits,
+        admission: Admission | None = None,
+        revocations_key: str | None = None,
+    ) -> None:
         self.run_id = run_id
         self.key_id = DHTID.generate(source=dht_key).to_bytes()
         self.ttl_s = ttl_s
         self.limits = announcement_limits(limits, ttl_s)
+        self.admission = Admission(run_id, admission.authority) if admission is not None else None
+        self.revocations_id = (
+            DHTID.generate(source=revocations_key).to_bytes() if revocations_key is not None else None
+        )
+
+    def _validate_revocations(self, record: DHTRecord) -> bool:
+        if self.admission is None or self.admission.open or record.subkey == DHTProtocol.IS_REGULAR_VALUE:
+            return False
+        try:
+            subkey = DHTProtocol.serializer.loads(record.subkey)
+            value = DHTProtocol.serializer.loads(record.value)
+            probe = Admission(self.run_id, self.admission.authority)
+            probe.revoke(value)
+        except Exception:  # junk, another authority's list, or undecodable: refused, never raised
+            return False
+        listed = probe.revocations
+        return listed is not None and subkey == str(listed.serial)
 
     def validate(self, record: DHTRecord) -> bool:
+        if self.revocations_id is not None and record.key == self.revocations_id:
+            return self._validate_revocations(record)
         if record.key != self.key_id:
             return True  # not ours to judge
         if record.subkey == DHTProtocol.IS_REGULAR_VALUE:
@@ -47,6 +83,8 @@ class AnnouncementValidator(RecordValidatorBase):
             announcement = check_announcement(
                 subkey, value, run_id=self.run_id, now=time.time(), limits=self.limits
             )
+            if self.admission is not None:  # sybils without a certificate are not even stored
+                self.admission.check(announcement.peer_id, announcement.cert, time.time())
         except Refusal:
             return False
         except Exception:  # undecodable msgpack from a stranger: refused, never raised into hivemind

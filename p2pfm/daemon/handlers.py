@@ -12,15 +12,17 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import msgpack
 import numpy as np
 
 from p2pfm.core.announce import Announcement
 from p2pfm.core.envelope import Envelope
-from p2pfm.core.errors import Refusal
+from p2pfm.core.errors import RateLimited, Refusal
 from p2pfm.core.transfer import Donor
-from p2pfm.daemon.net import read_frame, write_frame
+from p2pfm.daemon.net import IgnoredRecords, read_frame, write_frame
 from p2pfm.daemon.runtime import PeerRuntime
 
 log = logging.getLogger("p2pfm.peer")
@@ -45,12 +47,56 @@ def raise_if_refused(frame: bytes, what: str) -> None:
         raise Refused(f"{what} refused by the peer: {str(answer.get('reason'))[:64]}")
 
 
+class StreamBudget:
+    """Bounds on what others' streams may hold at once: streams per transport and bytes in all.
+
+    Without them parallel 60 MiB frames each added ~59 MB, with no total cap. A stream over
+    either budget is refused (``rate_limited``) before its body is read.
+    """
+
+    def __init__(self, max_streams_per_sender: int, max_inflight_bytes: int) -> None:
+        self.max_streams = max_streams_per_sender
+        self.max_bytes = max_inflight_bytes
+        self.streams: Counter[str] = Counter()
+        self.bytes = 0
+
+    def open(self, remote: str) -> list[int]:
+        """Take one stream slot of ``remote`` (RateLimited beyond the cap); returns its byte tally."""
+        if self.streams[remote] >= self.max_streams:
+            raise RateLimited(f"{remote} already has {self.streams[remote]} streams open with us")
+        self.streams[remote] += 1
+        return [0]
+
+    def close(self, remote: str, held: list[int]) -> None:
+        self.bytes -= held[0]
+        self.streams[remote] -= 1
+        if self.streams[remote] <= 0:
+            del self.streams[remote]
+
+    def reserver(self, held: list[int]) -> Callable[[int], None]:
+        """``read_frame``'s ``reserve``: counts a frame's bytes against the total before it is read."""
+
+        def reserve(length: int) -> None:
+            if self.bytes + length > self.max_bytes:
+                raise RateLimited(
+                    f"{self.bytes} bytes of others' frames in flight; {length} more would pass the cap"
+                )
+            self.bytes += length
+            held[0] += length
+
+        return reserve
+
+
 class StreamHandlers:
     """Answers the ``gossip``, ``state`` and ``params`` streams of other peers."""
 
     def __init__(self, runtime: PeerRuntime) -> None:
         self.rt = runtime
         self.protocol = runtime.protocol
+        limits = runtime.config.limits
+        self.budget = StreamBudget(limits.max_streams_per_sender, limits.max_inflight_bytes)
+        self.serving_state = asyncio.Semaphore(2)  # full-state uploads at once: the rest are refused
+        self.refusals = IgnoredRecords(what="message from libp2p peer")  # logs each offender once a minute
 
     async def install(self) -> None:
         await self.rt.net.add_handler("gossip", self.handle_gossip)
@@ -61,9 +107,13 @@ class StreamHandlers:
         self, remote: str, writer: asyncio.StreamWriter, exc: Refusal, *, counted: bool
     ) -> None:
         """Count a refusal (unless the protocol already did) and tell the asker why."""
-        if not counted and self.protocol.refused(remote, exc):
-            log.warning("banned libp2p peer %s after repeated rejected messages", remote)
-        log.warning("refused a message from libp2p peer %s: %s", remote, exc)
+        if not counted:
+            self.protocol.refused(remote, exc, time.time())
+        for sender, reason, length in self.protocol.scores.take_decisions():
+            log.warning(
+                "banned %s for %.0f s: too many rejected messages (the last: %s)", sender, length, reason
+            )
+        self.refusals.note(remote, exc, time.time())
         await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
 
     async def _read_request(
@@ -73,30 +123,53 @@ class StreamHandlers:
         writer: asyncio.StreamWriter,
         limit: int,
         timeout: float,
+        held: list[int],
     ) -> bytes | None:
         try:
-            return await asyncio.wait_for(read_frame(reader, limit), timeout)
-        except Refusal as exc:  # a frame over the limit, refused before its body is read
+            return await asyncio.wait_for(read_frame(reader, limit, self.budget.reserver(held)), timeout)
+        except Refusal as exc:  # over the size limit or the byte budget: refused before the body is read
             await self._refuse(remote, writer, exc, counted=False)
             return None
 
-    async def _banned(self, remote: str, writer: asyncio.StreamWriter) -> bool:
-        """A banned sender's request is not read: it gets its refusal (``banned``) at once."""
+    async def _with_slot(
+        self, remote: str, writer: asyncio.StreamWriter, body: Callable[[list[int]], Awaitable[None]]
+    ) -> None:
+        """Run ``body`` holding a stream slot of ``remote``; a banned transport, or one over its
+        stream budget, gets its refusal at once, unread."""
         try:
-            self.protocol.check_sender(remote)
+            self.protocol.check_sender(remote, time.time())
+            held = self.budget.open(remote)
         except Refusal as exc:
+            if isinstance(exc, RateLimited):
+                self.protocol.refused(remote, exc, time.time())
             await write_frame(writer, msgpack.packb({"ok": False, "reason": exc.reason.value}))
-            return True
-        return False
+            return
+        try:
+            await body(held)
+        finally:
+            self.budget.close(remote, held)
 
     async def handle_gossip(
         self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if await self._banned(remote, writer):
-            return
+        await self._with_slot(remote, writer, lambda held: self._gossip(remote, reader, writer, held))
+
+    async def handle_state(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._with_slot(remote, writer, lambda held: self._state(remote, reader, writer, held))
+
+    async def handle_params(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._with_slot(remote, writer, lambda held: self._params(remote, reader, writer, held))
+
+    async def _gossip(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: list[int]
+    ) -> None:
         net = self.rt.config.net
         data = await self._read_request(
-            remote, reader, writer, net.max_message_bytes, net.request_timeout_s * 4
+            remote, reader, writer, net.max_message_bytes, net.request_timeout_s * 4, held
         )
         if data is None:
             return
@@ -110,43 +183,52 @@ class StreamHandlers:
         await write_frame(writer, msgpack.packb({"ok": True}))
 
     async def _open_request(
-        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: str
+        self,
+        remote: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stream: str,
+        held: list[int],
     ) -> Envelope | None:
-        """A state/params request: ban, bounded read, the protocol's checks; None once refused (answered)."""
-        if await self._banned(remote, writer):
-            return None
+        """A state/params request: bounded read, then the protocol's checks (envelope, kind,
+        membership, rate); None once refused (answered)."""
         timeout = self.rt.config.net.request_timeout_s
-        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, timeout)
+        data = await self._read_request(remote, reader, writer, REQUEST_FRAME_BYTES, timeout, held)
         if data is None:
             return None
         try:
-            return self.protocol.open(data, time.time(), stream=stream)
+            return self.protocol.open_request(remote, data, time.time(), stream=stream)
         except Refusal as exc:
-            await self._refuse(remote, writer, exc, counted=False)
+            await self._refuse(remote, writer, exc, counted=True)
             return None
 
-    async def handle_state(
-        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    async def _state(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: list[int]
     ) -> None:
-        """Serve our current snapshot: a signed manifest, then hash-checked chunks."""
-        if await self._open_request(remote, reader, writer, "state") is None:
+        """Serve our current snapshot to a member: a signed manifest, then hash-checked chunks."""
+        if await self._open_request(remote, reader, writer, "state", held) is None:
             return
-        net = self.rt.config.net
-        snapshot = self.rt.snapshot
-        manifest, chunks = self.protocol.serve_state(
-            snapshot.data, snapshot.round, net.state_chunk_bytes, time.time()
-        )
-        await write_frame(writer, manifest)
-        for piece in chunks:
-            await write_frame(writer, piece)
-        self.rt.counters["state_bytes_served"] += len(snapshot.data)
-        self.rt.counters["bytes_sent"] += len(snapshot.data)
+        if self.serving_state.locked():
+            busy = RateLimited("already serving our state to two peers")
+            await self._refuse(remote, writer, busy, counted=False)
+            return
+        async with self.serving_state:
+            net = self.rt.config.net
+            snapshot = self.rt.snapshot
+            manifest, chunks = self.protocol.serve_state(
+                snapshot.data, snapshot.round, net.state_chunk_bytes, time.time()
+            )
+            await write_frame(writer, manifest)
+            for piece in chunks:
+                await write_frame(writer, piece)
+            self.rt.counters["state_bytes_served"] += len(snapshot.data)
+            self.rt.counters["bytes_sent"] += len(snapshot.data)
 
-    async def handle_params(
-        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    async def _params(
+        self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: list[int]
     ) -> None:
-        """Serve our parameters for a consensus pull: ``sync_codec`` of (params - initial), signed."""
-        request = await self._open_request(remote, reader, writer, "params")
+        """Serve our parameters to a member's consensus pull: ``sync_codec`` of (params - initial), signed."""
+        request = await self._open_request(remote, reader, writer, "params", held)
         if request is None:
             return
         loop = asyncio.get_running_loop()
@@ -202,7 +284,7 @@ class StreamClient:
                 None, self.protocol.open_params, data, donor.public_key, nonce, time.time()
             )
         except Refusal as exc:
-            self.protocol.refused(donor.libp2p_id, exc)  # a bad answer counts against the donor
+            self.protocol.refused(donor.peer_id, exc, time.time())  # a bad answer counts against the donor
             raise
 
     async def download_state(self, donor: Announcement) -> tuple[dict[str, np.ndarray], int]:
@@ -232,22 +314,6 @@ class StreamClient:
         try:
             return await asyncio.wait_for(fetch(), net.state_timeout_s)
         except Refusal as exc:
-            self.protocol.refused(
-                donor.libp2p_id, exc
-            )  # a bad manifest, chunk or state counts against the donor
+            # a bad manifest, chunk or state counts against the donor
+            self.protocol.refused(donor.peer_id, exc, time.time())
             raise
-
-    async def fetch_from_some_donor(
-        self, candidates: list[Announcement]
-    ) -> tuple[dict[str, np.ndarray], int, str] | None:
-        """Try candidates in random order (spreads joiners over donors); None if all fail."""
-        candidates = [c for c in candidates if self.protocol.may_ask(c.libp2p_id)]
-        order = self.rt.rng.permutation(len(candidates))
-        for index in order[:3]:
-            donor = candidates[index]
-            try:
-                arrays, round_ = await self.download_state(donor)
-                return arrays, round_, donor.peer_id
-            except Exception as exc:  # Reject, timeouts, resets: try the next donor
-                log.warning("state download from %s failed: %r", donor.peer_id, exc)
-        return None

@@ -21,9 +21,10 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
+from p2pfm.core.admission import Admission
 from p2pfm.core.announce import Announcement, announcement_limits, check_announcement
 from p2pfm.core.envelope import EnvelopeLimits, seal
-from p2pfm.core.errors import Oversize, Reject, RejectReason
+from p2pfm.core.errors import Oversize, Refusal, Reject, RejectReason
 from p2pfm.core.identity import Identity
 from p2pfm.daemon.config import NetConfig
 
@@ -42,12 +43,18 @@ async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
+async def read_frame(
+    reader: asyncio.StreamReader, max_bytes: int, reserve: Callable[[int], None] | None = None
+) -> bytes:
+    """One frame of at most ``max_bytes``; ``reserve(length)`` (which may refuse by raising) is
+    called before the body is read, so memory budgets hold before anything is allocated."""
     header = await reader.readexactly(FRAME_HEADER)
     length = int.from_bytes(header, "big")
     # [REJECT] OVERSIZE: refuse before reading (or allocating) the body.
     if length > max_bytes:
         raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {max_bytes}")
+    if reserve is not None:
+        reserve(length)
     return await reader.readexactly(length)
 
 
@@ -73,12 +80,13 @@ class IgnoredRecords:
 
     LOG_EVERY_S = 60.0
 
-    def __init__(self, max_offenders: int = 1024) -> None:
+    def __init__(self, max_offenders: int = 1024, what: str = "DHT record under") -> None:
+        self.what = what
         self.by_reason: Counter[str] = Counter()
         self.max_offenders = max_offenders
         self._last_logged: OrderedDict[str, float] = OrderedDict()
 
-    def note(self, subkey: object, exc: Reject, now: float) -> None:
+    def note(self, subkey: object, exc: Refusal, now: float) -> None:
         label = getattr(exc, "label", exc.reason.value)
         self.by_reason[label] += 1
         offender = repr(subkey)[:80]
@@ -90,8 +98,8 @@ class IgnoredRecords:
         while len(self._last_logged) > self.max_offenders:
             self._last_logged.popitem(last=False)
         log.info(
-            "ignored a DHT record under %s: %s (%d ignored records in all; "
-            "this offender is logged at most once a minute)",
+            "refused a %s %s: %s (%d refused in all; this offender is logged at most once a minute)",
+            self.what,
             offender,
             exc,
             sum(self.by_reason.values()),
@@ -157,11 +165,15 @@ StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awai
 class PeerNetwork:
     """One peer's DHT + P2P endpoints. Create with :meth:`start` inside the daemon's event loop."""
 
-    def __init__(self, config: NetConfig, identity: Identity, run_id: str) -> None:
+    def __init__(
+        self, config: NetConfig, identity: Identity, run_id: str, admission: Admission | None = None
+    ) -> None:
         self.config = config
         self.identity = identity
         self.run_id = run_id
+        self.admission = admission
         self.dht_key = f"p2pfm/{run_id}/peers"
+        self.revocations_key = f"p2pfm/{run_id}/revoked"
         self.dht = None
         self.p2p = None
         self.libp2p_id = ""
@@ -178,7 +190,14 @@ class PeerNetwork:
 
         from p2pfm.daemon.dht_validator import AnnouncementValidator
 
-        validator = AnnouncementValidator(self.run_id, self.dht_key, self.config.announce_ttl_s, self._limits)
+        validator = AnnouncementValidator(
+            self.run_id,
+            self.dht_key,
+            self.config.announce_ttl_s,
+            self._limits,
+            self.admission,
+            self.revocations_key,
+        )
 
         def create_dht() -> hivemind.DHT:
             return hivemind.DHT(
@@ -318,6 +337,38 @@ class PeerNetwork:
             now=now,
             limits=announcement_limits(self._limits, self.config.announce_ttl_s),
         )
+
+    async def publish_revocations(self, data: bytes, serial: int, now: float) -> bool:
+        """Store the authority's revocation list under the swarm's revocation key (serial as subkey)."""
+        from p2pfm.daemon.dht_validator import REVOCATION_TTL_S
+
+        if self.dht is None or not self.dht.is_alive():
+            return False
+        try:
+            future = self.dht.store(
+                self.revocations_key, data, expiration_time=now + REVOCATION_TTL_S, subkey=str(serial),
+                return_future=True,
+            )  # fmt: skip
+            return bool(await asyncio.wait_for(future, self.config.request_timeout_s))
+        except Exception as exc:
+            log.info("publishing the revocation list failed: %r", exc)
+            return False
+
+    async def fetch_revocations(self) -> list[bytes]:
+        """The revocation lists stored in the DHT (unchecked bytes; the admission policy reads them)."""
+        if self.dht is None or not self.dht.is_alive():
+            return []
+        try:
+            found = await asyncio.wait_for(
+                self.dht.get(self.revocations_key, latest=True, return_future=True),
+                self.config.request_timeout_s,
+            )
+        except Exception as exc:
+            log.info("revocation lookup failed: %r", exc)
+            return []
+        if found is None or not isinstance(found.value, dict):
+            return []
+        return [item.value for item in list(found.value.values())[:64] if isinstance(item.value, bytes)]
 
     async def redial(self, targets: list[tuple[str, list[str]]]) -> int:
         """Reconnect the DHT to peers we knew but no longer see (e.g. after a network partition).

@@ -26,8 +26,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from p2pfm.config import config_to_dict
+from p2pfm.config import ConfigError, config_to_dict
+from p2pfm.core.admission import Admission
 from p2pfm.core.envelope import EnvelopeLimits
+from p2pfm.core.errors import Refusal
+from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import Event, PeerProtocol, PeerSetup, Phase
 from p2pfm.core.tensorfile import digest
 from p2pfm.daemon.config import PeerConfig
@@ -69,6 +72,45 @@ def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> Local
     )  # fmt: skip
 
 
+OPEN_SWARM_WARNING = (
+    "OPEN SWARM: no swarm authority is configured, so ANY process that can reach this peer may join, "
+    "send updates and download its state. Fine for experiments on one machine; for anything else make "
+    "an authority (p2pfm keygen --out authority.key), certify each peer (p2pfm admit) and run peers "
+    "with --authority ID --cert CERT (p2pfm swarm does this by itself)"
+)
+
+
+def admission_for(config: PeerConfig, identity: Identity) -> tuple[Admission, bytes | None, bytes | None]:
+    """The swarm's admission policy, our certificate and a revocation list to publish (if any).
+
+    Refuses to start (ConfigError) with a certificate that does not admit this very key now: a
+    peer the others would ignore should say so at once, not train alone.
+    """
+    settings = config.admission
+    if not settings.authority:
+        log.warning(OPEN_SWARM_WARNING)
+        return Admission(config.run_id), None, None
+    admission = Admission(config.run_id, settings.authority)
+    assert settings.cert is not None  # AdmissionConfig requires it with an authority
+    certificate = settings.cert.read_bytes()[:4096]
+    try:
+        admission.check(identity.peer_id, certificate, time.time())
+    except Refusal as exc:
+        raise ConfigError(
+            f"admission.cert: {settings.cert} does not admit this peer: {exc.detail}. Ask the authority for "
+            f"one: p2pfm admit --authority KEY --peer {identity.peer_id} --run-id {config.run_id} --out CERT"
+        ) from None
+    revocations = None
+    if settings.revocations is not None:
+        revocations = settings.revocations.read_bytes()
+        try:
+            admission.revoke(revocations)
+        except Refusal as exc:
+            raise ConfigError(f"admission.revocations: {settings.revocations}: {exc.detail}") from None
+    log.info("admitted swarm: authority %s, certificate %s", settings.authority, settings.cert)
+    return admission, certificate, revocations
+
+
 class PeerDaemon:
     """A running peer. ``await run()`` returns when the configured rounds are done or on stop."""
 
@@ -81,17 +123,21 @@ class PeerDaemon:
         trainer = adapter if adapter is not None else default_trainer(config, self.shard, self.peer_id)
         # Every peer builds the same initial weights from the run seed: the shared reference
         # that parameter syncs are encoded against.
+        admission, certificate, revocations = admission_for(config, identity)
         setup = PeerSetup(
             identity=identity, run_id=config.run_id, gossip=config.gossip,
             limits=EnvelopeLimits(max_bytes=config.net.max_message_bytes), max_state_bytes=config.net.max_state_bytes,
+            admission=admission, rate_limits=config.limits,
         )  # fmt: skip
         # Sequence numbers start at the clock in ms: monotone across restarts, never reusing (key, seq).
         self.protocol = PeerProtocol(setup, trainer.flat(), seq=time.time_ns() // 1_000_000)
         self.runtime = PeerRuntime(
-            config=config, protocol=self.protocol, trainer=trainer, net=PeerNetwork(config.net, identity, config.run_id),
+            config=config, protocol=self.protocol, trainer=trainer,
+            net=PeerNetwork(config.net, identity, config.run_id, admission),
             metrics=MetricsLog(config.work_dir), shard_index=self.shard.index,
             rng=np.random.default_rng(int.from_bytes(secrets.token_bytes(8), "little")),
         )  # fmt: skip
+        self.runtime.certificate, self.runtime.revocation_list = certificate, revocations
         self.handlers = StreamHandlers(self.runtime)
         self.driver = RoundDriver(self.runtime, StreamClient(self.runtime))
         self.trainer = trainer

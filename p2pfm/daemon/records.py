@@ -79,6 +79,18 @@ class StateDownloadRecord:
 
 
 @dataclass(frozen=True)
+class StateRefusedRecord:
+    """A donor's verified state was not adopted: a second peer's parameters disagree with it."""
+
+    donor: str
+    round: int
+    witness: str
+    reason: str  # "disagrees" or "unconfirmed" (no second peer answered)
+    wall_time: float
+    event: str = "state_refused"
+
+
+@dataclass(frozen=True)
 class QuorumTimeoutRecord:
     """We stopped waiting for the partners we expected and trained with those we had."""
 

@@ -19,11 +19,19 @@ import asyncio
 import logging
 import time
 
+import numpy as np
+
 from p2pfm.core.gossip import choose_partners
-from p2pfm.core.protocol import CatchUp, Event, LocalWork, Sync, catch_up_donors
+from p2pfm.core.protocol import CatchUp, Event, LocalWork, Sync
 from p2pfm.core.quorum import QuorumView
 from p2pfm.daemon.handlers import StreamClient
-from p2pfm.daemon.records import DrainRecord, QuorumTimeoutRecord, RoundRecord, StateDownloadRecord
+from p2pfm.daemon.records import (
+    DrainRecord,
+    QuorumTimeoutRecord,
+    RoundRecord,
+    StateDownloadRecord,
+    StateRefusedRecord,
+)
 from p2pfm.daemon.runtime import PeerRuntime
 from p2pfm.daemon.trainer import StepStats
 
@@ -108,7 +116,7 @@ class RoundDriver:
 
     async def join(self, reason: str) -> bool:
         """After the quorum: adopt the swarm's newest state if it is ahead of us at all."""
-        plan = self.protocol.plan_join(self.rt.newest_round())
+        plan = self.protocol.plan_join(self.rt.live_rounds())
         if plan is None:
             self.protocol.fire(Event.QUORUM_SETTLED)
             return False
@@ -152,6 +160,8 @@ class RoundDriver:
             await rt.refresh_live()
             await rt.announce()
             beats += 1
+            if beats % 3 == 1:  # revocations: read every ~12 s, re-published every ~36 s
+                await rt.refresh_revocations(publish=beats % 9 == 1)
             lost = rt.book.lost()
             if lost and beats % 3 == 0:  # every ~12 s while peers are missing: heal partitions
                 targets = [(a.libp2p_id, list(a.maddrs)) for a in lost.values()][:8]
@@ -168,32 +178,76 @@ class RoundDriver:
 
     # --- plans ---------------------------------------------------------------------------------
     async def catch_up(self, plan: CatchUp, reason: str) -> bool:
-        """Download the newest state from a donor at (or one behind) the newest round and adopt it."""
+        """Download the state of the corroborated round from a donor, check it against a second
+        peer's parameters, adopt it. Up to three donors, in random order (spreads joiners)."""
         rt = self.rt
-        donors = [rt.live[p] for p in catch_up_donors(rt.live_rounds(), plan.newest)]
-        got = await self.client.fetch_from_some_donor(donors)
-        if got is None:
-            return False
-        arrays, round_, donor = got
-        self.protocol.adopt(arrays["params"], round_)
-        rt.trainer.load_flat(self.protocol.params)
-        try:
-            rt.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
-        except (ValueError, KeyError) as exc:
-            log.warning("donor optimizer state unusable (%s); keeping ours", exc)
-        rt.refresh_snapshot()
-        rt.record(
-            StateDownloadRecord(
-                reason=reason, donor=donor, round=round_, behind=plan.behind, wall_time=rt.wall_time()
+        rounds = rt.live_rounds()
+        donors = self.protocol.donors(rounds, plan, time.time())
+        for index in rt.rng.permutation(len(donors))[:3]:
+            donor = rt.live[donors[index]]
+            try:
+                arrays, round_ = await self.client.download_state(donor)
+            except Exception as exc:  # Reject, timeouts, resets: try the next donor
+                log.warning("state download from %s failed: %r", donor.peer_id, exc)
+                continue
+            if not await self.confirm_state(arrays["params"], round_, donor.peer_id, rounds, plan):
+                continue
+            self.protocol.adopt(arrays["params"], round_)
+            rt.trainer.load_flat(self.protocol.params)
+            try:
+                rt.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
+            except (ValueError, KeyError) as exc:
+                log.warning("donor optimizer state unusable (%s); keeping ours", exc)
+            rt.refresh_snapshot()
+            rt.record(
+                StateDownloadRecord(
+                    reason=reason,
+                    donor=donor.peer_id,
+                    round=round_,
+                    behind=plan.behind,
+                    wall_time=rt.wall_time(),
+                )
             )
-        )
-        log.info("adopted state of round %d from %s (%s)", round_, donor, reason)
-        return True
+            log.info("adopted state of round %d from %s (%s)", round_, donor.peer_id, reason)
+            return True
+        return False
+
+    async def confirm_state(
+        self, params: np.ndarray, round_: int, donor: str, rounds: dict[str, int], plan: CatchUp
+    ) -> bool:
+        """Independent evidence before adopting: a second peer's parameters must agree with the
+        donor's state (``PeerProtocol.state_agrees``). A lone donor (nobody else live) is believed."""
+        rt = self.rt
+        witnesses = self.protocol.witnesses(rounds, donor, plan, time.time())
+        if not witnesses:
+            log.info(
+                "no second peer to check %s's state against: adopting on its word (one peer in view)", donor
+            )
+            return True
+        for witness in witnesses[:2]:
+            try:
+                seen, _ = await self.client.pull_params(rt.live[witness])
+            except Exception as exc:
+                log.info("could not ask %s to confirm %s's state: %r", witness, donor, exc)
+                continue
+            if self.protocol.state_agrees(params, seen):
+                return True
+            log.warning(
+                "state of round %d from %s disagrees with %s's parameters: not adopted",
+                round_,
+                donor,
+                witness,
+            )
+            rt.record(StateRefusedRecord(donor, round_, witness, "disagrees", rt.wall_time()))
+            return False
+        log.warning("nobody could confirm %s's state of round %d: not adopted", donor, round_)
+        rt.record(StateRefusedRecord(donor, round_, "", "unconfirmed", rt.wall_time()))
+        return False
 
     async def sync_with_random_peer(self) -> bool:
         """Consensus pull: average parameters with one random live peer."""
         rt = self.rt
-        askable = [p for p, a in rt.live.items() if self.protocol.may_ask(a.libp2p_id)]
+        askable = [p for p in rt.live if self.protocol.may_ask(p, time.time())]
         partners = choose_partners(askable, rt.peer_id, 1, rt.rng)
         if not partners:
             return False
@@ -244,7 +298,7 @@ class RoundDriver:
                 "round %d: the merged step would have made the model NaN/Inf; step dropped", report.round
             )
         rt.trainer.load_flat(params)
-        plan = self.protocol.plan_round(rt.newest_round(), len(rt.live), sync_requested=rt.sync_soon)
+        plan = self.protocol.plan_round(rt.live_rounds(), sync_requested=rt.sync_soon)
         synced = False
         if isinstance(plan, CatchUp):
             self.protocol.fire(Event.BEHIND)

@@ -21,6 +21,7 @@ import numpy as np
 
 from p2pfm.config import ConfigError, config_to_dict
 from p2pfm.core.announce import Announcement, PeerBook
+from p2pfm.core.errors import Refusal
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import PeerProtocol, Phase
 from p2pfm.core.quorum import QuorumView, peers_to_list, quorum_view
@@ -81,6 +82,8 @@ class PeerRuntime:
     background: set[asyncio.Task] = field(default_factory=set)
     sync_soon: bool = False  # set when lost peers reappear: sync at the next round
     resumed: bool = False
+    certificate: bytes | None = None  # ours, presented in every announcement (admitted swarms)
+    revocation_list: bytes | None = None  # the newest list we took: we re-publish it
 
     def __post_init__(self) -> None:
         self.book = PeerBook(self.config.net.announce_ttl_s)
@@ -91,8 +94,41 @@ class PeerRuntime:
 
     # --- the swarm as we see it ----------------------------------------------------------------
     async def refresh_live(self) -> None:
-        self.book.merge(await self.net.lookup(time.time()))
-        self.live = self.book.live(time.time())
+        """Merge a DHT lookup into the book, keeping only admitted peers; tell the protocol who counts."""
+        now = time.time()
+        admission = self.protocol.admission
+        admitted: dict[str, Announcement] = {}
+        for peer_id, announcement in (await self.net.lookup(now)).items():
+            try:
+                admission.check(peer_id, announcement.cert, now)
+            except Refusal as exc:  # not admitted: counted like any foreign record, logged once a minute
+                self.net.ignored_records.note(peer_id, exc, now)
+                continue
+            admitted[peer_id] = announcement
+        self.book.merge(admitted)
+        for peer_id in [p for p in self.book.known() if admission.is_revoked(p)]:
+            self.book.forget(peer_id)
+        self.live = self.book.live(now)
+        self.protocol.know({p: a.libp2p_id for p, a in self.book.known().items()})
+
+    async def refresh_revocations(self, *, publish: bool) -> None:
+        """Take the newest revocation list in the DHT (if it is our authority's); re-publish ours."""
+        if self.protocol.admission.open:
+            return
+        for data in await self.net.fetch_revocations():
+            try:
+                if self.protocol.admission.revoke(data):
+                    self.revocation_list = data
+                    listed = self.protocol.admission.revocations
+                    log.warning(
+                        "took revocation list %d: %d peer(s) no longer admitted",
+                        listed.serial if listed else -1, len(listed.revoked) if listed else 0,
+                    )  # fmt: skip
+            except Refusal as exc:
+                self.net.ignored_records.note("revocations", exc, time.time())
+        listed = self.protocol.admission.revocations
+        if publish and listed is not None and self.revocation_list is not None:
+            await self.net.publish_revocations(self.revocation_list, listed.serial, time.time())
 
     def live_rounds(self) -> dict[str, int]:
         return {p: a.round for p, a in self.live.items()}
@@ -113,7 +149,7 @@ class PeerRuntime:
             "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.protocol.round,
             "model_hash": self.snapshot.hash, "device": self.config.device[:64],
             "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot.data),
-            "sees": self.sees(),
+            "sees": self.sees(), **({"cert": self.certificate} if self.certificate else {}),
         }  # fmt: skip
 
     async def announce(self) -> None:
@@ -181,7 +217,7 @@ class PeerRuntime:
             "peer_id": self.peer_id, "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs,
             "round": self.protocol.round, "live_peers": sorted(self.live), "eval_loss": self.eval_loss,
             "state": self.protocol.phase.value, "shard": self.shard_index, "pid": os.getpid(),
-            "run_id": self.config.run_id,
+            "run_id": self.config.run_id, "admission": "open" if self.protocol.admission.open else "certificate",
         }  # fmt: skip
         if quorum is not None:
             status["quorum"] = quorum

@@ -58,7 +58,7 @@ from p2pfm.core.gossip import (
     encode_sync,
 )
 from p2pfm.core.identity import SIGNATURE_BYTES, Identity
-from p2pfm.core.protocol import CatchUp, LocalWork, PeerProtocol, PeerSetup, Sync, catch_up_donors
+from p2pfm.core.protocol import CatchUp, LocalWork, PeerProtocol, PeerSetup, Sync
 from p2pfm.sim.churn import build_availability
 from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
 from p2pfm.sim.scenario import Scenario
@@ -96,6 +96,7 @@ class Metrics:
     computations_lost: int = 0
     straggler_rounds: int = 0
     state_downloads: int = 0
+    states_refused: int = 0  # a second peer's parameters disagreed with the donor's state: not adopted
     adopted: int = 0
     mixed: int = 0
     syncs: int = 0
@@ -408,12 +409,14 @@ class Simulation:
             self.peers[peer].finish_round(live_others)
         self.straggling[:] = False
         self.in_round[:] = False
-        # The newest round the swarm announces: the daemon reads it from the DHT records.
+        # The rounds the swarm announces (the daemon reads them from the DHT records): the top
+        # three decide the corroborated round of every peer, whichever one of them it is.
         ready = self._ready_peers()[1]
-        newest = max((self.peers[i].round for i in ready.tolist()), default=None)
+        top = sorted(((self.peers[i].round, i) for i in ready.tolist()), reverse=True)[:3]
         syncing = []
         for peer in finishing.tolist():
-            plan = self.peers[peer].plan_round(newest, live_others)
+            others = {self.ids[i]: r for r, i in top if i != peer}
+            plan = self.peers[peer].plan_round(others, live_others=live_others)
             if isinstance(plan, CatchUp):  # lagging beyond max_round_lag: download state, as the daemon
                 self.ready[peer] = False
                 self._invalidate_views()
@@ -571,10 +574,12 @@ class Simulation:
     def _request_state(self, peer: int) -> None:
         """The daemon's join rule: download a donor's state if the peers we see are ahead at all."""
         view = self._view(self._ready_peers())
-        rounds = {pid: self.peers[self.index_of[pid]].round for pid in view}
-        plan = self.peers[peer].plan_join(max(rounds.values(), default=None))
+        rounds = {pid: self.peers[self.index_of[pid]].round for pid in view if pid != self.ids[peer]}
+        plan = self.peers[peer].plan_join(rounds)
         chosen = (
-            choose_partners(catch_up_donors(rounds, plan.newest), self.ids[peer], 1, self.rng_partners)
+            choose_partners(
+                self.peers[peer].donors(rounds, plan, self.now), self.ids[peer], 1, self.rng_partners
+            )
             if plan is not None
             else []
         )
@@ -601,6 +606,11 @@ class Simulation:
             return
         self.bytes_received[peer] += self.state_bytes
         params, round = snapshot
+        if not self._state_confirmed(peer, donor, params, round):
+            self.metrics.states_refused += 1  # as the daemon: not adopted; carry on from our own state
+            self.ready[peer] = True
+            self._invalidate_views()
+            return
         if round - self.peers[peer].round > self.gossip.max_round_lag:
             self.metrics.adopted += 1  # too far behind to mix
         else:
@@ -608,6 +618,18 @@ class Simulation:
         self.peers[peer].adopt(params, round)  # as the daemon does on (re)join or when lagging
         self.ready[peer] = True
         self._invalidate_views()
+
+    def _state_confirmed(self, peer: int, donor: int, params: np.ndarray, round: int) -> bool:
+        """The daemon's evidence rule: the donor's state must agree with a second live peer's
+        parameters (``PeerProtocol.witnesses`` / ``state_agrees``); a lone donor is believed."""
+        protocol = self.peers[peer]
+        names, _ = self._ready_peers()
+        rounds = {pid: self.peers[self.index_of[pid]].round for pid in names if pid != self.ids[peer]}
+        rounds[self.ids[donor]] = round
+        witnesses = protocol.witnesses(rounds, self.ids[donor], CatchUp(round, 0), self.now)
+        if not witnesses:
+            return True
+        return protocol.state_agrees(params, self.peers[self.index_of[witnesses[0]]].params)
 
     def _on_sync(
         self, peer: int, session: int, donor: int, donor_session: int, done: float, snapshot: tuple

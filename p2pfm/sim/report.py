@@ -171,6 +171,7 @@ def summarize(sim) -> dict[str, Any]:
         "rejoin_catchup_rounds": catchup,
         "state_downloads": {
             "total": m.state_downloads,
+            "refused": m.states_refused,
             "adopted": m.adopted,
             "mixed": m.mixed,
             "periodic_syncs": m.syncs,

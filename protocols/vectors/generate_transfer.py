@@ -81,15 +81,15 @@ is one case; its name starts with its group, and `context.json` says the group:
 the group needs: `receiver_round`, `max_round_lag` (a `GossipConfig` field), `numel` (the
 model's size; the receiver's initial parameters are zeros) or `initial` (its initial
 parameters, float32 as JSON numbers), `max_state_bytes`, `remote` and `banned` (that
-sender already has `ban_after` = 50 rejections), `replay_seen` (`[{sender, seq,
+transport is banned: `Scoreboard.ban`), `replay_seen` (`[{sender, seq,
 timestamp}]` recorded in the receiver's replay guard first), `donor`, `manifest`, `index`,
 `donor_key`, `nonce`, `subkey`, `ttl_s`, `limits` (fields of `EnvelopeLimits`). Bytes are
 lowercase hex. `generate_transfer.run_case` builds the receiver from it.
 
 `expected.json`: `{"outcome": "accept", "result": {...}}` (what the call returned, bytes as
 hex, floats exact), or `{"outcome": "reject" | "ignore", "reason": "<RejectReason or
-IgnoreReason value>"}`: a reject lowers the sender's score (50 ban it), an ignore never
-does. `description` says what the case exercises; where it says "order", the input breaks
+IgnoreReason value>"}`: a reject lowers a score (the transport's for envelope rules, the
+signing key's for the rules after them; 50 ban it), an ignore never does. `description` says what the case exercises; where it says "order", the input breaks
 two rules and the reason is that of the rule applied first.
 
 Messages are signed by `../test_key.pem`; "stranger" cases by a second key, seed
@@ -172,7 +172,7 @@ def receiver(context: dict[str, Any]) -> PeerProtocol:
             bytes.fromhex(seen["sender"]), seen["seq"], seen["timestamp"], context["now"]
         )
     if context.get("banned"):
-        peer.scores.rejections[context["remote"]] = peer.scores.ban_after
+        peer.scores.ban(context["remote"], context["now"])
     return peer
 
 
