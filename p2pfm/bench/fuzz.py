@@ -226,7 +226,7 @@ class Tally:
         self.by_family[message.family][label] += 1
         if message.valid:
             self.controls += 1
-            if outcome.verdict == "accepted":
+            if outcome.verdict == "accepted" or outcome.reason in CONTROL_OK:
                 self.controls_ok += 1
             else:
                 self.controls_failed[label] += 1
@@ -304,12 +304,116 @@ def launch_target(config: FuzzConfig, work_dir: Path) -> tuple[Any, str, str]:
     return peer, status["maddrs"][0], run_id
 
 
+# --- members: keys the target counts ---------------------------------------------------------------
+class Members(Protocol):
+    """Keys the target knows as announced peers, all bound to one transport of ours (``sender``)."""
+
+    sender: Sender
+
+    async def next_key(self) -> Identity: ...
+
+    def retire(self, key: Identity) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class AnnouncedMembers:
+    """Member keys for a live target: a DHT node of ours (``PeerNetwork``, the daemon's own code)
+    joins the target's swarm and stores a signed announcement for each key, binding it to the
+    node's libp2p host, refreshed every ``ttl_s / 4`` until the key is retired.
+
+    A key is handed out ``lead_s`` after its first announcement (the target must have read it:
+    an idle peer looks every 0.25 s, a training one every heartbeat); ``ahead`` keys wait ready.
+    """
+
+    def __init__(
+        self, maddr: str, run_id: str, seed: int, *, ttl_s: float = 15.0, lead_s: float = 2.0
+    ) -> None:
+        self.maddr, self.run_id, self.seed = maddr, run_id, seed
+        self.ttl_s, self.lead_s = ttl_s, lead_s
+        self.ahead = 6
+        self.net: Any = None
+        self.sender: Sender = None  # type: ignore[assignment]  # set by start()
+        self._count = 0
+        self._ready: asyncio.Queue[tuple[Identity, float]] = asyncio.Queue()
+        self._live: dict[str, tuple[Identity, float]] = {}  # peer id -> (key, last announced)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> AnnouncedMembers:
+        from hivemind.p2p import PeerID
+
+        from p2pfm.daemon.config import NetConfig
+        from p2pfm.daemon.net import PeerNetwork
+
+        config = NetConfig(initial_peers=(self.maddr,), announce_ttl_s=self.ttl_s, heartbeat_s=self.ttl_s / 4)
+        self.net = PeerNetwork(config, self._key(), self.run_id)
+        await self.net.start()
+        target = PeerID.from_base58(self.maddr.rsplit("/p2p/", 1)[1])
+        self.sender = LibP2PSender(self.net.p2p, target, self.run_id)
+        self._task = asyncio.create_task(self._refresh())
+        return self
+
+    def _key(self) -> Identity:
+        self._count += 1
+        return Identity.from_private_bytes(digest(f"p2pfm-fuzz-member/{self.seed}/{self._count}".encode()))
+
+    async def _announce(self, key: Identity) -> None:
+        now = time.time()
+        payload = {"libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": 0,
+                   "model_hash": bytes(32), "device": "fuzz", "power_w": 0.0, "state_bytes": 0}  # fmt: skip
+        record = seal(key, kind="announce", run_id=self.run_id, round=0, seq=time.time_ns(), timestamp=now,
+                      payload=payload)  # fmt: skip
+        self._live[key.peer_id] = (key, now)
+        with contextlib.suppress(Exception):  # a lost store is retried at the next refresh
+            await asyncio.wait_for(
+                self.net.dht.store(self.net.dht_key, record, expiration_time=now + self.ttl_s,
+                                   subkey=key.peer_id, return_future=True),
+                self.ttl_s / 2,
+            )  # fmt: skip
+
+    async def _refresh(self) -> None:
+        while True:
+            while self._ready.qsize() < self.ahead:
+                key = self._key()
+                await self._announce(key)
+                await self._ready.put((key, time.time()))
+            stale = time.time() - self.ttl_s / 4
+            for key, announced in list(self._live.values()):
+                if announced < stale:
+                    await self._announce(key)
+            await asyncio.sleep(0.2)
+
+    async def next_key(self) -> Identity:
+        key, announced = await self._ready.get()
+        wait = announced + self.lead_s - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return key
+
+    def retire(self, key: Identity) -> None:
+        self._live.pop(key.peer_id, None)  # not refreshed: its announcement expires within ttl_s
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.net is not None:
+            await self.net.shutdown()
+
+
 # --- the campaign -------------------------------------------------------------------------------
+MEMBER_GOSSIP_USES = 40  # messages per member key: the default update burst, and under a ban (50)
+MEMBER_REQUEST_USES = 3  # state/params requests per member key: the default request burst
+STREAMS_PER_SENDER = 4  # the default limits.max_streams_per_sender: more would be refused unread
+CONTROL_OK = frozenset({"round_full"})  # a valid update the round has no room for: counted, not used
+
+
 class Campaign:
     """Sends a :class:`MessageFactory`'s messages through fresh senders and tallies the answers.
 
     Transport-agnostic: ``new_sender`` makes a sender (a libp2p host, or in-memory streams in
-    tests); ``problems`` reports crash evidence (process, log) at each liveness check.
+    tests); ``members`` gives keys the target knows (None: its handlers check no membership, and
+    controls use a sender of their own); ``problems`` reports crash evidence (process, log).
     """
 
     PIPELINE = 3  # batches in flight, each on its own sender
@@ -322,6 +426,7 @@ class Campaign:
         problems: Callable[[], list[str]] = list,
         progress: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
+        members: Members | None = None,
     ) -> None:
         self.config = config
         self.run_id = run_id
@@ -329,23 +434,30 @@ class Campaign:
         self.problems = problems
         self.progress = progress
         self.clock = clock
+        self.members = members
         self.tally = Tally()
         self.budget = BAN_AFTER_REJECTIONS - 1  # invalid messages per sender: one short of a ban
         self._spare: asyncio.Queue[Sender | Exception] = asyncio.Queue()
         self._retired: list[asyncio.Task] = []
         self._starting: list[asyncio.Task] = []
         self._pause = 0.0  # seconds between batches while the target answers rate_limited
+        self._slots: dict[int, asyncio.Semaphore] = {}
+        self._uses = Counter[str]()
 
     async def run(self) -> Tally:
         config = self.config
         started = self.clock()
-        control = await self.new_sender()
-        self.tally.senders += 1
+        if self.members is not None:
+            control = self.members.sender
+        else:
+            control = await self.new_sender()
+            self.tally.senders += 1
         try:
             info = await self._learn_target(control)
             factory = MessageFactory(
                 config.seed, info, start=started, control_fraction=config.control_fraction
             )
+            await self._rotate_member(factory)
             if config.ban_check and config.count >= 4 * BAN_AFTER_REJECTIONS:
                 await self._ban_check(factory)
             await self._main(factory, control)
@@ -354,12 +466,29 @@ class Campaign:
             await self._shutdown(control)
         return self.tally
 
+    async def _rotate_member(self, factory: MessageFactory) -> None:
+        """A fresh member key, when the current one has used its budget (or there is none yet)."""
+        if self.members is None:
+            return
+        if factory.member is not None:
+            self.members.retire(factory.member)
+        factory.member = await self.members.next_key()
+        self._uses.clear()
+
+    async def _note_use(self, factory: MessageFactory, message: FuzzMessage) -> None:
+        if not message.member:
+            return
+        self._uses["gossip" if message.stream == "gossip" else "request"] += 1
+        if self._uses["gossip"] >= MEMBER_GOSSIP_USES or self._uses["request"] >= MEMBER_REQUEST_USES:
+            await self._rotate_member(factory)
+
     async def _learn_target(self, control: Sender) -> TargetInfo:
         """Ask for the target's parameters: model size and round come with the answer. (A key of its
-        own: the factory's control key is the seed's, and its sequence numbers start at the clock.)"""
+        own: the factory's keys come from the seed.) With members, the first member key asks."""
+        key = await self.members.next_key() if self.members is not None else Identity.generate()
         nonce, now = secrets.token_bytes(16), self.clock()
         data = seal(
-            Identity.generate(), kind="state_request", run_id=self.run_id, round=0, seq=time.time_ns(),
+            key, kind="state_request", run_id=self.run_id, round=0, seq=time.time_ns(),
             timestamp=now, payload={"round": 0, "nonce": nonce},
         )  # fmt: skip
         message = FuzzMessage(
@@ -367,13 +496,16 @@ class Campaign:
         )
         outcome = await self._send(control, message)
         self.tally.add(message, outcome)
+        if self.members is not None:
+            self.members.retire(key)
         if outcome.verdict != "accepted" or not outcome.numel:
             raise RuntimeError(f"the target did not answer a valid parameter request: {outcome}")
         return TargetInfo(run_id=self.run_id, numel=int(outcome.numel), round=int(outcome.round or 0))
 
     async def _send(self, sender: Sender, message: FuzzMessage) -> Outcome:
         more = state_chunks if message.stream == "state" else (lambda _first: 0)
-        frames, error = await sender.exchange(message, self.config.timeout_s, more)
+        async with self._slots.setdefault(id(sender), asyncio.Semaphore(STREAMS_PER_SENDER)):
+            frames, error = await sender.exchange(message, self.config.timeout_s, more)
         return classify(message, frames, error, self.run_id, self.clock())
 
     async def _ban_check(self, factory: MessageFactory) -> None:
@@ -388,6 +520,7 @@ class Campaign:
                 self.tally.add(message, await self._send(sender, message))
                 self._tick(1)
         finally:
+            self._slots.pop(id(sender), None)
             await sender.close()
 
     def _tick(self, n: int) -> None:
@@ -408,7 +541,8 @@ class Campaign:
             while invalid < self.budget and generated + len(batch) < config.count:
                 message = factory.next(self.clock())
                 batch.append(message)
-                invalid += not message.valid
+                invalid += not message.valid and not message.member
+                await self._note_use(factory, message)
             generated += len(batch)
             sender = await self._spare.get()
             if isinstance(sender, Exception):
@@ -437,15 +571,17 @@ class Campaign:
         semaphore: asyncio.Semaphore,
         factory: MessageFactory,
     ) -> None:
-        """Send one batch (its invalid messages on ``sender``, controls on ``control``), tally it."""
+        """Send one batch (member-signed messages on ``control``, the rest on ``sender``), tally it."""
 
         async def one(message: FuzzMessage) -> tuple[FuzzMessage, Outcome]:
+            via = control if message.member or (message.valid and self.members is None) else sender
             async with semaphore:
-                return message, await self._send(control if message.valid else sender, message)
+                return message, await self._send(via, message)
 
         try:
             results = await asyncio.gather(*(one(m) for m in batch))
         finally:
+            self._slots.pop(id(sender), None)
             self._retired.append(asyncio.create_task(sender.close()))
         paced = False
         for message, outcome in results:
@@ -473,7 +609,8 @@ class Campaign:
             self._starting.append(asyncio.create_task(start()))
 
     async def _liveness(self, factory: MessageFactory, control: Sender, *, final: bool) -> None:
-        """The process and its log; one control per stream; follow the target's round."""
+        """The process and its log; one control per stream (a fresh member key); follow the round."""
+        await self._rotate_member(factory)
         for stream in STREAMS:
             message = factory.next(self.clock(), stream=stream, control=True)
             outcome = await self._send(control, message)
@@ -482,8 +619,9 @@ class Campaign:
                 factory.delivered(message)
                 if outcome.round is not None and stream == "params":
                     factory.retarget(int(outcome.round))
-            elif final:
+            elif final and outcome.reason not in CONTROL_OK:
                 self.tally.crashes.append(f"no answer to a valid {stream} control at the end: {outcome}")
+        await self._rotate_member(factory)
         self.tally.crashes.extend(self.problems())
 
     async def _shutdown(self, control: Sender) -> None:
@@ -494,7 +632,10 @@ class Campaign:
             if not isinstance(spare, Exception):
                 self._retired.append(asyncio.create_task(spare.close()))
         await asyncio.gather(*self._retired, return_exceptions=True)
-        await control.close()
+        if self.members is not None:
+            await self.members.close()
+        else:
+            await control.close()
 
 
 def summary(tally: Tally, seconds: float, seed: int) -> dict[str, Any]:
@@ -566,9 +707,10 @@ async def _campaign_against(
 
         bar = tqdm(total=config.count, unit="msg", desc="fuzz", file=sys.stderr, leave=False)
     try:
+        members = await AnnouncedMembers(maddr, run_id, config.seed).start()
         campaign = Campaign(
             config, run_id, lambda: LibP2PSender.start(maddr, run_id), watch.problems,
-            progress=bar.update if bar is not None else None,
+            progress=bar.update if bar is not None else None, members=members,
         )  # fmt: skip
         return await campaign.run()
     finally:

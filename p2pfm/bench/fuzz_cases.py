@@ -29,13 +29,13 @@ from __future__ import annotations
 import math
 import random
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from p2pfm.core.codecs import CodecSpec, encode, topk_count, varint_encode
+from p2pfm.core.codecs import CodecSpec, encode, varint_encode
 from p2pfm.core.envelope import pack_body, pack_wire, seal, signing_bytes
 from p2pfm.core.gossip import GossipConfig, future_window
 from p2pfm.core.identity import Identity
@@ -71,6 +71,8 @@ class FuzzMessage:
     valid: bool  # the rules accept it (an answer, or ok: true)
     expect_answer: bool = True  # False: the frame is incomplete; we close at once
     nonce: bytes | None = None  # a control request's nonce, echoed by a params answer
+    member: bool = False  # signed by the member key: send it from the transport that key announced
+    key: Identity | None = field(default=None, compare=False, repr=False)  # a control's signer (replays)
 
 
 def frame_of(data: bytes) -> bytes:
@@ -139,6 +141,12 @@ class MessageFactory:
     ``control_fraction`` of them are valid controls; the rest are invalid by construction.
     Replays copy controls the runner reported delivered (:meth:`delivered`): a control still
     in flight could arrive after its replay, and the replay would rightly be accepted.
+
+    Members: a peer only looks past the envelope (membership, rates, update metadata, round
+    window, codec) for keys that announced themselves. When the runner sets :attr:`member`
+    (a key it announced), controls and the key-level families (``codec``, ``round`` on the
+    gossip stream) are signed by it and marked ``member``; otherwise by the seed's control key
+    and fresh keys (the in-process tests, whose peer knows no member list).
     """
 
     FAMILIES = ("frame", "bytes", "header", "envelope", "payload", "codec", "round", "replay")
@@ -154,6 +162,7 @@ class MessageFactory:
         self.control_seq = int(start * 1e6)  # unique across campaigns on one target (microseconds)
         self.index = 0
         self._delivered: list[FuzzMessage] = []
+        self.member: Identity | None = None  # set by the runner: an announced key
         self._wires = self._codec_wires(np.random.default_rng(seed))
 
     # --- what the runner tells us ----------------------------------------------------------
@@ -163,7 +172,7 @@ class MessageFactory:
 
     def delivered(self, message: FuzzMessage) -> None:
         """A control was accepted: its bytes and (sender, seq) may now be replayed."""
-        if message.family == "control" and message.case != "control.reordered_header":
+        if message.family == "control" and message.key is not None:
             self._delivered.append(message)
             del self._delivered[:-256]
 
@@ -244,8 +253,18 @@ class MessageFactory:
         return self._signed(key, self._fields(key, kind, self._payload_for(kind), now))
 
     # --- controls (valid) ---------------------------------------------------------------------
+    def _deep_key(self, stream: str) -> tuple[Identity, bool]:
+        """The signer of a message whose envelope is valid: the member key (if any) on gossip."""
+        if self.member is not None and stream == "gossip":
+            return self.member, True
+        return self._fresh_key(), False
+
     def _control(self, stream: str, now: float) -> FuzzMessage:
-        rng, key = self.rng, self.control_key
+        message = self._control_message(stream, now)
+        return replace(message, member=self.member is not None, key=self.member or self.control_key)
+
+    def _control_message(self, stream: str, now: float) -> FuzzMessage:
+        rng, key = self.rng, self.member or self.control_key
         self.control_seq += 1
         if stream == "gossip":
             # Any round in [round, round + lag/2] is inside the window even if the target moves on a little.
@@ -482,13 +501,17 @@ class MessageFactory:
         """A broken tensor in an otherwise valid, signed update (to the gossip stream; elsewhere the
         update is also refused, as the wrong kind)."""
         rng = self.rng
-        key = self._fresh_key()
+        key, member = self._deep_key(stream)
         codec = rng.choice(sorted(self._wires))
-        wire, case = self._bad_wire(codec)
         payload = self._update_payload(codec)
-        payload["tensor"] = wire
+        if rng.random() < 0.1:  # [REJECT] bad_update: inner_steps outside [1, 2^20] (a schema-valid int)
+            payload["inner_steps"] = rng.choice([0, MAX_INNER_STEPS + 1, INT64_MAX])
+            case = f"meta.inner_steps={payload['inner_steps']}"
+        else:
+            payload["tensor"], case = self._bad_wire(codec)
+            case = f"codec.{codec}.{case}"
         data = self._signed(key, self._fields(key, "update", payload, now))
-        return self._msg(stream, "codec", f"codec.{codec}.{case}", data)
+        return self._msg(stream, "codec", case, data, member=member)
 
     def _bad_wire(self, codec: str) -> tuple[dict[str, Any], str]:
         rng = self.rng
@@ -575,7 +598,7 @@ class MessageFactory:
     def _round(self, stream: str, now: float) -> FuzzMessage:
         """An update beyond the round window: [IGNORE] future_round (or stale_round), never used."""
         rng = self.rng
-        key = self._fresh_key()
+        key, member = self._deep_key(stream)
         ahead = self.target.round + future_window(GossipConfig(max_round_lag=self.target.max_round_lag))
         choices = [
             ahead + 1000 + rng.randrange(1 << 20),
@@ -588,7 +611,7 @@ class MessageFactory:
         if self.target.round > self.target.max_round_lag + 1000 and rng.random() < 0.3:
             round_, case = self.target.round - self.target.max_round_lag - 1000, "stale"
         data = self._signed(key, self._fields(key, "update", self._update_payload(), now, round=round_))
-        return self._msg(stream, "round", f"round.{case}", data)
+        return self._msg(stream, "round", f"round.{case}", data, member=member)
 
     def _replay(self, stream: str, now: float) -> FuzzMessage:
         """[REJECT] replay: a delivered control's bytes again, or its (sender, seq) with new content."""
@@ -597,12 +620,13 @@ class MessageFactory:
             return self._bytes(stream, now)  # no replay; fall back to another family
         original = rng.choice(self._delivered)
         if rng.random() < 0.5:
-            return replace(original, family="replay", case="replay.same_bytes", valid=False, nonce=None)
+            return replace(original, family="replay", case="replay.same_bytes", valid=False, nonce=None,
+                           member=False, key=None)  # fmt: skip
         body = msgpack.unpackb(original.frame[FRAME_HEADER:], raw=False)[0]
         fields = msgpack.unpackb(body, raw=False)
         fields["ts"] = float(now)
         fields["payload"] = self._payload_for(fields["kind"])
-        data = self._signed(self.control_key, fields)
+        data = self._signed(original.key, fields)
         return FuzzMessage(0, original.stream, "replay", "replay.same_seq", frame_of(data), False)
 
 
@@ -622,8 +646,3 @@ def _resize(rng: random.Random, data: bytes) -> bytes:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 24 else text[:21] + "..."
-
-
-def describe_topk(numel: int) -> int:
-    """k of the default topk codec for ``numel`` (shown in the report)."""
-    return topk_count(numel, CodecSpec().topk_fraction)
