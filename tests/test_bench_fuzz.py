@@ -109,7 +109,7 @@ def test_an_in_process_campaign_accepts_nothing_invalid_and_answers_every_contro
     result = campaign(tmp_path, 2000)
     assert result["accepted_invalid"] == 0 and result["crashes"] == 0, result["examples"]
     assert result["controls_ok"] == result["controls"] >= 40
-    assert result["tried"] >= 3000
+    assert result["tried"] >= 2000
     assert {"malformed", "schema", "bad_signature", "wrong_kind", "replay", "oversize", "non_finite",
             "shape_mismatch", "bad_index", "unknown_codec", "clock_skew", "wrong_run"} <= set(result["rejected"])  # fmt: skip
     assert result["ignored"]["banned"] == 5 and result["ignored"]["future_round"] > 0

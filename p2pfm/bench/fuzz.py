@@ -1,22 +1,28 @@
 """``p2pfm bench fuzz``: a fuzz campaign against a live peer's stream handlers, over real libp2p.
 
-By default it starts one real ``p2pfm peer`` on loopback in a temp dir (a small model; it waits
-for a quorum that never comes, so it idles in ``joining`` but serves every stream), or attaches
-to one with ``--target MADDR``. It learns the target's model size and round from a parameter
-request, then sends ``--count`` messages of :mod:`p2pfm.bench.fuzz_cases` over the ``gossip``,
-``state`` and ``params`` streams, one stream each, several in flight, and classifies every
-answer: accepted, rejected or ignored (by the reason in the refusal map), or dropped (no answer,
-with why). Figures: ``accepted_invalid`` (invalid by construction, yet accepted: must be 0) and
-``crashes`` (the target died, its log shows a traceback or an ERROR, or it stopped answering
-valid controls at a liveness check: must be 0).
+By default it starts one real ``p2pfm peer`` on loopback in a temp dir (an open swarm, a tiny
+model, training alone round after round so that each round's inbox clears), or attaches to one
+with ``--target MADDR``. It learns the target's model size and round from a parameter request,
+then sends ``--count`` messages of :mod:`p2pfm.bench.fuzz_cases` over the ``gossip``, ``state``
+and ``params`` streams, one stream each, several in flight, and classifies every answer:
+accepted, rejected or ignored (by the reason in the refusal map), or dropped (no answer, with
+why). Figures: ``accepted_invalid`` (invalid by construction, yet accepted: must be 0) and
+``crashes`` (the target died, its log shows a traceback or an ERROR, or it did not answer valid
+controls at the end: must be 0).
 
-Bans: a peer bans a libp2p sender after ``BAN_AFTER_REJECTIONS`` rejections and then answers
-``banned`` unread, which would hide every deeper rule. So each libp2p host of ours sends at
-most that many minus one invalid messages and is replaced by a fresh one (a new key and
-``p2pd``; a few are started ahead in the background); controls travel on a host of their own
-that never sends anything invalid. One host is banned on purpose (``ban_check``) to see the ban
-answered. A reason the target adds later (``rate_limited``) counts as a rejection like any
-other; when one comes back the campaign waits a little before the next batch (pacing).
+Whom the target scores, and how the campaign keeps every rule in reach:
+
+- Envelope faults count against the *transport* (the libp2p id), which is banned after
+  ``BAN_AFTER_REJECTIONS``. Each libp2p host of ours sends at most that many minus one
+  invalid messages and is replaced by a fresh one (a new key and ``p2pd``, started ahead in
+  the background). One host is banned on purpose (``ban_check``) to see ``banned`` answered.
+- Past the envelope a peer only looks at *members*: keys announced in the swarm's DHT from the
+  transport the stream comes from (anyone else is ``unknown_sender``). :class:`AnnouncedMembers`
+  runs a DHT node of ours that announces fresh member keys; controls and the key-level
+  mutations (codec, update metadata, rounds) are signed by them and sent from that node's host.
+  A key is retired within its update and request bursts and long before its own ban.
+- Rate limits (``rate_limited``) and full rounds (``round_full``) are counted like any other
+  answer; after a ``rate_limited`` the campaign pauses between batches (doubling, at most 2 s).
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ ERROR_LINE = re.compile(r"Traceback \(most recent call last\)| ERROR | CRITICAL 
 TINY_MODEL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
               "--eval-batches", "1"]  # fmt: skip
 """The launched target's model (~22k parameters): handlers, not training, are under test."""
+TRAINING = ["--min-peers", "1", "--fanout", "0", "--sync-every", "0", "--inner-steps", "100",
+            "--eval-every", "0"]  # fmt: skip
+"""The launched target trains alone, round after round: a round's inbox counts at most 16 updates
+and clears when the round ends, so an idle peer would soon answer every update ``round_full``
+before decoding it. Fanout 0 and no syncs: it never calls the member keys we announce."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +298,7 @@ def launch_target(config: FuzzConfig, work_dir: Path) -> tuple[Any, str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     args = [
         "--work-dir", str(work_dir), "--key", str(work_dir / "peer.key"), "--run-id", run_id,
-        "--threads", "1", "--min-peers", "2", "--min-peers-timeout", "1e9", *TINY_MODEL,
+        "--threads", "1", *TRAINING, *TINY_MODEL,
         *config.extra_peer_args,
     ]  # fmt: skip
 
@@ -323,7 +334,7 @@ class AnnouncedMembers:
     node's libp2p host, refreshed every ``ttl_s / 4`` until the key is retired.
 
     A key is handed out ``lead_s`` after its first announcement (the target must have read it:
-    an idle peer looks every 0.25 s, a training one every heartbeat); ``ahead`` keys wait ready.
+    a training peer looks every heartbeat, 4 s by default); ``ahead`` keys wait ready.
     """
 
     def __init__(
@@ -331,7 +342,7 @@ class AnnouncedMembers:
     ) -> None:
         self.maddr, self.run_id, self.seed = maddr, run_id, seed
         self.ttl_s, self.lead_s = ttl_s, lead_s
-        self.ahead = 6
+        self.ahead = 12
         self.net: Any = None
         self.sender: Sender = None  # type: ignore[assignment]  # set by start()
         self._count = 0
@@ -404,7 +415,7 @@ class AnnouncedMembers:
 # --- the campaign -------------------------------------------------------------------------------
 MEMBER_GOSSIP_USES = 40  # messages per member key: the default update burst, and under a ban (50)
 MEMBER_REQUEST_USES = 3  # state/params requests per member key: the default request burst
-STREAMS_PER_SENDER = 4  # the default limits.max_streams_per_sender: more would be refused unread
+STREAMS_PER_SENDER = 3  # under limits.max_streams_per_sender (4): a peer frees a slot just after it answers
 CONTROL_OK = frozenset({"round_full"})  # a valid update the round has no room for: counted, not used
 
 
@@ -427,6 +438,7 @@ class Campaign:
         progress: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
         members: Members | None = None,
+        round_source: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.config = config
         self.run_id = run_id
@@ -435,6 +447,7 @@ class Campaign:
         self.progress = progress
         self.clock = clock
         self.members = members
+        self.round_source = round_source  # the target's round now (its status.json), if we can see it
         self.tally = Tally()
         self.budget = BAN_AFTER_REJECTIONS - 1  # invalid messages per sender: one short of a ban
         self._spare: asyncio.Queue[Sender | Exception] = asyncio.Queue()
@@ -484,17 +497,22 @@ class Campaign:
 
     async def _learn_target(self, control: Sender) -> TargetInfo:
         """Ask for the target's parameters: model size and round come with the answer. (A key of its
-        own: the factory's keys come from the seed.) With members, the first member key asks."""
+        own: the factory's keys come from the seed.) With members, the first member key asks, again
+        each second while the target has not read its announcement yet (``unknown_sender``)."""
         key = await self.members.next_key() if self.members is not None else Identity.generate()
-        nonce, now = secrets.token_bytes(16), self.clock()
-        data = seal(
-            key, kind="state_request", run_id=self.run_id, round=0, seq=time.time_ns(),
-            timestamp=now, payload={"round": 0, "nonce": nonce},
-        )  # fmt: skip
-        message = FuzzMessage(
-            -1, "params", "control", "control.learn_target", frame_of(data), True, nonce=nonce
-        )
-        outcome = await self._send(control, message)
+        for _attempt in range(60):
+            nonce, now = secrets.token_bytes(16), self.clock()
+            data = seal(
+                key, kind="state_request", run_id=self.run_id, round=0, seq=time.time_ns(),
+                timestamp=now, payload={"round": 0, "nonce": nonce},
+            )  # fmt: skip
+            message = FuzzMessage(
+                -1, "params", "control", "control.learn_target", frame_of(data), True, nonce=nonce
+            )
+            outcome = await self._send(control, message)
+            if outcome.reason not in ("unknown_sender", "rate_limited"):
+                break
+            await asyncio.sleep(1.0)
         self.tally.add(message, outcome)
         if self.members is not None:
             self.members.retire(key)
@@ -536,6 +554,9 @@ class Campaign:
         in_flight: set[asyncio.Task] = set()
         self._top_up()
         while generated < config.count:
+            now_round = self.round_source()
+            if now_round is not None:
+                factory.retarget(now_round)  # a training target moves on; our rounds follow it
             batch: list[FuzzMessage] = []
             invalid = 0
             while invalid < self.budget and generated + len(batch) < config.count:
@@ -699,7 +720,12 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 async def _campaign_against(
-    config: FuzzConfig, maddr: str, run_id: str, watch: TargetWatch, progress: bool
+    config: FuzzConfig,
+    maddr: str,
+    run_id: str,
+    watch: TargetWatch,
+    progress: bool,
+    round_source: Callable[[], int | None] = lambda: None,
 ) -> Tally:
     bar = None
     if progress:
@@ -710,7 +736,7 @@ async def _campaign_against(
         members = await AnnouncedMembers(maddr, run_id, config.seed).start()
         campaign = Campaign(
             config, run_id, lambda: LibP2PSender.start(maddr, run_id), watch.problems,
-            progress=bar.update if bar is not None else None, members=members,
+            progress=bar.update if bar is not None else None, members=members, round_source=round_source,
         )  # fmt: skip
         return await campaign.run()
     finally:
@@ -733,7 +759,9 @@ def run_fuzz(config: FuzzConfig, *, progress: bool = False) -> dict[str, Any]:
         try:
             watch = TargetWatch(peer.log_path, peer.process)
             started = time.time()
-            tally = asyncio.run(_campaign_against(config, maddr, run_id, watch, progress))
+            tally = asyncio.run(
+                _campaign_against(config, maddr, run_id, watch, progress, lambda: peer.status().get("round"))
+            )
             seconds = time.time() - started
             tally.crashes.extend(watch.problems())
         finally:

@@ -163,6 +163,10 @@ class MessageFactory:
         self.index = 0
         self._delivered: list[FuzzMessage] = []
         self.member: Identity | None = None  # set by the runner: an announced key
+        # Valid updates claim rounds this far ahead of the target's last known round (controls: half
+        # to 1.5x as far): inside its window [round - lag, round + 4 lag] from both sides, for a
+        # target that moves on by up to 1.5 * lag rounds before they arrive.
+        self.ahead = 2 * max(1, target.max_round_lag)
         self._wires = self._codec_wires(np.random.default_rng(seed))
 
     # --- what the runner tells us ----------------------------------------------------------
@@ -231,7 +235,7 @@ class MessageFactory:
     def _fields(self, key: Identity, kind: str, payload: Any, now: float, **header: Any) -> dict[str, Any]:
         fields = {
             "v": 1, "kind": kind, "run": self.target.run_id, "sender": key.public_key_bytes,
-            "round": self.target.round, "seq": self._seq(), "ts": float(now), "payload": payload,
+            "round": self.target.round + self.ahead, "seq": self._seq(), "ts": float(now), "payload": payload,
         }  # fmt: skip
         fields.update(header)
         return fields
@@ -267,8 +271,7 @@ class MessageFactory:
         rng, key = self.rng, self.member or self.control_key
         self.control_seq += 1
         if stream == "gossip":
-            # Any round in [round, round + lag/2] is inside the window even if the target moves on a little.
-            round_ = self.target.round + rng.randrange(0, max(1, self.target.max_round_lag // 2) + 1)
+            round_ = self.target.round + rng.randrange(self.ahead // 2, self.ahead * 3 // 2 + 1)
             codec = rng.choice(sorted(self._wires))
             payload = self._update_payload(codec)
             fields = self._fields(key, "update", payload, now, round=round_, seq=self.control_seq)
