@@ -7,13 +7,17 @@ integration test ``tests/integration/test_bench_fuzz.py`` runs the same over rea
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 
 import msgpack
+import pytest
 from test_daemon_handlers import RUN, MemoryWriter, runtime
 
 from p2pfm.bench.fuzz import Campaign, FuzzConfig, Outcome, classify, passed, summary
 from p2pfm.bench.fuzz_cases import FuzzMessage, MessageFactory, TargetInfo, frame_of
+from p2pfm.core.envelope import open_envelope
+from p2pfm.core.errors import Reject
 from p2pfm.core.identity import Identity
 from p2pfm.daemon.handlers import StreamHandlers
 
@@ -42,6 +46,31 @@ def test_the_factory_covers_every_family_and_stream_with_a_few_controls():
     valid = [m for m in messages if m.valid]
     assert all(m.family == "control" for m in valid)
     assert 40 <= len(valid) <= 130
+
+
+class CancellingFlips(random.Random):
+    """An RNG that picks ``bitflip`` and flips the same bit twice (what once let a valid message through)."""
+
+    def choice(self, seq):
+        return "bitflip" if "bitflip" in seq else super().choice(seq)
+
+    def randrange(self, start, stop=None, step=1):
+        if (start, stop) == (1, 4):
+            return 2  # two flips
+        if stop is None:
+            return min(5, start - 1)  # the same byte and bit each time
+        return super().randrange(start, stop, step)
+
+
+def test_byte_mutations_never_leave_the_message_valid():
+    """Two flips of the same bit cancel out; the mutator then flips once more (regression: one such
+    message in a 100k live campaign was counted as an invalid message accepted)."""
+    f = factory(2)
+    f.rng = CancellingFlips(2)
+    for stream in ("gossip", "state", "params"):
+        message = f._bytes(stream, NOW)
+        with pytest.raises(Reject):
+            open_envelope(message.frame[4:], run_id=RUN, now=NOW)
 
 
 class MemorySender:

@@ -207,6 +207,9 @@ def _check_answer(
     return Outcome("accepted", "answered", round=payload["round"])
 
 
+EXAMPLES_KEPT = {"accepted_invalid": 20, "control_failed": 10, "unanswered": 5}
+
+
 # --- the tally ----------------------------------------------------------------------------------
 @dataclass
 class Tally:
@@ -249,7 +252,8 @@ class Tally:
             self._example("unanswered", message, outcome)
 
     def _example(self, what: str, message: FuzzMessage, outcome: Outcome) -> None:
-        if len(self.examples) < 20:
+        """Keep the first few of each kind (an accepted invalid message must never be crowded out)."""
+        if sum(e["what"] == what for e in self.examples) < EXAMPLES_KEPT[what]:
             self.examples.append(
                 {"what": what, "index": message.index, "stream": message.stream, "case": message.case,
                  "outcome": f"{outcome.verdict}:{outcome.reason}", "frame_hex": message.frame[:2048].hex()}

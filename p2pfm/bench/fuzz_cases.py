@@ -319,7 +319,8 @@ class MessageFactory:
 
     def _bytes(self, stream: str, now: float) -> FuzzMessage:
         rng = self.rng
-        data = bytearray(self._valid(stream, now))
+        original = self._valid(stream, now)
+        data = bytearray(original)
         case = rng.choice(
             ["bitflip", "byteflip", "truncate", "extend", "insert", "delete", "random", "msgpack"]
         )
@@ -347,6 +348,8 @@ class MessageFactory:
             except (TypeError, ValueError, OverflowError):
                 raw = b"\xc0"
             data = bytearray(pack_wire(raw, rng.randbytes(64)) if rng.random() < 0.5 else raw)
+        if data == original:  # flips that cancel out (the same bit twice) leave a valid message
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         return self._msg(stream, "bytes", f"bytes.{case}", bytes(data))
 
     def _header(self, stream: str, now: float) -> FuzzMessage:
