@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from p2pfm.core.admission import issue_certificate
 from p2pfm.core.errors import Reject
 from p2pfm.core.gossip import consensus_distance
+from p2pfm.core.identity import Identity
 from p2pfm.core.tensorfile import unpack_arrays
 from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
 from p2pfm.daemon.metrics import read_metrics
@@ -223,9 +225,23 @@ def swarm_phase(statuses: Sequence[Mapping[str, Any]], peers: int) -> str:
 
 
 class LocalSwarm:
-    """Start, watch and stop peer processes sharing this machine."""
+    """Start, watch and stop peer processes sharing this machine.
 
-    def __init__(self, out_dir: Path, peer_args: list[str], *, threads_per_peer: int, run_id: str) -> None:
+    ``admitted`` (the default): the swarm makes its own authority (``OUT/authority.key``, mode
+    0600) and a certificate per peer (``peer-N/peer.cert``), and runs every peer with
+    ``--authority ID --cert CERT``, as a swarm across machines would. ``admitted=False`` runs an
+    open swarm (every peer warns so at start).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        peer_args: list[str],
+        *,
+        threads_per_peer: int,
+        run_id: str,
+        admitted: bool = True,
+    ) -> None:
         self.out_dir = out_dir
         self.peer_args = peer_args
         self.threads_per_peer = threads_per_peer
@@ -233,6 +249,24 @@ class LocalSwarm:
         self.peers: list[PeerProcess] = []
         self.bootstrap: str | None = None
         self.env = child_env(threads_per_peer)
+        self.authority: Identity | None = None
+        if admitted:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.authority = Identity.generate()
+            self.authority.save(out_dir / "authority.key")
+
+    def certify(self, work_dir: Path) -> list[str]:
+        """Make the peer's key and its certificate; the flags that present them."""
+        if self.authority is None:
+            return []
+        work_dir.mkdir(parents=True, exist_ok=True)
+        key_path, cert_path = work_dir / "peer.key", work_dir / "peer.cert"
+        identity = Identity.load(key_path) if key_path.exists() else Identity.generate()
+        if not key_path.exists():
+            identity.save(key_path)
+        cert = issue_certificate(self.authority, self.run_id, identity.peer_id, issued=time.time())
+        cert_path.write_bytes(cert)
+        return ["--authority", self.authority.peer_id, "--cert", str(cert_path)]
 
     def add_peer(self, *, shard: int, num_shards: int, extra: list[str] | None = None) -> PeerProcess:
         index = len(self.peers)
@@ -250,6 +284,7 @@ class LocalSwarm:
             str(shard),
             "--num-shards",
             str(num_shards),
+            *self.certify(work_dir),
             *self.peer_args,
             *(extra or []),
         ]
@@ -426,6 +461,7 @@ class SwarmOptions:
     peer_args: tuple[str, ...] = ()  # passed through to every peer (training flags)
     threads_per_peer: int = 0  # 0 = cores // peers (at least 1)
     progress: bool = True
+    admitted: bool = True  # make an authority and certify every peer (False: an open swarm)
 
 
 FAILURE_GRACE_S = 5.0  # after a peer failed, the others get this long together to leave gracefully (a joining peer needs about 2 s)
@@ -457,7 +493,9 @@ def plan_swarm(options: SwarmOptions) -> LocalSwarm:
         str(options.peers),
         *options.peer_args,
     ]
-    swarm = LocalSwarm(out, peer_args, threads_per_peer=threads, run_id=options.run_id)
+    swarm = LocalSwarm(
+        out, peer_args, threads_per_peer=threads, run_id=options.run_id, admitted=options.admitted
+    )
     for index in range(options.peers):
         swarm.add_peer(shard=index, num_shards=options.peers)
     return swarm

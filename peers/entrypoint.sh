@@ -27,6 +27,11 @@
 #                         is waited for: no live peer means start a new swarm.
 #   P2PFM_BOOTSTRAP_MAX_AGE  a status.json older than this (s, 300) or saying "left" is
 #                         not a live peer
+#   P2PFM_AUTHORITY_KEY   the swarm authority's key file (a volume every peer mounts): unless
+#                         P2PFM_CERT or P2PFM_OPEN=true is set, made once (flock) if missing,
+#                         and this peer's key is certified with it (WORK_DIR/peer.cert) and
+#                         run with --authority/--cert. One host's Compose swarm only: across
+#                         machines keep the authority key off the peers (p2pfm admit, P2PFM_CERT)
 #   P2PFM_CONFIG          a TOML file -> --config
 #   P2PFM_EXTRA_ARGS      words appended to the command line
 #   P2PFM_HEALTH_MAX_AGE  seconds status.json may stay unchanged while healthy (600)
@@ -152,7 +157,20 @@ else
 fi
 echo "$work" >"$WORK_DIR_NOTE"
 
-args=(peer --key "${P2PFM_KEY:-$work/peer.key}" --work-dir "$work")
+key=${P2PFM_KEY:-$work/peer.key}
+args=(peer --key "$key" --work-dir "$work")
+if [ -n "${P2PFM_AUTHORITY_KEY:-}" ] && [ -z "${P2PFM_CERT:-}" ] && [ "${P2PFM_OPEN:-}" != true ]; then
+    mkdir -p "$(dirname "$P2PFM_AUTHORITY_KEY")"
+    (
+        flock 8
+        [ -f "$P2PFM_AUTHORITY_KEY" ] || p2pfm keygen --out "$P2PFM_AUTHORITY_KEY" >/dev/null
+    ) 8>"$(dirname "$P2PFM_AUTHORITY_KEY")/.lock"
+    [ -f "$key" ] || p2pfm keygen --out "$key" >/dev/null
+    p2pfm admit --authority "$P2PFM_AUTHORITY_KEY" --peer "$key" --run-id "${P2PFM_RUN_ID:-p2pfm-default}" \
+        --out "$work/peer.cert" >/dev/null
+    args+=(--authority "$(p2pfm id "$P2PFM_AUTHORITY_KEY")" --cert "$work/peer.cert")
+    log "admitted by the swarm's authority ($P2PFM_AUTHORITY_KEY)"
+fi
 if [ -n "${P2PFM_CONFIG:-}" ]; then args+=(--config "$P2PFM_CONFIG"); fi
 
 peers=()
@@ -171,7 +189,7 @@ else
 fi
 
 # Variables this script consumes itself; not daemon flags.
-own=" DATA WORK_DIR KEY INITIAL_PEERS BOOTSTRAP_FILE BOOTSTRAP_HOST BOOTSTRAP_PORT BOOTSTRAP_GLOB \
+own=" AUTHORITY_KEY DATA WORK_DIR KEY INITIAL_PEERS BOOTSTRAP_FILE BOOTSTRAP_HOST BOOTSTRAP_PORT BOOTSTRAP_GLOB \
 BOOTSTRAP_TIMEOUT BOOTSTRAP_MAX_AGE CONFIG EXTRA_ARGS HEALTH_MAX_AGE WORK_DIR_NOTE "
 while IFS='=' read -r name value; do
     key=${name#P2PFM_}

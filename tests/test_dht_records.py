@@ -144,3 +144,51 @@ def test_the_dht_validator_stores_only_announcements_signed_by_their_subkey():
     assert not validator.validate(DHTRecord(key, b"\xc1", b"\xc1", now + 10))  # undecodable msgpack
     other_key = DHTID.generate(source="someone-else").to_bytes()
     assert stored(sender.peer_id, b"junk", on_key=other_key)
+
+
+def test_an_admitted_swarms_validator_refuses_sybils_and_foreign_revocations():
+    """With an authority, honest nodes store only announcements whose certificate admits their
+    signer (200 fresh identities used to be stored in seconds), and under the revocation key only
+    the authority's lists, under their serial."""
+    import time
+
+    from hivemind.dht.protocol import DHTProtocol
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    from p2pfm.core.admission import Admission, issue_certificate, issue_revocations
+    from p2pfm.core.envelope import EnvelopeLimits
+    from p2pfm.daemon.dht_validator import AnnouncementValidator
+
+    authority, member, sybil = Identity.generate(), Identity.generate(), Identity.generate()
+    admission = Admission(RUN, authority.peer_id)
+    validator = AnnouncementValidator(
+        RUN,
+        f"p2pfm/{RUN}/peers",
+        15.0,
+        EnvelopeLimits(max_bytes=64 * 1024),
+        admission,
+        f"p2pfm/{RUN}/revoked",
+    )
+    dumps = DHTProtocol.serializer.dumps
+    peers_key = DHTID.generate(source=f"p2pfm/{RUN}/peers").to_bytes()
+    revoked_key = DHTID.generate(source=f"p2pfm/{RUN}/revoked").to_bytes()
+    now = time.time()
+
+    def announce(identity: Identity, cert: bytes | None) -> bool:
+        payload = announce_payload(**({"cert": cert} if cert else {}))
+        record = seal(identity, kind="announce", run_id=RUN, round=3, seq=1, timestamp=now, payload=payload)
+        return validator.validate(DHTRecord(peers_key, dumps(identity.peer_id), dumps(record), now + 10))
+
+    assert announce(member, issue_certificate(authority, RUN, member.peer_id, issued=now))
+    assert not announce(sybil, None)
+    assert not announce(sybil, issue_certificate(sybil, RUN, sybil.peer_id, issued=now))  # self-signed
+    assert not announce(sybil, issue_certificate(authority, RUN, member.peer_id, issued=now))  # borrowed
+    listed = issue_revocations(authority, RUN, [sybil.peer_id], serial=7, issued=now)
+    forged = issue_revocations(sybil, RUN, [member.peer_id], serial=8, issued=now)
+    assert validator.validate(DHTRecord(revoked_key, dumps("7"), dumps(listed), now + 60))
+    assert not validator.validate(DHTRecord(revoked_key, dumps("8"), dumps(forged), now + 60))
+    assert not validator.validate(DHTRecord(revoked_key, dumps("9"), dumps(listed), now + 60))  # wrong serial
+    assert not validator.validate(
+        DHTRecord(revoked_key, DHTProtocol.IS_REGULAR_VALUE, dumps(listed), now + 60)
+    )

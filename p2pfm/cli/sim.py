@@ -1,4 +1,5 @@
-"""``p2pfm sim SCENARIO.toml``, ``p2pfm sim sweep SCENARIO.toml --churn-rates ...`` and
+"""``p2pfm sim SCENARIO.toml``, ``p2pfm sim sweep SCENARIO.toml --churn-rates ...``,
+``p2pfm sim byzantine [SCENARIO.toml] [--rules ...] [--attacks ...] [--fractions ...]`` and
 ``p2pfm sim convert-trace PHONE_TRACE --out TRACE.csv``.
 
 Thin: each handler loads the scenario (strict, errors name the field), applies the flags
@@ -19,9 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim",
         help="simulate a swarm with churn on a virtual clock",
         description="Run a churn-resilience scenario (sim/scenarios/*.toml), `sim sweep` over churn rates, "
+        "`sim byzantine` (aggregation rules against Byzantine peers), "
         "or `sim convert-trace` a phone trace (user_id,week,start_ms:end_ms;...) to our CSV (sim/traces/README.md).",
         usage="p2pfm sim SCENARIO.toml [--out DIR] [--seed N] [--rounds N]\n"
         "       p2pfm sim sweep SCENARIO.toml --churn-rates 0,0.1,0.3 [--out DIR] [--seed N]\n"
+        "       p2pfm sim byzantine [SCENARIO.toml] [--workload mlp] [--rounds N] [--peers N] "
+        "[--fractions 0,0.1,0.2,0.3]\n"
+        "                           [--rules mean,...] [--attacks sign_flip,...] [--seed S] [--out DIR] [--json]\n"
         "       p2pfm sim convert-trace PHONE_TRACE --out TRACE.csv [--absolute-times] [--run-seconds S]",
     )
     parser.add_argument("target", metavar="SCENARIO.toml", help="scenario file, or `sweep` followed by one")
@@ -31,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, help="override the scenario's number of rounds (quick checks)")
     parser.add_argument("--churn-rates", help="sweep only: comma-separated fractions, e.g. 0,0.1,0.3,0.5")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    byzantine = parser.add_argument_group("sim byzantine")
+    byzantine.add_argument("--workload", help="built-in base without a scenario file: mlp (default) or gpt")
+    byzantine.add_argument("--peers", type=int, help="override the base's number of peers")
+    byzantine.add_argument("--fractions", help="Byzantine fractions, e.g. 0,0.1,0.2,0.3 (the default)")
+    byzantine.add_argument(
+        "--rules", help="aggregation rules (default mean,clipped_mean,trimmed_mean,median)"
+    )
+    byzantine.add_argument("--attacks", help="attacks (default: all the simulator plays)")
+    byzantine.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.add_argument(
         "--absolute-times",
         action="store_true",
@@ -56,6 +70,13 @@ def handle(args: argparse.Namespace) -> int:
     from p2pfm.config import ConfigError
     from p2pfm.sim.scenario import load_scenario
 
+    if args.target == "byzantine":
+        return byzantine_sweep(args)
+    for flag in ("workload", "peers", "fractions", "rules", "attacks"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag}: only for `p2pfm sim byzantine`")
+    if args.json:
+        raise ConfigError("--json: only for `p2pfm sim byzantine`")
     if args.target == "convert-trace":
         return convert_trace(args)
     if args.absolute_times or args.run_seconds is not None:
@@ -95,7 +116,52 @@ def handle(args: argparse.Namespace) -> int:
     summary = run_scenario(scenario, out, progress=progress)
     keys = ("final_loss", "final_loss_round", "final_is_last_round", "note", "time_to_target_s", "consensus_distance", "bytes_sent_total", "energy_wh", "carbon_g",
             "datacenter_carbon_g", "churn_events", "rejoin_catchup_rounds")  # fmt: skip
+    keys += ("byzantine",) if "byzantine" in summary else ()  # the honest peers' figures
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(f"results in {out}", file=sys.stderr)
+    return 0
+
+
+def byzantine_sweep(args: argparse.Namespace) -> int:
+    """Every (rule, attack, fraction) on one base scenario; the table (or JSON) on stdout."""
+    from p2pfm.config import ConfigError
+    from p2pfm.core.aggregation import AGGREGATIONS
+    from p2pfm.sim.byzantine import (
+        DEFAULT_ATTACKS,
+        DEFAULT_FRACTIONS,
+        DEFAULT_RULES,
+        base_scenario,
+        byzantine_table,
+        parse_fractions,
+        parse_names,
+        run_byzantine_sweep,
+    )
+    from p2pfm.sim.scenario import SIM_ATTACKS, load_scenario
+
+    if args.churn_rates is not None or args.absolute_times or args.run_seconds is not None:
+        raise ConfigError("--churn-rates, --absolute-times, --run-seconds: not for `p2pfm sim byzantine`")
+    if args.scenario is not None and args.workload is not None:
+        raise ConfigError("--workload: give a scenario file or --workload, not both")
+    base = (
+        load_scenario(args.scenario) if args.scenario is not None else base_scenario(args.workload or "mlp")
+    )
+    changes: dict = {}
+    for flag, lowest in (("seed", 0), ("rounds", 1), ("peers", 2)):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if value < lowest or (flag == "seed" and value >= 2**63):
+            raise ConfigError(
+                f"--{flag}: must be at least {lowest}" + (" and below 2**63" if flag == "seed" else "")
+            )
+        changes[flag] = value
+    base = base.with_changes(**changes) if changes else base
+    rules = parse_names(args.rules, "--rules", list(AGGREGATIONS)) if args.rules else list(DEFAULT_RULES)
+    attacks = parse_names(args.attacks, "--attacks", SIM_ATTACKS) if args.attacks else list(DEFAULT_ATTACKS)
+    fractions = parse_fractions(args.fractions) if args.fractions else list(DEFAULT_FRACTIONS)
+    out = args.out or Path("sim/results") / f"{base.name}-sweep"
+    result = run_byzantine_sweep(base, rules, attacks, fractions, out, progress=not args.no_progress)
+    print(json.dumps(result, indent=2) if args.json else byzantine_table(result))
     print(f"results in {out}", file=sys.stderr)
     return 0
 

@@ -22,6 +22,9 @@ SWARM_MANAGED = (
     "--listen",
     "--announce",
     "--initial-peers",
+    "--authority",
+    "--cert",
+    "--revocations",
 )
 
 
@@ -31,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run N real peers on this machine and summarize the run",
         description="Start N real peer processes on loopback (each its own DHT node and libp2p host), "
         "show progress, stop them, and write OUT/summary.json and OUT/loss.png. Training flags pass "
-        "through to every peer.",
+        "through to every peer. The swarm is admitted: it makes its own authority (OUT/authority.key) and "
+        "certifies every peer, as a swarm across machines would; --open runs an open swarm instead.",
     )
     parser.add_argument("--peers", type=int, default=3, help="number of peer processes (default 3)")
     parser.add_argument("--rounds", type=int, default=30, help="gossip rounds per peer (default 30)")
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 run_id=args.run_id,
                 peer_args=tuple(_passthrough(args)),
                 threads_per_peer=args.threads_per_peer,
+                admitted=not args.open,
             )
         )
     except PeerFailed as exc:

@@ -15,7 +15,8 @@ the drivers):
 - ``free_rider``          zeros: claims work, does none.
 - ``nan``                 NaN entries (refused by the codec; shows the refusal path).
 
-Pure numpy; seeded by the caller's generator.
+Pure numpy; seeded by the caller's generator. :func:`forge_wire` also encodes the forged
+vector with the sender's codec, as both drivers send it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from p2pfm.core.codecs import CodecSpec, encode
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,40 @@ def forge_update(spec: AttackSpec, honest: np.ndarray, rng: np.random.Generator)
     except KeyError:
         raise ValueError(f"unknown attack {spec.name!r}; known: {', '.join(UPDATE_ATTACKS)}") from None
     return forge(np.asarray(honest, dtype=np.float32), spec.scale, rng)
+
+
+_NAN_F32 = np.array([np.nan], dtype="<f4").tobytes()
+_NAN_F16 = np.array([np.nan], dtype="<f2").tobytes()
+
+
+def poison_wire(wire: dict) -> dict:
+    """A copy of a codec wire map whose first float is NaN: well formed in every other way.
+
+    The encoder refuses NaN (a local bug, never sent), so a NaN attacker writes the bytes
+    itself; every receiver's decode must refuse the result (``NON_FINITE``). The float field
+    is the int8 scales where there are any, else the fp32 or fp16 values.
+    """
+    poisoned = dict(wire)
+    if "scales" in poisoned:
+        name, nan = "scales", _NAN_F32
+    elif poisoned.get("codec") == "fp16" or poisoned.get("value_bits") == 16:
+        name, nan = "values", _NAN_F16
+    else:
+        name, nan = "values", _NAN_F32
+    data = poisoned[name]
+    if len(data) < len(nan):
+        raise ValueError(f"wire field {name!r} holds no float to poison")
+    poisoned[name] = nan + data[len(nan) :]
+    return poisoned
+
+
+def forge_wire(spec: AttackSpec, honest: np.ndarray, codec: CodecSpec, rng: np.random.Generator) -> dict:
+    """The codec wire map a Byzantine peer sends in place of ``honest``, encoded with ``codec``.
+
+    A forged vector the encoder refuses (NaN/Inf: ``nan``) is sent as the honest vector's
+    encoding with a NaN written into its bytes (:func:`poison_wire`), so receivers see it.
+    """
+    forged = forge_update(spec, honest, rng)
+    if np.isfinite(forged).all():
+        return encode(forged, codec)
+    return poison_wire(encode(np.nan_to_num(forged, nan=0.0, posinf=0.0, neginf=0.0), codec))

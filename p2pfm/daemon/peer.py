@@ -72,6 +72,8 @@ def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> Local
     )  # fmt: skip
 
 
+MAX_FAILED_ROUNDS = 5  # consecutive rounds that raised before the peer gives up (a local bug)
+
 OPEN_SWARM_WARNING = (
     "OPEN SWARM: no swarm authority is configured, so ANY process that can reach this peer may join, "
     "send updates and download its state. Fine for experiments on one machine; for anything else make "
@@ -238,12 +240,25 @@ class PeerDaemon:
             await self.net.shutdown()
             self.metrics.close()
             raise
+        failures = 0
         try:
             while not self.runtime.stop_event.is_set():
                 if self.config.rounds and self.protocol.round >= self.config.rounds:
                     await self.driver.final_drain()
                     break
-                await self.driver.one_round()
+                try:
+                    await self.driver.one_round()
+                    failures = 0
+                except Exception:
+                    # Whatever another peer sent, one round's failure must not end the peer: go back to
+                    # the last good anchor and carry on. Several in a row is our own bug: stop and say so.
+                    failures += 1
+                    log.exception("round %d failed (%d in a row)", self.protocol.round, failures)
+                    self.runtime.counters["round_errors"] += 1
+                    if failures >= MAX_FAILED_ROUNDS:
+                        raise
+                    self.trainer.load_flat(self.protocol.params)
+                    await asyncio.sleep(1.0)
         finally:
             await self.stop()
         return 0

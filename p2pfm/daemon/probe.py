@@ -9,7 +9,11 @@ more than the peer accepts), ``announce`` (a valid signed message of a kind no s
 request). ``--stream state|params`` sends them to the state or params stream instead of gossip:
 a peer must refuse anything but a state request there, with its reason. Prints one JSON line
 per message sent with the peer's answer.
-Runs as its own process: it needs its own libp2p host (hivemind's P2P daemon).
+
+Only announced peers' messages count (``protocols/wire.md`` section 6.2), so the prober first
+joins the swarm's DHT and announces itself like a peer (one key for every case), and with
+``--status`` waits until the target lists it live in its status.json. Runs as its own process:
+it needs its own libp2p host (hivemind's DHT and P2P daemon).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 from p2pfm.core.codecs import CodecSpec, encode
 from p2pfm.core.envelope import seal
 from p2pfm.core.identity import Identity
-from p2pfm.daemon.net import read_frame
+from p2pfm.daemon.net import read_frame, write_frame
 
 CASES = ("valid", "replayed", "forged", "tampered", "wrong-run", "garbage", "oversize", "announce")
 STREAMS = ("gossip", "state", "params")
@@ -48,9 +52,8 @@ def build_update(identity: Identity, run_id: str, numel: int, round_: int) -> by
     )
 
 
-def messages_for(case: str, run_id: str, numel: int, round_: int) -> list[bytes | int]:
+def messages_for(case: str, run_id: str, numel: int, round_: int, me: Identity) -> list[bytes | int]:
     """The byte strings to send (an int means: announce a frame of that many bytes, send nothing)."""
-    me = Identity.generate()
     valid = build_update(me, run_id, numel, round_)
     if case == "valid":
         return [valid]
@@ -153,6 +156,27 @@ async def exchange(
         writer.close()
 
 
+async def announce_until_seen(net, status: Path | None, round_: int, deadline_s: float = 120.0) -> None:
+    """Announce ourselves (every second) until the target's status.json lists us live."""
+    payload = {
+        "libp2p_id": net.libp2p_id, "maddrs": net.maddrs[:16], "round": round_, "model_hash": bytes(32),
+        "device": "probe", "power_w": 0.0, "state_bytes": 0,
+    }  # fmt: skip
+    started = time.monotonic()
+    while True:
+        await net.announce(payload, time.time())
+        if status is None:
+            return
+        try:
+            if net.identity.peer_id in json.loads(status.read_text()).get("live_peers", []):
+                return
+        except (OSError, ValueError):
+            pass  # mid-write: read again
+        if time.monotonic() - started > deadline_s:
+            raise TimeoutError(f"the target did not list the prober live within {deadline_s:.0f} s")
+        await asyncio.sleep(1.0)
+
+
 async def probe(
     peer_maddr: str,
     run_id: str,
@@ -162,24 +186,42 @@ async def probe(
     round_from: Path | None = None,
     stream: str = "gossip",
 ) -> list[dict]:
-    p2p, target = await open_host(peer_maddr)
+    from p2pfm.daemon.config import NetConfig
+    from p2pfm.daemon.net import PeerNetwork
+
+    me = Identity.generate()
+    # A TTL under the target's (default 15 s): its DHT validator refuses records living longer.
+    net = PeerNetwork(
+        NetConfig(initial_peers=(peer_maddr,), announce_ttl_s=10.0, heartbeat_s=1.0), me, run_id
+    )
+    await net.start()
+    target = peer_maddr.rsplit("/p2p/", 1)[1]
     results = []
     try:
+        await announce_until_seen(net, round_from, current_round(round_, round_from))
         for case, message in [
-            (c, m) for c in cases for m in messages_for(c, run_id, numel, current_round(round_, round_from))
+            (c, m)
+            for c in cases
+            for m in messages_for(c, run_id, numel, current_round(round_, round_from), me)
         ]:
-            raw = (
-                message.to_bytes(4, "big")
-                if isinstance(message, int)
-                else len(message).to_bytes(4, "big") + message
-            )
-            frames, _error = await exchange(p2p, target, f"/p2pfm/{run_id}/{stream}/1", raw)
-            answer = msgpack.unpackb(frames[0]) if frames else {"ok": False, "reason": "closed"}
-            if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
-                answer = {"ok": True, "answer": "envelope"}
+            reader, writer = await net.open_stream(target, stream)
+            try:
+                if isinstance(message, int):
+                    writer.write(message.to_bytes(4, "big"))
+                    await writer.drain()
+                else:
+                    await write_frame(writer, message)
+                try:
+                    answer = msgpack.unpackb(await asyncio.wait_for(read_frame(reader, 64 << 20), 10))
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    answer = {"ok": False, "reason": "closed"}
+                if not isinstance(answer, dict):  # an envelope: the stream's real answer (manifest, params)
+                    answer = {"ok": True, "answer": "envelope"}
+            finally:
+                writer.close()
             results.append({"case": case, **answer})
     finally:
-        await p2p.shutdown()
+        await net.shutdown()
     return results
 
 
@@ -198,7 +240,7 @@ def main() -> None:
         "--round-from",
         type=Path,
         default=None,
-        help="the target's status.json: claim its current round + 1, read just before sending",
+        help="the target's status.json: wait until it lists us live, then claim its round + 1",
     )
     parser.add_argument(
         "--stream", choices=STREAMS, default="gossip", help="which of the peer's streams to send to"

@@ -63,6 +63,9 @@ class RoundRecord:
     carbon_g: float
     params: int
     dht_records_ignored: dict[str, int]
+    diverged_rounds: int = 0  # rounds whose local steps went NaN/Inf: nothing sent, the others merged
+    round_errors: int = 0  # rounds that raised and were retried from the last good anchor
+    bans: int = 0  # bans decided so far (transports and signing keys), each also logged once
     event: str = "round"
 
 

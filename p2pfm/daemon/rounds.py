@@ -284,13 +284,18 @@ class RoundDriver:
         rt.train_loss = stats.mean_loss
         gossip_start = time.perf_counter()
         work = LocalWork(samples=stats.samples, inner_steps=stats.steps, train_loss=stats.mean_loss)
-        message = self.protocol.seal(
-            "update", self.protocol.make_update(rt.trainer.flat(), work), time.time()
-        )
-        for target in choose_partners(list(rt.live), rt.peer_id, rt.config.gossip.fanout, rt.rng):
-            task = asyncio.create_task(self.client.push_update(rt.live[target], message))
-            rt.background.add(task)
-            task.add_done_callback(rt.background.discard)
+        local = rt.trainer.flat()
+        if np.isfinite(local).all():
+            message = self.protocol.seal("update", self.protocol.make_update(local, work), time.time())
+            for target in choose_partners(list(rt.live), rt.peer_id, rt.config.gossip.fanout, rt.rng):
+                task = asyncio.create_task(self.client.push_update(rt.live[target], message))
+                rt.background.add(task)
+                task.add_done_callback(rt.background.discard)
+        else:  # local steps diverged (a poisoned or unlucky anchor): send nothing, merge the others'
+            rt.counters["diverged_rounds"] += 1
+            log.warning(
+                "round %d: local training produced NaN/Inf; no update sent this round", self.protocol.round
+            )
         params, report = self.protocol.finish_round(len(rt.live))
         if report.rolled_back:
             rt.counters["rolled_back_steps"] += 1
@@ -323,6 +328,7 @@ class RoundDriver:
         eval_seconds = time.perf_counter() - eval_start
         if self.protocol.round % rt.config.checkpoint_every == 0:
             await loop.run_in_executor(None, rt.write_checkpoint)
+        rt.log_bans()  # bans decided on answers we pulled (donors) are reported here
         energy_wh = rt.config.power_w * rt.compute_seconds / 3600.0
         c = rt.counters
         rt.record(RoundRecord(
@@ -333,7 +339,8 @@ class RoundDriver:
             bytes_received=c["bytes_received"], state_bytes_downloaded=c["state_bytes_downloaded"],
             messages_accepted=self.protocol.accepted, messages_rejected=dict(self.protocol.scores.rejected),
             messages_ignored=dict(self.protocol.scores.ignored), push_failures=c["push_failures"],
-            rolled_back_steps=c["rolled_back_steps"],
+            rolled_back_steps=c["rolled_back_steps"], diverged_rounds=c["diverged_rounds"],
+            round_errors=c["round_errors"], bans=self.protocol.scores.bans_decided,
             compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
             gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, wall_time=rt.wall_time(), energy_wh=energy_wh,
             carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,

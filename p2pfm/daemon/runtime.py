@@ -133,9 +133,6 @@ class PeerRuntime:
     def live_rounds(self) -> dict[str, int]:
         return {p: a.round for p, a in self.live.items()}
 
-    def newest_round(self) -> int | None:
-        return max((a.round for a in self.live.values()), default=None)
-
     def sees(self) -> list[str]:
         """The libp2p ids of the live peers we see: tells joiners that we can hear them."""
         return peers_to_list(self.book.first_seen(), {p: a.libp2p_id for p, a in self.live.items()})
@@ -205,6 +202,13 @@ class PeerRuntime:
         save_checkpoint(self.config.work_dir, arrays, self._state_meta())
 
     # --- reporting ---------------------------------------------------------------------------
+    def log_bans(self) -> None:
+        """Log each ban the protocol decided since the last call, once, with its reason."""
+        for sender, reason, length in self.protocol.scores.take_decisions():
+            log.warning(
+                "banned %s for %.0f s: too many rejected messages (the last: %s)", sender, length, reason
+            )
+
     def record(self, record: Record) -> None:
         self.metrics.write(as_record(record))
 

@@ -26,9 +26,14 @@ Time model (all virtual seconds; nothing here reads a clock):
   daemon's join rule (``plan_join``): if the swarm is ahead of it at all, it downloads a donor's
   full fp32 state over its own link and adopts it; it trains again from the next round.
 
+Byzantine peers (``[byzantine]``, :mod:`p2pfm.sim.adversary`): the same protocol, but the
+engine hands each update they make to the :class:`~p2pfm.sim.adversary.Adversary` and seals
+what it returns (a forged tensor; for the protocol-level attacks, other rounds or an old
+update). Their messages are counted apart; the loss of the honest peers is measured apart.
+
 Determinism: one seed feeds a :class:`numpy.random.SeedSequence` whose children drive
-devices, churn, data, partner choice and identities; heap entries are ``(time, priority,
-counter)`` so equal times resolve the same way every run.
+devices, churn, data, partner choice, identities and the Byzantine peers; heap entries are
+``(time, priority, counter)`` so equal times resolve the same way every run.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from p2pfm.core.gossip import (
 )
 from p2pfm.core.identity import SIGNATURE_BYTES, Identity
 from p2pfm.core.protocol import CatchUp, LocalWork, PeerProtocol, PeerSetup, Sync
+from p2pfm.sim.adversary import Adversary
 from p2pfm.sim.churn import build_availability
 from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
 from p2pfm.sim.scenario import Scenario
@@ -103,6 +109,15 @@ class Metrics:
     useful_steps: int = 0
     time_to_target_s: float | None = None
     time_to_target_round: int | None = None  # the metrics.csv round at which time_to_target_s was measured
+    # Byzantine runs only: the honest peers' loss at each full evaluation, and the fate of the
+    # Byzantine peers' messages (sent; accepted; refused by reason; lost to churn).
+    honest_rows: list[dict[str, Any]] = field(default_factory=list)
+    byzantine_sent: int = 0
+    byzantine_accepted: int = 0
+    byzantine_rejected: dict[str, int] = field(default_factory=dict)
+    byzantine_ignored: dict[str, int] = field(default_factory=dict)
+    byzantine_lost: int = 0
+    diverged_computations: int = 0  # local steps that ended in NaN/Inf (a poisoned model): nothing sent
 
 
 class Simulation:
@@ -112,8 +127,9 @@ class Simulation:
         self.scenario = scenario
         self.progress = progress
         sc = scenario
-        streams = np.random.SeedSequence(sc.seed).spawn(6)
-        rng_devices, rng_churn, rng_work, rng_partners, rng_view, rng_keys = (
+        # A seventh child for the Byzantine peers leaves the first six (and honest runs) as they were.
+        streams = np.random.SeedSequence(sc.seed).spawn(7)
+        rng_devices, rng_churn, rng_work, rng_partners, rng_view, rng_keys, rng_byzantine = (
             np.random.default_rng(s) for s in streams
         )
         self.rng_partners, self.rng_view = rng_partners, rng_view
@@ -143,6 +159,10 @@ class Simulation:
             for ident in self.identities
         ]  # fmt: skip
         self.peers = [PeerProtocol(setup, init) for setup in self.setups]
+        self.adversary = (
+            Adversary(sc.byzantine, n, sc.gossip.codec, rng_byzantine) if sc.byzantine is not None else None
+        )
+        self.byzantine = self.adversary.mask if self.adversary is not None else np.zeros(n, bool)
         self.checkpoints: list[dict[str, np.ndarray] | None] = [None] * n
         # Per-device arrays, indexed by peer.
         prof = [self.profiles[d] for d in self.device_of]
@@ -360,41 +380,61 @@ class Simulation:
         if local is None:
             return
         params, train_loss = local
+        if not np.isfinite(params).all():
+            # Local steps from a poisoned (finite but huge) anchor overflowed: there is nothing to
+            # send, the encoder refuses NaN/Inf. Only Byzantine runs get here; the anchor stays.
+            self.metrics.diverged_computations += 1
+            return
         self.metrics.useful_steps += self.gossip.inner_steps
         protocol = self.peers[peer]
         payload = protocol.make_update(params, self._work(train_loss))
+        sends = [(protocol.round, payload)]
+        if self.adversary is not None and self.byzantine[peer]:  # forged: (claimed round, payload) pairs
+            sends = self.adversary.updates(peer, protocol.round, payload, protocol.learner.numel)
         partners = self._pick(peer, self._live(), self.gossip.fanout)
         if not partners:
             return
-        packed = self._pack(payload)  # the tensor is packed once, not once per partner
+        packed = [self._pack(message) for _, message in sends]  # packed once, not once per partner
         for partner in partners:
-            data = self._seal(peer, protocol.round, protocol.next_seq(), payload, packed, self.now)
-            done, arrival = self._transfer(peer, partner, len(data), self.now)
-            self.bytes_sent[peer] += len(data)
-            self.metrics.messages_sent += 1
-            self._push(
-                arrival,
-                MESSAGE,
-                (peer, int(self.session[peer]), partner, int(self.session[partner]), done, data),
-            )
+            for (claimed, message), body in zip(sends, packed, strict=True):
+                data = self._seal(peer, claimed, protocol.next_seq(), message, body, self.now)
+                done, arrival = self._transfer(peer, partner, len(data), self.now)
+                self.bytes_sent[peer] += len(data)
+                self.metrics.messages_sent += 1
+                self.metrics.byzantine_sent += int(self.byzantine[peer])
+                self._push(
+                    arrival,
+                    MESSAGE,
+                    (peer, int(self.session[peer]), partner, int(self.session[partner]), done, data),
+                )
 
     def _on_message(
         self, sender: int, sender_session: int, receiver: int, receiver_session: int, done: float, data: bytes
     ) -> None:
+        byzantine = bool(self.byzantine[sender])
         if self.session[sender] != sender_session and self.left_at[sender] < done:
             self.metrics.lost_sender_left += 1  # connection died before the last byte
+            self.metrics.byzantine_lost += byzantine
             return
         if self.session[receiver] != receiver_session or not self.ready[receiver]:
             self.metrics.lost_receiver_gone += 1
+            self.metrics.byzantine_lost += byzantine
             return
         self.bytes_received[receiver] += len(data)
         try:
             self.peers[receiver].receive_update(self.ids[sender], data, self.now)
         except Refusal as exc:
+            reason = exc.reason.value
             counts = self.metrics.rejected if exc.lowers_score else self.metrics.ignored
-            counts[exc.reason.value] = counts.get(exc.reason.value, 0) + 1
+            counts[reason] = counts.get(reason, 0) + 1
+            if byzantine:
+                counts = (
+                    self.metrics.byzantine_rejected if exc.lowers_score else self.metrics.byzantine_ignored
+                )
+                counts[reason] = counts.get(reason, 0) + 1
             return
         self.metrics.messages_delivered += 1
+        self.metrics.byzantine_accepted += byzantine
 
     def _on_round_end(self, r: int) -> None:
         period = self.round_seconds
@@ -483,6 +523,16 @@ class Simulation:
             # older "final" figure. Losses and distance are NaN (written "nan", null in JSON).
             self.metrics.rows.append(self._row(r, ready, math.nan, math.nan, math.nan, math.nan))
             return
+        if self.adversary is not None:
+            honest = [p for p in ready.tolist() if not self.byzantine[p]]
+            self.metrics.honest_rows.append(
+                {
+                    "round": r + 1,
+                    "time_s": self.now,
+                    "honest_ready": len(honest),
+                    "honest_mean_loss": float(np.mean([losses[p] for p in honest])) if honest else math.nan,
+                }
+            )
         distance = consensus_distance([self.peers[i].params for i in ready.tolist()])
         mean_loss = float(np.mean([losses[p] for p in ready.tolist()]))
         if (

@@ -189,7 +189,45 @@ def summarize(sim) -> dict[str, Any]:
         "peer_rounds_computed": peer_rounds,
         "devices": {name: sim.device_of.count(name) for name in sorted(sim.profiles)},
     }
+    if sc.byzantine is not None:
+        summary["byzantine"] = byzantine_summary(sim)
     return tidy(summary)
+
+
+def byzantine_summary(sim) -> dict[str, Any]:
+    """The ``byzantine`` block of summary.json: the attack, the honest peers' loss, what was refused.
+
+    ``honest_final_loss`` is the mean held-out loss of the honest peers online and holding the
+    model at the last evaluation that had any; the attackers' own models are left out (they
+    train honestly here, but a real attacker's model says nothing about the swarm's). A loss
+    that is not finite (the honest models were driven to overflow) is null, with
+    ``honest_diverged`` true: never an older, finite figure in its place.
+    """
+    config, m = sim.scenario.byzantine, sim.metrics
+    last = next((row for row in reversed(m.honest_rows) if row["honest_ready"]), {})
+    loss = last.get("honest_mean_loss")
+    return {
+        "fraction": config.fraction,
+        "attack": config.attack,
+        "scale": config.resolved_scale,
+        **({"forge": config.forge, "rounds_per_round": config.rounds_per_round}
+           if config.attack == "many_rounds" else {}),
+        "peers": [int(p) for p in sim.adversary.members],
+        "honest_final_loss": loss,
+        "honest_diverged": loss is not None and not math.isfinite(loss),
+        "honest_final_loss_round": last.get("round"),
+        "honest_final_loss_peers": last.get("honest_ready"),
+        "rejected": sum(m.rejected.values()),  # all messages refused with a lower score
+        "ignored": sum(m.ignored.values()),  # all messages refused without one (stale, banned, ...)
+        "from_byzantine": {
+            "sent": m.byzantine_sent,
+            "accepted": m.byzantine_accepted,
+            "rejected": dict(sorted(m.byzantine_rejected.items())),
+            "ignored": dict(sorted(m.byzantine_ignored.items())),
+            "lost": m.byzantine_lost,
+        },
+        "diverged_computations": m.diverged_computations,
+    }  # fmt: skip
 
 
 def write_results(sim, out: Path, wall_seconds: float, *, plots: bool = True) -> dict[str, Any]:
@@ -199,6 +237,8 @@ def write_results(sim, out: Path, wall_seconds: float, *, plots: bool = True) ->
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     scenario = config_to_dict(sim.scenario)
     scenario.pop("base_dir", None)
+    if scenario.get("byzantine", {}) is None:
+        scenario.pop("byzantine")  # no [byzantine] table: scenario.json as before there was one
     (out / "scenario.json").write_text(json.dumps(tidy(scenario), indent=2) + "\n")
     timing = {
         "wall_seconds": round(wall_seconds, 2),

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from p2pfm.config import ConfigError, build_config, load_toml, require
-from p2pfm.core.gossip import GossipConfig
+from p2pfm.core.attacks import DEFAULT_SCALE, UPDATE_ATTACKS
+from p2pfm.core.gossip import GossipConfig, future_window
 from p2pfm.model.config import GPTConfig, InnerTrainConfig
 
 DEFAULT_DIURNAL_CURVE: tuple[float, ...] = (
@@ -215,6 +216,82 @@ class EnergyConfig:
         )
 
 
+PROTOCOL_ATTACKS: dict[str, str] = {
+    "stale_replay": "resends its own first update, sealed anew with the current round",
+    "many_rounds": "sends `rounds_per_round` updates claiming different rounds in each round of its own",
+}
+"""Attacks on the protocol rather than the vector (the simulator's engine plays them), name -> what."""
+
+SIM_ATTACKS: tuple[str, ...] = (*UPDATE_ATTACKS, *PROTOCOL_ATTACKS)
+"""Every ``byzantine.attack`` the simulator plays: the update attacks of p2pfm.core.attacks first."""
+
+MAX_ROUNDS_PER_ROUND = 64  # many_rounds: more claims than this only cost the simulator time
+
+
+@dataclass(frozen=True)
+class ByzantineConfig:
+    """Byzantine peers: which share of the swarm, and what they send instead of honest updates.
+
+    Which peers are Byzantine follows from the scenario's seed alone (a prefix of one seeded
+    permutation, so the attackers at 10 % are among those at 20 %). They run the same
+    :class:`~p2pfm.core.protocol.PeerProtocol` as everyone (their own model trains honestly and
+    they serve honest state and syncs); only the tensor of the updates they send is forged,
+    encoded with the scenario's codec. Results report honest peers only.
+    """
+
+    fraction: float = 0.0  # share of the peers that are Byzantine; below one half, or no rule can help
+    attack: str = "sign_flip"  # a name in p2pfm.core.attacks.UPDATE_ATTACKS or PROTOCOL_ATTACKS
+    scale: float | None = None  # the attack's strength; None = DEFAULT_SCALE (many_rounds: of `forge`)
+    forge: str = "sign_flip"  # many_rounds only: the update attack whose vector every claim carries
+    rounds_per_round: int = 8  # many_rounds only: round claims per round (8 = max_round_lag, the default)
+
+    def __post_init__(self) -> None:
+        require(
+            math.isfinite(self.fraction) and 0.0 <= self.fraction < 0.5,
+            "byzantine.fraction",
+            f"must be in [0, 0.5), got {self.fraction!r}",
+        )
+        require(
+            self.attack != "drain",
+            "byzantine.attack",
+            "'drain' needs the end-of-run drain, which the simulator does not model "
+            "(every peer stops at the last round's deadline)",
+        )
+        require(
+            self.attack in SIM_ATTACKS,
+            "byzantine.attack",
+            f"must be one of {', '.join(SIM_ATTACKS)}, got {self.attack!r}",
+        )
+        require(
+            self.scale is None or (math.isfinite(self.scale) and self.scale > 0),
+            "byzantine.scale",
+            f"must be a finite positive number, got {self.scale!r}",
+        )
+        require(
+            self.forge in UPDATE_ATTACKS,
+            "byzantine.forge",
+            f"must be one of {', '.join(UPDATE_ATTACKS)}, got {self.forge!r}",
+        )
+        require(
+            1 <= self.rounds_per_round <= MAX_ROUNDS_PER_ROUND,
+            "byzantine.rounds_per_round",
+            f"must be in [1, {MAX_ROUNDS_PER_ROUND}], got {self.rounds_per_round!r}",
+        )
+
+    @property
+    def resolved_scale(self) -> float:
+        """``scale``, or the default strength of the attack (stale_replay: 1, the update as it was)."""
+        if self.scale is not None:
+            return self.scale
+        if self.attack == "stale_replay":
+            return 1.0
+        return DEFAULT_SCALE[self.forge if self.attack == "many_rounds" else self.attack]
+
+    def count(self, peers: int) -> int:
+        """How many of ``peers`` are Byzantine: the nearest whole number (always leaves one honest)."""
+        return math.floor(self.fraction * peers + 0.5)
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One simulated experiment. ``p2pfm sim FILE.toml`` runs it; the seed may be overridden."""
@@ -236,6 +313,7 @@ class Scenario:
     churn: ChurnConfig = field(default_factory=ChurnConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    byzantine: ByzantineConfig | None = None  # [byzantine]; none = every peer is honest
     base_dir: str = ""  # directory relative paths are resolved against (set by load_scenario)
 
     def __post_init__(self) -> None:
@@ -253,6 +331,14 @@ class Scenario:
         require(self.catchup_tolerance > 0, "catchup_tolerance", "must be positive")
         require(self.catchup_sample >= 1, "catchup_sample", "must be at least 1")
         require(self.view_size >= 0, "view_size", "must be non-negative")
+        if self.byzantine is not None and self.byzantine.attack == "many_rounds":
+            # Claims beyond the receivers' future window are ignored unread: not the attack meant.
+            window = future_window(self.gossip)
+            require(
+                self.byzantine.rounds_per_round <= window + 1,
+                "byzantine.rounds_per_round",
+                f"must be at most {window + 1}: receivers ignore rounds more than {window} ahead",
+            )
 
     def resolve(self, path: str) -> Path:
         """A path from the scenario, relative to the scenario file's directory."""

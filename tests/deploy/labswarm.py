@@ -1,6 +1,8 @@
 """Real ``p2pfm peer`` processes, one per host of a :class:`netns.NetLab`.
 
 Peer i listens on its host's own address (10.77.0.<i+1>:7000) and the others join peer 0.
+Beyond loopback a peer needs a swarm authority: the lab makes one (``ROOT/authority.key``) and
+certifies each peer, as an operator would with ``p2pfm admit``.
 What a test or benchmark reads comes from each peer's work dir: ``status.json``,
 ``metrics.jsonl`` and the checkpoint (for the consensus distance between peers' models).
 """
@@ -15,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from netns import NetLab, stop_process_group
+
+from p2pfm.core.admission import issue_certificate
+from p2pfm.core.identity import Identity
 
 PORT = 7000
 # The integration tests' tiny GPT: rounds of about a second on a shared CPU.
@@ -43,6 +48,18 @@ class LabSwarm:
         self.peer_args = list(peer_args)
         self.run_id = run_id
         self.procs: dict[int, object] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        self.authority = Identity.generate()
+        self.authority.save(root / "authority.key")
+
+    def admission_args(self, work: Path) -> list[str]:
+        """This peer's key (made once) and a certificate for it: the flags that present them."""
+        key = work / "peer.key"
+        if not key.exists():
+            Identity.generate().save(key)
+        cert = issue_certificate(self.authority, self.run_id, Identity.load(key).peer_id, issued=time.time())
+        (work / "peer.cert").write_bytes(cert)
+        return ["--authority", self.authority.peer_id, "--cert", str(work / "peer.cert")]
 
     def work_dir(self, i: int) -> Path:
         return self.root / f"peer-{i}"
@@ -71,6 +88,7 @@ class LabSwarm:
             f"/ip4/{self.lab.addrs[i]}/tcp/{PORT}",
             "--threads",
             "1",
+            *self.admission_args(work),
             *self.peer_args,
         ]
         if join:

@@ -219,3 +219,37 @@ def test_entrypoint_health_follows_status_json_age(run_entrypoint, tmp_path: Pat
     old = time.time() - 3600
     os.utime(work / "status.json", (old, old))
     assert run_entrypoint({"P2PFM_HEALTH_MAX_AGE": "600"}, "health")[0] == 1
+
+
+def test_entrypoint_admits_its_peer_with_the_swarms_authority(run_entrypoint, tmp_path: Path):
+    """P2PFM_AUTHORITY_KEY: the authority key is made once, the peer's key certified with it, and the
+    daemon runs with --authority/--cert; the certificate really admits the peer (real `p2pfm admit`)."""
+    import sys
+
+    from p2pfm.core.admission import Admission
+    from p2pfm.core.identity import Identity
+
+    real = f'[ "$1" = peer ] || exec {sys.executable} -m p2pfm "$@"\n'
+    fake = tmp_path / "bin" / "p2pfm"
+    fake.write_text(FAKE_P2PFM.replace("#!/bin/bash\n", "#!/bin/bash\n" + real))
+    authority = tmp_path / "auth" / "authority.key"
+    settings = {
+        "P2PFM_WORK_DIR": str(tmp_path / "w"),
+        "P2PFM_RUN_ID": "r1",
+        "P2PFM_AUTHORITY_KEY": str(authority),
+    }
+    code, argv, err = run_entrypoint(settings)
+    assert code == 0, err
+    authority_id = Identity.load(authority).peer_id
+    assert flag(argv, "--authority") == [authority_id] and flag(argv, "--cert") == [
+        str(tmp_path / "w" / "peer.cert")
+    ]
+    peer_id = Identity.load(tmp_path / "w" / "peer.key").peer_id
+    assert Admission("r1", authority_id).check(
+        peer_id, (tmp_path / "w" / "peer.cert").read_bytes(), time.time()
+    )
+    code, again, _ = run_entrypoint(settings)  # a restart keeps both keys
+    assert code == 0 and flag(again, "--authority") == [authority_id]
+    assert Identity.load(tmp_path / "w" / "peer.key").peer_id == peer_id
+    code, opened, _ = run_entrypoint({**settings, "P2PFM_OPEN": "true"})
+    assert code == 0 and "--open" in opened and "--authority" not in opened

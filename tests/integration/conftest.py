@@ -32,9 +32,11 @@ TINY_MODEL = [
 def make_swarm(tmp_path: Path) -> Iterator[Callable[..., LocalSwarm]]:
     swarms: list[LocalSwarm] = []
 
-    def factory(peer_args: list[str], run_id: str = "itest") -> LocalSwarm:
+    def factory(peer_args: list[str], run_id: str = "itest", admitted: bool = True) -> LocalSwarm:
+        out = tmp_path / f"swarm-{len(swarms)}"
+        out.mkdir(parents=True, exist_ok=True)
         swarm = LocalSwarm(
-            tmp_path / f"swarm-{len(swarms)}", [*TINY_MODEL, *peer_args], threads_per_peer=1, run_id=run_id
+            out, [*TINY_MODEL, *peer_args], threads_per_peer=1, run_id=run_id, admitted=admitted
         )
         swarms.append(swarm)
         return swarm

@@ -39,7 +39,7 @@ def test_peer_failing_at_start_up_stops_the_swarm_with_its_error(tmp_path):
     )
     swarm = plan_swarm(options)
     bad_key = swarm.peers[1].work_dir / "peer.key"  # a real user error: a key file that is not a key
-    bad_key.parent.mkdir(parents=True)
+    bad_key.parent.mkdir(parents=True, exist_ok=True)  # the swarm made its key (and certificate) there
     bad_key.write_text("this is not a PEM key\n")
     bad_key.chmod(0o600)
     started, wall_start = time.monotonic(), time.time()

@@ -117,7 +117,9 @@ def test_forged_tampered_replayed_messages_are_rejected_and_training_continues(m
     import subprocess
     import sys
 
-    swarm = make_swarm(["--rounds", "1000", "--inner-steps", "30"], run_id="probe-run")
+    # Open: the prober is a stranger here, and the envelope rules are what this test is about
+    # (an admitted swarm ignores a stranger's messages before their payload is looked at).
+    swarm = make_swarm(["--rounds", "1000", "--inner-steps", "30"], run_id="probe-run", admitted=False)
     peer = swarm.add_peer(shard=0, num_shards=1)
     swarm.start_peer(peer)
     wait_for(lambda: round_of(peer) >= 1, 120, "first round", [peer])
