@@ -12,4 +12,8 @@ Map:
                    ``compare_report.py`` (rows, table, plot). Worker processes, one per
                    rank/peer: ``compare_ddp.py``, ``compare_hivemind.py``, sharing
                    ``compare_common.py``.
+- ``fuzz.py``      a fuzz campaign against a live peer's stream handlers over libp2p:
+                   launches (or attaches to) the target, announces member keys, rotates
+                   libp2p senders under the ban threshold, tallies answers by reason.
+                   Its messages: ``fuzz_cases.py`` (sans-IO, deterministic from a seed).
 """

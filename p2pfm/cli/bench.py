@@ -1,4 +1,4 @@
-"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``).
+"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``, ``fuzz``).
 
 To add one, write ``register_<name>(bench_subparsers)`` that declares its flags and sets
 ``handler``, and append it to :data:`BENCHES`. Handlers import the bench module lazily so
@@ -203,9 +203,63 @@ def _run_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_fuzz(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench fuzz``: a fuzz campaign against a live peer's stream handlers."""
+    from pathlib import Path
+
+    parser = bench_subparsers.add_parser(
+        "fuzz",
+        help="fuzz a live peer's gossip/state/params handlers over libp2p: counts, 0 crashes, 0 accepted",
+        description=(
+            "Start one real peer on loopback (or attach with --target), send it --count mutated and valid "
+            "messages over its gossip, state and params streams, and count how it answered: rejected or "
+            "ignored by reason, dropped, accepted. Fails (exit 1) if the peer accepted an invalid message, "
+            "crashed (died, logged a traceback or an ERROR, stopped answering) or refused a valid control. "
+            "See p2pfm/bench/fuzz.py and fuzz_cases.py."
+        ),
+    )
+    parser.add_argument("--count", type=int, default=10_000, help="messages to send (default 10,000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the messages (default 0)")
+    parser.add_argument(
+        "--target", default=None, metavar="MADDR", help="attach to this live peer (full multiaddr)"
+    )
+    parser.add_argument("--run-id", default=None, help="the target's run id (required with --target)")
+    parser.add_argument(
+        "--target-log", type=Path, default=None, help="an attached target's log, scanned for errors"
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="streams in flight (default 16)")
+    parser.add_argument(
+        "--control-fraction", type=float, default=0.02, help="share of valid controls (default 0.02)"
+    )
+    parser.add_argument(
+        "--peer-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for the launched target, repeatable (e.g. --peer-arg=--open)",
+    )
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the launched target's files here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(handler=_run_fuzz)
+
+
+def _run_fuzz(args: argparse.Namespace) -> int:
+    from p2pfm.bench.fuzz import FuzzConfig, dump, format_report, passed, run_fuzz
+
+    config = FuzzConfig(
+        count=args.count, seed=args.seed, target=args.target, run_id=args.run_id, target_log=args.target_log,
+        concurrency=args.concurrency, control_fraction=args.control_fraction,
+        extra_peer_args=tuple(args.peer_arg), work_dir=args.work_dir,
+    )  # fmt: skip
+    result = run_fuzz(config, progress=not args.json)
+    print(dump(result) if args.json else format_report(result))
+    return 0 if passed(result) else 1
+
+
 BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [
     register_codecs,
     register_swarm,
     register_compare,
+    register_fuzz,
 ]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""

@@ -23,6 +23,7 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -35,6 +36,7 @@ from p2pfm.daemon.net import read_frame, write_frame
 
 CASES = ("valid", "replayed", "forged", "tampered", "wrong-run", "garbage", "oversize", "announce")
 STREAMS = ("gossip", "state", "params")
+ANSWER_LIMIT = 64 << 20  # the largest frame we read back (a params answer of a large model)
 
 
 def build_update(identity: Identity, run_id: str, numel: int, round_: int) -> bytes:
@@ -127,6 +129,58 @@ def current_round(round_: int, round_from: Path | None) -> int:
     if round_from is None:
         return round_
     return int(json.loads(round_from.read_text()).get("round", 0)) + 1
+
+
+async def open_host(peer_maddr: str):
+    """A libp2p host of our own (a fresh identity, its own ``p2pd``) that knows ``peer_maddr``;
+    returns (host, the target's PeerID). Close it with ``await host.shutdown()``."""
+    from hivemind.p2p import P2P, PeerID
+
+    # A prober only dials out: no NAT services, relay, DHT server or TLS (noise secures the
+    # connection); they made each start ~2x slower, and bench fuzz starts thousands.
+    p2p = await P2P.create(
+        initial_peers=[peer_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], auto_nat=False,
+        nat_port_map=False, use_relay=False, dht_mode="client", conn_manager=False, tls=False,
+    )  # fmt: skip
+    return p2p, PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
+
+
+async def exchange(
+    p2p,
+    target,
+    protocol: str,
+    raw: bytes,
+    *,
+    timeout: float = 10.0,
+    answer: bool = True,
+    more_frames: Callable[[bytes], int] | None = None,
+) -> tuple[list[bytes], str | None]:
+    """Open one stream, write ``raw`` (frames and length prefixes included, as given), read the
+    answer: (frames, None), or (frames read so far, why no more came: ``closed``, ``timeout``,
+    ``reset``, ``open_failed``). ``answer=False``: close right after writing (an incomplete frame
+    the peer cannot answer). ``more_frames(first)``: how many frames follow the first (state chunks)."""
+    try:
+        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(target, protocol), timeout)
+    except Exception as exc:  # dead peer, refused stream, p2pd trouble
+        return [], f"open_failed:{type(exc).__name__}"
+    frames: list[bytes] = []
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if not answer:
+            return [], "not_awaited"
+        frames.append(await asyncio.wait_for(read_frame(reader, ANSWER_LIMIT), timeout))
+        for _ in range(more_frames(frames[0]) if more_frames else 0):
+            frames.append(await asyncio.wait_for(read_frame(reader, ANSWER_LIMIT), timeout))
+        return frames, None
+    except asyncio.IncompleteReadError:
+        return frames, "closed"
+    except TimeoutError:
+        return frames, "timeout"
+    except (ConnectionError, OSError):
+        return frames, "reset"
+    finally:
+        writer.close()
 
 
 async def announce_until_seen(net, status: Path | None, round_: int, deadline_s: float = 120.0) -> None:
