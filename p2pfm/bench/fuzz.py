@@ -125,10 +125,10 @@ class LibP2PSender:
     async def exchange(
         self, message: FuzzMessage, timeout: float, more_frames: Callable[[bytes], int]
     ) -> tuple[list[bytes], str | None]:
-        from p2pfm.daemon.probe import exchange
+        from p2pfm.daemon.probe import exchange_raw
 
         protocol = f"/p2pfm/{self.run_id}/{message.stream}/1"
-        return await exchange(
+        return await exchange_raw(
             self.p2p, self.target, protocol, message.frame, timeout=timeout,
             answer=message.expect_answer, more_frames=more_frames,
         )  # fmt: skip

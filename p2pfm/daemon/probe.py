@@ -145,7 +145,7 @@ async def open_host(peer_maddr: str):
     return p2p, PeerID.from_base58(peer_maddr.rsplit("/p2p/", 1)[1])
 
 
-async def exchange(
+async def exchange_raw(
     p2p,
     target,
     protocol: str,
