@@ -227,7 +227,7 @@ class MessageFactory:
         }
 
     def _request_payload(self) -> dict[str, Any]:
-        return {"round": self.rng.choice([0, self.target.round, INT64_MAX]), "nonce": self.rng.randbytes(16)}
+        return {"round": self.rng.choice([0, self.target.round]), "nonce": self.rng.randbytes(16)}
 
     def _payload_for(self, kind: str) -> dict[str, Any]:
         return self._update_payload() if kind == "update" else self._request_payload()

@@ -28,6 +28,7 @@ from p2pfm.core.admission import Admission
 from p2pfm.core.aggregation import norm
 from p2pfm.core.envelope import Envelope, EnvelopeLimits, ReplayGuard, open_envelope, seal
 from p2pfm.core.errors import (
+    BadRound,
     BadUpdate,
     Banned,
     NotAdmitted,
@@ -37,6 +38,7 @@ from p2pfm.core.errors import (
     UnknownSender,
 )
 from p2pfm.core.gossip import (
+    MAX_ROUND,
     GossipConfig,
     GossipLearner,
     RoundReport,
@@ -372,6 +374,10 @@ class PeerProtocol:
         try:
             self._check_key(envelope, remote, now, serving=True)
             self.request_limiter.check(envelope.sender_id, now, "state or params request")
+            if (
+                max(envelope.round, envelope.payload["round"]) > MAX_ROUND
+            ):  # unused, but bounded like every number
+                raise BadRound(f"request claims round {envelope.payload['round']}, beyond any run")
         except Refusal as exc:
             self.refused(envelope.sender_id, exc, now)
             raise

@@ -162,6 +162,21 @@ def _kill_if_p2pd(pid: int) -> None:
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+LEFTOVER_BYTES = 1 << 20  # what an asker may still be writing after we answered (a refused frame's body)
+
+
+async def _drain_until_closed(reader: asyncio.StreamReader) -> None:
+    """Wait until the asker closes, discarding at most ``LEFTOVER_BYTES`` it is still sending: a
+    refusal sent while the asker writes a body we will not read would otherwise be lost in the
+    reset that closing causes (wire.md: every refusal is answered)."""
+    discarded = 0
+    while discarded <= LEFTOVER_BYTES:
+        chunk = await reader.read(65536)
+        if not chunk:
+            return
+        discarded += len(chunk)
+
+
 class PeerNetwork:
     """One peer's DHT + P2P endpoints. Create with :meth:`start` inside the daemon's event loop."""
 
@@ -241,7 +256,7 @@ class PeerNetwork:
                 # after the write, can make p2pd drop the answer still in flight (seen under load:
                 # the asker read EOF instead of our reply and counted a failed push). Bounded: an
                 # asker that never closes costs us at most request_timeout_s.
-                await asyncio.wait_for(reader.read(1), self.config.request_timeout_s)
+                await asyncio.wait_for(_drain_until_closed(reader), self.config.request_timeout_s)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
                 log.debug("stream %s from %s ended early: %r", name, remote, exc)
             except Exception:
