@@ -180,3 +180,26 @@ def test_scores_decay_and_bans_end_and_grow():
         if board.note("k", bad, NOW + 601):
             break
     assert board.is_banned("k", NOW + 601 + 1199)
+
+
+def test_a_joiner_not_yet_in_the_book_is_served_on_its_certificate():
+    """The donor may not have read a joiner's announcement yet: the certificate in the request
+    admits it; someone else's certificate does not, and an open swarm serves anyone."""
+    peer = receiver()
+    peer.know({})  # nobody in the book yet
+
+    def request(identity: Identity, seq: int, certificate: bytes | None) -> bytes:
+        payload = {"round": 0, "nonce": bytes([seq]) * 16, **({"cert": certificate} if certificate else {})}
+        return seal(
+            identity, kind="state_request", run_id=RUN, round=0, seq=seq, timestamp=NOW, payload=payload
+        )
+
+    assert peer.open_request("t1", request(PEER, 1, cert()), NOW, stream="state").sender_id == PEER.peer_id
+    with pytest.raises(NotAdmitted, match="presented by"):
+        peer.open_request("t2", request(STRANGER, 2, cert()), NOW, stream="state")
+    with pytest.raises(NotAdmitted, match="no certificate"):
+        peer.open_request("t2", request(STRANGER, 3, None), NOW, stream="params")
+    setup = PeerSetup(identity=Identity.generate(), run_id=RUN, gossip=GossipConfig())
+    open_peer = PeerProtocol(setup, np.zeros(100, np.float32))
+    open_peer.know({})
+    assert open_peer.open_request("t3", request(STRANGER, 4, None), NOW, stream="state").sender_id

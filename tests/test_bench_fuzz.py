@@ -141,7 +141,9 @@ def test_an_in_process_campaign_accepts_nothing_invalid_and_answers_every_contro
     assert result["tried"] >= 2000
     assert {"malformed", "schema", "bad_signature", "wrong_kind", "replay", "oversize", "non_finite",
             "shape_mismatch", "bad_index", "unknown_codec", "clock_skew", "wrong_run"} <= set(result["rejected"])  # fmt: skip
-    assert result["ignored"]["banned"] >= 5 and result["ignored"]["future_round"] > 0  # the sender banned on purpose
+    assert (
+        result["ignored"]["banned"] >= 5 and result["ignored"]["future_round"] > 0
+    )  # the sender banned on purpose
     assert set(result["dropped"]) == {"not_awaited"}
     assert passed(result)
 

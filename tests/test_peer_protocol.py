@@ -246,7 +246,7 @@ def test_join_and_round_plans_follow_the_catch_up_rule():
     assert round_plan(10, 18, cfg, sync_due=False) is None
     assert round_plan(10, 19, cfg, sync_due=True) == CatchUp(newest=19, behind=9)
     assert round_plan(10, 12, cfg, sync_due=True) == Sync()
-    assert catch_up_donors({"a": 19, "b": 18, "c": 10, "liar": 1_000_000}, 19, cfg) == ["a", "b"]
+    assert catch_up_donors({"a": 19, "b": 18, "c": 11, "d": 10, "liar": 1_000_000}, 19, cfg) == ["a", "b", "c"]
     peer = make_peer(sync_every=5)
     peer.learner.round = 10
     three = {"a": 10, "b": 10, "c": 9}
@@ -268,6 +268,9 @@ def test_one_peers_word_moves_nobody():
     assert peer.plan_round({"a": 30, "b": 29, "liar": 1_000_000}) == CatchUp(newest=30, behind=23)
     plan = CatchUp(newest=30, behind=23)
     assert peer.donors({"a": 30, "b": 29, "liar": 1_000_000}, plan, NOW) == ["a", "b"]
+    # The liar alone in the donor window still faces every other live peer as a witness.
+    view = {"liar": 33, "a": 40, "b": 20}
+    assert peer.witnesses(view, "liar", CatchUp(newest=33, behind=26), NOW) == ["a", "b"]
 
 
 def test_a_state_is_adopted_only_when_a_second_peer_agrees():

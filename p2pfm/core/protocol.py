@@ -31,7 +31,6 @@ from p2pfm.core.errors import (
     BadRound,
     BadUpdate,
     Banned,
-    NotAdmitted,
     RateLimited,
     Refusal,
     RoundRegression,
@@ -143,30 +142,38 @@ def corroborated_round(live_rounds: Mapping[str, int], need: int = 2) -> int | N
 
 
 def catch_up_donors(live_rounds: Mapping[str, int], target: int, config: GossipConfig) -> list[str]:
-    """Peers whose state is (nearly) the swarm's at ``target``: one round behind it up to
-    ``max_round_lag`` ahead. A peer claiming far more than the corroborated round is no donor."""
-    top = target + max(config.max_round_lag, 1)
-    return sorted(p for p, r in live_rounds.items() if target - 1 <= r <= top)
+    """Peers whose state is near the swarm's at ``target``: within ``max_round_lag`` of it either
+    way (announcements lag fast rounds by up to a heartbeat, so honest peers' announced rounds
+    spread). A peer claiming far more than the corroborated round is no donor."""
+    lag = max(config.max_round_lag, 1)
+    return sorted(p for p, r in live_rounds.items() if target - lag <= r <= target + lag)
 
 
-def state_witnesses(
-    live_rounds: Mapping[str, int], donor: str, target: int, config: GossipConfig
-) -> list[str]:
-    """Who to check a donor's state against: the other donors, closest in round to ``target`` first."""
-    others = [p for p in catch_up_donors(live_rounds, target, config) if p != donor]
+def state_witnesses(live_rounds: Mapping[str, int], donor: str, target: int) -> list[str]:
+    """Who to check a donor's state against: every other live peer, closest in round to ``target``
+    first. Not only the donors: a liar that is the only donor in its round window must still
+    face a second opinion (only with nobody else live is a donor believed on its word)."""
+    others = [p for p in live_rounds if p != donor]
     return sorted(others, key=lambda p: (abs(live_rounds[p] - target), p))
+
+
+def state_disagreement(candidate: np.ndarray, witness: np.ndarray, initial: np.ndarray) -> float:
+    """``||candidate - witness|| / (||candidate - initial|| + ||witness - initial||)``: 0 for equal
+    states, about 1 when one of them is unrelated to the other (zero, sign-flipped, random)."""
+    moved = norm((candidate - initial).astype(np.float64)) + norm((witness - initial).astype(np.float64))
+    apart = norm((candidate - witness).astype(np.float64))
+    return apart / moved if moved > 0 else (0.0 if apart == 0 else float("inf"))
 
 
 def states_agree(candidate: np.ndarray, witness: np.ndarray, initial: np.ndarray, tolerance: float) -> bool:
     """Whether a downloaded state lies close enough to a second peer's parameters to be adopted.
 
-    ``||candidate - witness|| <= tolerance * (||candidate - initial|| + ||witness - initial||)``:
-    distance measured against how far training moved both from the run's initial weights
-    (honest peers a round or two apart pass easily; an all-zero, sign-flipped or random state
-    does not; a state scaled by k passes only for k < 3 at the default 0.5). Pure numpy.
+    :func:`state_disagreement` <= ``tolerance``: distance measured against how far training
+    moved both from the run's initial weights (honest peers a round or two apart pass easily;
+    an all-zero, sign-flipped or random state does not; a state scaled by k passes only for
+    k < 3 at the default 0.5). Pure numpy.
     """
-    moved = norm((candidate - initial).astype(np.float64)) + norm((witness - initial).astype(np.float64))
-    return norm((candidate - witness).astype(np.float64)) <= tolerance * moved
+    return state_disagreement(candidate, witness, initial) <= tolerance
 
 
 def join_plan(own_round: int, newest: int | None, config: GossipConfig) -> CatchUp | None:
@@ -238,6 +245,7 @@ class PeerSetup:
     max_state_bytes: int = 1 << 30
     verify_signatures: bool = True  # False only for bytes the driver produced itself (simulator)
     admission: Admission | None = None  # None: an open swarm (Admission(run_id) with no authority)
+    certificate: bytes | None = None  # ours, sent with state and params requests (admitted swarms)
     rate_limits: RateLimits = RateLimits()  # noqa: RUF009 - frozen, so sharing is safe
 
 
@@ -307,7 +315,10 @@ class PeerProtocol:
 
     def state_request(self, nonce: bytes, now: float) -> bytes:
         """A signed ``state_request`` (both the state and the params streams take one)."""
-        return self.seal("state_request", {"round": self.round, "nonce": nonce}, now)
+        payload = {"round": self.round, "nonce": nonce}
+        if self.setup.certificate is not None:
+            payload["cert"] = self.setup.certificate
+        return self.seal("state_request", payload, now)
 
     # --- receiving ------------------------------------------------------------------------
     def open(self, data: bytes, now: float, *, stream: str) -> Envelope:
@@ -336,18 +347,24 @@ class PeerProtocol:
             )
 
     def _check_key(self, envelope: Envelope, remote: str, now: float, *, serving: bool) -> None:
-        """The rules on a verified sender, in order: ban, membership, transport binding.
+        """The rules on a verified sender, in order: ban, then membership.
 
-        [IGNORE] BANNED if the sender's key is banned. Membership: a key that is not an announced
-        (in an admitted swarm: certified) peer is [REJECT] NOT_ADMITTED when it asks us to serve
-        state or parameters in an admitted swarm (nothing is served to it), else [IGNORE]
-        UNKNOWN_SENDER (perhaps an honest peer whose announcement we have not read yet). The same
-        holds if the stream's transport is not the one the key announced.
+        [IGNORE] BANNED if the sender's key is banned. Updates count only from members: peers we
+        know announced (in an admitted swarm: with a valid certificate) from the transport the
+        stream comes from; else [IGNORE] UNKNOWN_SENDER (perhaps an honest peer whose
+        announcement we have not read yet). State and parameters are served to anyone in an open
+        swarm, and in an admitted one to members or to a key whose request carries a certificate
+        that admits it; else [REJECT] NOT_ADMITTED (nothing is served).
         """
         sender = envelope.sender_id
         if self.scores.is_banned(sender, now):
             self.scores.note_banned()
             raise Banned(f"{sender} is banned after {self.scores.rejections[sender]} rejected messages")
+        if serving:
+            if self.admission.open or (self.members is not None and sender in self.members):
+                return
+            self.admission.check(sender, envelope.payload.get("cert"), now)  # raises NotAdmitted
+            return
         if self.members is None:
             return
         transport = self.members.get(sender)
@@ -356,8 +373,6 @@ class PeerProtocol:
         what = (
             "not an announced peer" if transport is None else f"announced transport {transport}, not {remote}"
         )
-        if serving and not self.admission.open:
-            raise NotAdmitted(f"{sender} is {what} with a certificate of this swarm: nothing is served to it")
         raise UnknownSender(f"{sender} is {what}")
 
     def open_request(self, remote: str, data: bytes, now: float, *, stream: str) -> Envelope:
@@ -466,14 +481,18 @@ class PeerProtocol:
         return [p for p in catch_up_donors(live_rounds, plan.newest, self.config) if self.may_ask(p, now)]
 
     def witnesses(self, live_rounds: Mapping[str, int], donor: str, plan: CatchUp, now: float) -> list[str]:
-        """Whom to check ``donor``'s state against (:func:`state_witnesses`), banned peers left out."""
-        return [
-            p for p in state_witnesses(live_rounds, donor, plan.newest, self.config) if self.may_ask(p, now)
-        ]
+        """Whom to check ``donor``'s state against (:func:`state_witnesses`), banned peers left out,
+        at most :data:`MAX_WITNESSES`. The state is adopted if any one of them agrees: a lying
+        witness can delay an honest donor's state (the next witness is asked), not admit a bad one."""
+        found = [p for p in state_witnesses(live_rounds, donor, plan.newest) if self.may_ask(p, now)]
+        return found[:MAX_WITNESSES]
 
     def state_agrees(self, candidate: np.ndarray, witness: np.ndarray) -> bool:
         """:func:`states_agree` with this run's initial weights and ``gossip.state_agreement``."""
         return states_agree(candidate, witness, self.initial_params, self.config.state_agreement)
+
+    def state_disagreement(self, candidate: np.ndarray, witness: np.ndarray) -> float:
+        return state_disagreement(candidate, witness, self.initial_params)
 
     # --- state transfer: donor -----------------------------------------------------------------
     def serve_state(

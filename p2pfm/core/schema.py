@@ -318,7 +318,15 @@ register_kind(
         }
     ),
 )
-register_kind("state_request", Map({"round": Int(), "nonce": Bytes(length=16)}))
+register_kind(
+    "state_request",
+    Map(
+        # cert: the asker's certificate (p2pfm.core.admission), so that a donor that has not read
+        # the asker's announcement yet can still tell a member from a stranger. Optional.
+        {"round": Int(), "nonce": Bytes(length=16), "cert": Bytes(max_len=512)},
+        optional=frozenset({"cert"}),
+    ),
+)
 register_kind(
     "params_sync",
     Map(

@@ -129,7 +129,7 @@ class PeerDaemon:
         setup = PeerSetup(
             identity=identity, run_id=config.run_id, gossip=config.gossip,
             limits=EnvelopeLimits(max_bytes=config.net.max_message_bytes), max_state_bytes=config.net.max_state_bytes,
-            admission=admission, rate_limits=config.limits,
+            admission=admission, rate_limits=config.limits, certificate=certificate,
         )  # fmt: skip
         # Sequence numbers start at the clock in ms: monotone across restarts, never reusing (key, seq).
         self.protocol = PeerProtocol(setup, trainer.flat(), seq=time.time_ns() // 1_000_000)

@@ -235,7 +235,11 @@ class RoundDriver:
             if self.protocol.state_agrees(params, seen):
                 return True
             disagreed.append(witness)
-            log.warning("state of round %d from %s disagrees with %s's parameters", round_, donor, witness)
+            log.warning(
+                "state of round %d from %s disagrees with %s's parameters (%.3f apart, tolerance %.3f)",
+                round_, donor, witness, self.protocol.state_disagreement(params, seen),
+                self.protocol.config.state_agreement,
+            )  # fmt: skip
         reason = "disagrees" if disagreed else "unconfirmed"
         log.warning("state of round %d from %s not adopted: %s", round_, donor, reason)
         rt.record(StateRefusedRecord(donor, round_, ",".join(disagreed), reason, rt.wall_time()))
