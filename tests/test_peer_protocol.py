@@ -227,7 +227,8 @@ def test_params_sync_is_bound_to_the_donor_and_the_nonce():
     answer = pair.a.serve_params(pair.a.open(request, NOW, stream="params"), NOW)
     params, round_ = pair.b.open_params(answer, pair.a.identity.public_key_bytes, b"q" * 16, NOW)
     assert round_ == 3 and np.abs(params - pair.a.params).max() < 0.01  # int8 of the change
-    pair.b.mix(params, round_)
+    pair.b.learner.params = (pair.b.params + 0.3).astype(np.float32)  # b trained too, a little less
+    assert pair.b.mix(params, round_)
     assert pair.b.round == 3
     answer = pair.a.serve_params(pair.a.open(pair.b.state_request(b"r" * 16, NOW), NOW, stream="params"), NOW)
     with pytest.raises(NotDonor):
@@ -246,7 +247,11 @@ def test_join_and_round_plans_follow_the_catch_up_rule():
     assert round_plan(10, 18, cfg, sync_due=False) is None
     assert round_plan(10, 19, cfg, sync_due=True) == CatchUp(newest=19, behind=9)
     assert round_plan(10, 12, cfg, sync_due=True) == Sync()
-    assert catch_up_donors({"a": 19, "b": 18, "c": 11, "d": 10, "liar": 1_000_000}, 19, cfg) == ["a", "b", "c"]
+    assert catch_up_donors({"a": 19, "b": 18, "c": 11, "d": 10, "liar": 1_000_000}, 19, cfg) == [
+        "a",
+        "b",
+        "c",
+    ]
     peer = make_peer(sync_every=5)
     peer.learner.round = 10
     three = {"a": 10, "b": 10, "c": 9}
@@ -409,3 +414,16 @@ def test_a_flood_over_the_rate_budget_bans_itself():
             continue
     assert banned_at is not None and banned_at < 600  # 40 within the burst, then ~500 over it
     assert pair.b.scores.is_banned(pair.a.peer_id, NOW)
+
+
+def test_a_pulled_model_far_from_ours_is_not_mixed():
+    """An insider answering a parameter pull with an all-zero model: not mixed; an honest peer's is."""
+    peer = make_peer()
+    rng = np.random.default_rng(3)
+    moved = 0.3 * rng.standard_normal(NUMEL)  # training moves a model by a fraction of its size
+    peer.learner.params = (peer.initial_params + moved).astype(np.float32)
+    honest = (peer.learner.params + 0.05 * rng.standard_normal(NUMEL)).astype(np.float32)
+    before = peer.params.copy()
+    assert not peer.mix(np.zeros(NUMEL, np.float32), peer.round)
+    assert np.array_equal(peer.params, before)
+    assert peer.mix(honest, peer.round) and not np.array_equal(peer.params, before)

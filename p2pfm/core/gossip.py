@@ -55,6 +55,7 @@ class GossipConfig:
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
     max_updates_per_round: int = 16  # received updates one round counts, at most one per sender
     state_agreement: float = 0.5  # a downloaded state must lie this close to a second peer's (relative)
+    sync_agreement: float = 0.72  # a pulled peer's parameters are mixed only this close to ours
     sync_every: int | Literal["auto"] = (
         "auto"  # rounds between parameter pulls (0 = never); see sync_interval
     )
@@ -83,6 +84,7 @@ class GossipConfig:
         require(self.max_round_lag >= 0, "gossip.max_round_lag", "must be non-negative")
         require(self.max_updates_per_round >= 1, "gossip.max_updates_per_round", "must be at least 1")
         require(self.state_agreement > 0, "gossip.state_agreement", "must be positive")
+        require(self.sync_agreement > 0, "gossip.sync_agreement", "must be positive")
         require(
             self.sync_every == "auto" or (isinstance(self.sync_every, int) and self.sync_every >= 0),
             "gossip.sync_every",

@@ -548,6 +548,15 @@ class PeerProtocol:
         check_params_answer(envelope, donor_key, nonce)
         return decode_sync(envelope.payload["tensor"], self.initial_params), envelope.payload["round"]
 
-    def mix(self, params: np.ndarray, round: int) -> None:
-        """Average with a pulled peer's parameters (``sync_weight``)."""
+    def mix(self, params: np.ndarray, round: int) -> bool:
+        """Average with a pulled peer's parameters (``sync_weight``), if they agree with ours.
+
+        One random peer's word: an insider answering a pull with an all-zero model halved every
+        puller's model. Parameters further from ours than ``sync_agreement`` (the measure of
+        :func:`state_disagreement`; honest pulls in the 100-peer churn simulation: 99 % below 0.5,
+        all below 0.72; an all-zero model 0.74) are not mixed. Returns whether we mixed.
+        """
+        if state_disagreement(params, self.learner.params, self.initial_params) > self.config.sync_agreement:
+            return False
         self.learner.mix_with(params, round)
+        return True

@@ -66,6 +66,7 @@ class RoundRecord:
     diverged_rounds: int = 0  # rounds whose local steps went NaN/Inf: nothing sent, the others merged
     round_errors: int = 0  # rounds that raised and were retried from the last good anchor
     bans: int = 0  # bans decided so far (transports and signing keys), each also logged once
+    syncs_refused: int = 0  # pulled parameters too far from ours to mix (cumulative)
     event: str = "round"
 
 

@@ -258,7 +258,14 @@ class RoundDriver:
         except Exception as exc:
             log.info("sync with %s failed: %r", donor.peer_id, exc)
             return False
-        self.protocol.mix(params, round_)
+        if not self.protocol.mix(params, round_):
+            rt.counters["syncs_refused"] += 1
+            log.warning(
+                "parameters pulled from %s are %.3f apart from ours (over %.3f): not mixed",
+                donor.peer_id, self.protocol.state_disagreement(params, self.protocol.params),
+                self.protocol.config.sync_agreement,
+            )  # fmt: skip
+            return False
         rt.trainer.load_flat(self.protocol.params)
         rt.counters["syncs"] += 1
         return True
@@ -342,6 +349,7 @@ class RoundDriver:
             messages_ignored=dict(self.protocol.scores.ignored), push_failures=c["push_failures"],
             rolled_back_steps=c["rolled_back_steps"], diverged_rounds=c["diverged_rounds"],
             round_errors=c["round_errors"], bans=self.protocol.scores.bans_decided,
+            syncs_refused=c["syncs_refused"],
             compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
             gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, wall_time=rt.wall_time(), energy_wh=energy_wh,
             carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,

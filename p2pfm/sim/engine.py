@@ -102,6 +102,7 @@ class Metrics:
     computations_lost: int = 0
     straggler_rounds: int = 0
     state_downloads: int = 0
+    syncs_refused: int = 0  # pulled parameters too far from ours to mix (the daemon's rule)
     states_refused: int = 0  # a second peer's parameters disagreed with the donor's state: not adopted
     adopted: int = 0
     mixed: int = 0
@@ -348,7 +349,8 @@ class Simulation:
         for peer in active:
             pending = self.pending_mix[peer]
             if pending is not None:
-                self.peers[peer].mix(*pending)
+                if not self.peers[peer].mix(*pending):
+                    self.metrics.syncs_refused += 1
                 self.pending_mix[peer] = None
         self.in_round[:] = False
         self.in_round[active] = True

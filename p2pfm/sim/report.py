@@ -175,6 +175,7 @@ def summarize(sim) -> dict[str, Any]:
             "adopted": m.adopted,
             "mixed": m.mixed,
             "periodic_syncs": m.syncs,
+            "syncs_refused": m.syncs_refused,
         },
         "messages": {
             "sent": m.messages_sent,
