@@ -23,8 +23,10 @@ Time model (all virtual seconds; nothing here reads a clock):
   ``max_round_lag`` downloads a donor's state instead, as the daemon does.
 - Churn: leaving loses the computation and the messages in flight, and keeps the state
   (a checkpoint). A rejoining peer restarts from that stale checkpoint and follows the
-  daemon's join rule (``plan_join``): if the swarm is ahead of it at all, it downloads a donor's
-  full fp32 state over its own link and adopts it; it trains again from the next round.
+  daemon's join rule (``plan_join``): if the swarm's corroborated round is ahead of it at all, it
+  downloads a donor's full fp32 state over its own link and adopts it if a second ready peer's
+  parameters agree (``state_agrees``; else it counts a refusal and trains on from its own state);
+  it trains again from the next round.
 
 Byzantine peers (``[byzantine]``, :mod:`p2pfm.sim.adversary`): the same protocol, but the
 engine hands each update they make to the :class:`~p2pfm.sim.adversary.Adversary` and seals
@@ -624,7 +626,8 @@ class Simulation:
             self._push(max(change, self.now), LEAVE, (peer,))
 
     def _request_state(self, peer: int) -> None:
-        """The daemon's join rule: download a donor's state if the peers we see are ahead at all."""
+        """The daemon's join rule: download a donor's state if the corroborated round of the peers
+        we see is ahead of ours at all."""
         view = self._view(self._ready_peers())
         rounds = {pid: self.peers[self.index_of[pid]].round for pid in view if pid != self.ids[peer]}
         plan = self.peers[peer].plan_join(rounds)
