@@ -417,7 +417,8 @@ class AnnouncedMembers:
 
 
 # --- the campaign -------------------------------------------------------------------------------
-MEMBER_GOSSIP_USES = 40  # messages per member key: the default update burst, and under a ban (50)
+MEMBER_GOSSIP_USES = 12  # messages per member key: under the update burst (40), and under a ban (50)
+# even if several of them are outliers (severity 10) or round regressions (5)
 MEMBER_REQUEST_USES = 3  # state/params requests per member key: the default request burst
 STREAMS_PER_SENDER = 3  # under limits.max_streams_per_sender (4): a peer frees a slot just after it answers
 CONTROL_OK = frozenset({"round_full"})  # a valid update the round has no room for: counted, not used

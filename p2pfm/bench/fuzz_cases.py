@@ -160,6 +160,7 @@ class MessageFactory:
         self.control_fraction = control_fraction
         self.control_key = self._fresh_key()
         self.control_seq = int(start * 1e6)  # unique across campaigns on one target (microseconds)
+        self._control_round: dict[str, int] = {}  # per key: an honest peer's rounds never go back
         self.index = 0
         self._delivered: list[FuzzMessage] = []
         self.member: Identity | None = None  # set by the runner: an announced key
@@ -272,6 +273,8 @@ class MessageFactory:
         self.control_seq += 1
         if stream == "gossip":
             round_ = self.target.round + rng.randrange(self.ahead // 2, self.ahead * 3 // 2 + 1)
+            round_ = max(round_, self._control_round.get(key.peer_id, 0))  # else: round_regression
+            self._control_round[key.peer_id] = round_
             codec = rng.choice(sorted(self._wires))
             payload = self._update_payload(codec)
             fields = self._fields(key, "update", payload, now, round=round_, seq=self.control_seq)
