@@ -49,7 +49,7 @@ class GossipConfig:
     aggregation: Aggregation = "clipped_mean"
     clip_multiplier: float = 2.0  # a received update may differ from ours by at most this x ||ours||
     outlier_multiplier: float = (
-        20.0  # an update over this x ||our last update|| is refused and scored (0: off)
+        50.0  # an update over this x ||our last update|| is refused and scored (0: off)
     )
     trim_fraction: float = 0.2  # trimmed_mean drops this share at each end, at least 1 (0.2: 1 of 5)
     max_round_lag: int = 8  # updates from rounds further behind than this are refused as stale
@@ -298,7 +298,7 @@ class GossipLearner:
         if decoded.shape != self.params.shape:  # decode enforces it; keep the rule visible
             raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
         # [REJECT] OUTLIER (severity 10): honest updates of one round are of similar size (same H
-        # steps, same schedule); one 20x ours is deliberate. Clipping would bound its effect, but
+        # steps, same schedule); one 50x ours is deliberate (20x was seen once in an honest churn run). Clipping would bound its effect, but
         # only a rejection lets the sender's score fall until it is ignored.
         limit = self.config.outlier_multiplier * self._last_own_norm
         if limit > 0 and (size := norm(decoded)) > limit:

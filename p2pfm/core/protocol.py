@@ -477,8 +477,13 @@ class PeerProtocol:
         return round_plan(self.round, corroborated_round(live_rounds), self.config, sync_due=due)
 
     def donors(self, live_rounds: Mapping[str, int], plan: CatchUp, now: float) -> list[str]:
-        """Who may serve the state of ``plan``: near its round, and not banned."""
-        return [p for p in catch_up_donors(live_rounds, plan.newest, self.config) if self.may_ask(p, now)]
+        """Who may serve the state of ``plan``: near its round, ahead of ours (adopting a state behind
+        us would send our rounds back), and not banned."""
+        return [
+            p
+            for p in catch_up_donors(live_rounds, plan.newest, self.config)
+            if live_rounds[p] > self.round and self.may_ask(p, now)
+        ]
 
     def witnesses(self, live_rounds: Mapping[str, int], donor: str, plan: CatchUp, now: float) -> list[str]:
         """Whom to check ``donor``'s state against (:func:`state_witnesses`), banned peers left out,
