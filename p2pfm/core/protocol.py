@@ -375,23 +375,25 @@ class PeerProtocol:
         )
         raise UnknownSender(f"{sender} is {what}")
 
+    def _open_scored(self, remote: str, data: bytes, now: float, stream: str) -> Envelope:
+        """:meth:`open`, a refusal counted against the transport (no key is proven yet)."""
+        try:
+            return self.open(data, now, stream=stream)
+        except Refusal as exc:
+            self.refused(remote, exc, now)
+            raise
+
     def open_request(self, remote: str, data: bytes, now: float, *, stream: str) -> Envelope:
         """A state or params request: envelope and kind, then the sender's key, then its budget.
 
         Raises a Refusal, already counted (envelope problems against the transport, the rest
         against the key). Only members are served, at most ``requests_per_s`` each.
         """
-        try:
-            envelope = self.open(data, now, stream=stream)
-        except Refusal as exc:
-            self.refused(remote, exc, now)
-            raise
+        envelope = self._open_scored(remote, data, now, stream)
         try:
             self._check_key(envelope, remote, now, serving=True)
             self.request_limiter.check(envelope.sender_id, now, "state or params request")
-            if (
-                max(envelope.round, envelope.payload["round"]) > MAX_ROUND
-            ):  # unused, but bounded like every number
+            if max(envelope.round, envelope.payload["round"]) > MAX_ROUND:  # unused, but bounded
                 raise BadRound(f"request claims round {envelope.payload['round']}, beyond any run")
         except Refusal as exc:
             self.refused(envelope.sender_id, exc, now)
@@ -407,11 +409,7 @@ class PeerProtocol:
         codec (scored against the key: the identity that costs something).
         """
         self.check_sender(remote, now)
-        try:
-            envelope = self.open(data, now, stream="gossip")
-        except Refusal as exc:
-            self.refused(remote, exc, now)
-            raise
+        envelope = self._open_scored(remote, data, now, "gossip")
         try:
             self._check_key(envelope, remote, now, serving=False)
             self.update_limiter.check(envelope.sender_id, now, "update")
