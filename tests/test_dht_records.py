@@ -23,7 +23,7 @@ def announce_payload(**extra) -> dict:
         "maddrs": ["/ip4/127.0.0.1/tcp/1"],
         "round": 3,
         "model_hash": b"h" * 32,
-        "device": "cpu-host",
+        "device_class": "cpu-host",
         "power_w": 15.0,
         "state_bytes": 10,
         **extra,

@@ -43,7 +43,7 @@ PAYLOADS = {
         "maddrs": ["/ip4/127.0.0.1/tcp/1"],
         "round": 1,
         "model_hash": b"\x02" * 32,
-        "device": "pi",
+        "device_class": "pi",
         "power_w": 6.4,
         "state_bytes": 100,
     },

@@ -26,7 +26,7 @@ def announcement(
         maddrs=tuple(maddrs),
         round=round,
         model_hash=b"h" * 32,
-        device="cpu-host",
+        device_class="cpu-host",
         power_w=15.0,
         state_bytes=1000,
         seq=seq,

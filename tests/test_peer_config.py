@@ -28,7 +28,7 @@ def test_defaults_are_valid():
 def test_example_toml_loads_without_error():
     """peers/peer.example.toml is a valid config (it is what users copy)."""
     config = load_peer_config(EXAMPLE, {})
-    assert config.device == "laptop"
+    assert config.device_class == "laptop"
     assert config.gossip.codec.name == "topk"
     assert config.net.listen == ("/ip4/127.0.0.1/tcp/31337",)
 

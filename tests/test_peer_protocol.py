@@ -347,7 +347,7 @@ def test_rounds_beyond_any_run_are_refused_everywhere_they_enter():
             "maddrs": ["/ip4/127.0.0.1/tcp/1"],
             "round": huge,
             "model_hash": bytes(32),
-            "device": "cpu",
+            "device_class": "cpu",
             "power_w": 1.0,
             "state_bytes": 1,
         },

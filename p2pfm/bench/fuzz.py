@@ -375,7 +375,7 @@ class AnnouncedMembers:
     async def _announce(self, key: Identity) -> None:
         now = time.time()
         payload = {"libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": 0,
-                   "model_hash": bytes(32), "device": "fuzz", "power_w": 0.0, "state_bytes": 0}  # fmt: skip
+                   "model_hash": bytes(32), "device_class": "fuzz", "power_w": 0.0, "state_bytes": 0}  # fmt: skip
         record = seal(key, kind="announce", run_id=self.run_id, round=0, seq=time.time_ns(), timestamp=now,
                       payload=payload)  # fmt: skip
         self._live[key.peer_id] = (key, now)

@@ -461,7 +461,7 @@ class MessageFactory:
             return self._payload_for(kind)
         if kind == "announce":
             return {"libp2p_id": "12D3KooWFuzz", "maddrs": ["/ip4/127.0.0.1/tcp/1"], "round": 0,
-                    "model_hash": rng.randbytes(32), "device": "fuzz", "power_w": 1.0, "state_bytes": 100}  # fmt: skip
+                    "model_hash": rng.randbytes(32), "device_class": "fuzz", "power_w": 1.0, "state_bytes": 100}  # fmt: skip
         if kind == "state_manifest":
             return {"round": 0, "model_hash": rng.randbytes(32), "total_bytes": 8, "chunk_size": 4,
                     "chunk_hashes": [rng.randbytes(32), rng.randbytes(32)]}  # fmt: skip

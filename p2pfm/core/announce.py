@@ -26,7 +26,7 @@ class Announcement:
     maddrs: tuple[str, ...]
     round: int
     model_hash: bytes
-    device: str
+    device_class: str  # energy profile name (laptop, phone...), not a torch device
     power_w: float
     state_bytes: int
     seq: int
@@ -72,7 +72,7 @@ def check_announcement(
         maddrs=tuple(p["maddrs"]),
         round=p["round"],
         model_hash=p["model_hash"],
-        device=p["device"],
+        device_class=p["device_class"],
         power_w=p["power_w"],
         state_bytes=p["state_bytes"],
         seq=envelope.seq,

@@ -292,7 +292,7 @@ register_kind(
             "maddrs": List(Str(256), 16),
             "round": Int(),
             "model_hash": HASH32,
-            "device": Str(64),
+            "device_class": Str(64),
             "power_w": Float(min=0.0),
             "state_bytes": Int(),
             # libp2p ids of the peers the sender sees (newest first): the start-up quorum's

@@ -230,7 +230,7 @@ def build_persona(config: AttackConfig):  # -> PeerRuntime (heavy imports stay l
         "seed": config.seed,
         "work_dir": str(config.work_dir),
         "net.initial_peers": list(config.initial_peers),
-        "device": "attacker",
+        "device_class": "attacker",
         **{f"model.{k}": v for k, v in config.model.items()},
     }
     peer_config = load_peer_config(None, overrides)

@@ -15,7 +15,7 @@ from typing import Any
 from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
 from p2pfm.core.limits import RateLimits
-from p2pfm.model.config import GPTConfig, InnerTrainConfig
+from p2pfm.model.config import PRECISIONS, GPTConfig, InnerTrainConfig, check_device_spec
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,14 @@ class TrainConfig(InnerTrainConfig):
 
     eval_every: int = 1  # rounds between evaluations (0 = never)
     threads: int = 0  # torch threads; 0 = all cores (the swarm sets cores / peers)
+    device: str = "auto"  # torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
+    precision: str = "fp32"  # fp32, or bf16/fp16 autocast; weights and moments stay fp32 either way
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        problem = check_device_spec(self.device)
+        require(problem is None, "train.device", problem or "")
+        require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
         require(self.eval_every >= 0, "train.eval_every", "must be non-negative")
         require(self.threads >= 0, "train.threads", "must be non-negative")
 
@@ -142,7 +147,7 @@ class PeerConfig:
     data: Path | None = None  # folder of text files, or one text file; default: this machine's Python stdlib
     shard: int = -1  # which shard to train on; -1 = derived from the peer id
     num_shards: int = 8
-    device: str = "cpu-host"  # device class, announced (energy accounting, scheduling)
+    device_class: str = "cpu-host"  # energy profile name, announced (energy accounting); not the torch device
     power_w: float = 15.0  # active power estimate for energy accounting (W)
     grid_g_per_kwh: float = 475.0  # grid carbon intensity (world average, codecarbon table)
     checkpoint_every: int = 1  # rounds between checkpoints

@@ -42,6 +42,7 @@ from p2pfm.daemon.rounds import RoundDriver
 from p2pfm.daemon.runtime import PeerRuntime, load_or_create_identity
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
 from p2pfm.model.data import ByteDataset, ShardSpec
+from p2pfm.model.device import resolve_device
 from p2pfm.model.gpt import build_model
 
 log = logging.getLogger("p2pfm.peer")
@@ -69,6 +70,7 @@ def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> Local
         weight_decay=config.train.weight_decay, batch_size=config.train.batch_size,
         seed=int.from_bytes(digest(peer_id.encode())[:4], "little"),
         eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,
+        device=resolve_device(config.train.device), precision=config.train.precision,
     )  # fmt: skip
 
 
@@ -171,6 +173,7 @@ class PeerDaemon:
         """Restore, go online, wait for the quorum, join (download state if the swarm moved ahead)."""
         rt, loop = self.runtime, asyncio.get_running_loop()
         log.info("config: %s", config_to_dict(self.config))
+        log.info("computing on %s in %s", rt.compute_device, getattr(self.trainer, "precision", "fp32"))
         rt.resumed = rt.restore_checkpoint()
         rt.refresh_snapshot()
         # Fork the DHT child before installing our signal handlers: a child inheriting them

@@ -86,7 +86,7 @@ def messages_for(case: str, run_id: str, numel: int, round_: int, me: Identity) 
                     "maddrs": [],
                     "round": round_,
                     "model_hash": bytes(32),
-                    "device": "probe",
+                    "device_class": "probe",
                     "power_w": 0.0,
                     "state_bytes": 0,
                 },
@@ -187,7 +187,7 @@ async def announce_until_seen(net, status: Path | None, round_: int, deadline_s:
     """Announce ourselves (every second) until the target's status.json lists us live."""
     payload = {
         "libp2p_id": net.libp2p_id, "maddrs": net.maddrs[:16], "round": round_, "model_hash": bytes(32),
-        "device": "probe", "power_w": 0.0, "state_bytes": 0,
+        "device_class": "probe", "power_w": 0.0, "state_bytes": 0,
     }  # fmt: skip
     started = time.monotonic()
     while True:

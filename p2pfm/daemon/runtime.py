@@ -33,6 +33,7 @@ from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import Record, as_record
 from p2pfm.daemon.trainer import ModelAdapter
+from p2pfm.model.device import describe as describe_device
 
 log = logging.getLogger("p2pfm.peer")
 
@@ -144,7 +145,7 @@ class PeerRuntime:
     def announcement_payload(self) -> dict:
         return {
             "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.protocol.round,
-            "model_hash": self.snapshot.hash, "device": self.config.device[:64],
+            "model_hash": self.snapshot.hash, "device_class": self.config.device_class[:64],
             "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot.data),
             "sees": self.sees(), **({"cert": self.certificate} if self.certificate else {}),
         }  # fmt: skip
@@ -222,10 +223,17 @@ class PeerRuntime:
             "round": self.protocol.round, "live_peers": sorted(self.live), "eval_loss": self.eval_loss,
             "state": self.protocol.phase.value, "shard": self.shard_index, "pid": os.getpid(),
             "run_id": self.config.run_id, "admission": "open" if self.protocol.admission.open else "certificate",
+            "device": self.compute_device, "precision": getattr(self.trainer, "precision", "fp32"),
         }  # fmt: skip
         if quorum is not None:
             status["quorum"] = quorum
         self.metrics.status(status)
+
+    @property
+    def compute_device(self) -> str:
+        """Where the model computes, for status.json and logs (``cuda:0 (NVIDIA H200)``, ``cpu``)."""
+        device = next((p.device for p in self.trainer.model.parameters()), None)
+        return describe_device(device) if device is not None else "none"
 
     @property
     def phase(self) -> Phase:

@@ -17,17 +17,32 @@ import torch
 
 from p2pfm.model.config import InnerTrainConfig
 from p2pfm.model.data import ByteDataset, evaluate
+from p2pfm.model.device import check_precision, grad_scaler
 from p2pfm.model.train import build_inner_optimizer, train_step
 
 
-def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
-    """All parameters as one float32 vector (a copy), in ``model.parameters()`` order.
+def flatten_parameters(model: torch.nn.Module, out: np.ndarray | None = None) -> np.ndarray:
+    """All parameters as one float32 host vector, in ``model.parameters()`` order.
 
-    Converted by torch, not numpy: numpy has no bfloat16.
+    Copied one parameter at a time straight into ``out`` (allocated if None): no full-size
+    device-side concatenation and no second host copy (``parameters_to_vector`` + ``.to("cpu")``
+    held the model twice more), so a 124M-parameter model on a GPU costs one host vector, filled
+    in blocks of one tensor. Converted by torch, not numpy: numpy has no bfloat16.
     """
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if out is None:
+        out = np.empty(total, dtype=np.float32)
+    elif out.shape != (total,) or out.dtype != np.float32:
+        raise ValueError(f"output vector is {out.dtype}{out.shape}, the model needs float32 ({total},)")
+    target = torch.from_numpy(out)
+    offset = 0
     with torch.no_grad():
-        vector = torch.nn.utils.parameters_to_vector(model.parameters())
-        return vector.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+        for param in params:
+            count = param.numel()
+            target[offset : offset + count].copy_(param.detach().reshape(-1))
+            offset += count
+    return out
 
 
 def load_flat_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
@@ -35,7 +50,7 @@ def load_flat_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
     source = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
     offset = 0
     with torch.no_grad():
-        for param in model.parameters():
+        for param in model.parameters():  # one tensor at a time: host -> device, float32 -> its dtype
             count = param.numel()
             param.copy_(source[offset : offset + count].view_as(param))
             offset += count
@@ -142,15 +157,27 @@ class LocalTrainer(ModelAdapter):
         seed: int,
         eval_batches: int,
         eval_batch_size: int,
+        device: torch.device | None = None,
+        precision: str = "fp32",
     ) -> None:
+        self.device = device if device is not None else torch.device("cpu")
+        check_precision(self.device, precision)
+        self.precision = precision
+        # Built on the CPU from the run seed (identical on every peer), then moved; the optimizer
+        # is created after the move, so its moments are born on the parameters' device.
+        model = model.to(self.device)
         optimizer = build_inner_optimizer(
             model.parameters(), InnerTrainConfig(lr=lr, weight_decay=weight_decay)
         )
         super().__init__(model, optimizer)
+        self.scaler = grad_scaler(self.device, precision)
         self.dataset = dataset
         self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.eval_set = dataset.eval_batches(eval_batches, eval_batch_size) if eval_batches > 0 else []
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: same batches on any device
+        self.eval_set = [
+            (x.to(self.device), y.to(self.device))
+            for x, y in (dataset.eval_batches(eval_batches, eval_batch_size) if eval_batches > 0 else [])
+        ]
 
     def train_steps(self, steps: int, stop: threading.Event | None = None) -> StepStats:
         """Run up to ``steps`` AdamW steps (fewer if ``stop`` is set); returns loss and timing."""
@@ -161,7 +188,15 @@ class LocalTrainer(ModelAdapter):
             if stop is not None and stop.is_set():
                 break
             inputs, targets = self.dataset.batch(self.generator, self.batch_size)
-            losses.append(train_step(self.model, self.optimizer, inputs, targets))
+            inputs, targets = (
+                inputs.to(self.device, non_blocking=True),
+                targets.to(self.device, non_blocking=True),
+            )
+            losses.append(
+                train_step(
+                    self.model, self.optimizer, inputs, targets, precision=self.precision, scaler=self.scaler
+                )
+            )
         self.samples_seen += len(losses) * self.batch_size
         self.steps_done += len(losses)
         return StepStats(
@@ -172,4 +207,6 @@ class LocalTrainer(ModelAdapter):
         )
 
     def evaluate(self) -> float:
-        return evaluate(self.model, self.eval_set) if self.eval_set else float("nan")
+        return (
+            evaluate(self.model, self.eval_set, precision=self.precision) if self.eval_set else float("nan")
+        )

@@ -55,3 +55,19 @@ class InnerTrainConfig:
         require(self.eval_batches >= 0, "train.eval_batches", "must be non-negative")
         require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
         require(self.max_shard_bytes >= 4096, "train.max_shard_bytes", "must be at least 4096")
+
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # see p2pfm.model.device
+
+
+def check_device_spec(spec: str) -> str | None:
+    """Why ``spec`` is not a device name we accept (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), or None.
+
+    Syntax only, torch-free, so configs are checked without importing torch or touching a GPU;
+    :func:`p2pfm.model.device.resolve_device` checks the machine has it.
+    """
+    if spec in ("auto", "cpu", "cuda", "mps"):
+        return None
+    if spec.startswith("cuda:") and spec[5:].isdigit() and len(spec) <= 9:
+        return None
+    return f"{spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps"

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from p2pfm.config import ConfigError
+from p2pfm.model.device import autocast
 
 log = logging.getLogger(__name__)
 
@@ -355,10 +356,15 @@ class ByteDataset:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean cross-entropy (nats per byte) over fixed held-out batches."""
+def evaluate(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "fp32"
+) -> float:
+    """Mean cross-entropy (nats per byte) over fixed held-out batches (already on the model's device)."""
     was_training = model.training
     model.eval()
-    losses = [float(model(x, y)[1]) for x, y in batches]
+    losses = []
+    for x, y in batches:
+        with autocast(x.device, precision):
+            losses.append(float(model(x, y)[1]))
     model.train(was_training)
     return float(np.mean(losses))

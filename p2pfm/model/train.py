@@ -12,6 +12,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from p2pfm.model.config import InnerTrainConfig
+from p2pfm.model.device import autocast
 
 # nanoGPT's (and GPT-3's) beta2 = 0.95 instead of torch's 0.999: with small batches and a high
 # lr the second moment must follow the gradient's scale within ~20 steps, not ~1000, or a burst
@@ -26,16 +27,31 @@ def build_inner_optimizer(params: ParamsT, config: InnerTrainConfig) -> torch.op
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One step on one batch: forward, backward, optimizer step; returns the batch's mean loss.
 
     ``model(inputs, targets)`` returns ``(logits, loss)`` as :class:`p2pfm.model.gpt.GPT` does
     (a DistributedDataParallel wrapper of it too). Gradients are dropped (set to None) rather
     than zeroed, so no step ever adds a stale gradient and the memory is freed between steps.
+    ``precision`` autocasts the forward pass on the inputs' device (the parameters and moments
+    stay float32: :mod:`p2pfm.model.device`); ``scaler`` scales fp16 losses so that small
+    gradients do not underflow (bf16 needs none).
     """
-    _, loss = model(inputs, targets)
+    with autocast(inputs.device, precision):
+        _, loss = model(inputs, targets)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
+        scaler.update()
     return float(loss.detach())

@@ -126,7 +126,7 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "maddrs": ["/ip4/127.0.0.1/tcp/31337"],
         "round": 7,
         "model_hash": bytes(range(32)),
-        "device": "raspberry-pi-4",
+        "device_class": "raspberry-pi-4",
         "power_w": 6.4,
         "state_bytes": 12_582_912,
     },
@@ -361,8 +361,8 @@ CASES: list[Case] = [
     ),
     Case(
         "reject_schema_payload_missing_field",
-        "announce without device",
-        lambda: sign_fields(fields("announce", payload=_payload("announce", device=_DROP))),
+        "announce without device_class",
+        lambda: sign_fields(fields("announce", payload=_payload("announce", device_class=_DROP))),
         "schema",
     ),
     Case(

@@ -132,7 +132,7 @@ def array_view(array: np.ndarray) -> dict[str, Any]:
 def announcement_view(a: Announcement) -> dict[str, Any]:
     return {
         "peer_id": a.peer_id, "public_key": a.public_key.hex(), "libp2p_id": a.libp2p_id,
-        "maddrs": list(a.maddrs), "round": a.round, "model_hash": a.model_hash.hex(), "device": a.device,
+        "maddrs": list(a.maddrs), "round": a.round, "model_hash": a.model_hash.hex(), "device_class": a.device_class,
         "power_w": a.power_w, "state_bytes": a.state_bytes, "seq": a.seq, "timestamp": a.timestamp,
         "sees": list(a.sees),
     }  # fmt: skip
@@ -268,7 +268,7 @@ ANNOUNCE = {
     "maddrs": ["/ip4/127.0.0.1/tcp/31337"],
     "round": STATE_ROUND,
     "model_hash": digest(STATE),
-    "device": "raspberry-pi-4",
+    "device_class": "raspberry-pi-4",
     "power_w": 6.4,
     "state_bytes": len(STATE),
     "sees": ["12D3KooWVectorRemotePeerVectorRemotePeerVectorRe"],
