@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from p2pfm.config import ConfigError
-from p2pfm.core.transfer import pack_state
 from p2pfm.core.tensorfile import unpack_arrays
+from p2pfm.core.transfer import pack_state
 from p2pfm.daemon.config import load_peer_config
 from p2pfm.daemon.trainer import LocalTrainer, flatten_parameters, load_flat_parameters
 from p2pfm.model.config import GPTConfig
