@@ -256,10 +256,94 @@ def _run_fuzz(args: argparse.Namespace) -> int:
     return 0 if passed(result) else 1
 
 
+def register_scale(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench scale``: memory, round-time split, bytes and state download at 1M-124M parameters."""
+    from pathlib import Path
+
+    from p2pfm.bench.scale import DEFAULT_SIZES, ScaleBenchConfig
+
+    default = ScaleBenchConfig()
+    parser = bench_subparsers.add_parser(
+        "scale",
+        help="model sizes 1M-124M: peak RSS vs a plain loop, round-time split, bytes, state download vs TCP",
+        description=(
+            "For each model preset: a plain single-process AdamW loop of the same model (its peak RSS), then "
+            "a real local swarm (peak RSS and its breakdown per peer, round time split into compute, "
+            "codec + sign, verify + decode, merge, snapshot and the rest, bytes per round) and a joiner "
+            "downloading the full state, timed against a plain TCP copy of the same bytes on loopback. "
+            "At 124M parameters on a laptop CPU this takes tens of minutes. See p2pfm/bench/scale.py."
+        ),
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(DEFAULT_SIZES),
+        help=f"comma-separated presets (default {','.join(DEFAULT_SIZES)})",
+    )
+    parser.add_argument(
+        "--peers", type=int, default=default.peers, help=f"training peers (default {default.peers})"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=default.rounds, help=f"measured rounds (default {default.rounds})"
+    )
+    parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=default.inner_steps,
+        help=f"steps per round (default {default.inner_steps})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=default.batch_size,
+        help=f"sequences per step (default {default.batch_size})",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=default.block_size,
+        help=f"context per sequence (default {default.block_size})",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=_run_scale)
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from p2pfm.bench.scale import ScaleBenchConfig, format_report, run_scale_bench
+    from p2pfm.swarm import PeerFailed
+
+    config = ScaleBenchConfig(
+        sizes=tuple(s.strip() for s in args.sizes.split(",") if s.strip()), peers=args.peers,
+        rounds=args.rounds, inner_steps=args.inner_steps, batch_size=args.batch_size,
+        block_size=args.block_size, out_dir=args.out,
+    )  # fmt: skip
+    from p2pfm.model.config import GPT_PRESETS
+
+    unknown = [s for s in config.sizes if s not in GPT_PRESETS]
+    if unknown:
+        print(
+            f"p2pfm: error: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(GPT_PRESETS)}",
+            file=sys.stderr,
+        )
+        return 2
+    log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else print
+    try:
+        report = run_scale_bench(config, log=log)
+    except (PeerFailed, TimeoutError) as exc:
+        print(f"p2pfm: error: {exc}\np2pfm: the benchmark's swarm was stopped", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=1, sort_keys=True) if args.json else format_report(report))
+    return 0
+
+
 BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [
     register_codecs,
     register_swarm,
     register_compare,
     register_fuzz,
+    register_scale,
 ]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""

@@ -314,25 +314,37 @@ class GossipLearner:
         queued[sender_round] = wire
         return decoded
 
-    def _received(self) -> list[np.ndarray]:
-        """The queued updates, decoded, in sender order (an order-independent result); empties the inbox."""
-        received = [
-            decode(self._inbox[sender][r], expected_numel=self.numel)
-            for sender in sorted(self._inbox)
-            for r in sorted(self._inbox[sender])
-        ]
-        self._inbox.clear()
-        self._queued = 0
-        return received
+    def close_inbox(self) -> dict[str, dict[int, dict]]:
+        """Take this round's queued updates and start an empty inbox (cheap: a swap).
 
-    def finish_round(self, expected_received: int | None = None) -> tuple[np.ndarray, RoundReport]:
+        A driver that merges off its event loop takes the inbox on the loop, then calls
+        :meth:`finish_round` with it in a worker thread: updates arriving meanwhile go to the
+        next round's inbox instead of racing the merge.
+        """
+        inbox, self._inbox, self._queued = self._inbox, {}, 0
+        return inbox
+
+    def _received(self, inbox: dict[str, dict[int, dict]] | None = None) -> list[np.ndarray]:
+        """The queued updates, decoded, in sender order (an order-independent result); empties the inbox."""
+        if inbox is None:
+            inbox = self.close_inbox()
+        return [
+            decode(inbox[sender][r], expected_numel=self.numel)
+            for sender in sorted(inbox)
+            for r in sorted(inbox[sender])
+        ]
+
+    def finish_round(
+        self, expected_received: int | None = None, inbox: dict[str, dict[int, dict]] | None = None
+    ) -> tuple[np.ndarray, RoundReport]:
         """Aggregate own + received deltas, take the outer step, return the new anchor.
 
         Pass ``expected_received = min(fanout, live peers)`` for sum-preserving weights (see
-        :func:`aggregate`); None averages over what actually arrived.
+        :func:`aggregate`); None averages over what actually arrived. ``inbox``: what
+        :meth:`close_inbox` took (None = take it now).
         """
         own = self._own if self._own is not None else np.zeros_like(self.params)
-        received = self._received()
+        received = self._received(inbox)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, not warned about
             combined = aggregate(own, received, self.config, expected_received)
             step = combined

@@ -446,9 +446,18 @@ class PeerProtocol:
             self.newest_from.popitem(last=False)
 
     # --- the round ------------------------------------------------------------------------
-    def finish_round(self, live_others: int) -> tuple[np.ndarray, RoundReport]:
-        """Merge with the sum-preserving weights (``expected_received``) and take the outer step."""
-        return self.learner.finish_round(expected_received(self.config.fanout, live_others))
+    def close_inbox(self) -> dict[str, dict[int, dict]]:
+        """This round's updates, taken out of the inbox (see :meth:`GossipLearner.close_inbox`)."""
+        return self.learner.close_inbox()
+
+    def finish_round(
+        self, live_others: int, inbox: dict[str, dict[int, dict]] | None = None
+    ) -> tuple[np.ndarray, RoundReport]:
+        """Merge with the sum-preserving weights (``expected_received``) and take the outer step.
+
+        ``inbox``: what :meth:`close_inbox` took, when the merge runs off the receiving thread.
+        """
+        return self.learner.finish_round(expected_received(self.config.fanout, live_others), inbox)
 
     def drain(self, live_others: int) -> tuple[np.ndarray, int]:
         """Apply the last updates that arrived after our last round."""

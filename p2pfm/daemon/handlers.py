@@ -174,10 +174,15 @@ class StreamHandlers:
         if data is None:
             return
         self.rt.counters["bytes_received"] += len(data)
+        start = time.perf_counter()
+        refusal: Refusal | None = None
         try:
             self.protocol.receive_update(remote, data, time.time())
         except Refusal as exc:
-            await self._refuse(remote, writer, exc, counted=True)
+            refusal = exc
+        self.rt.counters["receive_seconds"] += time.perf_counter() - start
+        if refusal is not None:
+            await self._refuse(remote, writer, refusal, counted=True)
             return
         self.rt.heard_update.set()
         await write_frame(writer, msgpack.packb({"ok": True}))

@@ -56,8 +56,12 @@ class RoundRecord:
     rolled_back_steps: int  # merged steps dropped because they would have made the model NaN/Inf
     compute_seconds: float
     round_seconds: float
-    gossip_seconds: float
+    gossip_seconds: float  # from the end of the local steps to the end of the round (below, and waits)
     eval_seconds: float
+    encode_seconds: float  # flatten the model, top-k + int8 with error feedback, sign
+    merge_seconds: float  # decode the inbox, aggregate, outer step, load into the model
+    snapshot_seconds: float  # pack and hash the state we serve
+    receive_seconds: float  # cumulative: verifying, checking and decoding others' updates on arrival
     wall_time: float
     energy_wh: float
     carbon_g: float

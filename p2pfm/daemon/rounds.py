@@ -292,25 +292,36 @@ class RoundDriver:
         rt.train_loss = stats.mean_loss
         gossip_start = time.perf_counter()
         work = LocalWork(samples=stats.samples, inner_steps=stats.steps, train_loss=stats.mean_loss)
-        local = rt.trainer.flat()
-        if np.isfinite(local).all():
-            message = self.protocol.seal("update", self.protocol.make_update(local, work), time.time())
+        # Encoding (top-k over every parameter) and the merge take seconds at 100M+ parameters:
+        # both run in a worker thread so the event loop keeps answering pushes and requests.
+        local = await loop.run_in_executor(None, rt.trainer.flat)
+        if await loop.run_in_executor(None, lambda: bool(np.isfinite(local).all())):
+            payload = await loop.run_in_executor(None, self.protocol.make_update, local, work)
+            message = self.protocol.seal("update", payload, time.time())
+            del local, payload
+            encode_seconds = time.perf_counter() - gossip_start
             for target in choose_partners(list(rt.live), rt.peer_id, rt.config.gossip.fanout, rt.rng):
                 task = asyncio.create_task(self.client.push_update(rt.live[target], message))
                 rt.background.add(task)
                 task.add_done_callback(rt.background.discard)
         else:  # local steps diverged (a poisoned or unlucky anchor): send nothing, merge the others'
             rt.counters["diverged_rounds"] += 1
+            encode_seconds = time.perf_counter() - gossip_start
             log.warning(
                 "round %d: local training produced NaN/Inf; no update sent this round", self.protocol.round
             )
-        params, report = self.protocol.finish_round(len(rt.live))
+        merge_start = time.perf_counter()
+        inbox = self.protocol.close_inbox()  # on the loop: later arrivals count for the next round
+        params, report = await loop.run_in_executor(None, self.protocol.finish_round, len(rt.live), inbox)
+        del inbox
         if report.rolled_back:
             rt.counters["rolled_back_steps"] += 1
             log.warning(
                 "round %d: the merged step would have made the model NaN/Inf; step dropped", report.round
             )
-        rt.trainer.load_flat(params)
+        await loop.run_in_executor(None, rt.trainer.load_flat, params)
+        del params
+        merge_seconds = time.perf_counter() - merge_start
         plan = self.protocol.plan_round(rt.live_rounds(), sync_requested=rt.sync_soon)
         synced = False
         if isinstance(plan, CatchUp):
@@ -324,7 +335,9 @@ class RoundDriver:
             rt.sync_soon = False
             await self.sync_with_random_peer()
             synced = True
+        snapshot_start = time.perf_counter()
         rt.refresh_snapshot()
+        snapshot_seconds = time.perf_counter() - snapshot_start
         if self.await_first_update:
             self.await_first_update = False
             await self.wait_for_first_update()
@@ -351,7 +364,9 @@ class RoundDriver:
             round_errors=c["round_errors"], bans=self.protocol.scores.bans_decided,
             syncs_refused=c["syncs_refused"],
             compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
-            gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, wall_time=rt.wall_time(), energy_wh=energy_wh,
+            gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, encode_seconds=encode_seconds,
+            merge_seconds=merge_seconds, snapshot_seconds=snapshot_seconds,
+            receive_seconds=c["receive_seconds"], wall_time=rt.wall_time(), energy_wh=energy_wh,
             carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,
             dht_records_ignored=dict(rt.net.ignored_records.by_reason),
         ))  # fmt: skip

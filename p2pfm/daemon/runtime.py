@@ -29,6 +29,7 @@ from p2pfm.core.tensorfile import digest
 from p2pfm.core.transfer import pack_state
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
+from p2pfm.daemon.memory import buffer_breakdown, process_rss
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import Record, as_record
@@ -227,7 +228,22 @@ class PeerRuntime:
         }  # fmt: skip
         if quorum is not None:
             status["quorum"] = quorum
+        status["memory"] = self.memory_report()
         self.metrics.status(status)
+
+    def memory_report(self) -> dict:
+        """The process's RSS (now, peak) and its full-size buffers by name (p2pfm.daemon.memory)."""
+        learner = self.protocol.learner
+        named = {
+            "gossip_anchor": learner.params, "outer_momentum": learner.momentum,
+            "error_feedback_residual": learner.feedback.residual,
+            "initial_params": self.protocol.initial_params,
+        }  # fmt: skip
+        report = buffer_breakdown(self.trainer.model, self.trainer.optimizer, named)
+        snapshot = self.snapshot.data
+        if isinstance(snapshot, (bytes, bytearray)) and snapshot:
+            report["host_buffers"]["served_snapshot"] = len(snapshot)
+        return {**process_rss(), **report}
 
     @property
     def compute_device(self) -> str:
