@@ -230,3 +230,74 @@ def test_register_aggregation_refuses_taken_names_and_non_rules(toy_rule):
         register_aggregation(NormClippedMean())  # an instance, not the class
     with pytest.raises(TypeError):
         register_aggregation(dict)
+
+
+def _dense_clipped_mean(own, received, expected_received, clip_multiplier=2.0):
+    """The clipped mean as written before the sparse path (the reference, on every coordinate)."""
+    from p2pfm.core.aggregation import denominator, norm
+
+    radius = clip_multiplier * norm(own)
+    total = own.astype(np.float64, copy=True)
+    for update in received:
+        difference = update - own
+        distance = norm(difference)
+        if radius == 0.0:
+            total += update
+        elif distance > radius:
+            total += own + difference * (radius / distance)
+        else:
+            total += update
+    return (total / denominator(len(received), expected_received)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sparse_clipped_mean_is_bit_identical_to_the_dense_arithmetic(seed):
+    """Top-k updates take the sparse path; it must give the dense result bit for bit (clipping or not)."""
+    from p2pfm.core.aggregation import ClippedMean
+
+    rng = np.random.default_rng(seed)
+    n, k = 20_000, 200
+
+    def sparse(scale):
+        vector = np.zeros(n, np.float32)
+        vector[rng.choice(n, k, replace=False)] = rng.standard_normal(k).astype(np.float32) * scale
+        return vector
+
+    own = sparse(1.0) if seed % 4 else np.zeros(n, np.float32)  # a zero own update: no yardstick
+    received = [sparse(rng.choice([0.5, 1.0, 30.0])) for _ in range(1 + seed % 5)]
+    expected = None if seed % 2 else 2
+    got = ClippedMean().merge(own, received, expected)
+    want = _dense_clipped_mean(own, received, expected)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    dense_own = rng.standard_normal(n).astype(np.float32)  # dense updates keep the dense path
+    np.testing.assert_array_equal(
+        ClippedMean().merge(dense_own, received, expected), _dense_clipped_mean(dense_own, received, expected)
+    )
+
+
+@pytest.mark.parametrize("outer_momentum", [0.0, 0.9])
+def test_outer_step_in_place_matches_the_formula_bit_for_bit(outer_momentum):
+    """finish_round's in-place Nesterov step gives exactly params - lr * (c + mu * (mu * m + c))."""
+    from p2pfm.core.gossip import GossipConfig, GossipLearner, aggregate
+
+    rng = np.random.default_rng(3)
+    params = rng.standard_normal(5000).astype(np.float32)
+    config = GossipConfig(outer_momentum=outer_momentum, outer_lr=0.7)
+    learner = GossipLearner(params, config)
+    for _ in range(3):  # momentum builds up over rounds
+        old_params, old_momentum = learner.params.copy(), learner.momentum.copy()
+        local = learner.params - 0.01 * rng.standard_normal(5000).astype(np.float32)
+        learner.make_update(local)
+        own = learner._own.copy()
+        new, report = learner.finish_round(1)
+        combined = aggregate(own, [], config, 1)
+        if outer_momentum:
+            momentum = outer_momentum * old_momentum + combined
+            step = combined + outer_momentum * momentum
+        else:
+            momentum, step = old_momentum, combined
+        want = (old_params - config.outer_lr * step).astype(np.float32)
+        np.testing.assert_array_equal(new.view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(learner.momentum.view(np.uint32), momentum.view(np.uint32))
+        assert report.applied_norm == pytest.approx(float(np.linalg.norm(step)) * config.outer_lr, rel=1e-6)

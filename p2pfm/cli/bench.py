@@ -260,7 +260,7 @@ def register_scale(bench_subparsers: argparse._SubParsersAction) -> None:
     """``p2pfm bench scale``: memory, round-time split, bytes and state download at 1M-124M parameters."""
     from pathlib import Path
 
-    from p2pfm.bench.scale import DEFAULT_SIZES, ScaleBenchConfig
+    from p2pfm.bench.scale_config import DEFAULT_SIZES, ScaleBenchConfig
 
     default = ScaleBenchConfig()
     parser = bench_subparsers.add_parser(

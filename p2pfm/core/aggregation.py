@@ -38,6 +38,18 @@ def norm(x: np.ndarray) -> float:
     return float(np.sqrt(x.dot(x)))
 
 
+SPARSE_MERGE_DENSITY = 0.25  # above this share of touched coordinates the dense path is as cheap
+
+
+def _sparse_support(own: np.ndarray, received: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Sorted indices where own or any received update is nonzero; None if that is most of them."""
+    touched = own != 0
+    for update in received:
+        touched |= update != 0
+    support = np.flatnonzero(touched)
+    return support if support.size <= SPARSE_MERGE_DENSITY * own.size else None
+
+
 def denominator(received: int, expected_received: int | None) -> int:
     """The (clipped) mean's divisor: ``1 + expected_received`` when fixed, else ``1 + received``; at least 1.
 
@@ -190,19 +202,39 @@ class ClippedMean(AggregationRule):
         self, own: np.ndarray, received: Sequence[np.ndarray], expected_received: int | None
     ) -> np.ndarray:
         radius = self.clip_multiplier * norm(own)
-        total = own.astype(np.float64, copy=True)
+        divisor = denominator(len(received), expected_received)
+        support = _sparse_support(own, received)
+        if support is None:  # dense updates: the arithmetic on every coordinate
+            total = own.astype(np.float64, copy=True)
+            for update in received:
+                difference = update - own
+                total += self._clipped(own, update, difference, norm(difference), radius)
+            return (total / divisor).astype(np.float32)
+        # Top-k updates touch ~1 % of the coordinates: the same arithmetic on the union of their
+        # supports only (elsewhere every term is exactly 0, so the result is bit for bit the
+        # dense one). Distances stay dense dot products, so they round exactly as before.
+        own_s = own[support]
+        total_s = own_s.astype(np.float64)
         for update in received:
-            difference = update - own
-            distance = norm(difference)
-            if radius == 0.0:
-                # We sent nothing this round (all in the residual): accept bounded by the
-                # received update's own size; a zero-size own update cannot anchor the clip.
-                total += update
-            elif distance > radius:
-                total += own + difference * (radius / distance)
-            else:
-                total += update
-        return (total / denominator(len(received), expected_received)).astype(np.float32)
+            update_s = update[support]
+            distance = norm(update - own)
+            total_s += self._clipped(own_s, update_s, update_s - own_s, distance, radius)
+        result = np.zeros_like(own)
+        result[support] = (total_s / divisor).astype(np.float32)
+        return result
+
+    @staticmethod
+    def _clipped(
+        own: np.ndarray, update: np.ndarray, difference: np.ndarray, distance: float, radius: float
+    ) -> np.ndarray:
+        """``update``, or our own plus the difference scaled down to ``radius`` if it is farther."""
+        if radius == 0.0:
+            # We sent nothing this round (all in the residual): accept bounded by the
+            # received update's own size; a zero-size own update cannot anchor the clip.
+            return update
+        if distance > radius:
+            return own + difference * (radius / distance)
+        return update
 
 
 @register_aggregation
