@@ -33,6 +33,12 @@ class Announcement:
     timestamp: float
     sees: tuple[str, ...] = ()  # libp2p ids the sender sees (the start-up quorum's handshake)
     cert: bytes | None = None  # the swarm authority's certificate for the sender (admitted swarms)
+    paused: str | None = None  # why its energy policy paused it; None = training
+
+    @property
+    def training(self) -> bool:
+        """Not paused: a candidate partner, donor and quorum member."""
+        return self.paused is None
 
 
 def announcement_limits(limits: EnvelopeLimits, ttl_s: float) -> EnvelopeLimits:
@@ -79,6 +85,7 @@ def check_announcement(
         timestamp=envelope.timestamp,
         sees=tuple(p.get("sees", ())),
         cert=p.get("cert"),
+        paused=p.get("paused"),
     )
 
 

@@ -74,6 +74,7 @@ class Phase(enum.Enum):
     JOINING = "joining"  # online and announced, waiting for the partners it expects
     CATCHING_UP = "catching_up"  # downloading a donor's state (on joining, or too far behind)
     TRAINING = "training"  # running rounds
+    PAUSED = "paused"  # the energy policy paused training (p2pfm.core.policy); state kept, still announced
     DRAINING = "draining"  # rounds done; applying the last updates of slower peers
     LEFT = "left"  # tombstone announced, checkpoint written, offline
 
@@ -87,6 +88,8 @@ class Event(enum.Enum):
     CAUGHT_UP = "caught_up"  # adopted a donor's state, or no donor could serve one
     ROUNDS_DONE = "rounds_done"  # the configured number of rounds is done
     STOP = "stop"  # asked to leave (signal, library call, end of the drain)
+    PAUSE = "pause"  # the energy policy objects (between rounds: no half update is ever sent)
+    RESUME = "resume"  # the policy allows training again and the swarm is not ahead of us
 
 
 TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
@@ -96,10 +99,14 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.TRAINING, Event.BEHIND): Phase.CATCHING_UP,
     (Phase.CATCHING_UP, Event.CAUGHT_UP): Phase.TRAINING,
     (Phase.TRAINING, Event.ROUNDS_DONE): Phase.DRAINING,
+    (Phase.TRAINING, Event.PAUSE): Phase.PAUSED,
+    (Phase.PAUSED, Event.RESUME): Phase.TRAINING,
+    (Phase.PAUSED, Event.BEHIND): Phase.CATCHING_UP,
     (Phase.STARTING, Event.STOP): Phase.LEFT,
     (Phase.JOINING, Event.STOP): Phase.LEFT,
     (Phase.CATCHING_UP, Event.STOP): Phase.LEFT,
     (Phase.TRAINING, Event.STOP): Phase.LEFT,
+    (Phase.PAUSED, Event.STOP): Phase.LEFT,
     (Phase.DRAINING, Event.STOP): Phase.LEFT,
 }
 """The lifecycle, as data: (phase, event) -> next phase. Anything not listed is a driver bug."""
@@ -464,7 +471,8 @@ class PeerProtocol:
         return self.learner.drain(expected_received(self.config.fanout, live_others))
 
     def plan_join(self, live_rounds: Mapping[str, int]) -> CatchUp | None:
-        """On joining: catch up to the swarm's corroborated round (``live_rounds``: the others')?"""
+        """On joining, or resuming from a pause: catch up to the swarm's corroborated round
+        (``live_rounds``: the others')?"""
         return join_plan(self.round, corroborated_round(live_rounds), self.config)
 
     def sync_due(self, live_others: int, *, sync_requested: bool = False) -> bool:

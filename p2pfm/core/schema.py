@@ -302,8 +302,12 @@ register_kind(
             # in an open swarm. Readers of an admitted swarm keep only announcements whose
             # certificate admits their signer.
             "cert": Bytes(max_len=512),
+            # Present while the sender's energy policy pauses it (p2pfm.core.policy): why, in a
+            # few words. Readers do not choose a paused peer as partner or donor, nor count it
+            # for the quorum. Optional: a training peer omits it.
+            "paused": Str(64),
         },
-        optional=frozenset({"sees", "cert"}),
+        optional=frozenset({"sees", "cert", "paused"}),
     ),
 )
 register_kind(

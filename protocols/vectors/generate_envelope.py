@@ -392,6 +392,12 @@ CASES: list[Case] = [
         "schema",
     ),
     Case(
+        "reject_schema_payload_paused_too_long",
+        "announce with a paused reason of 65 characters (limit 64)",
+        lambda: sign_fields(fields("announce", payload=_payload("announce", paused="x" * 65))),
+        "schema",
+    ),
+    Case(
         "reject_non_finite_payload",
         "update train_loss = NaN",
         lambda: sign_fields(fields("update", payload=_payload("update", train_loss=float("nan")))),

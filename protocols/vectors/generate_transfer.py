@@ -134,7 +134,7 @@ def announcement_view(a: Announcement) -> dict[str, Any]:
         "peer_id": a.peer_id, "public_key": a.public_key.hex(), "libp2p_id": a.libp2p_id,
         "maddrs": list(a.maddrs), "round": a.round, "model_hash": a.model_hash.hex(), "device_class": a.device_class,
         "power_w": a.power_w, "state_bytes": a.state_bytes, "seq": a.seq, "timestamp": a.timestamp,
-        "sees": list(a.sees),
+        "sees": list(a.sees), **({"paused": a.paused} if a.paused is not None else {}),
     }  # fmt: skip
 
 
@@ -858,6 +858,11 @@ ANNOUNCE_CASES = [
         "announce_accept",
         "a fresh announcement under its signer's peer id",
         lambda: sealed("announce", ANNOUNCE),
+    ),
+    Case(
+        "announce_accept_paused",
+        "a paused peer's announcement: the optional paused reason is read back",
+        lambda: sealed("announce", {**ANNOUNCE, "paused": "on battery (35%)"}),
     ),
     Case(
         "announce_accept_tombstone",
