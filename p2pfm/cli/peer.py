@@ -21,6 +21,11 @@ def sync_every_value(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f'expected "auto" or an integer, got {text!r}') from None
 
 
+def policy_rules(text: str) -> list[str]:
+    """``--policy``: comma-separated rule names (checked by the config)."""
+    return [rule.strip() for rule in text.split(",") if rule.strip()]
+
+
 # flag -> (config field, type, help)
 PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--key": ("key", Path, "Ed25519 key file (created with mode 0600 if missing; default WORK_DIR/peer.key)"),
@@ -74,6 +79,36 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--n-head": ("model.n_head", int, "attention heads"),
     "--block-size": ("model.block_size", int, "context length in bytes"),
     "--announce-ttl": ("net.announce_ttl_s", float, "seconds a DHT announcement lives without refresh"),
+    "--policy": (
+        "policy.rules",
+        policy_rules,
+        "energy policy: always, or rules that must all allow: plugged-in, idle-only, carbon-aware (comma-separated)",
+    ),
+    "--idle-threshold": (
+        "policy.idle_threshold",
+        float,
+        "idle-only: pause while other processes use more CPU share",
+    ),
+    "--carbon-threshold": (
+        "policy.carbon_threshold",
+        float,
+        "carbon-aware: train while the grid is at most this g/kWh",
+    ),
+    "--carbon-schedule": (
+        "policy.carbon_schedule",
+        str,
+        "carbon-aware: file of 24 lines HOUR,G_PER_KWH (local time)",
+    ),
+    "--region": (
+        "policy.region",
+        str,
+        "carbon-aware without a schedule: the region's annual mean (e.g. DEU, FRA)",
+    ),
+    "--policy-readings": (
+        "policy.readings",
+        str,
+        "test/debug: a JSON file of reading overrides, re-read at every policy check",
+    ),
     "--authority": (
         "admission.authority",
         str,

@@ -15,6 +15,7 @@ from typing import Any
 from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
 from p2pfm.core.limits import RateLimits
+from p2pfm.core.policy import PolicyConfig
 from p2pfm.model.config import PRECISIONS, GPTConfig, InnerTrainConfig, check_device_spec
 
 
@@ -160,6 +161,7 @@ class PeerConfig:
     net: NetConfig = field(default_factory=NetConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     limits: RateLimits = field(default_factory=RateLimits)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # energy policy: when this device trains
 
     @property
     def open_swarm(self) -> bool:
@@ -193,6 +195,16 @@ class PeerConfig:
             "`p2pfm keygen` and `p2pfm admit`; `p2pfm swarm` does it for you), or --open for an open "
             "experimental swarm",
         )
+        if self.policy.carbon_schedule:  # fail fast: a bad schedule names its line now, not at first check
+            from p2pfm.daemon.readings import load_schedule
+
+            load_schedule(self.policy.carbon_schedule)
+        if self.policy.readings:
+            require(
+                Path(self.policy.readings).parent.is_dir(),
+                "policy.readings",
+                f"{self.policy.readings}: its folder does not exist",
+            )
         if self.data is not None:
             require(
                 self.data.exists(),

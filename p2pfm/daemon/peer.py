@@ -37,6 +37,8 @@ from p2pfm.daemon.config import PeerConfig
 from p2pfm.daemon.handlers import StreamClient, StreamHandlers
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
+from p2pfm.daemon.pausing import PolicyDriver
+from p2pfm.daemon.readings import ReadingSource
 from p2pfm.daemon.records import LeaveRecord, StartRecord
 from p2pfm.daemon.rounds import RoundDriver
 from p2pfm.daemon.runtime import PeerRuntime, load_or_create_identity
@@ -144,6 +146,12 @@ class PeerDaemon:
         self.runtime.certificate, self.runtime.revocation_list = certificate, revocations
         self.handlers = StreamHandlers(self.runtime)
         self.driver = RoundDriver(self.runtime, StreamClient(self.runtime))
+        # The energy policy (None: "always", nothing to check).
+        self.policy = (
+            PolicyDriver(self.runtime, self.driver, ReadingSource(config.policy))
+            if config.policy.active
+            else None
+        )
         self.trainer = trainer
         self.net = self.runtime.net
         self.metrics = self.runtime.metrics
@@ -250,6 +258,10 @@ class PeerDaemon:
                     await self.driver.final_drain()
                     break
                 try:
+                    if self.policy is not None:
+                        await self.policy.between_rounds()
+                        if self.runtime.stop_event.is_set():
+                            break
                     await self.driver.one_round()
                     failures = 0
                 except Exception:

@@ -132,7 +132,42 @@ class LeaveRecord:
     event: str = "leave"
 
 
-Record = StartRecord | RoundRecord | StateDownloadRecord | QuorumTimeoutRecord | DrainRecord | LeaveRecord
+@dataclass(frozen=True)
+class PauseRecord:
+    """The energy policy paused us between rounds: checkpoint written, state kept (``state_hash``)."""
+
+    round: int
+    reason: str
+    state_hash: str  # hex SHA-256 of the state we hold (and serve) while paused
+    wall_time: float
+    event: str = "pause"
+
+
+@dataclass(frozen=True)
+class ResumeRecord:
+    """The policy allows training again: how long we were paused, and whether we caught up."""
+
+    round: int  # after catching up (if we did)
+    paused_round: int  # the round we paused at
+    paused_s: float
+    reason: str  # what the rules saw when they allowed us again
+    state_hash: str  # hex SHA-256 of our state on resuming, before any catch-up (= the pause's)
+    behind: int  # how far the swarm's corroborated round was ahead of us (0: not ahead)
+    caught_up: bool  # adopted a donor's state
+    wall_time: float
+    event: str = "resume"
+
+
+Record = (
+    StartRecord
+    | RoundRecord
+    | StateDownloadRecord
+    | QuorumTimeoutRecord
+    | DrainRecord
+    | LeaveRecord
+    | PauseRecord
+    | ResumeRecord
+)
 
 
 def as_record(record: Record) -> dict[str, Any]:

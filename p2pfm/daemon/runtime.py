@@ -86,6 +86,8 @@ class PeerRuntime:
     resumed: bool = False
     certificate: bytes | None = None  # ours, presented in every announcement (admitted swarms)
     revocation_list: bytes | None = None  # the newest list we took: we re-publish it
+    paused: tuple[str, float] | None = None  # (reason, since) while our energy policy pauses us
+    paused_peers: list[str] = field(default_factory=list)  # others announcing paused: not partners
 
     def __post_init__(self) -> None:
         self.book = PeerBook(self.config.net.announce_ttl_s)
@@ -110,7 +112,10 @@ class PeerRuntime:
         self.book.merge(admitted)
         for peer_id in [p for p in self.book.known() if admission.is_revoked(p)]:
             self.book.forget(peer_id)
-        self.live = self.book.live(now)
+        # A paused peer (its energy policy) is no partner, donor or quorum member until it resumes.
+        live = self.book.live(now)
+        self.live = {p: a for p, a in live.items() if a.training}
+        self.paused_peers = sorted(p for p, a in live.items() if not a.training)
         self.protocol.know({p: a.libp2p_id for p, a in self.book.known().items()})
 
     async def refresh_revocations(self, *, publish: bool) -> None:
@@ -149,6 +154,7 @@ class PeerRuntime:
             "model_hash": self.snapshot.hash, "device_class": self.config.device_class[:64],
             "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot.data),
             "sees": self.sees(), **({"cert": self.certificate} if self.certificate else {}),
+            **({"paused": self.paused[0][:64]} if self.paused else {}),
         }  # fmt: skip
 
     async def announce(self) -> None:
@@ -228,6 +234,9 @@ class PeerRuntime:
         }  # fmt: skip
         if quorum is not None:
             status["quorum"] = quorum
+        status["paused_peers"] = self.paused_peers
+        if self.paused is not None:
+            status["paused"] = {"reason": self.paused[0], "since": self.paused[1]}
         status["memory"] = self.memory_report()
         self.metrics.status(status)
 
