@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or `sim convert-trace` a phone trace (user_id,week,start_ms:end_ms;...) to our CSV (sim/traces/README.md).",
         usage="p2pfm sim SCENARIO.toml [--out DIR] [--seed N] [--rounds N]\n"
         "       p2pfm sim sweep SCENARIO.toml --churn-rates 0,0.1,0.3 [--out DIR] [--seed N]\n"
+        "       p2pfm sim policies SCENARIO.toml [--out DIR] [--seed N] [--rounds N]\n"
         "       p2pfm sim byzantine [SCENARIO.toml] [--workload mlp] [--rounds N] [--peers N] "
         "[--fractions 0,0.1,0.2,0.3]\n"
         "                           [--rules mean,...] [--attacks sign_flip,...] [--seed S] [--out DIR] [--json]\n"
@@ -81,7 +82,7 @@ def handle(args: argparse.Namespace) -> int:
         return convert_trace(args)
     if args.absolute_times or args.run_seconds is not None:
         raise ConfigError("--absolute-times, --run-seconds: only for `p2pfm sim convert-trace`")
-    sweep = args.target == "sweep"
+    sweep = args.target in ("sweep", "policies")
     path = args.scenario if sweep else args.target
     if path is None:
         raise ConfigError(
@@ -89,7 +90,7 @@ def handle(args: argparse.Namespace) -> int:
         )
     if not sweep and args.scenario is not None:
         raise ConfigError(f"sim: unexpected argument {args.scenario!r}")
-    if not sweep and args.churn_rates is not None:
+    if args.target != "sweep" and args.churn_rates is not None:
         raise ConfigError("--churn-rates: only for `p2pfm sim sweep`")
     scenario = load_scenario(path)
     if args.seed is not None:
@@ -101,6 +102,13 @@ def handle(args: argparse.Namespace) -> int:
             raise ConfigError("--rounds: must be at least 1")
         scenario = scenario.with_changes(rounds=args.rounds)
     progress = not args.no_progress
+    if args.target == "policies":
+        from p2pfm.sim.policy_compare import policies_table, run_policies
+
+        out = args.out or Path("sim/results") / f"{scenario.name}"
+        print(policies_table(run_policies(scenario, out, progress=progress)))
+        print(f"results in {out}", file=sys.stderr)
+        return 0
     if sweep:
         from p2pfm.sim.sweep import parse_rates, run_sweep, sweep_table
 

@@ -69,6 +69,8 @@ from p2pfm.core.protocol import CatchUp, LocalWork, PeerProtocol, PeerSetup, Syn
 from p2pfm.sim.adversary import Adversary
 from p2pfm.sim.churn import build_availability
 from p2pfm.sim.devices import DeviceProfile, assign_devices, resolve_profiles
+from p2pfm.sim.energy import grid_intensity
+from p2pfm.sim.policy_model import CarbonLedger, PolicyModel
 from p2pfm.sim.scenario import Scenario
 from p2pfm.sim.traces import load_trace
 
@@ -121,6 +123,8 @@ class Metrics:
     byzantine_ignored: dict[str, int] = field(default_factory=dict)
     byzantine_lost: int = 0
     diverged_computations: int = 0  # local steps that ended in NaN/Inf (a poisoned model): nothing sent
+    pauses: int = 0  # energy policy: peers paused (between rounds) and resumed
+    resumes: int = 0
 
 
 class Simulation:
@@ -130,9 +134,10 @@ class Simulation:
         self.scenario = scenario
         self.progress = progress
         sc = scenario
-        # A seventh child for the Byzantine peers leaves the first six (and honest runs) as they were.
-        streams = np.random.SeedSequence(sc.seed).spawn(7)
-        rng_devices, rng_churn, rng_work, rng_partners, rng_view, rng_keys, rng_byzantine = (
+        # A seventh child for the Byzantine peers leaves the first six (and honest runs) as they were;
+        # an eighth for the energy policies' owners leaves the first seven.
+        streams = np.random.SeedSequence(sc.seed).spawn(8)
+        rng_devices, rng_churn, rng_work, rng_partners, rng_view, rng_keys, rng_byzantine, rng_policy = (
             np.random.default_rng(s) for s in streams
         )
         self.rng_partners, self.rng_view = rng_partners, rng_view
@@ -203,6 +208,11 @@ class Simulation:
         self._counter = 0
         self._live_cache: tuple[list[str], np.ndarray] | None = None
         self._ready_cache: tuple[list[str], np.ndarray] | None = None
+        # Energy policies: paused peers are online, keep their state, and are nobody's partner.
+        self.paused = np.zeros(n, bool)
+        self.paused_since = np.zeros(n)
+        self.paused_s = np.zeros(n)
+        self.policy, self.ledger = policy_hooks(self, rng_policy)
 
     # --- setup helpers ------------------------------------------------------------------
     def _probe_update_bytes(self, init: np.ndarray) -> int:
@@ -230,7 +240,7 @@ class Simulation:
 
     def _live(self) -> tuple[list[str], np.ndarray]:
         if self._live_cache is None:
-            idx = np.flatnonzero(self.online)
+            idx = np.flatnonzero(self.online & ~self.paused)
             self._live_cache = ([self.ids[i] for i in idx], idx)
         return self._live_cache
 
@@ -338,7 +348,10 @@ class Simulation:
             bar.close()
         self.end_time = self.now
         for peer in np.flatnonzero(self.online):
-            self.online_s[peer] += self.end_time - self.online_since[peer]
+            if self.paused[peer]:
+                self.paused_s[peer] += self.end_time - self.paused_since[peer]
+            else:
+                self.online_s[peer] += self.end_time - self.online_since[peer]
         return self
 
     # --- rounds ---------------------------------------------------------------------------
@@ -347,6 +360,8 @@ class Simulation:
         period = self.round_seconds
         for time, peer, joins in self.availability.round_events(r, self.now, period, self.online.copy()):
             self._push(time, JOIN if joins else LEAVE, (peer,))
+        if self.policy is not None:
+            self._apply_policy()
         active = np.flatnonzero(self.ready)
         for peer in active:
             pending = self.pending_mix[peer]
@@ -444,7 +459,7 @@ class Simulation:
         period = self.round_seconds
         finishing = np.flatnonzero(self.in_round & self.online)
         # As the daemon: sum-preserving weights, expecting `fanout` updates if that many peers are live.
-        live_others = int(self.online.sum()) - 1
+        live_others = int((self.online & ~self.paused).sum()) - 1  # paused peers send nothing
         for peer in finishing.tolist():
             if self.straggling[peer]:  # computed until the deadline for nothing
                 self.compute_s[peer] += period
@@ -484,6 +499,11 @@ class Simulation:
                     SYNC,
                     (peer, int(self.session[peer]), donor, int(self.session[donor]), done, snapshot),
                 )
+        if self.ledger is not None:
+            self.ledger.charge(
+                self.now, self.policy_grid(self.now - period / 2), self.compute_s, self._online_so_far(),
+                self.bytes_sent + self.bytes_received,
+            )  # fmt: skip
         self._measure(r)
 
     def _measure(self, r: int) -> None:
@@ -576,6 +596,50 @@ class Simulation:
             "rejected": sum(self.metrics.rejected.values()),
         }
 
+    # --- energy policies -------------------------------------------------------------------
+    def policy_grid(self, time: float) -> float:
+        assert self.policy is not None
+        return self.policy.grid_at(time)
+
+    def _online_so_far(self) -> np.ndarray:
+        """Unpaused online seconds of every peer up to now (the ledger's idle time)."""
+        running = self.online & ~self.paused
+        return self.online_s + np.where(running, self.now - self.online_since, 0.0)
+
+    def _apply_policy(self) -> None:
+        """At a round start, before anyone computes: each online peer's gate decides (the daemon
+        checks between rounds too, so no half round is ever sent)."""
+        assert self.policy is not None
+        for peer in np.flatnonzero(self.online).tolist():
+            decision = self.policy.decide(peer, self.now)
+            if not decision.changed:
+                continue
+            if decision.run:
+                self._resume(peer)
+            else:
+                self._pause(peer)
+
+    def _pause(self, peer: int) -> None:
+        """Leave the rounds, keep the state: no longer ready nor anyone's partner; in-flight
+        messages, state and syncs addressed to it are dropped (a new session)."""
+        self.metrics.pauses += 1
+        self.paused[peer], self.paused_since[peer] = True, self.now
+        self.ready[peer] = self.in_round[peer] = self.straggling[peer] = False
+        self.session[peer] += 1
+        self.online_s[peer] += self.now - self.online_since[peer]
+        self.local[peer] = self.pending_mix[peer] = None
+        self.trackers.pop(peer, None)
+        self._invalidate_views()
+
+    def _resume(self, peer: int) -> None:
+        """Back to training as a joiner does: catch up if the swarm moved on (``plan_join``)."""
+        self.metrics.resumes += 1
+        self.paused[peer] = False
+        self.paused_s[peer] += self.now - self.paused_since[peer]
+        self.online_since[peer] = self.uplink_free[peer] = self.now
+        self._invalidate_views()
+        self._request_state(peer)
+
     # --- churn ----------------------------------------------------------------------------
     def _on_leave(self, peer: int) -> None:
         if not self.online[peer]:
@@ -585,7 +649,11 @@ class Simulation:
         self._invalidate_views()
         self.session[peer] += 1
         self.left_at[peer] = self.now
-        self.online_s[peer] += self.now - self.online_since[peer]
+        if self.paused[peer]:  # its paused time was charged to nobody: nothing to add
+            self.paused[peer] = False
+            self.paused_s[peer] += self.now - self.paused_since[peer]
+        else:
+            self.online_s[peer] += self.now - self.online_since[peer]
         if self.busy_end[peer] > self.now:  # dies mid-computation: energy spent, work lost
             self.compute_s[peer] += self.now - self.busy_start[peer]
             self.metrics.computations_lost += 1
@@ -618,9 +686,12 @@ class Simulation:
         if self.checkpoints[peer] is not None:
             protocol.learner.load_state_arrays(self.checkpoints[peer])
         self.peers[peer] = protocol
-        self.trackers[peer] = Tracker()
         self.metrics.online_curve.append((self.now, int(self.online.sum())))
-        self._request_state(peer)
+        if self.policy is not None and not self.policy.gates[peer].running:
+            self.paused[peer], self.paused_since[peer] = True, self.now  # back online, still paused
+        else:
+            self.trackers[peer] = Tracker()
+            self._request_state(peer)
         change = self.availability.next_change(peer, self.now, True)
         if change is not None:
             self._push(max(change, self.now), LEAVE, (peer,))
@@ -697,6 +768,23 @@ class Simulation:
         self.bytes_received[peer] += size
         self.pending_mix[peer] = (params, round)  # applied at the next round start, between computations
         self.metrics.syncs += 1
+
+
+def policy_hooks(sim: Simulation, rng: np.random.Generator) -> tuple[PolicyModel | None, CarbonLedger | None]:
+    """The scenario's energy policy (None if it has none, or only ``always``) and the hourly carbon
+    ledger (whenever a ``[policy]`` table is given, so ``always`` is measured the same way)."""
+    config = sim.scenario.policy
+    if config is None:
+        return None, None
+    energy = sim.scenario.energy
+    flat = grid_intensity(energy, energy.country)
+    model = PolicyModel(config, sim.device_of, sim.scenario.churn.day_length_s, flat, rng)
+    prof = [sim.profiles[d] for d in sim.device_of]
+    ledger = CarbonLedger(
+        np.array([p.active_w for p in prof]), np.array([p.idle_w for p in prof]),
+        np.array([p.wall_factor for p in prof]), energy.network_nj_per_byte,
+    )  # fmt: skip
+    return model, ledger
 
 
 def _build_workload(scenario: Scenario, rng: np.random.Generator):

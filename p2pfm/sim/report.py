@@ -192,7 +192,26 @@ def summarize(sim) -> dict[str, Any]:
     }
     if sc.byzantine is not None:
         summary["byzantine"] = byzantine_summary(sim)
+    if sim.ledger is not None:
+        summary["policy"] = policy_summary(sim, energy.datacenter_carbon_g)
     return tidy(summary)
+
+
+def policy_summary(sim, datacenter_carbon_g: float) -> dict[str, Any]:
+    """The ``policy`` block: the rules, pauses, and carbon charged at the grid's hourly intensity."""
+    config, ledger, m = sim.scenario.policy, sim.ledger, sim.metrics
+    energy_wh = ledger.energy_j / 3600.0
+    return {
+        "rules": list(config.gate.rules),
+        "pauses": m.pauses,
+        "resumes": m.resumes,
+        "paused_peer_seconds": float(sim.paused_s.sum()),
+        "grid_source": config.grid_source,
+        "energy_wh": energy_wh,
+        "carbon_g": ledger.carbon_g,
+        "mean_grid_g_per_kwh": ledger.carbon_g / (energy_wh / 1000.0) if energy_wh > 0 else None,
+        "datacenter_carbon_g": datacenter_carbon_g,
+    }
 
 
 def byzantine_summary(sim) -> dict[str, Any]:

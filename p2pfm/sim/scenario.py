@@ -19,6 +19,7 @@ from p2pfm.config import ConfigError, build_config, load_toml, require
 from p2pfm.core.attacks import DEFAULT_SCALE, UPDATE_ATTACKS
 from p2pfm.core.gossip import GossipConfig, future_window
 from p2pfm.model.config import GPTConfig, InnerTrainConfig
+from p2pfm.sim.policy_model import SimPolicyConfig
 
 DEFAULT_DIURNAL_CURVE: tuple[float, ...] = (
     # Online probability by local hour 0..23. Shape after Berta, Bilicki & Jelasity (P2P 2014),
@@ -314,6 +315,7 @@ class Scenario:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     byzantine: ByzantineConfig | None = None  # [byzantine]; none = every peer is honest
+    policy: SimPolicyConfig | None = None  # [policy]: energy policies (p2pfm.sim.policy_model); none = always
     base_dir: str = ""  # directory relative paths are resolved against (set by load_scenario)
 
     def __post_init__(self) -> None:
