@@ -101,3 +101,19 @@ def test_peer_config_policy_table_is_strict(tmp_path):
         load_peer_config(
             None, {"policy.rules": ["carbon-aware"], "policy.carbon_schedule": str(tmp_path / "no")}
         )
+
+
+def test_policy_flag_reaches_the_config_and_passes_through_the_swarm():
+    """``--policy a,b`` gives rules (a, b) to a peer, and ``p2pfm swarm`` hands peers the same flag."""
+    import argparse
+
+    from p2pfm.cli.peer import add_peer_flags, overrides_from_args
+    from p2pfm.cli.swarm import _passthrough
+
+    parser = argparse.ArgumentParser()
+    add_peer_flags(parser)
+    args = parser.parse_args(["--policy", "plugged-in, idle-only", "--idle-threshold", "0.7"])
+    config = load_peer_config(None, overrides_from_args(args))
+    assert config.policy.rules == ("plugged-in", "idle-only") and config.policy.idle_threshold == 0.7
+    passed = _passthrough(args)
+    assert passed[passed.index("--policy") + 1] == "plugged-in,idle-only"

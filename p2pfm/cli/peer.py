@@ -21,9 +21,16 @@ def sync_every_value(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f'expected "auto" or an integer, got {text!r}') from None
 
 
-def policy_rules(text: str) -> list[str]:
+class PolicyRules(tuple):
+    """``--policy``'s rules; printed back as the flag's text (``p2pfm swarm`` passes it on to peers)."""
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+def policy_rules(text: str) -> PolicyRules:
     """``--policy``: comma-separated rule names (checked by the config)."""
-    return [rule.strip() for rule in text.split(",") if rule.strip()]
+    return PolicyRules(rule.strip() for rule in text.split(",") if rule.strip())
 
 
 # flag -> (config field, type, help)
