@@ -192,7 +192,7 @@ def first_failure(peers: Sequence[PeerProcess], rounds: int) -> PeerFailed | Non
     return None
 
 
-FINISHED_STATES = ("catching_up", "training", "draining", "left")
+FINISHED_STATES = ("catching_up", "training", "paused", "draining", "left")  # past joining
 
 
 def swarm_phase(statuses: Sequence[Mapping[str, Any]], peers: int) -> str:
