@@ -158,3 +158,17 @@ def test_schedule_parses_any_order_comments_and_spaces():
 def test_schedule_errors_name_line_and_reason(change, message):
     with pytest.raises(ScheduleError, match=message):
         parse_schedule(change(SCHEDULE), "grid.csv")
+
+
+def test_lifecycle_pause_and_resume_transitions():
+    """Pauses happen only while training; a paused peer resumes, catches up, or leaves."""
+    from p2pfm.core.protocol import TRANSITIONS, Event, InvalidTransition, Phase
+
+    assert TRANSITIONS[(Phase.TRAINING, Event.PAUSE)] is Phase.PAUSED
+    assert TRANSITIONS[(Phase.PAUSED, Event.RESUME)] is Phase.TRAINING
+    assert TRANSITIONS[(Phase.PAUSED, Event.BEHIND)] is Phase.CATCHING_UP
+    assert TRANSITIONS[(Phase.PAUSED, Event.STOP)] is Phase.LEFT
+    for phase in (Phase.STARTING, Phase.JOINING, Phase.CATCHING_UP, Phase.DRAINING, Phase.PAUSED):
+        assert (phase, Event.PAUSE) not in TRANSITIONS
+    assert (Phase.PAUSED, Event.ROUNDS_DONE) not in TRANSITIONS
+    assert issubclass(InvalidTransition, RuntimeError)
