@@ -156,3 +156,13 @@ def test_shipped_policy_scenario_loads():
     sc = load_scenario(REPO / "sim" / "scenarios" / "mlp100-policies.toml")
     assert sc.policy is not None and len(sc.policy.grid_curve) == 24
     assert np.mean(sc.policy.grid_curve) == pytest.approx(381.0, abs=1.0)
+
+
+def test_readme_policy_table_is_the_recorded_one():
+    """README's policy comparison is sim/results/mlp100-policies/policies.md, as recorded."""
+    recorded = (REPO / "sim" / "results" / "mlp100-policies" / "policies.md").read_text().strip()
+    assert recorded in (REPO / "README.md").read_text()
+    result = json.loads((REPO / "sim" / "results" / "mlp100-policies" / "policies.json").read_text())
+    from p2pfm.sim.policy_compare import policies_table
+
+    assert policies_table(result) == recorded

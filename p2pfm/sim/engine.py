@@ -619,6 +619,18 @@ class Simulation:
             else:
                 self._pause(peer)
 
+    def _policy_allows_join(self, peer: int) -> bool:
+        """A device coming online asks its gate before it trains (the daemon checks before its first
+        round too); a change here counts as a pause or resume like one at a round start."""
+        assert self.policy is not None
+        decision = self.policy.decide(peer, self.now)
+        if decision.changed:
+            if decision.run:
+                self.metrics.resumes += 1
+            else:
+                self.metrics.pauses += 1
+        return decision.run
+
     def _pause(self, peer: int) -> None:
         """Leave the rounds, keep the state: no longer ready nor anyone's partner; in-flight
         messages, state and syncs addressed to it are dropped (a new session)."""
@@ -687,8 +699,8 @@ class Simulation:
             protocol.learner.load_state_arrays(self.checkpoints[peer])
         self.peers[peer] = protocol
         self.metrics.online_curve.append((self.now, int(self.online.sum())))
-        if self.policy is not None and not self.policy.gates[peer].running:
-            self.paused[peer], self.paused_since[peer] = True, self.now  # back online, still paused
+        if self.policy is not None and not self._policy_allows_join(peer):
+            self.paused[peer], self.paused_since[peer] = True, self.now  # online, but its policy objects
         else:
             self.trackers[peer] = Tracker()
             self._request_state(peer)
