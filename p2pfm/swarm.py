@@ -26,11 +26,9 @@ from typing import Any
 import numpy as np
 
 from p2pfm.core.admission import issue_certificate
-from p2pfm.core.errors import Reject
 from p2pfm.core.gossip import consensus_distance
 from p2pfm.core.identity import Identity
-from p2pfm.core.tensorfile import unpack_arrays
-from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
+from p2pfm.daemon.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
 from p2pfm.daemon.metrics import read_metrics
 from p2pfm.procs import Launcher, child_env, kill_group, launch, signal_group
 
@@ -341,8 +339,8 @@ class LocalSwarm:
 
 def final_params(work_dir: Path) -> np.ndarray | None:
     try:
-        arrays, _ = unpack_arrays((work_dir / CHECKPOINT_NAME).read_bytes())
-    except (OSError, Reject):
+        arrays, _ = read_checkpoint(work_dir / CHECKPOINT_NAME)
+    except (OSError, CheckpointError):
         return None
     return arrays.get("params")
 

@@ -33,6 +33,12 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         Path,
         "folder of text files, or one text file (default: this machine's Python stdlib)",
     ),
+    "--model": (
+        "model_source",
+        str,
+        "what to train: a preset of the byte-level GPT ({presets}); hf:DIR, a local Hugging Face causal LM "
+        "(safetensors; needs pip install -e '.[hf]'); default: the [model] table",
+    ),
     "--shard": ("shard", int, "shard index to train on (-1 = derived from the peer id)"),
     "--num-shards": ("num_shards", int, "number of shards the corpus is split into"),
     "--min-peers": ("min_peers", int, "train once this many peers (us included) can hear each other"),
@@ -100,7 +106,7 @@ LIST_FLAGS: dict[str, tuple[str, str]] = {
 
 
 class RegistryHelpFormatter(argparse.HelpFormatter):
-    """Fills ``{codecs}`` and ``{aggregations}`` in flag help with the registered names, when help is shown.
+    """Fills ``{codecs}``, ``{aggregations}`` and ``{presets}`` in flag help with the registered names, when help is shown.
 
     The registries live in the numpy-based core: reading them while building the parser would make
     every ``p2pfm`` command, ``--help`` included, pay numpy's import (~0.1 s), so only help does.
@@ -108,6 +114,10 @@ class RegistryHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
+        if text and "{presets}" in text:
+            from p2pfm.model.config import describe_presets
+
+            text = text.replace("{presets}", describe_presets())
         if text and ("{codecs}" in text or "{aggregations}" in text):
             from p2pfm.core.aggregation import AGGREGATIONS
             from p2pfm.core.codecs import CODECS

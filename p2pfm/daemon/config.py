@@ -15,7 +15,14 @@ from typing import Any
 from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
 from p2pfm.core.limits import RateLimits
-from p2pfm.model.config import PRECISIONS, GPTConfig, InnerTrainConfig, check_device_spec
+from p2pfm.model.config import (
+    HF_PREFIX,
+    PRECISIONS,
+    GPTConfig,
+    InnerTrainConfig,
+    check_device_spec,
+    check_model_source,
+)
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,9 @@ class PeerConfig:
     min_peers: int = 1  # wait until this many peers (us included) are live before training
     min_peers_timeout_s: float = 300.0  # ... but no longer than this: then train with whoever is there
     final_drain_s: float = 30.0  # after the last round, wait at most this for slower peers' last updates
+    # What to train: "" = the built-in GPT sized by [model]; a preset name (p2pfm.model.config.GPT_PRESETS,
+    # which then sets [model]); or "hf:DIR", a local Hugging Face causal LM (p2pfm.model.hf).
+    model_source: str = ""
     model: GPTConfig = field(default_factory=GPTConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -193,6 +203,16 @@ class PeerConfig:
             "`p2pfm keygen` and `p2pfm admit`; `p2pfm swarm` does it for you), or --open for an open "
             "experimental swarm",
         )
+        # A preset's geometry becomes self.model, so every reader of the config (checkpoints too) sees it.
+        object.__setattr__(self, "model", check_model_source(self.model_source, self.model))
+        if self.model_source.startswith(HF_PREFIX):
+            hf_dir = Path(self.model_source[len(HF_PREFIX) :])
+            require(
+                hf_dir.is_dir(),
+                "model_source",
+                f"{hf_dir} is not a directory; hf:DIR names a local Hugging Face model folder "
+                "(config.json, model.safetensors, tokenizer files)",
+            )
         if self.data is not None:
             require(
                 self.data.exists(),
@@ -215,4 +235,7 @@ def load_peer_config(path: str | os.PathLike[str] | None, overrides: dict[str, A
     for dotted, value in overrides.items():
         if value is not None:
             _set_nested(values, dotted, value)
+    source, table = values.get("model_source"), values.get("model")
+    if isinstance(source, str) and isinstance(table, dict):
+        check_model_source(source, GPTConfig(), table)  # keys written out, even those equal to a default
     return build_config(PeerConfig, values)

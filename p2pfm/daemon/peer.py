@@ -41,9 +41,9 @@ from p2pfm.daemon.records import LeaveRecord, StartRecord
 from p2pfm.daemon.rounds import RoundDriver
 from p2pfm.daemon.runtime import PeerRuntime, load_or_create_identity
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
-from p2pfm.model.data import ByteDataset, ShardSpec
+from p2pfm.model.data import ShardSpec
 from p2pfm.model.device import resolve_device
-from p2pfm.model.gpt import build_model
+from p2pfm.model.source import load_workload
 
 log = logging.getLogger("p2pfm.peer")
 
@@ -59,14 +59,15 @@ def shard_for(config: PeerConfig, peer_id: str) -> ShardSpec:
 
 
 def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> LocalTrainer:
-    """The default workload: the byte-level GPT on this peer's shard of the corpus."""
+    """The configured workload (``model_source``: the byte-level GPT, a preset, or hf:DIR) on this peer's shard."""
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
-    dataset = ByteDataset(
-        config.data, shard, block_size=config.model.block_size,
-        max_shard_bytes=config.train.max_shard_bytes, seed=config.seed,
+    workload = load_workload(
+        config.model_source, config.model, config.data, shard,
+        seed=config.seed, max_shard_bytes=config.train.max_shard_bytes,
     )  # fmt: skip
+    log.info("model: %s, %s parameters", workload.loaded.name, f"{workload.loaded.params:,}")
     return LocalTrainer(
-        build_model(config.model, config.seed), dataset, lr=config.train.lr,
+        workload.model, workload.dataset, lr=config.train.lr,
         weight_decay=config.train.weight_decay, batch_size=config.train.batch_size,
         seed=int.from_bytes(digest(peer_id.encode())[:4], "little"),
         eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,

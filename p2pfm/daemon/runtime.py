@@ -165,7 +165,9 @@ class PeerRuntime:
         return {
             "round": self.protocol.round, "seq": self.protocol.seq, "peer_id": self.peer_id,
             "numel": self.protocol.learner.numel,
-            "config": {k: v for k, v in config_to_dict(self.config).items() if k in ("run_id", "seed", "model")},
+            "config": {
+                k: v for k, v in config_to_dict(self.config).items() if k in ("run_id", "seed", "model_source", "model")
+            },
         }  # fmt: skip
 
     def restore_checkpoint(self) -> bool:
@@ -176,9 +178,13 @@ class PeerRuntime:
         expected = {
             "run_id": self.config.run_id,
             "seed": self.config.seed,
+            "model_source": self.config.model_source,
             "model": config_to_dict(self.config.model),
         }
-        saved = meta.get("config", {})
+        saved = {
+            "model_source": "",
+            **meta.get("config", {}),
+        }  # checkpoints before model_source: the [model] GPT
         if {k: saved.get(k) for k in expected} != expected:
             raise ConfigError(
                 f"work_dir: {self.config.work_dir} holds a checkpoint of another run or model ({saved}); "
@@ -201,7 +207,7 @@ class PeerRuntime:
 
     def write_checkpoint(self) -> None:
         arrays = {**self.protocol.learner.state_arrays(), **self.trainer.optimizer_arrays()}
-        save_checkpoint(self.config.work_dir, arrays, self._state_meta())
+        save_checkpoint(self.config.work_dir, arrays, self._state_meta(), self.trainer.parameter_shapes())
 
     # --- reporting ---------------------------------------------------------------------------
     def log_bans(self) -> None:
