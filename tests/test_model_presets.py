@@ -14,7 +14,13 @@ from p2pfm.model.config import GPT_PRESETS, GPTConfig, describe_presets, gpt_par
 from p2pfm.model.gpt import GPT
 from p2pfm.model.source import load_model
 
-EXPECTED = {"tiny": 120_576, "1m": 1_040_768, "10m": 10_844_160, "gpt2-small": 86_039_040}
+EXPECTED = {
+    "tiny": 120_576,
+    "1m": 1_040_768,
+    "10m": 10_844_160,
+    "gpt2-small": 86_039_040,
+    "124m": 124_072_000,
+}
 
 
 @pytest.mark.parametrize("name", sorted(GPT_PRESETS))
@@ -98,3 +104,24 @@ def test_load_model_builds_presets_from_the_seed():
     pairs = list(zip(a.model.parameters(), b.model.parameters(), c.model.parameters(), strict=True))
     assert all(torch.equal(x, y) for x, y, _ in pairs)
     assert not all(torch.equal(x, z) for x, _, z in pairs)
+
+
+def test_seq_len_trains_a_preset_on_shorter_windows(tmp_path):
+    """--seq-len keeps the preset's positions (its parameters) and shortens the training windows."""
+    from p2pfm.config import ConfigError
+    from p2pfm.model.config import GPTConfig
+    from p2pfm.model.data import ShardSpec
+    from p2pfm.model.source import load_workload
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("hello world\n" * 2000)
+    workload = load_workload(
+        "tiny", GPTConfig(), corpus, ShardSpec(0, 1), seed=0, max_shard_bytes=1 << 20, seq_len=16
+    )
+    assert workload.loaded.params == EXPECTED["tiny"]
+    inputs, targets = workload.dataset.batch(torch.Generator().manual_seed(0), 2)
+    assert inputs.shape == (2, 16) and targets.shape == (2, 16)
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        load_workload(
+            "tiny", GPTConfig(), corpus, ShardSpec(0, 1), seed=0, max_shard_bytes=1 << 20, seq_len=65
+        )

@@ -164,7 +164,7 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
     plain = plain_loop_in_subprocess(preset, config, threads)
     peer_args = [
         "--model", preset, "--rounds", "0", "--inner-steps", str(config.inner_steps),
-        "--batch-size", str(config.batch_size), "--block-size", str(config.block_size),
+        "--batch-size", str(config.batch_size), "--seq-len", str(config.block_size),
         "--min-peers", str(config.peers), "--eval-batches", "1", "--sync-every", "0",
         "--seed", str(config.seed),
     ]  # fmt: skip

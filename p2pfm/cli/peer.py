@@ -68,6 +68,7 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         str,
         "where to compute: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps",
     ),
+    "--seq-len": ("train.seq_len", int, "training window in bytes/tokens (0 = the model's whole context)"),
     "--precision": (
         "train.precision",
         str,

@@ -37,12 +37,14 @@ class TrainConfig(InnerTrainConfig):
     threads: int = 0  # torch threads; 0 = all cores (the swarm sets cores / peers)
     device: str = "auto"  # torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast; weights and moments stay fp32 either way
+    seq_len: int = 0  # training window (bytes, or tokens for hf:DIR); 0 = the model's whole context
 
     def __post_init__(self) -> None:
         super().__post_init__()
         problem = check_device_spec(self.device)
         require(problem is None, "train.device", problem or "")
         require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
+        require(self.seq_len >= 0, "train.seq_len", "must be non-negative (0 = the model's context)")
         require(self.eval_every >= 0, "train.eval_every", "must be non-negative")
         require(self.threads >= 0, "train.threads", "must be non-negative")
 

@@ -63,7 +63,7 @@ def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> Local
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     workload = load_workload(
         config.model_source, config.model, config.data, shard,
-        seed=config.seed, max_shard_bytes=config.train.max_shard_bytes,
+        seed=config.seed, max_shard_bytes=config.train.max_shard_bytes, seq_len=config.train.seq_len,
     )  # fmt: skip
     log.info("model: %s, %s parameters", workload.loaded.name, f"{workload.loaded.params:,}")
     return LocalTrainer(

@@ -61,6 +61,9 @@ GPT_PRESETS: dict[str, GPTConfig] = {
     # so its embedding is 196,608 parameters and the total is 86.0M. For GPT-2 itself (124M, its
     # tokenizer), train the checkpoint: ``--model hf:DIR`` with a local copy in safetensors.
     "gpt2-small": GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    # 124,072,000 parameters: GPT-2 small's parameter count (124.4M) in a byte-level model: 16 blocks of
+    # width 800 (16 heads of 50), 1024 positions. The size the scale targets are measured at.
+    "124m": GPTConfig(block_size=1024, n_layer=16, n_head=16, n_embd=800),
 }
 
 HF_PREFIX = "hf:"

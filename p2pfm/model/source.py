@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from p2pfm.config import ConfigError
 from p2pfm.model.config import HF_PREFIX, GPTConfig, check_model_source
 from p2pfm.model.data import ByteDataset, ShardSpec, TokenDataset
 
@@ -81,14 +82,21 @@ def load_workload(
     *,
     seed: int,
     max_shard_bytes: int,
+    seq_len: int = 0,
 ) -> Workload:
     """The model for ``spec`` and this peer's shard of ``data`` in the model's own units.
 
     The built-in GPT reads bytes; an HF model reads the same byte split tokenized with its own
     tokenizer, in windows of ``min(model's max positions, model_config.block_size)`` tokens.
+    ``seq_len`` (0 = the model's context) trains on shorter windows of the same model: a 124M
+    preset's 1024 positions stay, a CPU peer steps on 128-byte windows (a step's cost is linear in it).
     """
     loaded = load_model(spec, seed=seed, model_config=model_config)
-    common = {"block_size": loaded.block_size, "max_shard_bytes": max_shard_bytes, "seed": seed}
+    if seq_len > loaded.block_size:
+        raise ConfigError(
+            f"train.seq_len: {seq_len} is longer than the model's context ({loaded.block_size}); use at most that"
+        )
+    common = {"block_size": seq_len or loaded.block_size, "max_shard_bytes": max_shard_bytes, "seed": seed}
     if loaded.hf is not None:
         dataset: ByteDataset = TokenDataset(
             data, shard, encode=loaded.hf.encode, vocab_size=loaded.hf.vocab_size, **common
