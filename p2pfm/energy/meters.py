@@ -111,17 +111,17 @@ class ZeusRaplMeter:
     source = "measured:rapl"
 
     def __init__(self, root: Path | None = None) -> None:
-        try:
-            from zeus.device.cpu.rapl import RAPLCPU
-        except ImportError as exc:
-            raise MeterUnavailable(f"zeus is not installed ({exc}); pip install 'p2pfm[energy]'") from None
         rapl_dir = (root or powercap_root()) / "intel-rapl"
         indices = sorted(
             int(m.group(1)) for p in (rapl_dir.iterdir() if rapl_dir.is_dir() else ())
             if (m := re.fullmatch(r"intel-rapl:(\d+)", p.name))
         )  # fmt: skip
-        if not indices:
+        if not indices:  # checked first: importing Zeus costs ~1 s of start-up for nothing
             raise MeterUnavailable(f"no RAPL package under {rapl_dir}")
+        try:
+            from zeus.device.cpu.rapl import RAPLCPU
+        except ImportError as exc:
+            raise MeterUnavailable(f"zeus is not installed ({exc}); pip install 'p2pfm[energy]'") from None
         try:
             self._cpus = [RAPLCPU(i, str(rapl_dir)) for i in indices]
             self._start_mj = self._total_mj()
