@@ -107,6 +107,7 @@ def bump(path: Path, microjoules: int) -> None:
 
 
 def test_rapl_through_zeus_reads_package_and_dram_counters(tmp_path):
+    pytest.importorskip("zeus", reason="the optional extra p2pfm[energy] (make setup installs it)")
     counters = fake_rapl(tmp_path, packages=2)
     meter, reasons = open_meter("auto", power_model("laptop"), root=tmp_path)
     try:
@@ -122,6 +123,7 @@ def test_rapl_through_zeus_reads_package_and_dram_counters(tmp_path):
 
 def test_rapl_root_from_the_environment_and_measured_idle_baseline(tmp_path, monkeypatch):
     """$P2PFM_POWERCAP_ROOT points the meter at a tree; the idle window measures the baseline."""
+    pytest.importorskip("zeus", reason="the optional extra p2pfm[energy] (make setup installs it)")
     counters = fake_rapl(tmp_path, dram=False)
     monkeypatch.setenv(POWERCAP_ENV, str(tmp_path))
     wall = Clock()
@@ -169,7 +171,7 @@ def test_no_readable_counter_falls_back_to_the_model_and_says_why(tmp_path):
 def fake_nvml(monkeypatch):
     """pynvml's functions replaced: one Ampere GPU whose energy counter (mJ) the test sets."""
     pynvml = pytest.importorskip("pynvml")
-    from zeus.device.gpu import nvidia
+    nvidia = pytest.importorskip("zeus.device.gpu.nvidia", reason="the optional extra p2pfm[energy]")
 
     counter = {"mj": 10_000}
 
