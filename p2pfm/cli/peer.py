@@ -48,7 +48,17 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         "give up waiting for --min-peers after this many seconds",
     ),
     "--device-class": ("device_class", str, "device class (energy profile name), announced to others"),
-    "--power-w": ("power_w", float, "active power in W, for energy accounting"),
+    "--power-w": ("power_w", float, "active power in W for the energy model (default: the device profile's)"),
+    "--energy-meter": (
+        "energy.meter",
+        str,
+        "auto (Zeus RAPL/NVML where readable, else the model), rapl, nvml, model",
+    ),
+    "--idle-measure-s": (
+        "energy.idle_measure_s",
+        float,
+        "idle baseline window at start-up, measured meters (0-30 s)",
+    ),
     "--inner-steps": ("gossip.inner_steps", int, "local AdamW steps per round (H)"),
     "--fanout": ("gossip.fanout", int, "peers each update is pushed to"),
     "--codec": ("gossip.codec.name", str, "update codec: {codecs}"),

@@ -33,6 +33,12 @@ class Announcement:
     timestamp: float
     sees: tuple[str, ...] = ()  # libp2p ids the sender sees (the start-up quorum's handshake)
     cert: bytes | None = None  # the swarm authority's certificate for the sender (admitted swarms)
+    # Energy totals since the sender's process started (p2pfm.energy.report builds swarm reports).
+    energy_wh: float | None = None
+    marginal_wh: float | None = None
+    tokens: int | None = None
+    energy_source: str | None = None
+    grid_g_per_kwh: float | None = None
 
 
 def announcement_limits(limits: EnvelopeLimits, ttl_s: float) -> EnvelopeLimits:
@@ -79,6 +85,11 @@ def check_announcement(
         timestamp=envelope.timestamp,
         sees=tuple(p.get("sees", ())),
         cert=p.get("cert"),
+        energy_wh=p.get("energy_wh"),
+        marginal_wh=p.get("marginal_wh"),
+        tokens=p.get("tokens"),
+        energy_source=p.get("energy_source"),
+        grid_g_per_kwh=p.get("grid_g_per_kwh"),
     )
 
 

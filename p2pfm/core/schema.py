@@ -257,6 +257,13 @@ def _first_key(keys: list[Any]) -> str:
 
 HASH32 = Bytes(length=32)
 
+MAX_ENERGY_WH = 1e7
+"""Announced energy bound: 10 MWh, a 1 kW device training for over a thousand years."""
+MAX_TOKENS = 10**15
+"""Announced tokens bound: a quadrillion, far beyond any one peer's life."""
+MAX_GRID_G_PER_KWH = 2000.0
+"""Grid intensity bound: twice the dirtiest grids (coal, ~1000 gCO2e/kWh)."""
+
 KIND_SCHEMAS: dict[str, Map] = {}
 """Payload schema of every known message kind; extend with :func:`register_kind`."""
 
@@ -302,8 +309,18 @@ register_kind(
             # in an open swarm. Readers of an admitted swarm keep only announcements whose
             # certificate admits their signer.
             "cert": Bytes(max_len=512),
+            # The sender's energy totals since its process started (p2pfm.energy): attributable and
+            # marginal Wh, trained tokens, the meter's source, its grid intensity. Optional (older
+            # peers omit them); bounded so that one claim cannot swamp a swarm's report.
+            "energy_wh": Float(min=0.0, max=MAX_ENERGY_WH),
+            "marginal_wh": Float(min=0.0, max=MAX_ENERGY_WH),
+            "tokens": Int(max=MAX_TOKENS),
+            "energy_source": Str(32),
+            "grid_g_per_kwh": Float(min=0.0, max=MAX_GRID_G_PER_KWH),
         },
-        optional=frozenset({"sees", "cert"}),
+        optional=frozenset(
+            {"sees", "cert", "energy_wh", "marginal_wh", "tokens", "energy_source", "grid_g_per_kwh"}
+        ),
     ),
 )
 register_kind(

@@ -135,6 +135,23 @@ class AdmissionConfig:
             require(self.revocations.is_file(), "admission.revocations", f"{self.revocations} is not a file")
 
 
+@dataclass(frozen=True)
+class EnergyConfig:
+    """How the peer meters its energy (``p2pfm.energy``); ``[energy]`` in the TOML file."""
+
+    meter: str = "auto"  # auto (Zeus RAPL/NVML where readable, else the model), rapl, nvml, model
+    idle_measure_s: float = 3.0  # idle baseline window at start-up, measured meters only (0 = profile idle)
+    idle_w: float | None = None  # idle power for the model; None = the device profile's (or 4 W)
+    powercap_root: Path | None = None  # None = $P2PFM_POWERCAP_ROOT or /sys/class/powercap
+
+    def __post_init__(self) -> None:
+        from p2pfm.energy.meters import METER_KINDS
+
+        require(self.meter in METER_KINDS, "energy.meter", f"must be one of {', '.join(METER_KINDS)}")
+        require(0 <= self.idle_measure_s <= 30, "energy.idle_measure_s", "must be in [0, 30] seconds")
+        require(self.idle_w is None or self.idle_w >= 0, "energy.idle_w", "must be non-negative")
+
+
 def _is_loopback(maddr: str) -> bool:
     parts = maddr.split("/")
     return len(parts) > 2 and (
@@ -157,7 +174,9 @@ class PeerConfig:
     shard: int = -1  # which shard to train on; -1 = derived from the peer id
     num_shards: int = 8
     device_class: str = "cpu-host"  # energy profile name, announced (energy accounting); not the torch device
-    power_w: float = 15.0  # active power estimate for energy accounting (W)
+    power_w: float | None = (
+        None  # active power (W) for the energy model; None = the device profile's (or 15 W)
+    )
     grid_g_per_kwh: float = 475.0  # grid carbon intensity (world average, codecarbon table)
     checkpoint_every: int = 1  # rounds between checkpoints
     min_peers: int = 1  # wait until this many peers (us included) are live before training
@@ -172,6 +191,7 @@ class PeerConfig:
     net: NetConfig = field(default_factory=NetConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     limits: RateLimits = field(default_factory=RateLimits)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     @property
     def open_swarm(self) -> bool:
@@ -191,7 +211,7 @@ class PeerConfig:
         require(
             -1 <= self.shard < self.num_shards, "shard", f"must be -1 (auto) or in [0, {self.num_shards})"
         )
-        require(self.power_w >= 0, "power_w", "must be non-negative")
+        require(self.power_w is None or self.power_w >= 0, "power_w", "must be non-negative")
         require(self.grid_g_per_kwh >= 0, "grid_g_per_kwh", "must be non-negative")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
         require(self.min_peers >= 1, "min_peers", "must be at least 1")

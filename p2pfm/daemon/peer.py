@@ -177,6 +177,9 @@ class PeerDaemon:
         log.info("computing on %s in %s", rt.compute_device, getattr(self.trainer, "precision", "fp32"))
         rt.resumed = rt.restore_checkpoint()
         rt.refresh_snapshot()
+        # The idle baseline (measured meters only), before the network and training add any load.
+        idle_w = await rt.energy.measure_idle_async(self.config.energy.idle_measure_s)
+        log.info("energy: idle baseline %.2f W (%s)", idle_w, rt.energy.idle_source)
         # Fork the DHT child before installing our signal handlers: a child inheriting them
         # would swallow SIGTERM/SIGINT (Ctrl-C reaches the whole process group) and never exit.
         await self.net.start()
@@ -222,6 +225,7 @@ class PeerDaemon:
         rt, loop = self.runtime, asyncio.get_running_loop()
         rt.stop_flag.set()
         rt.stop_event.set()
+        rt.energy.stop()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -234,6 +238,7 @@ class PeerDaemon:
             self.protocol.fire(Event.STOP)
         rt.write_status()
         self.metrics.close()
+        rt.energy.close()
         await self.net.shutdown()
 
     async def run(self) -> int:

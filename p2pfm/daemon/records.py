@@ -71,6 +71,14 @@ class RoundRecord:
     round_errors: int = 0  # rounds that raised and were retried from the last good anchor
     bans: int = 0  # bans decided so far (transports and signing keys), each also logged once
     syncs_refused: int = 0  # pulled parameters too far from ours to mix (cumulative)
+    # Energy since the process started (p2pfm.energy): energy_wh/carbon_g above are attributable
+    # (the device's draw while training); marginal is above the idle baseline; source names the meter.
+    marginal_wh: float = 0.0
+    marginal_carbon_g: float = 0.0
+    tokens: int = 0  # samples x block size (bytes for the byte-level GPT)
+    j_per_token: float | None = None
+    energy_source: str = ""
+    idle_w: float = 0.0
     event: str = "round"
 
 

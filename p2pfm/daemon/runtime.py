@@ -25,15 +25,20 @@ from p2pfm.core.errors import Refusal
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import PeerProtocol, Phase
 from p2pfm.core.quorum import QuorumView, peers_to_list, quorum_view
+from p2pfm.core.schema import MAX_ENERGY_WH, MAX_GRID_G_PER_KWH, MAX_TOKENS
 from p2pfm.core.tensorfile import digest
 from p2pfm.core.transfer import pack_state
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
+from p2pfm.daemon.energy import open_tracker
 from p2pfm.daemon.memory import buffer_breakdown, process_rss
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import Record, as_record
-from p2pfm.daemon.trainer import ModelAdapter
+from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
+from p2pfm.energy.meters import PowerModel
+from p2pfm.energy.report import energy_report, peer_figures, report_from_announcements
+from p2pfm.energy.tracker import EnergyTracker
 from p2pfm.model.device import describe as describe_device
 
 log = logging.getLogger("p2pfm.peer")
@@ -86,9 +91,30 @@ class PeerRuntime:
     resumed: bool = False
     certificate: bytes | None = None  # ours, presented in every announcement (admitted swarms)
     revocation_list: bytes | None = None  # the newest list we took: we re-publish it
+    energy: EnergyTracker = field(init=False)  # training windows over this device's meter (p2pfm.energy)
+    power: PowerModel = field(init=False)
 
     def __post_init__(self) -> None:
         self.book = PeerBook(self.config.net.announce_ttl_s)
+        device = next((p.device for p in self.trainer.model.parameters()), None)
+        gpus = [device.index or 0] if device is not None and device.type == "cuda" else []
+        self.energy, self.power = open_tracker(self.config, gpus)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens in one training sample: the block size for the byte-level GPT (bytes), else 1."""
+        if isinstance(self.trainer, LocalTrainer):
+            return self.config.model.block_size
+        return int(getattr(self.trainer, "tokens_per_sample", 1))
+
+    def energy_claims(self) -> dict:
+        """Our energy totals for the announcement, clamped to the schema's bounds (p2pfm.core.schema)."""
+        t = self.energy.totals()
+        return {
+            "energy_wh": min(float(t.energy_wh), MAX_ENERGY_WH), "marginal_wh": min(float(t.marginal_wh), MAX_ENERGY_WH),
+            "tokens": min(int(t.tokens), MAX_TOKENS), "energy_source": t.energy_source[:32],
+            "grid_g_per_kwh": min(float(t.grid_g_per_kwh), MAX_GRID_G_PER_KWH),
+        }  # fmt: skip
 
     @property
     def peer_id(self) -> str:
@@ -147,8 +173,9 @@ class PeerRuntime:
         return {
             "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.protocol.round,
             "model_hash": self.snapshot.hash, "device_class": self.config.device_class[:64],
-            "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot.data),
+            "power_w": float(self.power.active_w), "state_bytes": len(self.snapshot.data),
             "sees": self.sees(), **({"cert": self.certificate} if self.certificate else {}),
+            **self.energy_claims(),
         }  # fmt: skip
 
     async def announce(self) -> None:
@@ -235,7 +262,20 @@ class PeerRuntime:
         if quorum is not None:
             status["quorum"] = quorum
         status["memory"] = self.memory_report()
+        status["energy"] = self.energy.totals().as_dict()
+        status["swarm_energy"] = self.swarm_energy()
         self.metrics.status(status)
+
+    def swarm_energy(self) -> dict:
+        """The swarm's energy report from the live peers' verified announcements, and our own totals."""
+        report = report_from_announcements(self.live.values())
+        rows = dict(report["per_peer"])
+        claims = self.energy_claims()
+        rows[self.peer_id] = peer_figures(
+            claims["energy_wh"], claims["marginal_wh"], claims["tokens"], claims["energy_source"],
+            claims["grid_g_per_kwh"],
+        )  # fmt: skip
+        return {**energy_report(rows), "unreported": report["unreported"]}
 
     def memory_report(self) -> dict:
         """The process's RSS (now, peak) and its full-size buffers by name (p2pfm.daemon.memory)."""

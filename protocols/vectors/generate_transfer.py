@@ -135,7 +135,12 @@ def announcement_view(a: Announcement) -> dict[str, Any]:
         "maddrs": list(a.maddrs), "round": a.round, "model_hash": a.model_hash.hex(), "device_class": a.device_class,
         "power_w": a.power_w, "state_bytes": a.state_bytes, "seq": a.seq, "timestamp": a.timestamp,
         "sees": list(a.sees),
+        # Energy claims appear only where announced (older vectors stay byte-identical).
+        **{k: v for k in ENERGY_FIELDS if (v := getattr(a, k)) is not None},
     }  # fmt: skip
+
+
+ENERGY_FIELDS = ("energy_wh", "marginal_wh", "tokens", "energy_source", "grid_g_per_kwh")
 
 
 def manifest_view(m: Manifest) -> dict[str, Any]:
@@ -273,6 +278,10 @@ ANNOUNCE = {
     "state_bytes": len(STATE),
     "sees": ["12D3KooWVectorRemotePeerVectorRemotePeerVectorRe"],
 }
+ENERGY = {  # a Pi that trained 1.2 M bytes for 1.5 Wh on a world-average grid (optional fields)
+    "energy_wh": 1.5, "marginal_wh": 0.75, "tokens": 1_200_000, "energy_source": "modelled:profile",
+    "grid_g_per_kwh": 475.0,
+}  # fmt: skip
 
 # The update: the one builder (update_payload) over a real codec map of a delta.
 DELTA = np.array([0.5, -0.25, 0.125, 2.0, 0.0, 0.0, -1.0, 0.75], dtype=np.float32)
@@ -880,6 +889,11 @@ ANNOUNCE_CASES = [
         lambda: sealed("announce", ANNOUNCE),
         None,
         {"replay_seen": replay_seen()},
+    ),
+    Case(
+        "announce_accept_energy_claims",
+        "with the optional energy totals (energy_wh, marginal_wh, tokens, energy_source, grid_g_per_kwh)",
+        lambda: sealed("announce", {**ANNOUNCE, **ENERGY}),
     ),
     Case(
         "announce_reject_malformed_not_bytes",
