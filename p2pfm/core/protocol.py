@@ -527,7 +527,9 @@ class PeerProtocol:
         """The signed manifest of a snapshot laid out as ``layout`` and the chunk indexes to send
         after it: those the request's ``want`` asks for ([REJECT] BAD_INDEX), or all of them."""
         indexes = wanted_chunks(request.payload.get("want"), layout)
-        manifest = self.seal("state_manifest", layout_payload(layout, snapshot_round), now, round=snapshot_round)
+        manifest = self.seal(
+            "state_manifest", layout_payload(layout, snapshot_round), now, round=snapshot_round
+        )
         return manifest, indexes
 
     def serve_params(self, request: Envelope, now: float) -> bytes:

@@ -83,7 +83,9 @@ def write_arrays(
         else:
             code, shape = _code_of(np.asarray(array).dtype, name), tuple(np.shape(array))
         nbytes = math.prod(shape) * np.dtype(code).itemsize
-        entries.append({"name": name, "dtype": code, "shape": list(shape), "offset": offset, "nbytes": nbytes})
+        entries.append(
+            {"name": name, "dtype": code, "shape": list(shape), "offset": offset, "nbytes": nbytes}
+        )
         offset += nbytes
     header = msgpack.packb({"meta": dict(meta or {}), "arrays": entries}, use_bin_type=True)
     written = 0
@@ -97,7 +99,7 @@ def write_arrays(
         data = np.asarray(data, order="C").astype(code, copy=False)
         if list(data.shape) != entry["shape"]:
             raise ValueError(f"array {entry['name']!r} has shape {data.shape}, announced {entry['shape']}")
-        view = memoryview(data.reshape(-1).view(np.uint8)) if data.size else memoryview(b"")
+        view = data.reshape(-1).view(np.uint8).data if data.size else memoryview(b"")
         for start in range(0, len(view), WRITE_PIECE_BYTES):
             sink(view[start : start + WRITE_PIECE_BYTES])
         written += len(view)

@@ -33,6 +33,7 @@ from p2pfm.core.gossip import MAX_ROUND
 from p2pfm.core.tensorfile import Buffer, LazyArray, digest, pack_arrays, unpack_arrays, write_arrays
 
 MAX_CHUNKS = 65536  # the manifest schema's bound on chunk_hashes
+MAX_CHUNK_BYTES = 64 << 20  # a donor's chunk_size beyond this is refused: each chunk is one frame in RAM
 MAX_WANT_RANGES = 256  # the state_request schema's bound on want.ranges: ~3 KB of request at most
 HASH_PIECE_BYTES = 8 << 20  # the whole-state hash reads the assembled file in pieces of this size
 
@@ -130,7 +131,9 @@ def write_state(
         write(piece)
 
     write_arrays(
-        sink, {"params": params, "round": np.array([round], dtype=np.int64), **optimizer}, {"numel": int(params.size)}
+        sink,
+        {"params": params, "round": np.array([round], dtype=np.int64), **optimizer},
+        {"numel": int(params.size)},
     )
     return hasher.layout()
 
@@ -245,8 +248,10 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
     exceeds ``MAX_ROUND``; [REJECT] BAD_MANIFEST if it
     matches neither the announced state hash nor a round at least as new as announced (the
     donor may have moved on since its announcement); [REJECT] OVERSIZE if ``total_bytes``
-    exceeds our ``max_state_bytes``; [REJECT] BAD_MANIFEST if the number of chunk hashes is
-    not ``ceil(total_bytes / chunk_size)``.
+    exceeds our ``max_state_bytes``; [REJECT] OVERSIZE if ``chunk_size`` exceeds
+    ``MAX_CHUNK_BYTES`` (a chunk is one frame in memory: a 2 GB "chunk" would be the whole state
+    at once); [REJECT] BAD_MANIFEST if the number of chunk hashes is not
+    ``ceil(total_bytes / chunk_size)``.
     """
     if envelope.kind != "state_manifest":
         raise WrongKind(f"kind {envelope.kind!r} where a state_manifest belongs")
@@ -261,6 +266,8 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
         )
     if m["total_bytes"] > max_state_bytes:
         raise Oversize(f"state of {m['total_bytes']} bytes exceeds max_state_bytes ({max_state_bytes})")
+    if m["chunk_size"] > MAX_CHUNK_BYTES:
+        raise Oversize(f"chunk size {m['chunk_size']} exceeds {MAX_CHUNK_BYTES}: each chunk is read whole")
     expected_chunks = -(-m["total_bytes"] // m["chunk_size"])
     if expected_chunks != len(m["chunk_hashes"]):
         raise BadManifest(

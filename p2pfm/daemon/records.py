@@ -83,6 +83,10 @@ class StateDownloadRecord:
     round: int
     behind: int
     wall_time: float
+    bytes_fetched: int = 0  # verified bytes this donor sent
+    bytes_reused: int = 0  # verified bytes kept from earlier donors' interrupted transfers
+    seconds: float = 0.0  # the last donor's transfer, manifest to last chunk
+    rate_bps: float = 0.0  # bytes_fetched / seconds: the link rate the download measured
     event: str = "state_download"
 
 
