@@ -375,7 +375,7 @@ class StreamClient:
                     if partial.verified and progress.attempts == 1:
                         return partial.want_for(manifest.model_hash)
                     indexes = list(range(len(manifest.chunk_hashes)))
-                progress.total_bytes = manifest.total_bytes
+                progress.total_bytes, progress.model_hash = manifest.total_bytes, manifest.model_hash
                 await receive_chunks(reader, partial, indexes, progress, stall_s=net.state_stall_s)
         finally:
             writer.close()

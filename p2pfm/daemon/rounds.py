@@ -213,6 +213,7 @@ class RoundDriver:
                     bytes_reused=figures.reused if figures else 0,
                     seconds=figures.seconds if figures else 0.0,
                     rate_bps=figures.rate_bps if figures else 0.0,
+                    model_hash=figures.model_hash.hex() if figures else "",
                 )
             )
             log.info("adopted state of round %d from %s (%s)", round_, donor.peer_id, reason)

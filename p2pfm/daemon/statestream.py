@@ -191,6 +191,7 @@ class Progress:
 
     donor: str
     total_bytes: int = 0
+    model_hash: bytes = b""  # the manifest's (the last one, if donors moved on)
     fetched: int = 0  # chunk bytes that came over the network and verified
     reused: int = 0  # verified bytes kept from earlier attempts (not fetched again)
     seconds: float = 0.0
