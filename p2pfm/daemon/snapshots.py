@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from p2pfm.core.transfer import StateLayout
 
 SUFFIX = ".state"
@@ -86,3 +88,22 @@ class SnapshotStore:
         return Snapshot(
             hash=layout.model_hash, round=round, size=layout.total_bytes, layout=layout, path=path
         )
+
+
+def map_initial_params(directory: Path, initial: np.ndarray) -> np.ndarray:
+    """The run's initial parameters as a read-only memory map of a file written once per start.
+
+    Every peer keeps them for its whole life (syncs are encoded against them, states are
+    compared with them) but reads them only every few rounds: a full-size copy in the heap
+    (~0.5 GB at 124M parameters) becomes file-backed pages the kernel may drop and re-read.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "initial-params.f32"
+    flat = np.ascontiguousarray(initial, dtype=np.float32).reshape(-1)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        out.write(flat.data)
+    os.replace(tmp, path)
+    if flat.size == 0:
+        return np.zeros(0, np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(flat.size,))
