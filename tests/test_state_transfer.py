@@ -239,9 +239,9 @@ def test_a_lying_manifest_reusing_our_hash_cannot_slip_in_unverified_chunks(tmp_
 
 
 # --- the donor's handler and a whole download, in process ----------------------------------------
-def peer_runtime(tmp_path: Path, name: str, seed: int) -> PeerRuntime:
+def peer_runtime(tmp_path: Path, name: str, seed: int, stall_s: float = 10.0) -> PeerRuntime:
     """A peer's runtime (not online) with a 4,160-parameter model: 17 chunks of 1 KiB."""
-    net = NetConfig(state_chunk_bytes=CHUNK, state_stall_s=10.0)
+    net = NetConfig(state_chunk_bytes=CHUNK, state_stall_s=stall_s)
     config = PeerConfig(run_id=RUN, work_dir=tmp_path / name, key=tmp_path / name / "peer.key", net=net)
     torch.manual_seed(seed)
     model = torch.nn.Linear(64, 64)
@@ -467,3 +467,60 @@ def test_a_donor_of_another_state_is_asked_again_for_the_chunks_we_lack(tmp_path
     assert progress.fetched == donors[1].snapshot.size - progress.reused
     assert donors[1].counters["state_bytes_served"] == progress.fetched
     assert np.array_equal(arrays["params"], params)
+
+
+class StallWriter(CutWriter):
+    """A donor that stops sending after ``frames`` frames without closing (hung, not dead)."""
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+        self.drains += 1
+        if self.frames is not None and self.drains >= self.frames:
+            await asyncio.Event().wait()  # never set: only the joiner's stall deadline ends this
+
+
+def test_a_stalled_donor_is_left_after_the_stall_deadline_and_its_chunks_kept(tmp_path):
+    """No chunk for ``state_stall_s``: the joiner gives up on that donor (not after a deadline
+    tuned for the whole state) and the next donor sends only what is missing."""
+    donors = [peer_runtime(tmp_path, f"donor{i}", seed=0) for i in range(2)]
+    joiner = peer_runtime(tmp_path, "joiner", seed=1, stall_s=0.5)
+    writers = {"donor0": lambda w: StallWriter(w, 1 + 3), "donor1": lambda w: CutWriter(w, None)}
+    handlers = {"donor0": StreamHandlers(donors[0]), "donor1": StreamHandlers(donors[1])}
+
+    async def scenario():
+        served: list[asyncio.Task] = []
+
+        async def open_stream(libp2p_id: str, name: str):
+            ours, theirs = socket.socketpair()
+            donor_reader, donor_writer = await asyncio.open_connection(sock=theirs)
+            writer = writers[libp2p_id](donor_writer)
+            served.append(
+                asyncio.create_task(handlers[libp2p_id].handle_state("joiner", donor_reader, writer))
+            )
+            return await asyncio.open_connection(sock=ours)
+
+        joiner.net.open_stream = open_stream
+        client = StreamClient(joiner)
+        started = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            await client.download_state(announcement(donors[0], "donor0"))
+        waited = time.perf_counter() - started
+        arrays, _ = await client.download_state(announcement(donors[1], "donor1"))
+        for task in served:
+            task.cancel()
+        await asyncio.gather(*served, return_exceptions=True)
+        return waited, client.last_download, arrays
+
+    waited, progress, arrays = asyncio.run(scenario())
+    assert 0.5 <= waited < 5.0
+    assert progress.reused == 3 * CHUNK and progress.fetched == donors[1].snapshot.size - 3 * CHUNK
+    assert np.array_equal(arrays["params"], donors[0].protocol.params)
+
+
+def test_deadlines_scale_with_the_state_size():
+    """Nothing tuned for a 1M-parameter state fires for a 124M one: the whole deadline grows with
+    total_bytes at the floor rate (default 1 MB/s) on top of the fixed part."""
+    net = NetConfig()
+    assert net.state_deadline_s(12_000_000) == pytest.approx(72.0)  # ~1M parameters with AdamW moments
+    assert net.state_deadline_s(1_500_000_000) == pytest.approx(1560.0)  # ~124M: 26 minutes at worst
+    assert net.state_stall_s == 30.0 and net.state_chunk_bytes == 4 << 20
