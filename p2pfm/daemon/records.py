@@ -83,6 +83,7 @@ class StateDownloadRecord:
     round: int
     behind: int
     wall_time: float
+    bytes: int = 0  # the state's size (bytes_fetched + bytes_reused)
     bytes_fetched: int = 0  # verified bytes this donor sent
     bytes_reused: int = 0  # verified bytes kept from earlier donors' interrupted transfers
     seconds: float = 0.0  # the last donor's transfer, manifest to last chunk

@@ -209,6 +209,7 @@ class RoundDriver:
                     round=round_,
                     behind=plan.behind,
                     wall_time=rt.wall_time(),
+                    bytes=figures.total_bytes if figures else 0,
                     bytes_fetched=figures.fetched if figures else 0,
                     bytes_reused=figures.reused if figures else 0,
                     seconds=figures.seconds if figures else 0.0,
