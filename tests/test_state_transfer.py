@@ -260,7 +260,7 @@ def peer_runtime(tmp_path: Path, name: str, seed: int, stall_s: float = 10.0) ->
 def announcement(rt: PeerRuntime, libp2p_id: str) -> Announcement:
     return Announcement(
         peer_id=rt.peer_id, public_key=rt.protocol.identity.public_key_bytes, libp2p_id=libp2p_id, maddrs=(),
-        round=rt.protocol.round, model_hash=rt.snapshot.hash, device="cpu", power_w=0.0,
+        round=rt.protocol.round, model_hash=rt.snapshot.hash, device_class="cpu", power_w=0.0,
         state_bytes=rt.snapshot.size, seq=1, timestamp=rt.started,
     )  # fmt: skip
 

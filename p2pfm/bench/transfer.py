@@ -216,7 +216,7 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
         claim = Announcement(
             peer_id=donor.peer_id, public_key=donor.protocol.identity.public_key_bytes,
             libp2p_id=donor_p2p.peer_id.to_base58(), maddrs=tuple(maddrs), round=0,
-            model_hash=donor.snapshot.hash, device="cpu", power_w=0.0, state_bytes=donor.snapshot.size,
+            model_hash=donor.snapshot.hash, device_class="cpu", power_w=0.0, state_bytes=donor.snapshot.size,
             seq=1, timestamp=time.time(),
         )  # fmt: skip
         client = StreamClient(joiner)
