@@ -91,6 +91,17 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--n-head": ("model.n_head", int, "attention heads"),
     "--block-size": ("model.block_size", int, "context length in bytes"),
     "--announce-ttl": ("net.announce_ttl_s", float, "seconds a DHT announcement lives without refresh"),
+    "--state-chunk-bytes": ("net.state_chunk_bytes", int, "chunk size of the state we serve to joiners"),
+    "--state-stall": (
+        "net.state_stall_s",
+        float,
+        "seconds without a state chunk before another donor is tried",
+    ),
+    "--state-serve-rate": (
+        "net.state_serve_rate_bps",
+        float,
+        "cap on each state upload we serve, bytes/s (0 = none)",
+    ),
     "--authority": (
         "admission.authority",
         str,

@@ -340,8 +340,15 @@ register_kind(
     Map(
         # cert: the asker's certificate (p2pfm.core.admission), so that a donor that has not read
         # the asker's announcement yet can still tell a member from a stranger. Optional.
-        {"round": Int(), "nonce": Bytes(length=16), "cert": Bytes(max_len=512)},
-        optional=frozenset({"cert"}),
+        # want: resume a download (p2pfm.core.transfer.wanted_chunks): only these chunk ranges
+        # [start, stop) of the state whose hash is model_hash. Optional; bounded here.
+        {
+            "round": Int(),
+            "nonce": Bytes(length=16),
+            "cert": Bytes(max_len=512),
+            "want": Map({"model_hash": HASH32, "ranges": List(List(Int(), 2), 256)}),
+        },
+        optional=frozenset({"cert", "want"}),
     ),
 )
 register_kind(

@@ -15,6 +15,7 @@ from typing import Any
 from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
 from p2pfm.core.limits import RateLimits
+from p2pfm.core.transfer import MAX_CHUNK_BYTES
 from p2pfm.model.config import (
     HF_PREFIX,
     PRECISIONS,
@@ -61,10 +62,16 @@ class NetConfig:
     request_timeout_s: float = (
         5.0  # gossip push deadline: a dead partner costs at most this, off the compute path
     )
-    state_timeout_s: float = 60.0  # whole state download deadline before trying another donor
+    # A state download (either side) ends when no chunk moved for state_stall_s, or after
+    # state_timeout_s + total_bytes / state_min_rate_bps in all: the deadline scales with the
+    # state's size (60 s for 1M parameters was 4 s short of a 124M state at 25 MB/s).
+    state_timeout_s: float = 60.0  # fixed part of a state transfer's total deadline
+    state_stall_s: float = 30.0  # no verified chunk for this long: try another donor (keeping the chunks)
+    state_min_rate_bps: float = 1e6  # the slowest link a whole transfer must be allowed (bytes/s)
+    state_serve_rate_bps: float = 0.0  # cap on each state upload we serve (bytes/s); 0 = none
     max_message_bytes: int = 64 << 20  # larger gossip messages are refused unread
     max_state_bytes: int = 2 << 30  # cap on a downloaded state snapshot
-    state_chunk_bytes: int = 1 << 20
+    state_chunk_bytes: int = 4 << 20  # chunk of the state we serve (ours; a donor's is bounded by 64 MiB)
 
     def __post_init__(self) -> None:
         require(len(self.listen) > 0, "net.listen", "needs at least one multiaddr")
@@ -95,7 +102,20 @@ class NetConfig:
         require(self.state_timeout_s > 0, "net.state_timeout_s", "must be positive")
         require(self.max_message_bytes >= 4096, "net.max_message_bytes", "must be at least 4096")
         require(self.max_state_bytes >= 4096, "net.max_state_bytes", "must be at least 4096")
-        require(self.state_chunk_bytes >= 1024, "net.state_chunk_bytes", "must be at least 1024")
+        require(
+            1024 <= self.state_chunk_bytes <= MAX_CHUNK_BYTES,
+            "net.state_chunk_bytes",
+            f"must be between 1024 and {MAX_CHUNK_BYTES}",
+        )
+        require(self.state_stall_s > 0, "net.state_stall_s", "must be positive")
+        require(self.state_min_rate_bps > 0, "net.state_min_rate_bps", "must be positive")
+        require(
+            self.state_serve_rate_bps >= 0, "net.state_serve_rate_bps", "must be non-negative (0 = no cap)"
+        )
+
+    def state_deadline_s(self, total_bytes: int) -> float:
+        """The whole deadline of a state transfer of ``total_bytes``: fixed part plus the floor rate."""
+        return self.state_timeout_s + total_bytes / self.state_min_rate_bps
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import LeaveRecord, StartRecord
 from p2pfm.daemon.rounds import RoundDriver
 from p2pfm.daemon.runtime import PeerRuntime, load_or_create_identity
+from p2pfm.daemon.snapshots import map_initial_params
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
 from p2pfm.model.data import ShardSpec
 from p2pfm.model.device import resolve_device
@@ -135,7 +136,8 @@ class PeerDaemon:
             admission=admission, rate_limits=config.limits, certificate=certificate,
         )  # fmt: skip
         # Sequence numbers start at the clock in ms: monotone across restarts, never reusing (key, seq).
-        self.protocol = PeerProtocol(setup, trainer.flat(), seq=time.time_ns() // 1_000_000)
+        initial = map_initial_params(config.work_dir / "snapshots", trainer.flat())  # file-backed, not heap
+        self.protocol = PeerProtocol(setup, initial, seq=time.time_ns() // 1_000_000)
         self.runtime = PeerRuntime(
             config=config, protocol=self.protocol, trainer=trainer,
             net=PeerNetwork(config.net, identity, config.run_id, admission),

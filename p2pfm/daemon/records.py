@@ -91,6 +91,12 @@ class StateDownloadRecord:
     round: int
     behind: int
     wall_time: float
+    bytes: int = 0  # the state's size (bytes_fetched + bytes_reused)
+    bytes_fetched: int = 0  # verified bytes this donor sent
+    bytes_reused: int = 0  # verified bytes kept from earlier donors' interrupted transfers
+    seconds: float = 0.0  # the last donor's transfer, manifest to last chunk
+    rate_bps: float = 0.0  # bytes_fetched / seconds: the link rate the download measured
+    model_hash: str = ""  # hex SHA-256 of the adopted state (its manifest's, checked on the whole file)
     event: str = "state_download"
 
 

@@ -198,7 +198,10 @@ class RoundDriver:
                 rt.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
             except (ValueError, KeyError) as exc:
                 log.warning("donor optimizer state unusable (%s); keeping ours", exc)
+            self.client.partial().discard()  # adopted: the file goes (our copies are made)
+            del arrays
             rt.refresh_snapshot()
+            figures = self.client.last_download
             rt.record(
                 StateDownloadRecord(
                     reason=reason,
@@ -206,6 +209,12 @@ class RoundDriver:
                     round=round_,
                     behind=plan.behind,
                     wall_time=rt.wall_time(),
+                    bytes=figures.total_bytes if figures else 0,
+                    bytes_fetched=figures.fetched if figures else 0,
+                    bytes_reused=figures.reused if figures else 0,
+                    seconds=figures.seconds if figures else 0.0,
+                    rate_bps=figures.rate_bps if figures else 0.0,
+                    model_hash=figures.model_hash.hex() if figures else "",
                 )
             )
             log.info("adopted state of round %d from %s (%s)", round_, donor.peer_id, reason)

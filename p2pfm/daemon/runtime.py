@@ -26,8 +26,7 @@ from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import PeerProtocol, Phase
 from p2pfm.core.quorum import QuorumView, peers_to_list, quorum_view
 from p2pfm.core.schema import MAX_ENERGY_WH, MAX_GRID_G_PER_KWH, MAX_TOKENS
-from p2pfm.core.tensorfile import digest
-from p2pfm.core.transfer import pack_state
+from p2pfm.core.transfer import write_state
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
 from p2pfm.daemon.energy import open_tracker
@@ -35,6 +34,7 @@ from p2pfm.daemon.memory import buffer_breakdown, process_rss
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import Record, as_record
+from p2pfm.daemon.snapshots import Snapshot, SnapshotStore
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
 from p2pfm.energy.meters import PowerModel
 from p2pfm.energy.report import energy_report, peer_figures, report_from_announcements
@@ -56,15 +56,6 @@ def load_or_create_identity(path: Path) -> Identity:
 
 
 @dataclass
-class Snapshot:
-    """The state we serve to joiners: exactly what our next announcement's hash covers."""
-
-    data: bytes = b""
-    hash: bytes = bytes(32)
-    round: int = 0
-
-
-@dataclass
 class PeerRuntime:
     """One peer's live state around its protocol object."""
 
@@ -79,6 +70,7 @@ class PeerRuntime:
     book: PeerBook = field(init=False)  # what we know of the swarm, merged over lookups
     live: dict[str, Announcement] = field(default_factory=dict)
     snapshot: Snapshot = field(default_factory=Snapshot)
+    snapshots: SnapshotStore = field(init=False)  # the served snapshot's file, in the work dir
     eval_loss: float = float("nan")
     train_loss: float = float("nan")
     compute_seconds: float = 0.0
@@ -96,6 +88,7 @@ class PeerRuntime:
 
     def __post_init__(self) -> None:
         self.book = PeerBook(self.config.net.announce_ttl_s)
+        self.snapshots = SnapshotStore(self.config.work_dir / "snapshots")
         device = next((p.device for p in self.trainer.model.parameters()), None)
         gpus = [device.index or 0] if device is not None and device.type == "cuda" else []
         self.energy, self.power = open_tracker(self.config, gpus)
@@ -173,7 +166,7 @@ class PeerRuntime:
         return {
             "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.protocol.round,
             "model_hash": self.snapshot.hash, "device_class": self.config.device_class[:64],
-            "power_w": float(self.power.active_w), "state_bytes": len(self.snapshot.data),
+            "power_w": float(self.power.active_w), "state_bytes": self.snapshot.size,
             "sees": self.sees(), **({"cert": self.certificate} if self.certificate else {}),
             **self.energy_claims(),
         }  # fmt: skip
@@ -183,10 +176,13 @@ class PeerRuntime:
 
     # --- state: snapshot and checkpoint --------------------------------------------------------
     def refresh_snapshot(self) -> None:
-        """Pack the state we serve (parameters, round, inner optimizer) and hash it."""
-        round_ = self.protocol.round
-        data = pack_state(self.protocol.params, round_, self.trainer.optimizer_arrays())
-        self.snapshot = Snapshot(data=data, hash=digest(data), round=round_)
+        """Write the state we serve (parameters, round, inner optimizer) to its file, hashing as it
+        goes (:mod:`p2pfm.daemon.snapshots`): no full-size copy of it stays in memory."""
+        round_, chunk = self.protocol.round, self.config.net.state_chunk_bytes
+        params, optimizer = self.protocol.params, self.trainer.optimizer_arrays()
+        self.snapshot = self.snapshots.write(
+            lambda write: write_state(write, params, round_, optimizer, chunk), round_
+        )
 
     def _state_meta(self) -> dict:
         return {
@@ -286,9 +282,8 @@ class PeerRuntime:
             "initial_params": self.protocol.initial_params,
         }  # fmt: skip
         report = buffer_breakdown(self.trainer.model, self.trainer.optimizer, named)
-        snapshot = self.snapshot.data
-        if isinstance(snapshot, (bytes, bytearray)) and snapshot:
-            report["host_buffers"]["served_snapshot"] = len(snapshot)
+        if self.snapshot.size:  # a file, read a chunk at a time (p2pfm.daemon.snapshots): no heap copy
+            report["on_disk"] = {"served_snapshot": self.snapshot.size}
         return {**process_rss(), **report}
 
     @property
