@@ -19,6 +19,19 @@ random live peers in the background, merge what arrived) and loads the merged pa
 back into the model; the network itself runs on a background thread with its own event
 loop, so a slow or dead partner never blocks your loop. All peers of a run must build the
 same initial model (seed your init identically), as parameter syncs are encoded against it.
+
+Models by name: :func:`load_model` gives what ``p2pfm peer --model SPEC`` trains, for your own
+loop. ``load_model("hf:DIR")`` loads a local Hugging Face causal LM (safetensors weights, its
+tokenizer; ``pip install -e '.[hf]'``) identically on every peer; ``load_model("10m", seed=0)``
+builds a preset of the byte-level GPT from the seed. Either way ``loaded.model(inputs, targets)``
+returns ``(logits, loss)`` with ``targets`` = ``inputs`` shifted by one, and for HF models
+``loaded.tokenizer`` encodes your text and ``loaded.model.module`` is the transformers model::
+
+    loaded = load_model("hf:/models/my-gpt2")
+    opt = GossipOptimizer(loaded.model, torch.optim.AdamW(loaded.model.parameters(), lr=1e-4), run_id="ft")
+
+Checkpoints (``work_dir/checkpoint.safetensors``) hold the parameters under ``model.<name>``:
+``safetensors.torch.load_file`` opens them, and the ``model.*`` tensors load into your model.
 """
 
 from __future__ import annotations
@@ -38,6 +51,9 @@ from p2pfm.core.gossip import GossipConfig
 from p2pfm.daemon.config import NetConfig, PeerConfig
 from p2pfm.daemon.peer import PeerDaemon
 from p2pfm.daemon.trainer import ModelAdapter, StepStats
+from p2pfm.model.source import LoadedModel, load_model
+
+__all__ = ["GossipOptimizer", "LoadedModel", "load_model"]
 
 
 class _UserModel(ModelAdapter):

@@ -26,11 +26,9 @@ from typing import Any
 import numpy as np
 
 from p2pfm.core.admission import issue_certificate
-from p2pfm.core.errors import Reject
 from p2pfm.core.gossip import consensus_distance
 from p2pfm.core.identity import Identity
-from p2pfm.core.tensorfile import unpack_arrays
-from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
+from p2pfm.daemon.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
 from p2pfm.daemon.metrics import read_metrics
 from p2pfm.procs import Launcher, child_env, kill_group, launch, signal_group
 
@@ -341,8 +339,8 @@ class LocalSwarm:
 
 def final_params(work_dir: Path) -> np.ndarray | None:
     try:
-        arrays, _ = unpack_arrays((work_dir / CHECKPOINT_NAME).read_bytes())
-    except (OSError, Reject):
+        arrays, _ = read_checkpoint(work_dir / CHECKPOINT_NAME)
+    except (OSError, CheckpointError):
         return None
     return arrays.get("params")
 
@@ -355,6 +353,8 @@ def summarize(
     rejected: dict[str, int] = {}  # lowered a sender's score
     ignored: dict[str, int] = {}  # authentic but unused (stale rounds, banned senders): no penalty
     numel, sync_bytes, peer_rounds = 0, 0, 0
+    energy_rows: dict[str, dict[str, Any]] = {}  # per peer, summed over its runs (p2pfm.energy.report)
+    steps_total = 0
     # The byte split each peer reported at its (latest) start; corpus and held-out are shared.
     data_split: dict[str, Any] = {"corpus_bytes": None, "holdout_bytes": None, "shard_bytes": {}}
     for peer in peers:
@@ -381,6 +381,9 @@ def summarize(
         if last is not None:
             runs.append(last)
         bytes_sent += sum(r.get("bytes_sent", 0) for r in runs)
+        if runs:
+            energy_rows[str(peer.index)] = energy_row(runs)
+            steps_total += sum(r.get("step", 0) for r in runs)
         update_bytes += sum(r.get("update_bytes_sent", 0) for r in runs)
         sync_bytes += sum(r.get("sync_bytes_sent", 0) for r in runs)
         for r in runs:
@@ -418,7 +421,49 @@ def summarize(
         "messages_ignored": ignored,
         "data_split": data_split,
         "wall_seconds": wall_seconds,
+        **swarm_energy(energy_rows, numel, steps_total),
     }
+
+
+def energy_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One peer's energy figures: the last round record of each of its runs (process lives), summed."""
+    sources = sorted({r.get("energy_source") or "unknown" for r in runs})
+    tokens = sum(r.get("tokens", 0) for r in runs)
+    energy = sum(r.get("energy_wh", 0.0) for r in runs)
+    marginal = sum(r.get("marginal_wh", 0.0) for r in runs)
+    return {
+        "energy_wh": energy, "marginal_wh": marginal,
+        "carbon_g": sum(r.get("carbon_g", 0.0) for r in runs),
+        "marginal_carbon_g": sum(r.get("marginal_carbon_g", 0.0) for r in runs),
+        "tokens": tokens, "j_per_token": energy * 3600.0 / tokens if tokens else None,
+        "marginal_j_per_token": marginal * 3600.0 / tokens if tokens else None,
+        "energy_source": sources[0] if len(sources) == 1 else "mixed:" + ",".join(sources),
+    }  # fmt: skip
+
+
+def swarm_energy(rows: dict[str, dict[str, Any]], numel: int, steps: int) -> dict[str, Any]:
+    """summary.json's energy section: totals and per peer (from the peers' metrics), and the
+    datacentre baseline for the same steps and tokens (p2pfm.energy.datacenter, world-average grid)."""
+    from p2pfm.energy.datacenter import GRID_G_PER_KWH, DatacenterModel, flops_per_step
+    from p2pfm.energy.report import energy_report
+
+    report = energy_report(rows)
+    out = {k: v for k, v in report.items() if k != "per_peer"}
+    out["energy_per_peer"] = report["per_peer"]
+    tokens = report["tokens"]
+    out.update(datacenter_energy_wh=None, datacenter_carbon_g=None, datacenter_embodied_g=None,
+               datacenter_mfu=None, edge_to_datacenter_carbon=None)  # fmt: skip
+    if steps and tokens and numel:
+        # The peers' concurrent steps batched into one datacentre step (p2pfm.sim.energy.datacenter_steps).
+        peers = max(len(rows), 1)
+        flops = flops_per_step(numel, tokens / steps) * peers
+        dc = DatacenterModel().train(steps / peers, flops, GRID_G_PER_KWH["WORLD"])
+        out.update(
+            datacenter_energy_wh=dc.energy_wh, datacenter_carbon_g=dc.carbon_g,
+            datacenter_embodied_g=dc.embodied_g, datacenter_mfu=dc.mfu,
+            edge_to_datacenter_carbon=report["carbon_g"] / dc.carbon_g if dc.carbon_g > 0 else None,
+        )  # fmt: skip
+    return out
 
 
 def plot_losses(peers: list[PeerProcess], path: Path) -> None:

@@ -157,3 +157,113 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert np.array_equal(loaded[0]["params"], arrays["params"])
     assert leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+
+
+def gpt_state(seed: int = 0):
+    """A tiny GPT's named shapes and a checkpoint-like arrays dict for it."""
+    import torch
+
+    from p2pfm.daemon.trainer import ModelAdapter
+    from p2pfm.model.config import GPT_PRESETS
+    from p2pfm.model.gpt import build_model
+
+    model = build_model(GPT_PRESETS["tiny"], seed)
+    adapter = ModelAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    flat = adapter.flat()
+    arrays = {
+        "params": flat,
+        "momentum": np.full_like(flat, 0.5),
+        "residual": np.zeros_like(flat),
+        "round": np.array([7], np.int64),
+        "opt.0.step": np.array([3.0], np.float32),
+    }
+    return model, adapter, arrays
+
+
+def test_checkpoint_is_safetensors_with_named_parameters(tmp_path):
+    """safetensors.torch.load_file opens it; model.<name> tensors have the parameters' shapes and values."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model, adapter, arrays = gpt_state()
+    path = save_checkpoint(tmp_path, arrays, {"round": 7}, adapter.parameter_shapes())
+    assert path.name == "checkpoint.safetensors"
+    tensors = load_file(path)
+    named = dict(model.named_parameters())
+    assert {k for k in tensors if k.startswith("model.")} == {f"model.{n}" for n in named}
+    for name, param in named.items():
+        assert torch.equal(tensors[f"model.{name}"], param.detach())
+    assert int(tensors["round"][0]) == 7 and torch.equal(
+        tensors["momentum"], torch.full_like(tensors["momentum"], 0.5)
+    )
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["format"] == "pt"
+    # The model.* tensors are a state dict: a fresh model (other seed) loads them and matches exactly.
+    other, _, _ = gpt_state(seed=9)
+    missing, unexpected = other.load_state_dict(
+        {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False
+    )
+    assert unexpected == [] and missing == ["head.weight"]  # tied to tok_emb.weight, saved once
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_named_checkpoint_round_trips_the_flat_vector_exactly(tmp_path):
+    """Loading concatenates the model.* tensors in parameters() order: the same flat vector, bit for bit."""
+    _, adapter, arrays = gpt_state()
+    save_checkpoint(tmp_path, arrays, {"round": 7, "config": {"seed": 0}}, adapter.parameter_shapes())
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None
+    assert loaded[1] == {"round": 7, "config": {"seed": 0}}
+    assert set(loaded[0]) == set(arrays)
+    for name, array in arrays.items():
+        assert loaded[0][name].dtype == array.dtype and np.array_equal(loaded[0][name], array)
+
+
+def test_wrapper_prefix_is_dropped_from_parameter_names():
+    """A module. wrapper (ours for HF models, DDP's) saves under the wrapped model's own names."""
+    import torch
+
+    inner = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    wrapper = torch.nn.Module()
+    wrapper.module = inner
+    from p2pfm.daemon.trainer import ModelAdapter
+
+    shapes = ModelAdapter(wrapper, torch.optim.SGD(wrapper.parameters(), lr=0.1)).parameter_shapes()
+    assert shapes == [("0.weight", (2, 3)), ("0.bias", (2,))]
+
+
+def test_inconsistent_parameter_list_is_set_aside(tmp_path):
+    """Metadata naming tensors the file lacks is a corrupt checkpoint: moved aside, None."""
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"model.a": np.zeros(2, np.float32)},
+        str(tmp_path / CHECKPOINT_NAME),
+        metadata={"p2pfm.meta": "{}", "p2pfm.params": '["a", "b"]'},
+    )
+    assert load_checkpoint(tmp_path) is None
+    assert (tmp_path / "checkpoint.corrupt").exists()
+
+
+def test_legacy_checkpoint_is_read_once_then_replaced(tmp_path):
+    """A checkpoint.p2pfm from before safetensors is read; the next save writes safetensors and removes it."""
+    from p2pfm.core.tensorfile import pack_arrays
+
+    arrays, meta = sample()
+    legacy = tmp_path / checkpoint.LEGACY_CHECKPOINT_NAME
+    legacy.write_bytes(pack_arrays(arrays, meta))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and loaded[1] == meta and np.array_equal(loaded[0]["params"], arrays["params"])
+    save_checkpoint(tmp_path, loaded[0], loaded[1])
+    assert not legacy.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+    assert load_checkpoint(tmp_path)[1] == meta
+
+
+def test_corrupt_legacy_checkpoint_is_set_aside(tmp_path):
+    legacy = tmp_path / checkpoint.LEGACY_CHECKPOINT_NAME
+    legacy.write_bytes(b"junk")
+    assert load_checkpoint(tmp_path) is None
+    assert not legacy.exists() and (tmp_path / "checkpoint.corrupt").read_bytes() == b"junk"

@@ -132,7 +132,8 @@ def test_a_state_request_gets_the_manifest_and_the_snapshot(tmp_path):
     manifest = asker.open_manifest(frames[0], claim, rt.started)
     arrays, round_ = asker.open_state(manifest, frames[1:])
     assert round_ == 0 and np.array_equal(arrays["params"], rt.protocol.params)
-    assert unpack_arrays(rt.snapshot.data)[0]["params"].shape == rt.protocol.params.shape
+    assert rt.snapshot.path is not None  # the snapshot we serve lives in a file, not in memory
+    assert unpack_arrays(rt.snapshot.path.read_bytes())[0]["params"].shape == rt.protocol.params.shape
 
 
 def test_a_banned_sender_is_answered_banned_on_every_stream_without_being_read(tmp_path):

@@ -114,7 +114,7 @@ def test_hourly_ledger_matches_the_energy_model():
         sc = sim.scenario
         report = account(
             sc.energy, sim.profiles, sim.device_of, sim.compute_s, sim.online_s, sim.bytes_sent,
-            sim.bytes_received, useful_flops=0.0,
+            sim.bytes_received, useful_steps=0.0, flops_per_step=1.0,
         )  # fmt: skip
         assert sim.ledger.energy_j / 3600.0 == pytest.approx(report.energy_wh, rel=0.01)
         # Carbon at hourly intensity lies between the curve's extremes times the energy.

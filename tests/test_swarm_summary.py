@@ -29,6 +29,21 @@ SUMMARY_KEYS = {
     "messages_ignored",
     "data_split",
     "wall_seconds",
+    # energy (p2pfm.energy): totals, per peer, and the datacentre baseline
+    "energy_wh",
+    "marginal_wh",
+    "carbon_g",
+    "marginal_carbon_g",
+    "tokens",
+    "j_per_token",
+    "marginal_j_per_token",
+    "energy_source",
+    "energy_per_peer",
+    "datacenter_energy_wh",
+    "datacenter_carbon_g",
+    "datacenter_embodied_g",
+    "datacenter_mfu",
+    "edge_to_datacenter_carbon",
 }
 
 
@@ -36,9 +51,19 @@ def start(initial_eval_loss: float) -> dict:
     return {"event": "start", "round": 0, "params": NUMEL, "initial_eval_loss": initial_eval_loss}
 
 
-def round_record(number: int, *, sent: int, update: int, sync: int, eval_loss: float, rejected=None) -> dict:
+def round_record(
+    number: int, *, sent: int, update: int, sync: int, eval_loss: float, rejected=None, energy=(0.0, 0)
+) -> dict:
     """Counters are cumulative since the process started, as the daemon writes them."""
+    wh, tokens = energy
     return {
+        "step": number * 10,
+        "energy_wh": wh,
+        "marginal_wh": wh / 2,
+        "carbon_g": wh / 1000 * 475.0,
+        "marginal_carbon_g": wh / 2000 * 475.0,
+        "tokens": tokens,
+        "energy_source": "modelled:profile",
         "event": "round",
         "round": number,
         "eval_loss": eval_loss,
@@ -69,8 +94,24 @@ def two_peers(tmp_path) -> list[PeerProcess]:
         0,
         [
             start(5.5),
-            round_record(1, sent=100, update=80, sync=0, eval_loss=5.0, rejected={"bad_signature": 1}),
-            round_record(2, sent=250, update=200, sync=20, eval_loss=4.5, rejected={"bad_signature": 2}),
+            round_record(
+                1,
+                sent=100,
+                update=80,
+                sync=0,
+                eval_loss=5.0,
+                rejected={"bad_signature": 1},
+                energy=(1.0, 1000),
+            ),
+            round_record(
+                2,
+                sent=250,
+                update=200,
+                sync=20,
+                eval_loss=4.5,
+                rejected={"bad_signature": 2},
+                energy=(2.0, 2000),
+            ),
         ],
         params=np.ones(NUMEL),
     )
@@ -79,10 +120,14 @@ def two_peers(tmp_path) -> list[PeerProcess]:
         1,
         [
             start(5.7),
-            round_record(1, sent=100, update=90, sync=0, eval_loss=5.1, rejected={"replay": 1}),
+            round_record(
+                1, sent=100, update=90, sync=0, eval_loss=5.1, rejected={"replay": 1}, energy=(0.5, 1000)
+            ),
             start(4.8),  # restart: resumes from the checkpoint, counters from zero
             {
-                **round_record(2, sent=40, update=30, sync=10, eval_loss=4.7, rejected={"replay": 3}),
+                **round_record(
+                    2, sent=40, update=30, sync=10, eval_loss=4.7, rejected={"replay": 3}, energy=(0.25, 1000)
+                ),
                 "messages_ignored": {"stale_round": 4},
             },
             {"event": "drain", "round": 2, "applied": 1, "eval_loss": 4.6},
@@ -219,3 +264,20 @@ def test_peer_process_is_not_alive_before_start(tmp_path):
     assert peer.status() == {}
     assert peer.log_path == tmp_path / "peer.log"
     assert peer.stop() is None
+
+
+def test_energy_sums_each_peers_runs_and_sets_the_datacentre_beside(two_peers):
+    """Energy per peer is the last record of each run (process life), summed; totals, J/token, source."""
+    summary = summarize(two_peers, wall_seconds=1.0)
+    per_peer = summary["energy_per_peer"]
+    assert per_peer["0"]["energy_wh"] == pytest.approx(2.0) and per_peer["0"]["tokens"] == 2000
+    assert per_peer["1"]["energy_wh"] == pytest.approx(0.75) and per_peer["1"]["tokens"] == 2000  # 0.5 + 0.25
+    assert summary["energy_wh"] == pytest.approx(2.75) and summary["tokens"] == 4000
+    assert summary["marginal_wh"] == pytest.approx(1.375)
+    assert summary["carbon_g"] == pytest.approx(2.75 / 1000 * 475.0)
+    assert summary["j_per_token"] == pytest.approx(2.75 * 3600 / 4000)
+    assert summary["energy_source"] == "modelled:profile"
+    assert summary["datacenter_carbon_g"] > 0 and 0 < summary["datacenter_mfu"] < 0.45
+    assert summary["edge_to_datacenter_carbon"] == pytest.approx(
+        summary["carbon_g"] / summary["datacenter_carbon_g"]
+    )

@@ -96,6 +96,7 @@ REQUIRED = {
     "manifest": {"accept", "wrong_kind", "not_donor", "bad_manifest", "oversize"},
     "chunk": {"accept", "hash_mismatch"},
     "state": {"accept", "hash_mismatch", "malformed", "schema", "shape_mismatch", "bad_state"},
+    "want": {"accept", "bad_index", "schema"},
     "params": {"accept", "replay", "wrong_kind", "not_donor", "shape_mismatch"},
     "announce": {"accept", "malformed", "clock_skew", "wrong_kind", "subkey_mismatch"},
 }

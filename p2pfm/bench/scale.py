@@ -160,11 +160,14 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
 
     cores = os.cpu_count() or 1
     threads = config.threads_per_peer or max(1, cores // config.peers)
+    from p2pfm.model.config import GPT_PRESETS
+
+    window = min(config.block_size, GPT_PRESETS[preset].block_size)
     log(f"[{preset}] plain AdamW loop ({config.plain_steps} steps) ...")
     plain = plain_loop_in_subprocess(preset, config, threads)
     peer_args = [
         "--model", preset, "--rounds", "0", "--inner-steps", str(config.inner_steps),
-        "--batch-size", str(config.batch_size), "--block-size", str(config.block_size),
+        "--batch-size", str(config.batch_size), "--seq-len", str(window),
         "--min-peers", str(config.peers), "--eval-batches", "1", "--sync-every", "0",
         "--seed", str(config.seed),
     ]  # fmt: skip
@@ -248,7 +251,7 @@ def format_report(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [
         f"p2pfm bench scale: {c['peers']} peers + 1 joiner, {c['rounds']} measured rounds of "
-        f"{c['inner_steps']} steps, batch {c['batch_size']} x {c['block_size']}, {report['cores']} cores",
+        f"{c['inner_steps']} steps, batch {c['batch_size']} x windows of <= {c['block_size']} bytes, {report['cores']} cores",
         f"{'model':>8} {'params':>12} {'plain RSS':>10} {'peer RSS':>10} {'ratio':>6} {'compute':>8} "
         f"{'codec':>7} {'receive':>7} {'merge':>7} {'snap':>6} {'other':>7} {'proto/comp':>10} "
         f"{'B/round':>9} {'state':>9} {'dl MB/s':>8} {'TCP MB/s':>8} {'dl/TCP':>6}",

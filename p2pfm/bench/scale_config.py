@@ -15,7 +15,7 @@ class ScaleBenchConfig:
     rounds: int = 3  # rounds measured per peer (after one warm-up round)
     inner_steps: int = 4
     batch_size: int = 4
-    block_size: int = 128  # context per sample: 124M at 1024 positions is minutes per step on 2 cores
+    block_size: int = 128  # training window (--seq-len): 124M at 1024 bytes is a minute per step on 2 cores
     plain_steps: int = 4
     seed: int = 0
     out_dir: Path | None = None

@@ -8,7 +8,6 @@ Prints one JSON line: parameters, peak RSS, seconds per step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -27,10 +26,11 @@ def plain_loop(
 ) -> dict:
     """Train ``preset`` (context ``block_size``) for ``steps`` plain AdamW steps; peak RSS, step time."""
     torch.set_num_threads(threads)
-    config = dataclasses.replace(GPT_PRESETS[preset], block_size=block_size)
+    config = GPT_PRESETS[preset]
     model = build_model(config, seed)
     optimizer = build_inner_optimizer(model.parameters(), InnerTrainConfig())
-    dataset = ByteDataset(None, ShardSpec(0, 8), block_size=config.block_size, seed=seed)
+    # The peer's own windows: the preset's positions, trained on block_size-byte windows (--seq-len).
+    dataset = ByteDataset(None, ShardSpec(0, 8), block_size=min(block_size, config.block_size), seed=seed)
     generator = torch.Generator().manual_seed(seed)
     train_step(model, optimizer, *dataset.batch(generator, batch_size))  # moments allocated, kernels warm
     start = time.perf_counter()

@@ -45,6 +45,12 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         Path,
         "folder of text files, or one text file (default: this machine's Python stdlib)",
     ),
+    "--model": (
+        "model_source",
+        str,
+        "what to train: a preset of the byte-level GPT ({presets}); hf:DIR, a local Hugging Face causal LM "
+        "(safetensors; needs pip install -e '.[hf]'); default: the [model] table",
+    ),
     "--shard": ("shard", int, "shard index to train on (-1 = derived from the peer id)"),
     "--num-shards": ("num_shards", int, "number of shards the corpus is split into"),
     "--min-peers": ("min_peers", int, "train once this many peers (us included) can hear each other"),
@@ -54,7 +60,17 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         "give up waiting for --min-peers after this many seconds",
     ),
     "--device-class": ("device_class", str, "device class (energy profile name), announced to others"),
-    "--power-w": ("power_w", float, "active power in W, for energy accounting"),
+    "--power-w": ("power_w", float, "active power in W for the energy model (default: the device profile's)"),
+    "--energy-meter": (
+        "energy.meter",
+        str,
+        "auto (Zeus RAPL/NVML where readable, else the model), rapl, nvml, model",
+    ),
+    "--idle-measure-s": (
+        "energy.idle_measure_s",
+        float,
+        "idle baseline window at start-up, measured meters (0-30 s)",
+    ),
     "--inner-steps": ("gossip.inner_steps", int, "local AdamW steps per round (H)"),
     "--fanout": ("gossip.fanout", int, "peers each update is pushed to"),
     "--codec": ("gossip.codec.name", str, "update codec: {codecs}"),
@@ -74,6 +90,7 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         str,
         "where to compute: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps",
     ),
+    "--seq-len": ("train.seq_len", int, "training window in bytes/tokens (0 = the model's whole context)"),
     "--precision": (
         "train.precision",
         str,
@@ -116,6 +133,17 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         str,
         "test/debug: a JSON file of reading overrides, re-read at every policy check",
     ),
+    "--state-chunk-bytes": ("net.state_chunk_bytes", int, "chunk size of the state we serve to joiners"),
+    "--state-stall": (
+        "net.state_stall_s",
+        float,
+        "seconds without a state chunk before another donor is tried",
+    ),
+    "--state-serve-rate": (
+        "net.state_serve_rate_bps",
+        float,
+        "cap on each state upload we serve, bytes/s (0 = none)",
+    ),
     "--authority": (
         "admission.authority",
         str,
@@ -142,7 +170,7 @@ LIST_FLAGS: dict[str, tuple[str, str]] = {
 
 
 class RegistryHelpFormatter(argparse.HelpFormatter):
-    """Fills ``{codecs}`` and ``{aggregations}`` in flag help with the registered names, when help is shown.
+    """Fills ``{codecs}``, ``{aggregations}`` and ``{presets}`` in flag help with the registered names, when help is shown.
 
     The registries live in the numpy-based core: reading them while building the parser would make
     every ``p2pfm`` command, ``--help`` included, pay numpy's import (~0.1 s), so only help does.
@@ -150,6 +178,10 @@ class RegistryHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
+        if text and "{presets}" in text:
+            from p2pfm.model.config import describe_presets
+
+            text = text.replace("{presets}", describe_presets())
         if text and ("{codecs}" in text or "{aggregations}" in text):
             from p2pfm.core.aggregation import AGGREGATIONS
             from p2pfm.core.codecs import CODECS

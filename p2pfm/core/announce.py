@@ -40,6 +40,13 @@ class Announcement:
         """Not paused: a candidate partner, donor and quorum member."""
         return self.paused is None
 
+    # Energy totals since the sender's process started (p2pfm.energy.report builds swarm reports).
+    energy_wh: float | None = None
+    marginal_wh: float | None = None
+    tokens: int | None = None
+    energy_source: str | None = None
+    grid_g_per_kwh: float | None = None
+
 
 def announcement_limits(limits: EnvelopeLimits, ttl_s: float) -> EnvelopeLimits:
     """Records are re-read for up to a TTL after signing: allow that age on top of the clock skew."""
@@ -86,6 +93,11 @@ def check_announcement(
         sees=tuple(p.get("sees", ())),
         cert=p.get("cert"),
         paused=p.get("paused"),
+        energy_wh=p.get("energy_wh"),
+        marginal_wh=p.get("marginal_wh"),
+        tokens=p.get("tokens"),
+        energy_source=p.get("energy_source"),
+        grid_g_per_kwh=p.get("grid_g_per_kwh"),
     )
 
 

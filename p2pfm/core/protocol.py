@@ -50,16 +50,20 @@ from p2pfm.core.gossip import (
 from p2pfm.core.identity import Identity
 from p2pfm.core.limits import RateLimiter, RateLimits
 from p2pfm.core.scoring import Scoreboard
-from p2pfm.core.tensorfile import digest
+from p2pfm.core.tensorfile import Buffer, digest
 from p2pfm.core.transfer import (
     Donor,
     Manifest,
+    StateLayout,
     check_chunk,
     check_manifest,
     check_params_answer,
     check_request_kind,
     check_state,
+    check_state_buffer,
+    layout_payload,
     manifest_payload,
+    wanted_chunks,
 )
 
 MAX_INNER_STEPS = 1 << 20  # an update claiming more local steps than this is not an honest peer's
@@ -320,9 +324,12 @@ class PeerProtocol:
         anchor = anchor_hash(self.learner.params)
         return update_payload(self.learner.make_update(local_params), work, anchor)
 
-    def state_request(self, nonce: bytes, now: float) -> bytes:
-        """A signed ``state_request`` (both the state and the params streams take one)."""
-        payload = {"round": self.round, "nonce": nonce}
+    def state_request(self, nonce: bytes, now: float, want: dict | None = None) -> bytes:
+        """A signed ``state_request`` (both the state and the params streams take one); ``want``
+        (``{"model_hash", "ranges"}``) resumes a state download (:func:`wanted_chunks`)."""
+        payload: dict = {"round": self.round, "nonce": nonce}
+        if want is not None:
+            payload["want"] = want
         if self.setup.certificate is not None:
             payload["cert"] = self.setup.certificate
         return self.seal("state_request", payload, now)
@@ -522,6 +529,17 @@ class PeerProtocol:
         payload, chunks = manifest_payload(snapshot, snapshot_round, chunk_size)
         return self.seal("state_manifest", payload, now, round=snapshot_round), chunks
 
+    def serve_layout(
+        self, request: Envelope, layout: StateLayout, snapshot_round: int, now: float
+    ) -> tuple[bytes, list[int]]:
+        """The signed manifest of a snapshot laid out as ``layout`` and the chunk indexes to send
+        after it: those the request's ``want`` asks for ([REJECT] BAD_INDEX), or all of them."""
+        indexes = wanted_chunks(request.payload.get("want"), layout)
+        manifest = self.seal(
+            "state_manifest", layout_payload(layout, snapshot_round), now, round=snapshot_round
+        )
+        return manifest, indexes
+
     def serve_params(self, request: Envelope, now: float) -> bytes:
         """A signed ``params_sync`` answer: ``sync_codec`` of our params - initial, echoing the nonce."""
         wire = encode_sync(self.learner.params, self.initial_params, self.config)
@@ -549,6 +567,12 @@ class PeerProtocol:
     def open_state(self, manifest: Manifest, pieces: list[bytes]) -> tuple[dict[str, np.ndarray], int]:
         return check_state(
             manifest, pieces, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes
+        )
+
+    def open_state_buffer(self, manifest: Manifest, blob: Buffer) -> tuple[dict[str, np.ndarray], int]:
+        """:meth:`open_state` of a state assembled in a file (``mmap``): the arrays are views of it."""
+        return check_state_buffer(
+            manifest, blob, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes, copy=False
         )
 
     def adopt(self, params: np.ndarray, round: int) -> None:

@@ -257,6 +257,13 @@ def _first_key(keys: list[Any]) -> str:
 
 HASH32 = Bytes(length=32)
 
+MAX_ENERGY_WH = 1e7
+"""Announced energy bound: 10 MWh, a 1 kW device training for over a thousand years."""
+MAX_TOKENS = 10**15
+"""Announced tokens bound: a quadrillion, far beyond any one peer's life."""
+MAX_GRID_G_PER_KWH = 2000.0
+"""Grid intensity bound: twice the dirtiest grids (coal, ~1000 gCO2e/kWh)."""
+
 KIND_SCHEMAS: dict[str, Map] = {}
 """Payload schema of every known message kind; extend with :func:`register_kind`."""
 
@@ -302,12 +309,31 @@ register_kind(
             # in an open swarm. Readers of an admitted swarm keep only announcements whose
             # certificate admits their signer.
             "cert": Bytes(max_len=512),
+            # The sender's energy totals since its process started (p2pfm.energy): attributable and
+            # marginal Wh, trained tokens, the meter's source, its grid intensity. Optional (older
+            # peers omit them); bounded so that one claim cannot swamp a swarm's report.
+            "energy_wh": Float(min=0.0, max=MAX_ENERGY_WH),
+            "marginal_wh": Float(min=0.0, max=MAX_ENERGY_WH),
+            "tokens": Int(max=MAX_TOKENS),
+            "energy_source": Str(32),
+            "grid_g_per_kwh": Float(min=0.0, max=MAX_GRID_G_PER_KWH),
             # Present while the sender's energy policy pauses it (p2pfm.core.policy): why, in a
             # few words. Readers do not choose a paused peer as partner or donor, nor count it
             # for the quorum. Optional: a training peer omits it.
             "paused": Str(64),
         },
-        optional=frozenset({"sees", "cert", "paused"}),
+        optional=frozenset(
+            {
+                "sees",
+                "cert",
+                "energy_wh",
+                "marginal_wh",
+                "tokens",
+                "energy_source",
+                "grid_g_per_kwh",
+                "paused",
+            }
+        ),
     ),
 )
 register_kind(
@@ -327,8 +353,15 @@ register_kind(
     Map(
         # cert: the asker's certificate (p2pfm.core.admission), so that a donor that has not read
         # the asker's announcement yet can still tell a member from a stranger. Optional.
-        {"round": Int(), "nonce": Bytes(length=16), "cert": Bytes(max_len=512)},
-        optional=frozenset({"cert"}),
+        # want: resume a download (p2pfm.core.transfer.wanted_chunks): only these chunk ranges
+        # [start, stop) of the state whose hash is model_hash. Optional; bounded here.
+        {
+            "round": Int(),
+            "nonce": Bytes(length=16),
+            "cert": Bytes(max_len=512),
+            "want": Map({"model_hash": HASH32, "ranges": List(List(Int(), 2), 256)}),
+        },
+        optional=frozenset({"cert", "want"}),
     ),
 )
 register_kind(

@@ -12,16 +12,30 @@ nothing here reads a socket or a clock.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from p2pfm.core.envelope import Envelope
-from p2pfm.core.errors import BadManifest, BadRound, BadState, HashMismatch, NotDonor, Oversize, WrongKind
+from p2pfm.core.errors import (
+    BadIndex,
+    BadManifest,
+    BadRound,
+    BadState,
+    HashMismatch,
+    NotDonor,
+    Oversize,
+    WrongKind,
+)
 from p2pfm.core.gossip import MAX_ROUND
-from p2pfm.core.tensorfile import digest, pack_arrays, unpack_arrays
+from p2pfm.core.tensorfile import Buffer, LazyArray, digest, pack_arrays, unpack_arrays, write_arrays
 
 MAX_CHUNKS = 65536  # the manifest schema's bound on chunk_hashes
+MAX_CHUNK_BYTES = 64 << 20  # a donor's chunk_size beyond this is refused: each chunk is one frame in RAM
+MAX_WANT_RANGES = 256  # the state_request schema's bound on want.ranges: ~3 KB of request at most
+HASH_PIECE_BYTES = 8 << 20  # the whole-state hash reads the assembled file in pieces of this size
 
 
 # --- which kind each stream takes --------------------------------------------------------
@@ -52,17 +66,144 @@ def pack_state(params: np.ndarray, round: int, optimizer: dict[str, np.ndarray])
     )
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """A packed state as a manifest describes it: its hash, size, and the hash of every chunk."""
+
+    model_hash: bytes
+    total_bytes: int
+    chunk_size: int
+    chunk_hashes: tuple[bytes, ...]
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index`` in the state."""
+        start = index * self.chunk_size
+        return start, max(0, min(self.chunk_size, self.total_bytes - start))
+
+
+class ChunkHasher:
+    """Hashes a byte stream as it is written: the whole (``model_hash``) and every ``chunk_size``
+    piece (``chunk_hashes``), so a snapshot streamed to a file is never read back to be hashed."""
+
+    def __init__(self, chunk_size: int) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.chunk_size = chunk_size
+        self.whole = hashlib.sha256()
+        self.chunk = hashlib.sha256()
+        self.in_chunk = 0
+        self.total = 0
+        self.hashes: list[bytes] = []
+
+    def update(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        self.whole.update(view)
+        self.total += len(view)
+        while len(view):
+            take = min(len(view), self.chunk_size - self.in_chunk)
+            self.chunk.update(view[:take])
+            self.in_chunk += take
+            view = view[take:]
+            if self.in_chunk == self.chunk_size:
+                self.hashes.append(self.chunk.digest())
+                self.chunk, self.in_chunk = hashlib.sha256(), 0
+
+    def layout(self) -> StateLayout:
+        hashes = [*self.hashes, self.chunk.digest()] if self.in_chunk else list(self.hashes)
+        return StateLayout(self.whole.digest(), self.total, self.chunk_size, tuple(hashes))
+
+
+def write_state(
+    write: Callable[[memoryview], object],
+    params: np.ndarray,
+    round: int,
+    optimizer: Mapping[str, np.ndarray | LazyArray],
+    chunk_size: int,
+) -> StateLayout:
+    """Stream :func:`pack_state`'s bytes into ``write`` (a file's), hashing as it goes.
+
+    The same bytes as ``pack_state`` (same hash, same manifest), without ever holding them.
+    """
+    hasher = ChunkHasher(chunk_size)
+
+    def sink(piece: memoryview) -> None:
+        hasher.update(piece)
+        write(piece)
+
+    write_arrays(
+        sink,
+        {"params": params, "round": np.array([round], dtype=np.int64), **optimizer},
+        {"numel": int(params.size)},
+    )
+    return hasher.layout()
+
+
+def layout_payload(layout: StateLayout, round: int) -> dict:
+    """The ``state_manifest`` payload of a state laid out as ``layout``."""
+    return {
+        "round": round,
+        "model_hash": layout.model_hash,
+        "total_bytes": layout.total_bytes,
+        "chunk_size": layout.chunk_size,
+        "chunk_hashes": list(layout.chunk_hashes),
+    }
+
+
 def manifest_payload(snapshot: bytes, round: int, chunk_size: int) -> tuple[dict, list[bytes]]:
     """The ``state_manifest`` payload for ``snapshot`` and the chunks to send after it."""
     chunks = [snapshot[i : i + chunk_size] for i in range(0, len(snapshot), chunk_size)]
-    payload = {
-        "round": round,
-        "model_hash": digest(snapshot),
-        "total_bytes": len(snapshot),
-        "chunk_size": chunk_size,
-        "chunk_hashes": [digest(c) for c in chunks],
-    }
-    return payload, chunks
+    hasher = ChunkHasher(chunk_size)
+    hasher.update(snapshot)
+    return layout_payload(hasher.layout(), round), chunks
+
+
+def wanted_chunks(want: Mapping | None, layout: StateLayout) -> list[int]:
+    """The chunk indexes a ``state_request``'s optional ``want`` asks of the state ``layout``.
+
+    No ``want``, or a ``want`` about another state (its ``model_hash`` is not ours): every chunk.
+    Otherwise the union of its ``ranges`` [start, stop), which must be pairs with
+    0 <= start < stop <= the number of chunks, ascending and not overlapping: [REJECT] BAD_INDEX
+    otherwise. The schema bounds the list (``MAX_WANT_RANGES``), so this costs at most
+    ``MAX_CHUNKS`` indexes whatever the asker sends.
+    """
+    count = len(layout.chunk_hashes)
+    if want is None or want["model_hash"] != layout.model_hash:
+        return list(range(count))
+    indexes: list[int] = []
+    end = 0
+    for position, pair in enumerate(want["ranges"]):
+        if len(pair) != 2:
+            raise BadIndex(f"want range {position} is not a [start, stop) pair")
+        start, stop = pair
+        if not end <= start < stop <= count:
+            raise BadIndex(
+                f"want range {position} [{start}, {stop}) is empty, out of order, overlapping or beyond "
+                f"the {count} chunks"
+            )
+        indexes.extend(range(start, stop))
+        end = stop
+    return indexes
+
+
+def want_ranges(indexes: Iterable[int], max_ranges: int = MAX_WANT_RANGES) -> list[list[int]]:
+    """Ascending ``indexes`` as at most ``max_ranges`` [start, stop) pairs: runs, then the smallest
+    gaps closed until they fit (asking again for a few chunks we hold costs bytes, not safety)."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        if runs and index == runs[-1][1]:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1])
+    while len(runs) > max_ranges:
+        gap = min(range(len(runs) - 1), key=lambda i: runs[i + 1][0] - runs[i][1])
+        runs[gap : gap + 2] = [[runs[gap][0], runs[gap + 1][1]]]
+    return runs
+
+
+def reusable(manifest_hashes: Sequence[bytes], held: Mapping[bytes, object]) -> list[int]:
+    """Indexes of the chunks a manifest lists that we already hold *verified* (by content hash,
+    at any index of any earlier manifest): these need not be downloaded again."""
+    return [index for index, chunk_hash in enumerate(manifest_hashes) if chunk_hash in held]
 
 
 # --- the joiner's side --------------------------------------------------------------------
@@ -85,6 +226,10 @@ class Manifest:
     chunk_size: int
     chunk_hashes: tuple[bytes, ...]
 
+    @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.model_hash, self.total_bytes, self.chunk_size, self.chunk_hashes)
+
     def chunk_length(self, index: int) -> int:
         """The exact length chunk ``index`` must have: the reader's bound on its frame.
 
@@ -103,8 +248,10 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
     exceeds ``MAX_ROUND``; [REJECT] BAD_MANIFEST if it
     matches neither the announced state hash nor a round at least as new as announced (the
     donor may have moved on since its announcement); [REJECT] OVERSIZE if ``total_bytes``
-    exceeds our ``max_state_bytes``; [REJECT] BAD_MANIFEST if the number of chunk hashes is
-    not ``ceil(total_bytes / chunk_size)``.
+    exceeds our ``max_state_bytes``; [REJECT] OVERSIZE if ``chunk_size`` exceeds
+    ``MAX_CHUNK_BYTES`` (a chunk is one frame in memory: a 2 GB "chunk" would be the whole state
+    at once); [REJECT] BAD_MANIFEST if the number of chunk hashes is not
+    ``ceil(total_bytes / chunk_size)``.
     """
     if envelope.kind != "state_manifest":
         raise WrongKind(f"kind {envelope.kind!r} where a state_manifest belongs")
@@ -119,6 +266,8 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
         )
     if m["total_bytes"] > max_state_bytes:
         raise Oversize(f"state of {m['total_bytes']} bytes exceeds max_state_bytes ({max_state_bytes})")
+    if m["chunk_size"] > MAX_CHUNK_BYTES:
+        raise Oversize(f"chunk size {m['chunk_size']} exceeds {MAX_CHUNK_BYTES}: each chunk is read whole")
     expected_chunks = -(-m["total_bytes"] // m["chunk_size"])
     if expected_chunks != len(m["chunk_hashes"]):
         raise BadManifest(
@@ -151,10 +300,24 @@ def check_state(
     SHAPE_MISMATCH); [REJECT] BAD_STATE unless it holds float32 ``params`` of our model's size
     and an int64 ``round`` of one element equal to the manifest's round.
     """
-    blob = b"".join(pieces)
-    if len(blob) != manifest.total_bytes or digest(blob) != manifest.model_hash:
+    return check_state_buffer(manifest, b"".join(pieces), numel=numel, max_state_bytes=max_state_bytes)
+
+
+def check_state_buffer(
+    manifest: Manifest, blob: Buffer, *, numel: int, max_state_bytes: int, copy: bool = True
+) -> tuple[dict[str, np.ndarray], int]:
+    """:func:`check_state` of a state already assembled in one buffer (an ``mmap`` of the
+    downloaded file: hashed in pieces, unpacked without copying when ``copy`` is false). The
+    same rules in the same order."""
+    view = memoryview(blob).cast("B")
+    if len(view) != manifest.total_bytes:
         raise HashMismatch("downloaded state does not match the manifest hash")
-    arrays, _ = unpack_arrays(blob, max_bytes=max_state_bytes)
+    whole = hashlib.sha256()
+    for start in range(0, len(view), HASH_PIECE_BYTES):
+        whole.update(view[start : start + HASH_PIECE_BYTES])
+    if whole.digest() != manifest.model_hash:
+        raise HashMismatch("downloaded state does not match the manifest hash")
+    arrays, _ = unpack_arrays(blob, max_bytes=max_state_bytes, copy=copy)
     params = arrays.get("params")
     if params is None or params.dtype != np.float32 or params.shape != (numel,):
         raise BadState(f"donor state has no float32 params of our model's size ({numel})")
@@ -163,7 +326,8 @@ def check_state(
         raise BadState("donor state has no round counter")
     if int(round_[0]) != manifest.round:
         raise BadState(f"donor state is of round {int(round_[0])}, its manifest says {manifest.round}")
-    if not np.isfinite(params).all():
+    step = HASH_PIECE_BYTES // 4  # bounded temporaries: isfinite of 124M floats at once is 124 MB
+    if not all(np.isfinite(params[i : i + step]).all() for i in range(0, params.size, step)):
         raise BadState("donor state's params contain NaN or Inf")
     return arrays, int(round_[0])
 

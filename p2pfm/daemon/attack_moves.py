@@ -260,7 +260,7 @@ class Attacker:
     async def poisoned_state(self) -> None:
         """Served by the persona's handlers to whoever asks (state downloads and syncs); logged by
         :meth:`watch` as ``served`` events."""
-        self.log.event("serving", state=self.config.state, state_bytes=len(self.rt.snapshot.data))
+        self.log.event("serving", state=self.config.state, state_bytes=self.rt.snapshot.size)
 
     async def updates(self) -> None:
         await self.every_target("updates", lambda t: [self.claim_for(t)])

@@ -260,7 +260,7 @@ def build_persona(config: AttackConfig):  # -> PeerRuntime (heavy imports stay l
 def claim(runtime, round_: int) -> None:
     """Announce ``round_`` from now on, serving our poisoned state stamped with it (hash-consistent)."""
     round_ = min(max(0, round_), 2**63 - 1)
-    if round_ == runtime.protocol.learner.round and runtime.snapshot.data:
+    if round_ == runtime.protocol.learner.round and runtime.snapshot.size:
         return
     runtime.protocol.learner.round = round_
     runtime.refresh_snapshot()  # pack_state(poisoned params, round_, ...) and its hash, as a peer does

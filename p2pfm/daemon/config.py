@@ -16,7 +16,15 @@ from p2pfm.config import build_config, load_toml, require
 from p2pfm.core.gossip import GossipConfig
 from p2pfm.core.limits import RateLimits
 from p2pfm.core.policy import PolicyConfig
-from p2pfm.model.config import PRECISIONS, GPTConfig, InnerTrainConfig, check_device_spec
+from p2pfm.core.transfer import MAX_CHUNK_BYTES
+from p2pfm.model.config import (
+    HF_PREFIX,
+    PRECISIONS,
+    GPTConfig,
+    InnerTrainConfig,
+    check_device_spec,
+    check_model_source,
+)
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,14 @@ class TrainConfig(InnerTrainConfig):
     threads: int = 0  # torch threads; 0 = all cores (the swarm sets cores / peers)
     device: str = "auto"  # torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast; weights and moments stay fp32 either way
+    seq_len: int = 0  # training window (bytes, or tokens for hf:DIR); 0 = the model's whole context
 
     def __post_init__(self) -> None:
         super().__post_init__()
         problem = check_device_spec(self.device)
         require(problem is None, "train.device", problem or "")
         require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
+        require(self.seq_len >= 0, "train.seq_len", "must be non-negative (0 = the model's context)")
         require(self.eval_every >= 0, "train.eval_every", "must be non-negative")
         require(self.threads >= 0, "train.threads", "must be non-negative")
 
@@ -53,10 +63,16 @@ class NetConfig:
     request_timeout_s: float = (
         5.0  # gossip push deadline: a dead partner costs at most this, off the compute path
     )
-    state_timeout_s: float = 60.0  # whole state download deadline before trying another donor
+    # A state download (either side) ends when no chunk moved for state_stall_s, or after
+    # state_timeout_s + total_bytes / state_min_rate_bps in all: the deadline scales with the
+    # state's size (60 s for 1M parameters was 4 s short of a 124M state at 25 MB/s).
+    state_timeout_s: float = 60.0  # fixed part of a state transfer's total deadline
+    state_stall_s: float = 30.0  # no verified chunk for this long: try another donor (keeping the chunks)
+    state_min_rate_bps: float = 1e6  # the slowest link a whole transfer must be allowed (bytes/s)
+    state_serve_rate_bps: float = 0.0  # cap on each state upload we serve (bytes/s); 0 = none
     max_message_bytes: int = 64 << 20  # larger gossip messages are refused unread
     max_state_bytes: int = 2 << 30  # cap on a downloaded state snapshot
-    state_chunk_bytes: int = 1 << 20
+    state_chunk_bytes: int = 4 << 20  # chunk of the state we serve (ours; a donor's is bounded by 64 MiB)
 
     def __post_init__(self) -> None:
         require(len(self.listen) > 0, "net.listen", "needs at least one multiaddr")
@@ -87,7 +103,20 @@ class NetConfig:
         require(self.state_timeout_s > 0, "net.state_timeout_s", "must be positive")
         require(self.max_message_bytes >= 4096, "net.max_message_bytes", "must be at least 4096")
         require(self.max_state_bytes >= 4096, "net.max_state_bytes", "must be at least 4096")
-        require(self.state_chunk_bytes >= 1024, "net.state_chunk_bytes", "must be at least 1024")
+        require(
+            1024 <= self.state_chunk_bytes <= MAX_CHUNK_BYTES,
+            "net.state_chunk_bytes",
+            f"must be between 1024 and {MAX_CHUNK_BYTES}",
+        )
+        require(self.state_stall_s > 0, "net.state_stall_s", "must be positive")
+        require(self.state_min_rate_bps > 0, "net.state_min_rate_bps", "must be positive")
+        require(
+            self.state_serve_rate_bps >= 0, "net.state_serve_rate_bps", "must be non-negative (0 = no cap)"
+        )
+
+    def state_deadline_s(self, total_bytes: int) -> float:
+        """The whole deadline of a state transfer of ``total_bytes``: fixed part plus the floor rate."""
+        return self.state_timeout_s + total_bytes / self.state_min_rate_bps
 
 
 @dataclass(frozen=True)
@@ -127,6 +156,23 @@ class AdmissionConfig:
             require(self.revocations.is_file(), "admission.revocations", f"{self.revocations} is not a file")
 
 
+@dataclass(frozen=True)
+class EnergyConfig:
+    """How the peer meters its energy (``p2pfm.energy``); ``[energy]`` in the TOML file."""
+
+    meter: str = "auto"  # auto (Zeus RAPL/NVML where readable, else the model), rapl, nvml, model
+    idle_measure_s: float = 3.0  # idle baseline window at start-up, measured meters only (0 = profile idle)
+    idle_w: float | None = None  # idle power for the model; None = the device profile's (or 4 W)
+    powercap_root: Path | None = None  # None = $P2PFM_POWERCAP_ROOT or /sys/class/powercap
+
+    def __post_init__(self) -> None:
+        from p2pfm.energy.meters import METER_KINDS
+
+        require(self.meter in METER_KINDS, "energy.meter", f"must be one of {', '.join(METER_KINDS)}")
+        require(0 <= self.idle_measure_s <= 30, "energy.idle_measure_s", "must be in [0, 30] seconds")
+        require(self.idle_w is None or self.idle_w >= 0, "energy.idle_w", "must be non-negative")
+
+
 def _is_loopback(maddr: str) -> bool:
     parts = maddr.split("/")
     return len(parts) > 2 and (
@@ -149,12 +195,17 @@ class PeerConfig:
     shard: int = -1  # which shard to train on; -1 = derived from the peer id
     num_shards: int = 8
     device_class: str = "cpu-host"  # energy profile name, announced (energy accounting); not the torch device
-    power_w: float = 15.0  # active power estimate for energy accounting (W)
+    power_w: float | None = (
+        None  # active power (W) for the energy model; None = the device profile's (or 15 W)
+    )
     grid_g_per_kwh: float = 475.0  # grid carbon intensity (world average, codecarbon table)
     checkpoint_every: int = 1  # rounds between checkpoints
     min_peers: int = 1  # wait until this many peers (us included) are live before training
     min_peers_timeout_s: float = 300.0  # ... but no longer than this: then train with whoever is there
     final_drain_s: float = 30.0  # after the last round, wait at most this for slower peers' last updates
+    # What to train: "" = the built-in GPT sized by [model]; a preset name (p2pfm.model.config.GPT_PRESETS,
+    # which then sets [model]); or "hf:DIR", a local Hugging Face causal LM (p2pfm.model.hf).
+    model_source: str = ""
     model: GPTConfig = field(default_factory=GPTConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,6 +213,7 @@ class PeerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     limits: RateLimits = field(default_factory=RateLimits)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # energy policy: when this device trains
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     @property
     def open_swarm(self) -> bool:
@@ -181,7 +233,7 @@ class PeerConfig:
         require(
             -1 <= self.shard < self.num_shards, "shard", f"must be -1 (auto) or in [0, {self.num_shards})"
         )
-        require(self.power_w >= 0, "power_w", "must be non-negative")
+        require(self.power_w is None or self.power_w >= 0, "power_w", "must be non-negative")
         require(self.grid_g_per_kwh >= 0, "grid_g_per_kwh", "must be non-negative")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
         require(self.min_peers >= 1, "min_peers", "must be at least 1")
@@ -205,6 +257,16 @@ class PeerConfig:
                 "policy.readings",
                 f"{self.policy.readings}: its folder does not exist",
             )
+        # A preset's geometry becomes self.model, so every reader of the config (checkpoints too) sees it.
+        object.__setattr__(self, "model", check_model_source(self.model_source, self.model))
+        if self.model_source.startswith(HF_PREFIX):
+            hf_dir = Path(self.model_source[len(HF_PREFIX) :])
+            require(
+                hf_dir.is_dir(),
+                "model_source",
+                f"{hf_dir} is not a directory; hf:DIR names a local Hugging Face model folder "
+                "(config.json, model.safetensors, tokenizer files)",
+            )
         if self.data is not None:
             require(
                 self.data.exists(),
@@ -227,4 +289,7 @@ def load_peer_config(path: str | os.PathLike[str] | None, overrides: dict[str, A
     for dotted, value in overrides.items():
         if value is not None:
             _set_nested(values, dotted, value)
+    source, table = values.get("model_source"), values.get("model")
+    if isinstance(source, str) and isinstance(table, dict):
+        check_model_source(source, GPTConfig(), table)  # keys written out, even those equal to a default
     return build_config(PeerConfig, values)

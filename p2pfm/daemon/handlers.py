@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from p2pfm.core.errors import RateLimited, Refusal
 from p2pfm.core.transfer import Donor
 from p2pfm.daemon.net import IgnoredRecords, read_frame, write_frame
 from p2pfm.daemon.runtime import PeerRuntime
+from p2pfm.daemon.statestream import PartialState, Progress, receive_chunks, send_chunks
 
 log = logging.getLogger("p2pfm.peer")
 
@@ -210,8 +212,11 @@ class StreamHandlers:
     async def _state(
         self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: list[int]
     ) -> None:
-        """Serve our current snapshot to a member: a signed manifest, then hash-checked chunks."""
-        if await self._open_request(remote, reader, writer, "state", held) is None:
+        """Serve our snapshot to a member: a signed manifest, then the chunks it wants, read one
+        at a time from the snapshot's file (held open: a round that moves on meanwhile writes a
+        new file and leaves this transfer its own)."""
+        request = await self._open_request(remote, reader, writer, "state", held)
+        if request is None:
             return
         if self.serving_state.locked():
             busy = RateLimited("already serving our state to two peers")
@@ -220,14 +225,26 @@ class StreamHandlers:
         async with self.serving_state:
             net = self.rt.config.net
             snapshot = self.rt.snapshot
-            manifest, chunks = self.protocol.serve_state(
-                snapshot.data, snapshot.round, net.state_chunk_bytes, time.time()
-            )
-            await write_frame(writer, manifest)
-            for piece in chunks:
-                await write_frame(writer, piece)
-            self.rt.counters["state_bytes_served"] += len(snapshot.data)
-            self.rt.counters["bytes_sent"] += len(snapshot.data)
+            fd = snapshot.open()  # before any await: the snapshot cannot be replaced in between
+            try:
+                assert snapshot.layout is not None
+                try:
+                    manifest, indexes = self.protocol.serve_layout(
+                        request, snapshot.layout, snapshot.round, time.time()
+                    )
+                except Refusal as exc:  # a want that is no honest joiner's
+                    await self._refuse(remote, writer, exc, counted=False)
+                    return
+                async with asyncio.timeout(net.state_deadline_s(snapshot.size)):
+                    await asyncio.wait_for(write_frame(writer, manifest), net.state_stall_s)
+                    sent = await send_chunks(
+                        writer, fd, snapshot.layout, indexes,
+                        stall_s=net.state_stall_s, rate_bps=net.state_serve_rate_bps,
+                    )  # fmt: skip
+            finally:
+                os.close(fd)
+            self.rt.counters["state_bytes_served"] += sent
+            self.rt.counters["bytes_sent"] += sent
 
     async def _params(
         self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: list[int]
@@ -249,6 +266,8 @@ class StreamClient:
     def __init__(self, runtime: PeerRuntime) -> None:
         self.rt = runtime
         self.protocol = runtime.protocol
+        self._partial: PartialState | None = None  # the state download in progress, kept across donors
+        self.last_download: Progress | None = None
 
     async def push_update(self, target: Announcement, message: bytes) -> None:
         net = self.rt.config.net
@@ -293,32 +312,78 @@ class StreamClient:
             raise
 
     async def download_state(self, donor: Announcement) -> tuple[dict[str, np.ndarray], int]:
-        """Fetch and verify a donor's snapshot; raise on any mismatch or timeout."""
-        net = self.rt.config.net
+        """Fetch and verify a donor's snapshot into our partial file, resuming what earlier donors
+        sent (:mod:`p2pfm.daemon.statestream`); raise on any mismatch, stall or deadline. The
+        arrays are views of the downloaded file; :attr:`last_download` has the figures."""
         claim = Donor(public_key=donor.public_key, round=donor.round, model_hash=donor.model_hash)
-
-        async def fetch() -> tuple[dict[str, np.ndarray], int]:
-            reader, writer = await self.rt.net.open_stream(donor.libp2p_id, "state")
-            try:
-                await write_frame(writer, self.protocol.state_request(secrets.token_bytes(16), time.time()))
-                first = await read_frame(reader, MANIFEST_FRAME_BYTES)
-                raise_if_refused(first, "state download")
-                manifest = self.protocol.open_manifest(first, claim, time.time())
-                pieces = []
-                for index in range(len(manifest.chunk_hashes)):
-                    piece = await read_frame(reader, manifest.chunk_length(index))
-                    self.protocol.check_chunk(manifest, index, piece)
-                    pieces.append(piece)
-            finally:
-                writer.close()
-            total = sum(len(p) for p in pieces)
-            self.rt.counters["state_bytes_downloaded"] += total
-            self.rt.counters["bytes_received"] += total
-            return self.protocol.open_state(manifest, pieces)
-
+        partial = self.partial()
+        progress = Progress(donor=donor.peer_id, reused=partial.verified_bytes())
+        started = time.perf_counter()
         try:
-            return await asyncio.wait_for(fetch(), net.state_timeout_s)
+            want = partial.want_for(donor.model_hash)
+            while True:
+                progress.attempts += 1
+                retry = await self._fetch(donor, claim, want, progress)
+                if retry is None:
+                    break
+                want = retry  # the donor's manifest lists chunks we hold: ask again for the rest only
         except Refusal as exc:
             # a bad manifest, chunk or state counts against the donor
             self.protocol.refused(donor.peer_id, exc, time.time())
             raise
+        finally:
+            progress.seconds = time.perf_counter() - started
+            self.rt.counters["state_bytes_downloaded"] += progress.fetched
+            self.rt.counters["bytes_received"] += progress.fetched
+            self.last_download = progress
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, partial.open_state, self.protocol.open_state_buffer)
+        except Refusal as exc:
+            self.protocol.refused(donor.peer_id, exc, time.time())
+            raise
+        progress.reused = partial.verified_bytes() - progress.fetched
+        log.info(
+            "downloaded the state of round %d from %s: %d bytes fetched in %.1f s (%.1f MB/s), %d reused",
+            result[1], donor.peer_id, progress.fetched, progress.seconds, progress.rate_bps / 1e6, progress.reused,
+        )  # fmt: skip
+        return result
+
+    async def _fetch(
+        self, donor: Announcement, claim: Donor, want: dict | None, progress: Progress
+    ) -> dict | None:
+        """One stream: request, manifest, chunks. Returns a ``want`` to ask again with when the
+        manifest is of another state than ``want`` named and we already hold some of its chunks."""
+        net = self.rt.config.net
+        partial = self.partial()
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.wait_for(
+            self.rt.net.open_stream(donor.libp2p_id, "state"), net.request_timeout_s * 2
+        )
+        try:
+            async with asyncio.timeout(net.state_stall_s * 2) as deadline:
+                request = self.protocol.state_request(secrets.token_bytes(16), time.time(), want)
+                await write_frame(writer, request)
+                first = await asyncio.wait_for(read_frame(reader, MANIFEST_FRAME_BYTES), net.state_stall_s)
+                raise_if_refused(first, "state download")
+                manifest = self.protocol.open_manifest(first, claim, time.time())
+                deadline.reschedule(loop.time() + net.state_deadline_s(manifest.total_bytes))
+                await loop.run_in_executor(None, partial.take_manifest, manifest)
+                if want is not None and want["model_hash"] == manifest.model_hash:
+                    indexes = [i for start, stop in want["ranges"] for i in range(start, stop)]
+                else:  # the donor sends every chunk
+                    if partial.verified and progress.attempts == 1:
+                        return partial.want_for(manifest.model_hash)
+                    indexes = list(range(len(manifest.chunk_hashes)))
+                progress.total_bytes, progress.model_hash = manifest.total_bytes, manifest.model_hash
+                await receive_chunks(reader, partial, indexes, progress, stall_s=net.state_stall_s)
+        finally:
+            writer.close()
+        if partial.missing():
+            raise ConnectionError(f"donor's stream ended with {len(partial.missing())} chunks missing")
+        return None
+
+    def partial(self) -> PartialState:
+        if self._partial is None:
+            self._partial = PartialState(self.rt.config.work_dir / "transfer")
+        return self._partial

@@ -42,10 +42,11 @@ from p2pfm.daemon.readings import ReadingSource
 from p2pfm.daemon.records import LeaveRecord, StartRecord
 from p2pfm.daemon.rounds import RoundDriver
 from p2pfm.daemon.runtime import PeerRuntime, load_or_create_identity
+from p2pfm.daemon.snapshots import map_initial_params
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
-from p2pfm.model.data import ByteDataset, ShardSpec
+from p2pfm.model.data import ShardSpec
 from p2pfm.model.device import resolve_device
-from p2pfm.model.gpt import build_model
+from p2pfm.model.source import load_workload
 
 log = logging.getLogger("p2pfm.peer")
 
@@ -61,14 +62,15 @@ def shard_for(config: PeerConfig, peer_id: str) -> ShardSpec:
 
 
 def default_trainer(config: PeerConfig, shard: ShardSpec, peer_id: str) -> LocalTrainer:
-    """The default workload: the byte-level GPT on this peer's shard of the corpus."""
+    """The configured workload (``model_source``: the byte-level GPT, a preset, or hf:DIR) on this peer's shard."""
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
-    dataset = ByteDataset(
-        config.data, shard, block_size=config.model.block_size,
-        max_shard_bytes=config.train.max_shard_bytes, seed=config.seed,
+    workload = load_workload(
+        config.model_source, config.model, config.data, shard,
+        seed=config.seed, max_shard_bytes=config.train.max_shard_bytes, seq_len=config.train.seq_len,
     )  # fmt: skip
+    log.info("model: %s, %s parameters", workload.loaded.name, f"{workload.loaded.params:,}")
     return LocalTrainer(
-        build_model(config.model, config.seed), dataset, lr=config.train.lr,
+        workload.model, workload.dataset, lr=config.train.lr,
         weight_decay=config.train.weight_decay, batch_size=config.train.batch_size,
         seed=int.from_bytes(digest(peer_id.encode())[:4], "little"),
         eval_batches=config.train.eval_batches, eval_batch_size=config.train.eval_batch_size,
@@ -136,7 +138,8 @@ class PeerDaemon:
             admission=admission, rate_limits=config.limits, certificate=certificate,
         )  # fmt: skip
         # Sequence numbers start at the clock in ms: monotone across restarts, never reusing (key, seq).
-        self.protocol = PeerProtocol(setup, trainer.flat(), seq=time.time_ns() // 1_000_000)
+        initial = map_initial_params(config.work_dir / "snapshots", trainer.flat())  # file-backed, not heap
+        self.protocol = PeerProtocol(setup, initial, seq=time.time_ns() // 1_000_000)
         self.runtime = PeerRuntime(
             config=config, protocol=self.protocol, trainer=trainer,
             net=PeerNetwork(config.net, identity, config.run_id, admission),
@@ -184,6 +187,9 @@ class PeerDaemon:
         log.info("computing on %s in %s", rt.compute_device, getattr(self.trainer, "precision", "fp32"))
         rt.resumed = rt.restore_checkpoint()
         rt.refresh_snapshot()
+        # The idle baseline (measured meters only), before the network and training add any load.
+        idle_w = await rt.energy.measure_idle_async(self.config.energy.idle_measure_s)
+        log.info("energy: idle baseline %.2f W (%s)", idle_w, rt.energy.idle_source)
         # Fork the DHT child before installing our signal handlers: a child inheriting them
         # would swallow SIGTERM/SIGINT (Ctrl-C reaches the whole process group) and never exit.
         await self.net.start()
@@ -229,6 +235,7 @@ class PeerDaemon:
         rt, loop = self.runtime, asyncio.get_running_loop()
         rt.stop_flag.set()
         rt.stop_event.set()
+        rt.energy.stop()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -241,6 +248,7 @@ class PeerDaemon:
             self.protocol.fire(Event.STOP)
         rt.write_status()
         self.metrics.close()
+        rt.energy.close()
         await self.net.shutdown()
 
     async def run(self) -> int:

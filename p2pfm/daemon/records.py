@@ -71,6 +71,14 @@ class RoundRecord:
     round_errors: int = 0  # rounds that raised and were retried from the last good anchor
     bans: int = 0  # bans decided so far (transports and signing keys), each also logged once
     syncs_refused: int = 0  # pulled parameters too far from ours to mix (cumulative)
+    # Energy since the process started (p2pfm.energy): energy_wh/carbon_g above are attributable
+    # (the device's draw while training); marginal is above the idle baseline; source names the meter.
+    marginal_wh: float = 0.0
+    marginal_carbon_g: float = 0.0
+    tokens: int = 0  # samples x block size (bytes for the byte-level GPT)
+    j_per_token: float | None = None
+    energy_source: str = ""
+    idle_w: float = 0.0
     event: str = "round"
 
 
@@ -83,6 +91,12 @@ class StateDownloadRecord:
     round: int
     behind: int
     wall_time: float
+    bytes: int = 0  # the state's size (bytes_fetched + bytes_reused)
+    bytes_fetched: int = 0  # verified bytes this donor sent
+    bytes_reused: int = 0  # verified bytes kept from earlier donors' interrupted transfers
+    seconds: float = 0.0  # the last donor's transfer, manifest to last chunk
+    rate_bps: float = 0.0  # bytes_fetched / seconds: the link rate the download measured
+    model_hash: str = ""  # hex SHA-256 of the adopted state (its manifest's, checked on the whole file)
     event: str = "state_download"
 
 

@@ -198,7 +198,10 @@ class RoundDriver:
                 rt.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
             except (ValueError, KeyError) as exc:
                 log.warning("donor optimizer state unusable (%s); keeping ours", exc)
+            self.client.partial().discard()  # adopted: the file goes (our copies are made)
+            del arrays
             rt.refresh_snapshot()
+            figures = self.client.last_download
             rt.record(
                 StateDownloadRecord(
                     reason=reason,
@@ -206,6 +209,12 @@ class RoundDriver:
                     round=round_,
                     behind=plan.behind,
                     wall_time=rt.wall_time(),
+                    bytes=figures.total_bytes if figures else 0,
+                    bytes_fetched=figures.fetched if figures else 0,
+                    bytes_reused=figures.reused if figures else 0,
+                    seconds=figures.seconds if figures else 0.0,
+                    rate_bps=figures.rate_bps if figures else 0.0,
+                    model_hash=figures.model_hash.hex() if figures else "",
                 )
             )
             log.info("adopted state of round %d from %s (%s)", round_, donor.peer_id, reason)
@@ -276,6 +285,7 @@ class RoundDriver:
         rt = self.rt
         loop = asyncio.get_running_loop()
         round_start = time.perf_counter()
+        rt.energy.start()  # training from now on (a no-op while the window is open)
         stats = await loop.run_in_executor(
             None, rt.trainer.train_steps, rt.config.gossip.inner_steps, rt.stop_flag
         )
@@ -289,6 +299,8 @@ class RoundDriver:
         rt = self.rt
         loop = asyncio.get_running_loop()
         rt.compute_seconds += stats.compute_seconds
+        rt.energy.start()  # rounds driven by the library API (p2pfm.api) start here
+        rt.energy.add_tokens(stats.samples * rt.tokens_per_sample)
         rt.train_loss = stats.mean_loss
         gossip_start = time.perf_counter()
         work = LocalWork(samples=stats.samples, inner_steps=stats.steps, train_loss=stats.mean_loss)
@@ -350,7 +362,7 @@ class RoundDriver:
         if self.protocol.round % rt.config.checkpoint_every == 0:
             await loop.run_in_executor(None, rt.write_checkpoint)
         rt.log_bans()  # bans decided on answers we pulled (donors) are reported here
-        energy_wh = rt.config.power_w * rt.compute_seconds / 3600.0
+        energy = rt.energy.totals()
         c = rt.counters
         rt.record(RoundRecord(
             round=self.protocol.round, step=rt.trainer.steps_done, samples=rt.trainer.samples_seen,
@@ -366,9 +378,11 @@ class RoundDriver:
             compute_seconds=rt.compute_seconds, round_seconds=time.perf_counter() - round_start,
             gossip_seconds=gossip_seconds, eval_seconds=eval_seconds, encode_seconds=encode_seconds,
             merge_seconds=merge_seconds, snapshot_seconds=snapshot_seconds,
-            receive_seconds=c["receive_seconds"], wall_time=rt.wall_time(), energy_wh=energy_wh,
-            carbon_g=energy_wh / 1000.0 * rt.config.grid_g_per_kwh, params=self.protocol.learner.numel,
-            dht_records_ignored=dict(rt.net.ignored_records.by_reason),
+            receive_seconds=c["receive_seconds"], wall_time=rt.wall_time(), energy_wh=energy.energy_wh,
+            carbon_g=energy.carbon_g, params=self.protocol.learner.numel,
+            dht_records_ignored=dict(rt.net.ignored_records.by_reason), marginal_wh=energy.marginal_wh,
+            marginal_carbon_g=energy.marginal_carbon_g, tokens=energy.tokens, j_per_token=energy.j_per_token,
+            energy_source=energy.energy_source, idle_w=energy.idle_w,
         ))  # fmt: skip
         rt.write_status()
 
@@ -380,6 +394,7 @@ class RoundDriver:
         its models a round apart.
         """
         rt = self.rt
+        rt.energy.stop()  # waiting for slower peers is not training
         self.protocol.fire(Event.ROUNDS_DONE)
         final = self.protocol.round
         deadline = time.time() + rt.config.final_drain_s

@@ -25,15 +25,20 @@ from p2pfm.core.errors import Refusal
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import PeerProtocol, Phase
 from p2pfm.core.quorum import QuorumView, peers_to_list, quorum_view
-from p2pfm.core.tensorfile import digest
-from p2pfm.core.transfer import pack_state
+from p2pfm.core.schema import MAX_ENERGY_WH, MAX_GRID_G_PER_KWH, MAX_TOKENS
+from p2pfm.core.transfer import write_state
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
+from p2pfm.daemon.energy import open_tracker
 from p2pfm.daemon.memory import buffer_breakdown, process_rss
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import Record, as_record
-from p2pfm.daemon.trainer import ModelAdapter
+from p2pfm.daemon.snapshots import Snapshot, SnapshotStore
+from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
+from p2pfm.energy.meters import PowerModel
+from p2pfm.energy.report import energy_report, peer_figures, report_from_announcements
+from p2pfm.energy.tracker import EnergyTracker
 from p2pfm.model.device import describe as describe_device
 
 log = logging.getLogger("p2pfm.peer")
@@ -51,15 +56,6 @@ def load_or_create_identity(path: Path) -> Identity:
 
 
 @dataclass
-class Snapshot:
-    """The state we serve to joiners: exactly what our next announcement's hash covers."""
-
-    data: bytes = b""
-    hash: bytes = bytes(32)
-    round: int = 0
-
-
-@dataclass
 class PeerRuntime:
     """One peer's live state around its protocol object."""
 
@@ -74,6 +70,7 @@ class PeerRuntime:
     book: PeerBook = field(init=False)  # what we know of the swarm, merged over lookups
     live: dict[str, Announcement] = field(default_factory=dict)
     snapshot: Snapshot = field(default_factory=Snapshot)
+    snapshots: SnapshotStore = field(init=False)  # the served snapshot's file, in the work dir
     eval_loss: float = float("nan")
     train_loss: float = float("nan")
     compute_seconds: float = 0.0
@@ -88,9 +85,31 @@ class PeerRuntime:
     revocation_list: bytes | None = None  # the newest list we took: we re-publish it
     paused: tuple[str, float] | None = None  # (reason, since) while our energy policy pauses us
     paused_peers: list[str] = field(default_factory=list)  # others announcing paused: not partners
+    energy: EnergyTracker = field(init=False)  # training windows over this device's meter (p2pfm.energy)
+    power: PowerModel = field(init=False)
 
     def __post_init__(self) -> None:
         self.book = PeerBook(self.config.net.announce_ttl_s)
+        self.snapshots = SnapshotStore(self.config.work_dir / "snapshots")
+        device = next((p.device for p in self.trainer.model.parameters()), None)
+        gpus = [device.index or 0] if device is not None and device.type == "cuda" else []
+        self.energy, self.power = open_tracker(self.config, gpus)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens in one training sample: the block size for the byte-level GPT (bytes), else 1."""
+        if isinstance(self.trainer, LocalTrainer):
+            return self.config.model.block_size
+        return int(getattr(self.trainer, "tokens_per_sample", 1))
+
+    def energy_claims(self) -> dict:
+        """Our energy totals for the announcement, clamped to the schema's bounds (p2pfm.core.schema)."""
+        t = self.energy.totals()
+        return {
+            "energy_wh": min(float(t.energy_wh), MAX_ENERGY_WH), "marginal_wh": min(float(t.marginal_wh), MAX_ENERGY_WH),
+            "tokens": min(int(t.tokens), MAX_TOKENS), "energy_source": t.energy_source[:32],
+            "grid_g_per_kwh": min(float(t.grid_g_per_kwh), MAX_GRID_G_PER_KWH),
+        }  # fmt: skip
 
     @property
     def peer_id(self) -> str:
@@ -152,9 +171,10 @@ class PeerRuntime:
         return {
             "libp2p_id": self.net.libp2p_id, "maddrs": self.net.maddrs[:16], "round": self.protocol.round,
             "model_hash": self.snapshot.hash, "device_class": self.config.device_class[:64],
-            "power_w": float(self.config.power_w), "state_bytes": len(self.snapshot.data),
+            "power_w": float(self.power.active_w), "state_bytes": self.snapshot.size,
             "sees": self.sees(), **({"cert": self.certificate} if self.certificate else {}),
             **({"paused": self.paused[0][:64]} if self.paused else {}),
+            **self.energy_claims(),
         }  # fmt: skip
 
     async def announce(self) -> None:
@@ -162,16 +182,21 @@ class PeerRuntime:
 
     # --- state: snapshot and checkpoint --------------------------------------------------------
     def refresh_snapshot(self) -> None:
-        """Pack the state we serve (parameters, round, inner optimizer) and hash it."""
-        round_ = self.protocol.round
-        data = pack_state(self.protocol.params, round_, self.trainer.optimizer_arrays())
-        self.snapshot = Snapshot(data=data, hash=digest(data), round=round_)
+        """Write the state we serve (parameters, round, inner optimizer) to its file, hashing as it
+        goes (:mod:`p2pfm.daemon.snapshots`): no full-size copy of it stays in memory."""
+        round_, chunk = self.protocol.round, self.config.net.state_chunk_bytes
+        params, optimizer = self.protocol.params, self.trainer.optimizer_arrays()
+        self.snapshot = self.snapshots.write(
+            lambda write: write_state(write, params, round_, optimizer, chunk), round_
+        )
 
     def _state_meta(self) -> dict:
         return {
             "round": self.protocol.round, "seq": self.protocol.seq, "peer_id": self.peer_id,
             "numel": self.protocol.learner.numel,
-            "config": {k: v for k, v in config_to_dict(self.config).items() if k in ("run_id", "seed", "model")},
+            "config": {
+                k: v for k, v in config_to_dict(self.config).items() if k in ("run_id", "seed", "model_source", "model")
+            },
         }  # fmt: skip
 
     def restore_checkpoint(self) -> bool:
@@ -182,9 +207,13 @@ class PeerRuntime:
         expected = {
             "run_id": self.config.run_id,
             "seed": self.config.seed,
+            "model_source": self.config.model_source,
             "model": config_to_dict(self.config.model),
         }
-        saved = meta.get("config", {})
+        saved = {
+            "model_source": "",
+            **meta.get("config", {}),
+        }  # checkpoints before model_source: the [model] GPT
         if {k: saved.get(k) for k in expected} != expected:
             raise ConfigError(
                 f"work_dir: {self.config.work_dir} holds a checkpoint of another run or model ({saved}); "
@@ -207,7 +236,7 @@ class PeerRuntime:
 
     def write_checkpoint(self) -> None:
         arrays = {**self.protocol.learner.state_arrays(), **self.trainer.optimizer_arrays()}
-        save_checkpoint(self.config.work_dir, arrays, self._state_meta())
+        save_checkpoint(self.config.work_dir, arrays, self._state_meta(), self.trainer.parameter_shapes())
 
     # --- reporting ---------------------------------------------------------------------------
     def log_bans(self) -> None:
@@ -238,7 +267,20 @@ class PeerRuntime:
         if self.paused is not None:
             status["paused"] = {"reason": self.paused[0], "since": self.paused[1]}
         status["memory"] = self.memory_report()
+        status["energy"] = self.energy.totals().as_dict()
+        status["swarm_energy"] = self.swarm_energy()
         self.metrics.status(status)
+
+    def swarm_energy(self) -> dict:
+        """The swarm's energy report from the live peers' verified announcements, and our own totals."""
+        report = report_from_announcements(self.live.values())
+        rows = dict(report["per_peer"])
+        claims = self.energy_claims()
+        rows[self.peer_id] = peer_figures(
+            claims["energy_wh"], claims["marginal_wh"], claims["tokens"], claims["energy_source"],
+            claims["grid_g_per_kwh"],
+        )  # fmt: skip
+        return {**energy_report(rows), "unreported": report["unreported"]}
 
     def memory_report(self) -> dict:
         """The process's RSS (now, peak) and its full-size buffers by name (p2pfm.daemon.memory)."""
@@ -249,9 +291,8 @@ class PeerRuntime:
             "initial_params": self.protocol.initial_params,
         }  # fmt: skip
         report = buffer_breakdown(self.trainer.model, self.trainer.optimizer, named)
-        snapshot = self.snapshot.data
-        if isinstance(snapshot, (bytes, bytearray)) and snapshot:
-            report["host_buffers"]["served_snapshot"] = len(snapshot)
+        if self.snapshot.size:  # a file, read a chunk at a time (p2pfm.daemon.snapshots): no heap copy
+            report["on_disk"] = {"served_snapshot": self.snapshot.size}
         return {**process_rss(), **report}
 
     @property

@@ -88,6 +88,18 @@ class ModelAdapter:
     def evaluate(self) -> float:
         return float("nan")
 
+    def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of the parameters in ``model.parameters()`` order: the flat vector's layout.
+
+        Checkpoints save each parameter under its name. A wrapper's ``module.`` prefix (ours for
+        Hugging Face models, DistributedDataParallel's) is dropped when every name has it, so the
+        names are the wrapped model's own and the saved tensors load into it as a state dict.
+        """
+        named = [(name, tuple(param.shape)) for name, param in self.model.named_parameters()]
+        if named and all(name.startswith("module.") for name, _ in named):
+            named = [(name[len("module.") :], shape) for name, shape in named]
+        return named
+
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         """Optimizer state (e.g. AdamW moments, step counts) as plain float32 arrays, no pickle."""
         arrays: dict[str, np.ndarray] = {}

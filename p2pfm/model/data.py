@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,3 +369,80 @@ def evaluate(
             losses.append(float(model(x, y)[1]))
     model.train(was_training)
     return float(np.mean(losses))
+
+
+TOKENIZE_CHUNK_BYTES = 256 << 10  # text handed to the tokenizer at once: bounded time and memory per call
+
+
+def tokenize_bytes(data: np.ndarray, encode: Callable[[str], list[int]], vocab_size: int) -> np.ndarray:
+    """Token ids (int32) of the UTF-8 bytes ``data``, encoded in chunks cut after a newline.
+
+    A newline byte is never inside a multi-byte character, so cutting there keeps every chunk
+    valid UTF-8 (invalid bytes from the corpus itself decode as U+FFFD). Ids outside
+    ``[0, vocab_size)`` mean the tokenizer does not belong to the model: refused, not clamped.
+    """
+    pieces: list[np.ndarray] = []
+    start, size = 0, len(data)
+    while start < size:
+        stop = min(size, start + TOKENIZE_CHUNK_BYTES)
+        if stop < size:
+            newline = np.flatnonzero(data[start:stop] == 0x0A)
+            if len(newline):
+                stop = start + int(newline[-1]) + 1
+        text = data[start:stop].tobytes().decode("utf-8", errors="replace")
+        pieces.append(np.asarray(encode(text), dtype=np.int64))
+        start = stop
+    ids = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ConfigError(
+            f"model_source: the tokenizer produced id {int(ids.max())}, outside the model's vocabulary of "
+            f"{vocab_size}; the tokenizer files do not belong to this model"
+        )
+    return ids.astype(np.int32)
+
+
+class TokenDataset(ByteDataset):
+    """A :class:`ByteDataset` whose shard and held-out set are token ids from a model's own tokenizer.
+
+    The split is the byte split, unchanged (same held-out blocks, same seeded shards, same
+    ``max_shard_bytes`` cap): only the bytes each peer already holds are tokenized, so memory
+    stays bounded and peers of one run evaluate on the same held-out text. Batches and
+    evaluation are inherited: windows of ``block_size`` tokens instead of bytes.
+    """
+
+    def __init__(
+        self,
+        root: Path | None,
+        shard: ShardSpec,
+        *,
+        encode: Callable[[str], list[int]],
+        vocab_size: int,
+        block_size: int,
+        max_shard_bytes: int = 4 << 20,
+        max_holdout_bytes: int = 1 << 20,
+        seed: int = 0,
+        corpus: Corpus | None = None,
+    ) -> None:
+        super().__init__(
+            root, shard, block_size=block_size, max_shard_bytes=max_shard_bytes,
+            max_holdout_bytes=max_holdout_bytes, seed=seed, corpus=corpus,
+        )  # fmt: skip
+        self.shard_bytes, self.holdout_bytes = len(self.train), len(self.holdout)
+        self.train = tokenize_bytes(self.train, encode, vocab_size)
+        self.holdout = tokenize_bytes(self.holdout, encode, vocab_size)
+        for name, array in (("training shard", self.train), ("held-out split", self.holdout)):
+            if len(array) <= block_size + 1:
+                raise ConfigError(
+                    f"data: the {name} under {self.root} is {len(array)} tokens, fewer than block_size+2 "
+                    f"({block_size + 2}); add text or lower model.block_size"
+                )
+
+    def sizes(self) -> dict[str, int]:
+        """The byte split (as :class:`ByteDataset` reports it) and the tokens it became."""
+        return {
+            "corpus_bytes": self.corpus_bytes,
+            "shard_bytes": self.shard_bytes,
+            "holdout_bytes": self.holdout_bytes,
+            "shard_tokens": len(self.train),
+            "holdout_tokens": len(self.holdout),
+        }

@@ -99,7 +99,8 @@ def summarize(sim) -> dict[str, Any]:
         sim.online_s,
         sim.bytes_sent,
         sim.bytes_received,
-        useful_flops=m.useful_steps * sim.workload.flops_per_step,
+        useful_steps=m.useful_steps,
+        flops_per_step=sim.workload.flops_per_step,
     )
     catch = np.array(m.catchup, dtype=np.float64)
     catchup = {
@@ -164,6 +165,12 @@ def summarize(sim) -> dict[str, Any]:
         "grid_g_per_kwh": energy.grid_g_per_kwh,
         "datacenter_energy_wh": energy.datacenter_energy_wh,
         "datacenter_carbon_g": energy.datacenter_carbon_g,
+        "marginal_energy_wh": energy.marginal_wh,
+        "marginal_carbon_g": energy.marginal_carbon_g,
+        "datacenter_embodied_g": energy.datacenter_embodied_g,
+        "datacenter_mfu": energy.datacenter_mfu,
+        "datacenter_gpu_hours": energy.datacenter_gpu_hours,
+        "edge_to_datacenter_carbon": energy.edge_to_datacenter_carbon,
         "useful_flops": m.useful_steps * sim.workload.flops_per_step,
         "churn_model": sc.churn.model,
         "churn_events": {"leaves": m.leaves, "joins": m.joins},

@@ -202,14 +202,35 @@ class EnergyConfig:
     country: str = "WORLD"  # key into grid_g_per_kwh
     grid_g_per_kwh: dict[str, float] = field(default_factory=dict)  # extra/overriding country values
     network_nj_per_byte: float = 20.0  # per byte sent and per byte received (see energy.py)
-    datacenter_gflops_per_w: float = 150.0  # delivered fp32/tf32 throughput per GPU watt (see energy.py)
+    # The datacentre baseline (p2pfm/energy/datacenter.py, every default sourced there): an A100
+    # whose utilisation falls with model size, times PUE, plus embodied carbon per GPU-hour.
     datacenter_pue: float = 1.2
     datacenter_country: str = "WORLD"
+    datacenter_peak_tflops: float = 312.0
+    datacenter_tdp_w: float = 400.0
+    datacenter_idle_w: float = 60.0
+    datacenter_plateau_mfu: float = 0.45
+    datacenter_ops_per_step: int = 200
+    datacenter_op_overhead_s: float = 10e-6
+    datacenter_embodied_g_per_gpu_hour: float = 10.0
 
     def __post_init__(self) -> None:
         require(self.network_nj_per_byte >= 0, "energy.network_nj_per_byte", "must be non-negative")
-        require(self.datacenter_gflops_per_w > 0, "energy.datacenter_gflops_per_w", "must be positive")
         require(self.datacenter_pue >= 1.0, "energy.datacenter_pue", "must be at least 1")
+        require(self.datacenter_peak_tflops > 0, "energy.datacenter_peak_tflops", "must be positive")
+        require(
+            0 <= self.datacenter_idle_w <= self.datacenter_tdp_w,
+            "energy.datacenter_idle_w",
+            "must be in [0, tdp_w]",
+        )
+        require(0 < self.datacenter_plateau_mfu <= 1, "energy.datacenter_plateau_mfu", "must be in (0, 1]")
+        require(self.datacenter_ops_per_step >= 0, "energy.datacenter_ops_per_step", "must be non-negative")
+        require(self.datacenter_op_overhead_s >= 0, "energy.datacenter_op_overhead_s", "must be non-negative")
+        require(
+            self.datacenter_embodied_g_per_gpu_hour >= 0,
+            "energy.datacenter_embodied_g_per_gpu_hour",
+            "must be non-negative",
+        )
         require(
             all(v >= 0 for v in self.grid_g_per_kwh.values()),
             "energy.grid_g_per_kwh",

@@ -141,6 +141,12 @@ PAYLOADS: dict[str, dict[str, Any]] = {
 }
 
 
+ENERGY: dict[str, Any] = {  # the announcement's optional energy totals (wire.md, `announce`)
+    "energy_wh": 1.5, "marginal_wh": 0.75, "tokens": 1_200_000, "energy_source": "modelled:profile",
+    "grid_g_per_kwh": 475.0,
+}  # fmt: skip
+
+
 def fields(kind: str = "state_request", **overrides: Any) -> dict[str, Any]:
     """Header fields of a valid message in canonical order; ``overrides`` replace/remove (None)."""
     base: dict[str, Any] = {
@@ -396,6 +402,43 @@ CASES: list[Case] = [
         "announce with a paused reason of 65 characters (limit 64)",
         lambda: sign_fields(fields("announce", payload=_payload("announce", paused="x" * 65))),
         "schema",
+    ),
+    Case(
+        "accept_announce_energy_claims",
+        "announce with the optional energy totals (p2pfm.energy)",
+        lambda: sign_fields(fields("announce", payload=_payload("announce", **ENERGY))),
+    ),
+    Case(
+        "reject_schema_payload_energy_above_bound",
+        "announce energy_wh 1e7 + 1 Wh, above the 10 MWh bound",
+        lambda: sign_fields(
+            fields("announce", payload=_payload("announce", **{**ENERGY, "energy_wh": 1e7 + 1.0}))
+        ),
+        "schema",
+    ),
+    Case(
+        "reject_schema_payload_energy_negative",
+        "announce marginal_wh -0.5",
+        lambda: sign_fields(
+            fields("announce", payload=_payload("announce", **{**ENERGY, "marginal_wh": -0.5}))
+        ),
+        "schema",
+    ),
+    Case(
+        "reject_schema_payload_tokens_above_bound",
+        "announce tokens 10^15 + 1",
+        lambda: sign_fields(
+            fields("announce", payload=_payload("announce", **{**ENERGY, "tokens": 10**15 + 1}))
+        ),
+        "schema",
+    ),
+    Case(
+        "reject_non_finite_energy",
+        "announce energy_wh = +Inf",
+        lambda: sign_fields(
+            fields("announce", payload=_payload("announce", **{**ENERGY, "energy_wh": float("inf")}))
+        ),
+        "non_finite",
     ),
     Case(
         "reject_non_finite_payload",

@@ -4,9 +4,9 @@ the envelope (``protocols/wire.md`` section 6).
     python protocols/vectors/generate_transfer.py [OUT_DIR]   # default: this folder
 
 Writes one folder per case under ``OUT_DIR/transfer/`` (files described in :data:`README`)
-for seven groups: ``stream`` (which kind each stream takes), ``update`` (receiving a gossip
+for eight groups: ``stream`` (which kind each stream takes), ``update`` (receiving a gossip
 update: ban, envelope, kind, metadata, round window, codec), ``manifest``, ``chunk`` and
-``state`` (state transfer), ``params`` (the consensus pull's answer) and ``announce`` (DHT
+``state`` (state transfer), ``want`` (which chunks a donor sends), ``params`` (the consensus pull's answer) and ``announce`` (DHT
 records). :func:`run_case` is the executable form of the README's "how to run a case": it
 drives a :class:`~p2pfm.core.protocol.PeerProtocol` (or
 :func:`~p2pfm.core.announce.check_announcement`) the way the daemon does.
@@ -36,13 +36,21 @@ import numpy as np
 
 from p2pfm.core.announce import Announcement, announcement_limits, check_announcement
 from p2pfm.core.codecs import CodecSpec, encode
-from p2pfm.core.envelope import EnvelopeLimits, seal
+from p2pfm.core.envelope import PROTOCOL_VERSION, EnvelopeLimits, pack_body, pack_wire, seal, signing_bytes
 from p2pfm.core.errors import IgnoreReason, Refusal, RejectReason
 from p2pfm.core.gossip import GossipConfig, encode_sync
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import LocalWork, PeerProtocol, PeerSetup, anchor_hash, update_payload
 from p2pfm.core.tensorfile import MAGIC, digest, pack_arrays
-from p2pfm.core.transfer import Donor, Manifest, manifest_payload, pack_state
+from p2pfm.core.transfer import (
+    MAX_CHUNK_BYTES,
+    MAX_WANT_RANGES,
+    Donor,
+    Manifest,
+    manifest_payload,
+    pack_state,
+    wanted_chunks,
+)
 
 VECTORS_DIR = Path(__file__).resolve().parent
 TEST_KEY_SEED = hashlib.sha256(b"p2pfm TEST-ONLY vector key v1").digest()  # test_key.pem
@@ -74,6 +82,7 @@ is one case; its name starts with its group, and `context.json` says the group:
 | `manifest` | `envelope.hex` | `PeerProtocol.open_manifest(data, Donor(**context.donor), now)` |
 | `chunk` | `chunk.hex` | `check_chunk(Manifest(**context.manifest), context.index, piece)` |
 | `state` | `chunks.hex` (one chunk per line) | `PeerProtocol.open_state(Manifest(**context.manifest), pieces)` |
+| `want` | `envelope.hex` (a `state_request`) | `wanted_chunks(PeerProtocol.open(data, now, stream="state").payload.get("want"), Manifest(**context.manifest).layout)`: the chunk indexes the donor sends |
 | `params` | `envelope.hex` | `PeerProtocol.open_params(data, context.donor_key, context.nonce, now)` |
 | `announce` | `record.hex` (bytes) or `record.json` (any other value) | `check_announcement(context.subkey, record, run_id=..., now=..., limits=announcement_limits(EnvelopeLimits(**context.limits), context.ttl_s))` |
 
@@ -135,7 +144,12 @@ def announcement_view(a: Announcement) -> dict[str, Any]:
         "maddrs": list(a.maddrs), "round": a.round, "model_hash": a.model_hash.hex(), "device_class": a.device_class,
         "power_w": a.power_w, "state_bytes": a.state_bytes, "seq": a.seq, "timestamp": a.timestamp,
         "sees": list(a.sees), **({"paused": a.paused} if a.paused is not None else {}),
+        # Energy claims appear only where announced (older vectors stay byte-identical).
+        **{k: v for k in ENERGY_FIELDS if (v := getattr(a, k)) is not None},
     }  # fmt: skip
+
+
+ENERGY_FIELDS = ("energy_wh", "marginal_wh", "tokens", "energy_source", "grid_g_per_kwh")
 
 
 def manifest_view(m: Manifest) -> dict[str, Any]:
@@ -217,6 +231,9 @@ def run_case(context: dict[str, Any], data: Any, peer: PeerProtocol | None = Non
     if group == "state":
         arrays, round_ = peer.open_state(manifest_from(context["manifest"]), data)
         return {"round": round_, "arrays": {name: array_view(a) for name, a in arrays.items()}}
+    if group == "want":
+        env = peer.open(data, now, stream="state")
+        return {"indexes": wanted_chunks(env.payload.get("want"), manifest_from(context["manifest"]).layout)}
     if group == "params":
         donor_key, nonce = bytes.fromhex(context["donor_key"]), bytes.fromhex(context["nonce"])
         params, round_ = peer.open_params(data, donor_key, nonce, now)
@@ -246,6 +263,15 @@ def sealed(
     return seal(signer, kind=kind, run_id=RUN, round=round, seq=seq, timestamp=ts, payload=payload)
 
 
+def sealed_unchecked(kind: str, payload: dict[str, Any], *, round: int = 3, seq: int = 1) -> bytes:
+    """Signed like :func:`sealed` but without ``seal``'s own schema check: what a hostile peer sends."""
+    body = pack_body({
+        "v": PROTOCOL_VERSION, "kind": kind, "run": RUN, "sender": DONOR.public_key_bytes,
+        "round": round, "seq": seq, "ts": TS, "payload": payload,
+    })  # fmt: skip
+    return pack_wire(body, DONOR.sign(signing_bytes(kind, RUN, body)))
+
+
 def flip_last(data: bytes) -> bytes:
     """The last byte xor 1: in a message, a signature that no longer verifies."""
     return data[:-1] + bytes([data[-1] ^ 1])
@@ -273,6 +299,10 @@ ANNOUNCE = {
     "state_bytes": len(STATE),
     "sees": ["12D3KooWVectorRemotePeerVectorRemotePeerVectorRe"],
 }
+ENERGY = {  # a Pi that trained 1.2 M bytes for 1.5 Wh on a world-average grid (optional fields)
+    "energy_wh": 1.5, "marginal_wh": 0.75, "tokens": 1_200_000, "energy_source": "modelled:profile",
+    "grid_g_per_kwh": 475.0,
+}  # fmt: skip
 
 # The update: the one builder (update_payload) over a real codec map of a delta.
 DELTA = np.array([0.5, -0.25, 0.125, 2.0, 0.0, 0.0, -1.0, 0.75], dtype=np.float32)
@@ -887,6 +917,11 @@ ANNOUNCE_CASES = [
         {"replay_seen": replay_seen()},
     ),
     Case(
+        "announce_accept_energy_claims",
+        "with the optional energy totals (energy_wh, marginal_wh, tokens, energy_source, grid_g_per_kwh)",
+        lambda: sealed("announce", {**ANNOUNCE, **ENERGY}),
+    ),
+    Case(
         "announce_reject_malformed_not_bytes",
         "the DHT returned a string, not bytes",
         lambda: "not an envelope",
@@ -938,6 +973,7 @@ GROUP_CONTEXTS: dict[str, dict[str, Any]] = {
     "manifest": {"donor": _DONOR_CLAIM, "max_state_bytes": 1 << 20},
     "chunk": {"manifest": hexify(MANIFEST)},
     "state": {"manifest": hexify(MANIFEST), "numel": NUMEL, "max_state_bytes": 1 << 20},
+    "want": {"manifest": hexify(MANIFEST)},
     "params": {
         "donor_key": DONOR.public_key_bytes.hex(),
         "nonce": NONCE.hex(),
@@ -951,12 +987,55 @@ GROUP_CONTEXTS: dict[str, dict[str, Any]] = {
 }
 """What the receiver knows in each group; a case's own context entries replace these."""
 
+N_CHUNKS = len(MANIFEST["chunk_hashes"])
+
+
+def want_request(ranges: list, model_hash: bytes | None = None) -> bytes:
+    want = {"model_hash": digest(STATE) if model_hash is None else model_hash, "ranges": ranges}
+    return sealed_unchecked("state_request", {**REQUEST, "want": want})
+
+
+WANT_CASES = [
+    Case("want_accept_no_want", "a request without want: every chunk, in order", lambda: sealed("state_request", REQUEST)),
+    Case("want_accept_ranges", "ranges of the served state: exactly their chunks, ascending", lambda: want_request([[0, 1], [2, 4]])),
+    Case("want_accept_empty", "no range: the manifest alone (the joiner holds every chunk)", lambda: want_request([])),
+    Case("want_accept_last_chunk", "the range that ends at the last chunk", lambda: want_request([[N_CHUNKS - 1, N_CHUNKS]])),
+    Case(
+        "want_accept_other_state",
+        "ranges of another state (the donor moved on): every chunk, no refusal",
+        lambda: want_request([[0, 1]], _OTHER_HASH),
+    ),
+    Case("want_reject_bad_index_beyond", "a range past the last chunk", lambda: want_request([[0, N_CHUNKS + 1]]), RejectReason.BAD_INDEX),
+    Case("want_reject_bad_index_overlapping", "overlapping ranges", lambda: want_request([[0, 2], [1, 3]]), RejectReason.BAD_INDEX),
+    Case("want_reject_bad_index_descending", "ranges out of order", lambda: want_request([[3, 4], [0, 1]]), RejectReason.BAD_INDEX),
+    Case("want_reject_bad_index_empty_range", "a range [2, 2) of no chunk", lambda: want_request([[2, 2]]), RejectReason.BAD_INDEX),
+    Case("want_reject_bad_index_not_a_pair", "a range of one number", lambda: want_request([[1]]), RejectReason.BAD_INDEX),
+    Case("want_reject_schema_negative", "a range starting below 0 (ints in a want are >= 0)", lambda: want_request([[-1, 1]]), RejectReason.SCHEMA),
+    Case(
+        "want_reject_schema_too_many_ranges",
+        f"{MAX_WANT_RANGES + 1} ranges: over the schema's bound, refused before any is looked at",
+        lambda: want_request([[2 * i, 2 * i + 1] for i in range(MAX_WANT_RANGES + 1)]),
+        RejectReason.SCHEMA,
+    ),
+    Case("want_reject_schema_short_hash", "a want whose model_hash is not 32 bytes", lambda: want_request([], b"short"), RejectReason.SCHEMA),
+]  # fmt: skip
+
+MANIFEST_CASES.append(
+    Case(
+        "manifest_reject_oversize_chunk_size_before_chunk_count",
+        "order: chunk_size over MAX_CHUNK_BYTES (and so a wrong chunk count): each chunk is one frame in memory",
+        lambda: manifest_msg(chunk_size=MAX_CHUNK_BYTES + 1),
+        RejectReason.OVERSIZE,
+    )
+)
+
 CASES: list[Case] = [
     *STREAM_CASES,
     *UPDATE_CASES,
     *MANIFEST_CASES,
     *CHUNK_CASES,
     *STATE_CASES,
+    *WANT_CASES,
     *PARAMS_CASES,
     *ANNOUNCE_CASES,
 ]

@@ -155,3 +155,19 @@ def test_cli_swarm_finds_itself_trains_and_exits_0(tmp_path):
         ]
         rounds = [r for r in records if r.get("event") == "round"]
         assert rounds and max(r["live_peers"] for r in rounds) == 2, f"peer {index} never saw both others"
+        # Energy per round (p2pfm.energy): cumulative, per token, with its source; status.json too.
+        last = rounds[-1]
+        assert last["energy_wh"] > 0 and 0 <= last["marginal_wh"] <= last["energy_wh"]
+        assert last["tokens"] == last["samples"] * 64 > 0  # TINY_MODEL's block size: bytes
+        assert [r["energy_wh"] for r in rounds] == sorted(r["energy_wh"] for r in rounds)
+        status = json.loads((out / f"peer-{index}" / "status.json").read_text())
+        assert status["energy"]["tokens"] == last["tokens"]
+        assert status["energy"]["energy_source"] == last["energy_source"]
+        energy = summary["energy_per_peer"][str(index)]
+        assert energy["energy_wh"] == pytest.approx(last["energy_wh"]) and energy["tokens"] == last["tokens"]
+    # summary.json: the swarm's energy, carbon, joules per token and where they come from
+    assert summary["energy_wh"] > 0 and summary["carbon_g"] > 0 and summary["j_per_token"] > 0
+    assert summary["energy_source"] == "modelled:profile" or summary["energy_source"].startswith("measured:")
+    assert summary["j_per_token"] == pytest.approx(summary["energy_wh"] * 3600 / summary["tokens"])
+    assert summary["datacenter_carbon_g"] > 0 and summary["edge_to_datacenter_carbon"] > 0
+    assert json.loads((out / "summary.json").read_text())["energy_source"] == summary["energy_source"]

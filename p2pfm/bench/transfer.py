@@ -1,0 +1,289 @@
+"""State download throughput: our libp2p state stream against a plain TCP copy of the same bytes.
+
+:func:`measure_download` builds a state of ``total_bytes`` from random arrays (params plus two
+AdamW-moment-sized arrays, as ``pack_state`` lays out a 124M model's ~1.5 GB), serves it from a
+donor's snapshot file with the daemon's own handler (``StreamHandlers.handle_state``) over a real
+libp2p stream between two ``p2pd`` daemons on loopback, and downloads it with the daemon's own
+client (``StreamClient.download_state``: signed manifest, every chunk hash-checked and written to
+the partial file, whole-state hash and container checks on a memory map). In the same run it
+copies the same file over a loopback TCP socket with asyncio (no framing, no hashing, bytes
+discarded): the raw rate the state stream is measured against; and over one bare libp2p stream
+through the same daemons (read and discarded): the transport's own ceiling.
+
+Only the parameter-count check of ``check_state`` is relaxed (the joiner's model is a tiny one;
+the state's ``params`` are checked against their own size), so no 124M model is built. The
+result also has the joiner's peak *anonymous* memory growth during the download (heap, not the
+page cache of the files), which bounded-memory transfer keeps to a few chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2pfm.core.announce import Announcement
+from p2pfm.core.envelope import EnvelopeLimits
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import PeerProtocol, PeerSetup
+from p2pfm.core.tensorfile import Buffer, LazyArray
+from p2pfm.core.transfer import Manifest, check_state_buffer, write_state
+from p2pfm.daemon.config import NetConfig, PeerConfig
+
+RUN = "bench-transfer"
+
+
+class _AnyModelSize(PeerProtocol):
+    """A joiner whose model size is the downloaded state's: spares building a 124M model."""
+
+    def open_state_buffer(self, manifest: Manifest, blob: Buffer):  # type: ignore[override]
+        from p2pfm.core.tensorfile import unpack_arrays
+
+        numel = unpack_arrays(blob, max_bytes=self.setup.max_state_bytes, copy=False)[0]["params"].size
+        return check_state_buffer(
+            manifest, blob, numel=numel, max_state_bytes=self.setup.max_state_bytes, copy=False
+        )
+
+
+def _anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _PeakAnon:
+    """Samples RssAnon every 50 ms in a thread: the heap's peak over a block."""
+
+    def __enter__(self) -> _PeakAnon:
+        self.base = self.peak = _anon_kib()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, _anon_kib())
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, _anon_kib())
+
+    @property
+    def growth_bytes(self) -> int:
+        return (self.peak - self.base) * 1024
+
+
+def _runtime(work_dir: Path, net: NetConfig, protocol_class: type[PeerProtocol] = PeerProtocol):
+    """A peer runtime with a tiny model whose network is a bare ``hivemind.P2P`` (set later)."""
+    import torch
+
+    from p2pfm.daemon.metrics import MetricsLog
+    from p2pfm.daemon.net import PeerNetwork
+    from p2pfm.daemon.runtime import PeerRuntime
+    from p2pfm.daemon.trainer import ModelAdapter
+
+    config = PeerConfig(run_id=RUN, work_dir=work_dir, key=work_dir / "peer.key", net=net)
+    model = torch.nn.Linear(2, 2)
+    trainer = ModelAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    identity = Identity.generate()
+    setup = PeerSetup(
+        identity=identity, run_id=RUN, gossip=config.gossip, limits=EnvelopeLimits(),
+        max_state_bytes=net.max_state_bytes,
+    )  # fmt: skip
+    return PeerRuntime(
+        config=config, protocol=protocol_class(setup, trainer.flat()), trainer=trainer,
+        net=PeerNetwork(net, identity, RUN), metrics=MetricsLog(work_dir), shard_index=0,
+        rng=np.random.default_rng(0),
+    )  # fmt: skip
+
+
+def _write_big_snapshot(rt, total_bytes: int, chunk_bytes: int, seed: int) -> None:
+    """The donor's snapshot: params and two moments of total_bytes / 12 floats each, streamed."""
+    numel = max(1, total_bytes // 12)
+    rng = np.random.default_rng(seed)
+
+    def random_floats() -> np.ndarray:
+        return rng.random(numel, dtype=np.float32)
+
+    params = random_floats()
+    moments = {
+        f"opt.0.{name}": LazyArray(np.dtype(np.float32), (numel,), random_floats)
+        for name in ("exp_avg", "exp_avg_sq")
+    }
+    rt.snapshot = rt.snapshots.write(lambda write: write_state(write, params, 0, moments, chunk_bytes), 0)
+
+
+async def _tcp_copy(path: Path, piece_bytes: int = 4 << 20) -> float:
+    """Seconds to send ``path`` over a loopback TCP socket and read it all on the other side."""
+    size = path.stat().st_size
+    done = asyncio.Event()
+
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(0, size, piece_bytes):
+                writer.write(os.pread(fd, piece_bytes, offset))
+                await writer.drain()
+        finally:
+            os.close(fd)
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(send, "127.0.0.1", 0, family=socket.AF_INET)
+    port = server.sockets[0].getsockname()[1]
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = 0
+    while received < size:
+        data = await reader.read(piece_bytes)
+        if not data:
+            break
+        received += len(data)
+    seconds = time.perf_counter() - started
+    writer.close()
+    await done.wait()
+    server.close()
+    await server.wait_closed()
+    if received != size:
+        raise RuntimeError(f"TCP copy read {received} of {size} bytes")
+    return seconds
+
+
+async def _libp2p_copy(donor_p2p, joiner_p2p, path: Path, piece_bytes: int) -> float:
+    """Seconds to send ``path`` over one libp2p stream, read and discarded: the transport's ceiling
+    (no framing, hashing or writing), through the same two ``p2pd`` daemons."""
+    size = path.stat().st_size
+
+    async def send(_info, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(0, size, piece_bytes):
+                writer.write(os.pread(fd, piece_bytes, offset))
+                await writer.drain()
+        finally:
+            os.close(fd)
+            writer.close()
+
+    await donor_p2p.add_binary_stream_handler("/p2pfm-bench/raw/1", send)
+    started = time.perf_counter()
+    _, reader, writer = await joiner_p2p.call_binary_stream_handler(donor_p2p.peer_id, "/p2pfm-bench/raw/1")
+    received = 0
+    while received < size:
+        data = await reader.read(piece_bytes)
+        if not data:
+            break
+        received += len(data)
+    seconds = time.perf_counter() - started
+    writer.close()
+    await donor_p2p.remove_binary_stream_handler("/p2pfm-bench/raw/1")
+    if received != size:
+        raise RuntimeError(f"libp2p copy read {received} of {size} bytes")
+    return seconds
+
+
+async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, repeats: int) -> dict[str, Any]:
+    from hivemind.p2p import P2P
+
+    from p2pfm.daemon.handlers import StreamClient, StreamHandlers
+
+    net = NetConfig(state_chunk_bytes=chunk_bytes, max_state_bytes=max(4096, total_bytes + (1 << 20)))
+    donor = _runtime(work / "donor", net)
+    joiner = _runtime(work / "joiner", net, _AnyModelSize)
+    started = time.perf_counter()
+    _write_big_snapshot(donor, total_bytes, chunk_bytes, seed)
+    write_seconds = time.perf_counter() - started
+    assert donor.snapshot.path is not None
+
+    donor_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    joiner_p2p = None
+    try:
+        donor.net.p2p = donor_p2p
+        await StreamHandlers(donor).install()
+        maddrs = [str(m) for m in await donor_p2p.get_visible_maddrs()]
+        joiner_p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        joiner.net.p2p = joiner_p2p
+        claim = Announcement(
+            peer_id=donor.peer_id, public_key=donor.protocol.identity.public_key_bytes,
+            libp2p_id=donor_p2p.peer_id.to_base58(), maddrs=tuple(maddrs), round=0,
+            model_hash=donor.snapshot.hash, device_class="cpu", power_w=0.0, state_bytes=donor.snapshot.size,
+            seq=1, timestamp=time.time(),
+        )  # fmt: skip
+        client = StreamClient(joiner)
+        tcp_runs, raw_runs, stream_runs, download_runs, peak = [], [], [], [], 0
+        for _ in range(repeats):  # alternated: the machine's load drifts, all see the same drift
+            tcp_runs.append(await _tcp_copy(donor.snapshot.path, chunk_bytes))
+            raw_runs.append(await _libp2p_copy(donor_p2p, joiner_p2p, donor.snapshot.path, chunk_bytes))
+            with _PeakAnon() as memory:
+                started = time.perf_counter()
+                arrays, _ = await client.download_state(claim)
+                download_runs.append(time.perf_counter() - started)
+            progress = client.last_download
+            assert progress is not None and progress.fetched == donor.snapshot.size and progress.reused == 0
+            stream_runs.append(progress.seconds)
+            peak = max(peak, memory.growth_bytes)
+            del arrays
+            client.partial().discard()
+    finally:
+        if joiner_p2p is not None:
+            await joiner_p2p.shutdown()
+        await donor_p2p.shutdown()
+    size = donor.snapshot.size
+    tcp_s, raw_s, stream_s, download_s = (
+        float(np.median(runs)) for runs in (tcp_runs, raw_runs, stream_runs, download_runs)
+    )
+    return {
+        "total_bytes": size,
+        "chunk_bytes": chunk_bytes,
+        "chunks": len(donor.snapshot.layout.chunk_hashes) if donor.snapshot.layout else 0,
+        "repeats": repeats,
+        "snapshot_write_s": round(write_seconds, 3),
+        # medians; stream: manifest and chunks, each verified and written to the partial file;
+        # download: request to checked arrays (whole-state hash and container checks included)
+        "libp2p_stream_s": round(stream_s, 3),
+        "libp2p_download_s": round(download_s, 3),
+        "tcp_copy_s": round(tcp_s, 3),
+        "libp2p_raw_s": round(raw_s, 3),
+        "libp2p_stream_MBps": round(size / stream_s / 1e6, 1),
+        "libp2p_download_MBps": round(size / download_s / 1e6, 1),
+        "tcp_copy_MBps": round(size / tcp_s / 1e6, 1),
+        "libp2p_raw_MBps": round(size / raw_s / 1e6, 1),  # the transport alone: our ceiling
+        "libp2p_raw_vs_tcp": round(tcp_s / raw_s, 3),
+        "stream_vs_tcp": round(tcp_s / stream_s, 3),
+        "download_vs_tcp": round(tcp_s / download_s, 3),
+        "joiner_peak_heap_growth_bytes": peak,  # donor and joiner share this process here
+        "runs_s": {"tcp": tcp_runs, "libp2p_raw": raw_runs, "stream": stream_runs, "download": download_runs},
+    }
+
+
+def measure_download(
+    total_bytes: int,
+    *,
+    chunk_bytes: int = 4 << 20,
+    work_dir: Path | None = None,
+    seed: int = 0,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Download a ``total_bytes`` state over libp2p on loopback and copy it over plain TCP; the figures.
+
+    Needs about ``2 * total_bytes`` of free disk in ``work_dir`` (a temporary folder by default:
+    the donor's snapshot and the joiner's partial file) and ~``total_bytes / 3`` of memory (the
+    random params while the snapshot is written). Starts two ``p2pd`` daemons; all on 127.0.0.1.
+    """
+    own = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="p2pfm-bench-transfer-")) if work_dir is None else work_dir
+    try:
+        return asyncio.run(_measure(total_bytes, chunk_bytes, work, seed, max(1, repeats)))
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""The state a peer serves to joiners, kept on disk: written once per round, read chunk by chunk.
+
+Before, the snapshot was a ``bytes`` blob of the whole packed state (params, round, AdamW
+moments: ~1.5 GB at 124M parameters) held in RAM for the whole round beside the live model,
+and ``manifest_payload`` sliced it into a second full-size list of chunks for every upload.
+Now :meth:`SnapshotStore.write` streams the packed state into a file in the work dir, hashing
+the whole and every chunk as it goes (``p2pfm.core.transfer.write_state``), and the ``state``
+handler reads one chunk at a time from it.
+
+A transfer in progress keeps serving the snapshot its manifest described even after the
+round moves on: the handler opens the file before it signs the manifest and reads through
+that open descriptor; a newer snapshot replaces the file by name and the old one is unlinked
+at once, so its bytes live exactly as long as the streams still reading them (at most the
+two upload slots) and nobody can open it any more. Files left by a crash are removed at start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from p2pfm.core.transfer import StateLayout
+
+SUFFIX = ".state"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state we serve: exactly what our next announcement's hash covers."""
+
+    hash: bytes = bytes(32)
+    round: int = 0
+    size: int = 0
+    layout: StateLayout | None = None  # None until the first snapshot is written
+    path: Path | None = None
+
+    def open(self) -> int:
+        """A read-only descriptor of this snapshot's file: it keeps the bytes even once a newer
+        snapshot replaced the file. Must be called in the event loop's thread, where
+        :meth:`SnapshotStore.write` swaps files (so the file cannot vanish in between)."""
+        if self.path is None:
+            raise FileNotFoundError("no snapshot written yet")
+        return os.open(self.path, os.O_RDONLY)
+
+
+def read_chunk(fd: int, layout: StateLayout, index: int) -> bytes:
+    """Chunk ``index`` of the snapshot open as ``fd`` (``os.pread``: no shared file position)."""
+    offset, length = layout.chunk_range(index)
+    piece = os.pread(fd, length, offset)
+    if len(piece) != length:
+        raise OSError(f"snapshot file is short: chunk {index} has {len(piece)} of {length} bytes")
+    return piece
+
+
+class SnapshotStore:
+    """One served snapshot file in ``directory`` at a time (plus unlinked ones still being read)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.written = 0
+        self.current: Path | None = None
+        if directory.is_dir():  # files of a previous life of this peer: nobody reads them
+            for stale in directory.iterdir():
+                if stale.name.startswith("snapshot-"):
+                    stale.unlink(missing_ok=True)
+
+    def write(self, produce: Callable[[Callable[[memoryview], object]], StateLayout], round: int) -> Snapshot:
+        """Stream a new snapshot (``produce(write) -> layout``) to a fresh file; unlink the last one.
+
+        No fsync: a snapshot is re-made from the live state after any restart, never read back.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.written += 1
+        path = self.directory / f"snapshot-{os.getpid()}-{self.written}{SUFFIX}"
+        try:
+            with open(path, "wb", buffering=1 << 20) as out:
+                layout = produce(out.write)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        previous, self.current = self.current, path
+        if previous is not None:
+            previous.unlink(missing_ok=True)  # streams reading it hold their descriptors
+        return Snapshot(
+            hash=layout.model_hash, round=round, size=layout.total_bytes, layout=layout, path=path
+        )
+
+
+def map_initial_params(directory: Path, initial: np.ndarray) -> np.ndarray:
+    """The run's initial parameters as a read-only memory map of a file written once per start.
+
+    Every peer keeps them for its whole life (syncs are encoded against them, states are
+    compared with them) but reads them only every few rounds: a full-size copy in the heap
+    (~0.5 GB at 124M parameters) becomes file-backed pages the kernel may drop and re-read.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "initial-params.f32"
+    flat = np.ascontiguousarray(initial, dtype=np.float32).reshape(-1)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        out.write(flat.data)
+    os.replace(tmp, path)
+    if flat.size == 0:
+        return np.zeros(0, np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(flat.size,))

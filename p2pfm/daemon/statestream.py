@@ -1,0 +1,243 @@
+"""Moving a state download's bytes: the donor's chunk loop and the joiner's partial file.
+
+Both sides hold a few chunks in memory at a time, never the state (~1.5 GB at 124M parameters):
+
+- the donor reads each chunk from its snapshot file (:mod:`p2pfm.daemon.snapshots`) just
+  before sending it, the next one read in a worker thread while the current one is written;
+- the joiner checks each chunk's hash (in a worker thread: ``hashlib`` releases the GIL, so
+  the next frame is read meanwhile) and only then writes it into :class:`PartialState`'s file
+  at its offset. The whole-state hash and the container's checks run on an ``mmap`` of the
+  finished file (``PeerProtocol.open_state_buffer``), and the arrays handed back are views of it.
+
+Resume: chunks are content-addressed. :class:`PartialState` remembers the hash of every chunk
+it verified; a download from another donor (or the same one, back from a restart) keeps every
+verified chunk whose hash the new manifest lists, at any index, and asks only for the rest
+(``want`` in the ``state_request``; ``p2pfm.core.transfer.wanted_chunks``). A chunk is
+reused only if its bytes hash to the new manifest's entry for that index (checked again as it is
+moved), and the whole file must still hash to the new manifest's ``model_hash``, so reuse
+never admits a byte the new manifest does not vouch for.
+
+Deadlines: no chunk for ``stall_s`` ends a transfer on either side; so does the whole
+deadline, which scales with the state's size (``NetConfig.state_deadline_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from p2pfm.core.errors import HashMismatch
+from p2pfm.core.transfer import Manifest, StateLayout, check_chunk, want_ranges
+from p2pfm.daemon.net import read_frame, write_frame
+from p2pfm.daemon.snapshots import read_chunk
+
+log = logging.getLogger("p2pfm.peer")
+
+PROGRESS_EVERY_S = 2.0  # the joiner logs its progress at most this often (and after the first chunk)
+
+
+# --- the donor's side --------------------------------------------------------------------------
+async def send_chunks(
+    writer: asyncio.StreamWriter,
+    fd: int,
+    layout: StateLayout,
+    indexes: list[int],
+    *,
+    stall_s: float,
+    rate_bps: float = 0.0,
+) -> int:
+    """Write chunks ``indexes`` of the snapshot open as ``fd``, one frame each; returns the bytes.
+
+    Each frame must leave within ``stall_s`` (a joiner that stopped reading frees the upload
+    slot); ``rate_bps`` > 0 caps the upload (sleeping between chunks). The caller bounds the
+    whole transfer with ``NetConfig.state_deadline_s``.
+    """
+    loop = asyncio.get_running_loop()
+    sent, started = 0, loop.time()
+    upcoming = loop.run_in_executor(None, read_chunk, fd, layout, indexes[0]) if indexes else None
+    for position in range(len(indexes)):
+        assert upcoming is not None
+        piece = await upcoming
+        upcoming = (
+            loop.run_in_executor(None, read_chunk, fd, layout, indexes[position + 1])
+            if position + 1 < len(indexes)
+            else None
+        )
+        await asyncio.wait_for(write_frame(writer, piece), stall_s)
+        sent += len(piece)
+        if rate_bps > 0:
+            ahead = started + sent / rate_bps - loop.time()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+    return sent
+
+
+# --- the joiner's side -------------------------------------------------------------------------
+class PartialState:
+    """A state download on disk: ``partial.state`` laid out as one manifest, and which of its
+    chunks are verified (index -> hash). Lives as long as the peer, across donors and attempts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "partial.state"
+        self.manifest: Manifest | None = None
+        self.verified: dict[int, bytes] = {}
+        # Worker threads write chunks; a write left running by a cancelled transfer must not
+        # interleave with the next manifest's layout (it is checked against whichever it finds).
+        self.lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)  # a previous life's file: its record is gone with it
+
+    def verified_bytes(self) -> int:
+        manifest = self.manifest
+        return 0 if manifest is None else sum(manifest.chunk_length(i) for i in self.verified)
+
+    def missing(self) -> list[int]:
+        count = 0 if self.manifest is None else len(self.manifest.chunk_hashes)
+        return [i for i in range(count) if i not in self.verified]
+
+    def want_for(self, model_hash: bytes) -> dict | None:
+        """The ``want`` of a request to a donor announcing ``model_hash``: the chunks still missing
+        if it is the state we are part-way through, else None (the manifest decides; see
+        :meth:`take_manifest`)."""
+        if self.manifest is None or self.manifest.model_hash != model_hash or not self.verified:
+            return None
+        return {"model_hash": model_hash, "ranges": want_ranges(self.missing())}
+
+    def take_manifest(self, manifest: Manifest) -> int:
+        """Lay the file out as ``manifest``, keeping every verified chunk whose hash it lists (at
+        any index); returns the bytes kept. Blocking file I/O: run it in a worker thread."""
+        with self.lock:
+            return self._take_manifest(manifest)
+
+    def _take_manifest(self, manifest: Manifest) -> int:
+        old, held = self.manifest, dict(self.verified)
+        if old == manifest:
+            return self.verified_bytes()
+        sources: dict[bytes, int] = {}
+        for index, chunk_hash in held.items():
+            sources.setdefault(chunk_hash, index)
+        moves = {i: sources[h] for i, h in enumerate(manifest.chunk_hashes) if h in sources}
+        target = self.path.with_suffix(".next")
+        kept: dict[int, bytes] = {}
+        with open(target, "wb") as out:
+            out.truncate(manifest.total_bytes)
+            if moves and old is not None:
+                with open(self.path, "rb") as source:
+                    for new_index, old_index in moves.items():
+                        start, length = old.layout.chunk_range(old_index)
+                        if length != manifest.chunk_length(new_index):
+                            continue
+                        piece = os.pread(source.fileno(), length, start)
+                        # checked again as it moves: the new manifest vouches for exactly these bytes
+                        if hashlib.sha256(piece).digest() != manifest.chunk_hashes[new_index]:
+                            continue
+                        os.pwrite(out.fileno(), piece, manifest.layout.chunk_range(new_index)[0])
+                        kept[new_index] = manifest.chunk_hashes[new_index]
+        os.replace(target, self.path)
+        self.manifest, self.verified = manifest, kept
+        return self.verified_bytes()
+
+    def write_chunk(self, index: int, piece: bytes) -> None:
+        """Check chunk ``index`` against the manifest (HASH_MISMATCH), then write it in place."""
+        with self.lock:
+            manifest = self.manifest
+            assert manifest is not None
+            check_chunk(manifest, index, piece)
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, piece, manifest.layout.chunk_range(index)[0])
+            finally:
+                os.close(fd)
+            self.verified[index] = manifest.chunk_hashes[index]
+
+    def open_state(self, check: Callable[[Manifest, mmap.mmap], tuple[dict[str, np.ndarray], int]]):
+        """``check(manifest, buffer)`` on a private ``mmap`` of the finished file (writable views,
+        copy-on-write: nothing the caller does reaches the file). A refused state is discarded."""
+        manifest = self.manifest
+        assert manifest is not None and not self.missing()
+        with open(self.path, "rb") as source:
+            buffer = (
+                mmap.mmap(source.fileno(), manifest.total_bytes, access=mmap.ACCESS_COPY)
+                if manifest.total_bytes
+                else mmap.mmap(-1, 1)
+            )
+        try:
+            return check(manifest, buffer)
+        except HashMismatch:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Forget the download (adopted, or its whole failed its hash): the file goes, mappings stay valid."""
+        with self.lock:
+            self.path.unlink(missing_ok=True)
+            self.manifest, self.verified = None, {}
+
+
+@dataclass
+class Progress:
+    """One state download's figures: logged, put in the ``state_download`` record."""
+
+    donor: str
+    total_bytes: int = 0
+    model_hash: bytes = b""  # the manifest's (the last one, if donors moved on)
+    fetched: int = 0  # chunk bytes that came over the network and verified
+    reused: int = 0  # verified bytes kept from earlier attempts (not fetched again)
+    seconds: float = 0.0
+    attempts: int = 0
+
+    @property
+    def rate_bps(self) -> float:
+        return self.fetched / self.seconds if self.seconds > 0 else 0.0
+
+
+async def receive_chunks(
+    reader: asyncio.StreamReader,
+    partial: PartialState,
+    indexes: list[int],
+    progress: Progress,
+    *,
+    stall_s: float,
+) -> None:
+    """Read chunks ``indexes`` (in order) into ``partial``: each frame bounded by its exact length,
+    within ``stall_s``; each verified and written in a worker thread while the next is read."""
+    manifest = partial.manifest
+    assert manifest is not None
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future | None = None
+    pending_bytes = 0
+    started, last_log = time.perf_counter(), float("-inf")
+
+    async def settle() -> None:  # the chunk in the worker: verified and written, or refused
+        nonlocal pending
+        if pending is not None:
+            job, pending = pending, None
+            await job
+            progress.fetched += pending_bytes
+
+    try:
+        for index in indexes:
+            piece = await asyncio.wait_for(read_frame(reader, manifest.chunk_length(index)), stall_s)
+            await settle()
+            pending, pending_bytes = loop.run_in_executor(None, partial.write_chunk, index, piece), len(piece)
+            now = time.perf_counter()
+            if progress.fetched and now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                log.info(
+                    "state download from %s: %d of %d chunks verified (%.1f MB/s)",
+                    progress.donor, len(partial.verified), len(manifest.chunk_hashes),
+                    progress.fetched / max(now - started, 1e-9) / 1e6,
+                )  # fmt: skip
+    finally:
+        await settle()  # a chunk that arrived before the stream broke is kept (never two writers)
