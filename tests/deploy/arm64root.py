@@ -20,8 +20,9 @@ How (each pitfall of BRIEF.md section 5 has its step):
   torch) and cannot fetch sdist-only packages, so :func:`resolve_wheels` walks the dependency
   graph itself: ``pip download --no-deps`` per level, each wheel's ``Requires-Dist`` evaluated
   with :data:`TARGET_ENV`, constraints.txt applied with the same markers (torch 2.10.0 on
-  aarch64), and sdist-only pure-python packages (python-baseconv, morphys, prefetch_generator,
-  varint) built natively with ``pip wheel`` (they are ``py3-none-any``).
+  aarch64), and sdist-only pure-python packages (python-baseconv, prefetch_generator, varint;
+  BRIEF.md also names morphys, which has a universal wheel by now) built natively with
+  ``pip wheel`` (they are ``py3-none-any``).
 - :meth:`Arm64Root.install` runs the root's own pip (emulated) with ``--no-index``: the
   target's resolver re-checks the set with the target's markers, so a missing wheel fails here.
   The bytecode is then compiled natively (emulated imports of uncompiled torch take a minute).
