@@ -160,7 +160,7 @@ def base_tarball(phases: Phases) -> Path:
     tarball = CACHE_DIR / f"arm64-root-{key}.tar"
     if tarball.exists():
         return tarball
-    with phases("mmdebstrap arm64 root (cached afterwards)"):
+    with phases("arm64: mmdebstrap root (cached afterwards)"):
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         for stale in CACHE_DIR.glob("arm64-root-*.tar"):
             stale.unlink()
@@ -311,7 +311,7 @@ def collect_wheels(phases: Phases) -> Path:
     key = file_digest(REPO / "constraints.txt", extra=json.dumps([sorted(deps), RESOLVER_VERSION, PLATFORMS]))
     cached = CACHE_DIR / f"arm64-wheels-{key}"
     if not (cached / ".complete").exists():
-        with phases("resolve + download aarch64 wheels (cached afterwards)"):
+        with phases("arm64: resolve + download aarch64 wheels (cached afterwards)"):
             for stale in CACHE_DIR.glob("arm64-wheels-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             cached.mkdir(parents=True)
@@ -326,7 +326,7 @@ def collect_wheels(phases: Phases) -> Path:
             os.link(wheel, out / wheel.name)
         except OSError:
             shutil.copy2(wheel, out / wheel.name)
-    with phases("pip wheel p2pfm"):
+    with phases("arm64: pip wheel p2pfm"):
         _pip("wheel", "--quiet", "--no-deps", "-w", out, REPO, timeout=600)
     return out
 
@@ -538,17 +538,17 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def build_root(phases: Phases, parent: Path | None = None) -> Arm64Root:
     """The whole preparation: qemu, the base root, the wheels, the venv. The caller closes it."""
-    with phases("qemu-user-static + binfmt_misc"):
+    with phases("arm64: qemu-user-static (apt, if missing) + binfmt_misc"):
         ensure_qemu()
     tarball = base_tarball(phases)
     wheels = collect_wheels(phases)
     try:
-        with phases("unpack arm64 root"):
+        with phases("arm64: unpack root on a tmpfs"):
             root = Arm64Root(tarball, parent)
         try:
-            with phases("check the root's python"):
+            with phases("arm64: check the root's python"):
                 log(root.check_python())
-            with phases("pip install p2pfm in the arm64 root (emulated)"):
+            with phases("arm64: pip install p2pfm in the root (emulated)"):
                 root.install(wheels)
         except BaseException:
             root.close()
