@@ -239,8 +239,10 @@ class GossipLearner:
         if params.dtype != np.float32 or params.ndim != 1:
             raise ValueError("params must be a flat float32 vector")
         self.config = config
-        self.params = params.copy()
-        self.momentum = np.zeros_like(self.params)
+        # A plain array even from a memory-mapped one (the initial parameters are mapped from a file):
+        # ``memmap.copy()`` and ``zeros_like(memmap)`` keep the subclass, which is no mapping at all.
+        self.params = np.array(params, dtype=np.float32, copy=True, subok=False)
+        self.momentum = np.zeros(self.params.shape, np.float32)
         self.feedback = ErrorFeedback(self.params.size)
         self.round = round
         self._own: np.ndarray | None = None

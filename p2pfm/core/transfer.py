@@ -332,6 +332,17 @@ def check_state_buffer(
     return arrays, int(round_[0])
 
 
+def params_answer_limit(numel: int, max_message_bytes: int) -> int:
+    """The largest ``params_sync`` answer we read: a dense float32 copy of our model plus 1 MiB.
+
+    The gossip limit (``max_message_bytes``, 64 MiB) fits a 1M model's answer many times but not
+    a 124M model's (its int8 sync is ~126 MB), so every consensus pull and state confirmation
+    failed at that size. A donor still cannot make us read more than our own model's size in
+    float32, which no honest codec exceeds.
+    """
+    return max(max_message_bytes, 4 * numel + (1 << 20))
+
+
 def check_params_answer(envelope: Envelope, donor_key: bytes, nonce: bytes) -> None:
     """[REJECT] WRONG_KIND unless a ``params_sync``; [REJECT] NOT_DONOR unless signed by the
     peer we asked and echoing our request's nonce (an answer to another ask, or a replayed

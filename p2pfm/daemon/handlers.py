@@ -22,7 +22,7 @@ import numpy as np
 from p2pfm.core.announce import Announcement
 from p2pfm.core.envelope import Envelope
 from p2pfm.core.errors import RateLimited, Refusal
-from p2pfm.core.transfer import Donor
+from p2pfm.core.transfer import Donor, params_answer_limit
 from p2pfm.daemon.net import IgnoredRecords, read_frame, write_frame
 from p2pfm.daemon.runtime import PeerRuntime
 from p2pfm.daemon.statestream import PartialState, Progress, receive_chunks, send_chunks
@@ -292,12 +292,15 @@ class StreamClient:
 
     async def pull_params(self, donor: Announcement) -> tuple[np.ndarray, int]:
         """A live peer's parameters (decoded against the shared initial weights) and its round."""
-        timeout = self.rt.config.net.request_timeout_s * 2
+        net = self.rt.config.net
+        limit = params_answer_limit(self.protocol.learner.numel, net.max_message_bytes)
+        # The answer scales with the model (~126 MB at 124M parameters): so does its deadline.
+        timeout = net.request_timeout_s * 2 + limit / net.state_min_rate_bps
         reader, writer = await asyncio.wait_for(self.rt.net.open_stream(donor.libp2p_id, "params"), timeout)
         try:
             nonce = secrets.token_bytes(16)
             await write_frame(writer, self.protocol.state_request(nonce, time.time()))
-            data = await asyncio.wait_for(read_frame(reader, self.rt.config.net.max_message_bytes), timeout)
+            data = await asyncio.wait_for(read_frame(reader, limit), timeout)
         finally:
             writer.close()
         self.rt.counters["bytes_received"] += len(data)

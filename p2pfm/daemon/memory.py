@@ -28,7 +28,10 @@ def _array_bytes(array: object) -> tuple[int, int]:
     base = array
     while isinstance(base.base, np.ndarray):
         base = base.base
-    mapped = isinstance(base, np.memmap) or type(base.base).__name__ == "mmap"
+    # A memmap subclass instance made by copy() or zeros_like() has no file behind it (_mmap None).
+    mapped = (isinstance(base, np.memmap) and getattr(base, "_mmap", None) is not None) or type(
+        base.base
+    ).__name__ == "mmap"
     return (0, array.nbytes) if mapped else (array.nbytes, 0)
 
 

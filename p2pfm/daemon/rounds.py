@@ -121,8 +121,10 @@ class RoundDriver:
             self.protocol.fire(Event.QUORUM_SETTLED)
             return False
         self.protocol.fire(Event.BEHIND)
-        adopted = await self.catch_up(plan, reason)
-        self.protocol.fire(Event.CAUGHT_UP)
+        try:
+            adopted = await self.catch_up(plan, reason)
+        finally:  # a catch-up that raised must not leave us in catching_up (the next BEHIND is invalid)
+            self.protocol.fire(Event.CAUGHT_UP)
         return adopted
 
     async def wait_for_first_update(self) -> None:
@@ -182,9 +184,10 @@ class RoundDriver:
         peer's parameters, adopt it. Up to three donors, in random order (spreads joiners)."""
         rt = self.rt
         rounds = rt.live_rounds()
+        live = dict(rt.live)  # as the plan saw it: a donor may expire from rt.live during a download
         donors = self.protocol.donors(rounds, plan, time.time())
         for index in rt.rng.permutation(len(donors))[:3]:
-            donor = rt.live[donors[index]]
+            donor = live[donors[index]]
             try:
                 arrays, round_ = await self.client.download_state(donor)
             except Exception as exc:  # Reject, timeouts, resets: try the next donor
@@ -339,8 +342,10 @@ class RoundDriver:
         if isinstance(plan, CatchUp):
             self.protocol.fire(Event.BEHIND)
             rt.write_status()
-            adopted = await self.catch_up(plan, "lagging")
-            self.protocol.fire(Event.CAUGHT_UP)
+            try:
+                adopted = await self.catch_up(plan, "lagging")
+            finally:  # as in the join: never left in catching_up by an exception
+                self.protocol.fire(Event.CAUGHT_UP)
             if not adopted and self.protocol.sync_due(len(rt.live), sync_requested=rt.sync_soon):
                 plan = Sync()  # no donor could serve: the pull that was due still is
         if isinstance(plan, Sync):
@@ -348,7 +353,9 @@ class RoundDriver:
             await self.sync_with_random_peer()
             synced = True
         snapshot_start = time.perf_counter()
-        rt.refresh_snapshot()
+        # Writing and hashing the served state takes seconds at 124M parameters (1.5 GB): in a worker
+        # thread, while the loop goes on serving the previous snapshot. No training runs meanwhile.
+        await loop.run_in_executor(None, rt.refresh_snapshot)
         snapshot_seconds = time.perf_counter() - snapshot_start
         if self.await_first_update:
             self.await_first_update = False

@@ -181,11 +181,20 @@ class PeerRuntime:
         await self.net.announce(self.announcement_payload(), time.time())
 
     # --- state: snapshot and checkpoint --------------------------------------------------------
+    @property
+    def between_steps(self) -> bool:
+        """Whether snapshots and checkpoints may read the optimizer's live tensors (no copies).
+
+        True for the daemon's own trainer: its round driver writes them between rounds, when no
+        step runs. A library user's optimizer may step in their own thread at any moment: copies.
+        """
+        return isinstance(self.trainer, LocalTrainer)
+
     def refresh_snapshot(self) -> None:
         """Write the state we serve (parameters, round, inner optimizer) to its file, hashing as it
         goes (:mod:`p2pfm.daemon.snapshots`): no full-size copy of it stays in memory."""
         round_, chunk = self.protocol.round, self.config.net.state_chunk_bytes
-        params, optimizer = self.protocol.params, self.trainer.optimizer_arrays()
+        params, optimizer = self.protocol.params, self.trainer.optimizer_arrays(views=self.between_steps)
         self.snapshot = self.snapshots.write(
             lambda write: write_state(write, params, round_, optimizer, chunk), round_
         )
@@ -235,7 +244,10 @@ class PeerRuntime:
         return True
 
     def write_checkpoint(self) -> None:
-        arrays = {**self.protocol.learner.state_arrays(), **self.trainer.optimizer_arrays()}
+        arrays = {
+            **self.protocol.learner.state_arrays(),
+            **self.trainer.optimizer_arrays(views=self.between_steps),
+        }
         save_checkpoint(self.config.work_dir, arrays, self._state_meta(), self.trainer.parameter_shapes())
 
     # --- reporting ---------------------------------------------------------------------------

@@ -100,12 +100,26 @@ class ModelAdapter:
             named = [(name[len("module.") :], shape) for name, shape in named]
         return named
 
-    def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        """Optimizer state (e.g. AdamW moments, step counts) as plain float32 arrays, no pickle."""
+    def optimizer_arrays(self, *, views: bool = False) -> dict[str, np.ndarray]:
+        """Optimizer state (e.g. AdamW moments, step counts) as plain float32 arrays, no pickle.
+
+        ``views``: host float32 state is returned as views of the live tensors, not copies (1 GB of
+        AdamW moments at 124M parameters, every round). Only for a caller that is done with them
+        before the optimizer steps again: the daemon writes its snapshot and checkpoint between
+        rounds, while no training runs. Other dtypes and devices are converted (copies) either way.
+        """
         arrays: dict[str, np.ndarray] = {}
         for index, param in enumerate(self.model.parameters()):
             for key, value in self.optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor):
+                    if (
+                        views
+                        and value.device.type == "cpu"
+                        and value.dtype == torch.float32
+                        and value.is_contiguous()
+                    ):
+                        arrays[f"opt.{index}.{key}"] = value.detach().numpy().reshape(-1)
+                        continue
                     # A copy, converted by torch (numpy has no bfloat16), never a view of live state.
                     own = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
                     arrays[f"opt.{index}.{key}"] = own.numpy().ravel()
