@@ -20,7 +20,7 @@ import logging
 import time
 
 from p2pfm.core.policy import Decision, PolicyGate
-from p2pfm.core.protocol import Event
+from p2pfm.core.protocol import Event, Phase
 from p2pfm.daemon.readings import ReadingSource
 from p2pfm.daemon.records import PauseRecord, ResumeRecord
 from p2pfm.daemon.rounds import RoundDriver
@@ -40,21 +40,25 @@ class PolicyDriver:
         self.check_every_s = runtime.config.policy.check_every_s
 
     async def between_rounds(self) -> None:
-        """Ask the gate; if it says pause, pause until it says run (or we are stopped), then resume."""
+        """Ask the gate; if it says pause, pause until it says run (or we are stopped), then resume.
+
+        Re-entrant: if a pause or resume raised half-way (the round loop counts it as a failed
+        round and calls again), the phase tells where we are, and we carry on from there.
+        """
+        paused = self.rt.phase is Phase.PAUSED
         decision = self.gate.decide(self.source.read())
-        if decision.run:
+        if decision.run and not paused:
             return
-        await self.pause(decision)
-        while not self.rt.stop_event.is_set():
+        if not decision.run and not paused:
+            await self.pause(decision)
+        while not decision.run:
             try:
                 await asyncio.wait_for(self.rt.stop_event.wait(), self.check_every_s)
                 return  # stopping: PeerDaemon.stop leaves from the paused phase
             except TimeoutError:
                 pass
             decision = self.gate.decide(self.source.read())
-            if decision.run:
-                await self.resume(decision)
-                return
+        await self.resume(decision)
 
     async def pause(self, decision: Decision) -> None:
         rt, protocol = self.rt, self.rt.protocol
@@ -71,17 +75,23 @@ class PolicyDriver:
         _, since = rt.paused or ("", time.time())
         paused_round, state_hash = protocol.round, rt.snapshot.hash.hex()
         rt.paused = None
-        await rt.refresh_live()
-        await rt.announce()  # training again: partners may choose us from their next lookup
-        plan = protocol.plan_join(rt.live_rounds())
+        try:
+            await rt.refresh_live()
+            await rt.announce()  # training again: partners may choose us from their next lookup
+            plan = protocol.plan_join(rt.live_rounds())
+        except BaseException:
+            protocol.fire(Event.RESUME)  # train on from our own state; the round plan catches up later
+            raise
         adopted = False
         if plan is None:
             protocol.fire(Event.RESUME)
         else:
             protocol.fire(Event.BEHIND)
             rt.write_status()
-            adopted = await self.driver.catch_up(plan, "resume")
-            protocol.fire(Event.CAUGHT_UP)
+            try:
+                adopted = await self.driver.catch_up(plan, "resume")
+            finally:  # as the join does: never left in catching_up by an exception
+                protocol.fire(Event.CAUGHT_UP)
         rt.record(
             ResumeRecord(
                 round=protocol.round, paused_round=paused_round, paused_s=time.time() - since,
