@@ -427,3 +427,23 @@ def test_a_pulled_model_far_from_ours_is_not_mixed():
     assert not peer.mix(np.zeros(NUMEL, np.float32), peer.round)
     assert np.array_equal(peer.params, before)
     assert peer.mix(honest, peer.round) and not np.array_equal(peer.params, before)
+
+
+def test_params_answers_are_bounded_by_the_model_not_the_gossip_limit():
+    """A 124M model's int8 answer (~126 MB) is over the 64 MiB gossip limit: pulls and state
+    confirmations failed at that size. The bound is our model's float32 size plus 1 MiB."""
+    from p2pfm.core.envelope import EnvelopeLimits
+    from p2pfm.core.transfer import params_answer_limit
+
+    small = EnvelopeLimits(max_bytes=200)  # far below one answer for NUMEL parameters
+    a, b = make_peer(0), make_peer(1)
+    b.setup = dataclasses.replace(b.setup, limits=small)
+    a.learner.params = a.params + 0.25
+    answer = a.serve_params(a.open(b.state_request(b"q" * 16, NOW), NOW, stream="params"), NOW)
+    assert len(answer) > small.max_bytes
+    params, _ = b.open_params(answer, a.identity.public_key_bytes, b"q" * 16, NOW)
+    assert np.abs(params - a.params).max() < 0.01
+    assert params_answer_limit(124_072_000, 64 << 20) == 4 * 124_072_000 + (1 << 20)
+    assert params_answer_limit(1000, 64 << 20) == 64 << 20  # small models: the gossip limit is larger
+    with pytest.raises(Oversize):  # an update is still held to the gossip limit
+        b.receive_update(a.identity.peer_id, b"\x00" * 300, NOW)

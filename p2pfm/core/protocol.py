@@ -17,6 +17,7 @@ The peer's lifecycle and round are drawn in ``protocols/peer.md`` from :data:`TR
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -63,6 +64,7 @@ from p2pfm.core.transfer import (
     check_state_buffer,
     layout_payload,
     manifest_payload,
+    params_answer_limit,
     wanted_chunks,
 )
 
@@ -580,12 +582,17 @@ class PeerProtocol:
         self.learner.adopt(params, round)
 
     def open_params(self, data: bytes, donor_key: bytes, nonce: bytes, now: float) -> tuple[np.ndarray, int]:
-        """A consensus-pull answer: envelope rules, then the binding to our ask, then the codec."""
+        """A consensus-pull answer: envelope rules, then the binding to our ask, then the codec.
+
+        Its size bound is our model's in float32 (:func:`params_answer_limit`), not the gossip limit:
+        a 124M model's int8 answer is ~126 MB.
+        """
+        limit = params_answer_limit(self.learner.numel, self.setup.limits.max_bytes)
         envelope = open_envelope(
             data,
             run_id=self.setup.run_id,
             now=now,
-            limits=self.setup.limits,
+            limits=dataclasses.replace(self.setup.limits, max_bytes=limit),
             replay_guard=self.replay_guard,
             verify_signature=self.setup.verify_signatures,
         )
