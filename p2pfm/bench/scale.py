@@ -33,49 +33,16 @@ from typing import Any
 import numpy as np
 
 from p2pfm.bench.scale_config import DEFAULT_SIZES, ScaleBenchConfig
+from p2pfm.bench.transfer import tcp_copy
 
 __all__ = ["DEFAULT_SIZES", "ScaleBenchConfig", "run_scale_bench", "format_report"]
 
 
 # --- the raw TCP baseline -------------------------------------------------------------------
-async def _tcp_copy(total_bytes: int, chunk: int = 1 << 20) -> float:
-    """Seconds to send ``total_bytes`` over a loopback TCP connection and receive them all."""
+def tcp_copy_seconds(total_bytes: int, chunk: int = 1 << 20) -> float:
+    """A plain TCP copy of ``total_bytes`` over 127.0.0.1 (asyncio streams, 1 MiB writes of one buffer)."""
     payload = os.urandom(chunk)
-    done = asyncio.Event()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sent = 0
-        while sent < total_bytes:
-            piece = payload[: min(chunk, total_bytes - sent)]
-            writer.write(piece)
-            await writer.drain()
-            sent += len(piece)
-        writer.close()
-        done.set()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    start = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = 0
-    while received < total_bytes:
-        data = await reader.read(chunk)
-        if not data:
-            break
-        received += len(data)
-    seconds = time.perf_counter() - start
-    writer.close()
-    await done.wait()
-    server.close()
-    await server.wait_closed()
-    if received != total_bytes:
-        raise RuntimeError(f"TCP baseline received {received} of {total_bytes} bytes")
-    return seconds
-
-
-def tcp_copy_seconds(total_bytes: int) -> float:
-    """A plain TCP copy of ``total_bytes`` over 127.0.0.1 (asyncio streams, 1 MiB writes)."""
-    return asyncio.run(_tcp_copy(total_bytes))
+    return asyncio.run(tcp_copy(total_bytes, lambda _offset, length: payload[:length], chunk))
 
 
 # --- one model size -------------------------------------------------------------------------

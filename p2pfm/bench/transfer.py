@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,72 +125,93 @@ def _write_big_snapshot(rt, total_bytes: int, chunk_bytes: int, seed: int) -> No
     rt.snapshot = rt.snapshots.write(lambda write: write_state(write, params, 0, moments, chunk_bytes), 0)
 
 
-async def _tcp_copy(path: Path, piece_bytes: int = 4 << 20) -> float:
-    """Seconds to send ``path`` over a loopback TCP socket and read it all on the other side."""
-    size = path.stat().st_size
+async def _send_pieces(
+    writer: asyncio.StreamWriter, size: int, piece: Callable[[int, int], bytes], piece_bytes: int
+) -> None:
+    """Write ``size`` bytes, ``piece(offset, length)`` at a time, then close the writer."""
+    try:
+        for offset in range(0, size, piece_bytes):
+            writer.write(piece(offset, min(piece_bytes, size - offset)))
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def _read_all(reader: asyncio.StreamReader, size: int, piece_bytes: int, what: str) -> None:
+    """Read and discard ``size`` bytes; a short stream is an error naming ``what``."""
+    received = 0
+    while received < size:
+        data = await reader.read(piece_bytes)
+        if not data:
+            break
+        received += len(data)
+    if received != size:
+        raise RuntimeError(f"{what} read {received} of {size} bytes")
+
+
+def file_pieces(path: Path) -> tuple[int, Callable[[int, int], bytes], Callable[[], None]]:
+    """``path``'s size, a ``piece(offset, length)`` reader over it, and the close of its descriptor."""
+    fd = os.open(path, os.O_RDONLY)
+    return path.stat().st_size, lambda offset, length: os.pread(fd, length, offset), lambda: os.close(fd)
+
+
+async def tcp_copy(size: int, piece: Callable[[int, int], bytes], piece_bytes: int = 4 << 20) -> float:
+    """Seconds to send ``size`` bytes (``piece(offset, length)``) over a loopback TCP socket and read them
+    all on the other side: the plain-TCP baseline of ``measure_download`` and ``p2pfm bench scale``."""
     done = asyncio.Event()
 
-    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        fd = os.open(path, os.O_RDONLY)
+    async def send(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            for offset in range(0, size, piece_bytes):
-                writer.write(os.pread(fd, piece_bytes, offset))
-                await writer.drain()
+            await _send_pieces(writer, size, piece, piece_bytes)
         finally:
-            os.close(fd)
-            writer.close()
             done.set()
 
     server = await asyncio.start_server(send, "127.0.0.1", 0, family=socket.AF_INET)
     port = server.sockets[0].getsockname()[1]
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = 0
-    while received < size:
-        data = await reader.read(piece_bytes)
-        if not data:
-            break
-        received += len(data)
-    seconds = time.perf_counter() - started
-    writer.close()
-    await done.wait()
-    server.close()
-    await server.wait_closed()
-    if received != size:
-        raise RuntimeError(f"TCP copy read {received} of {size} bytes")
+    try:
+        await _read_all(reader, size, piece_bytes, "TCP copy")
+        seconds = time.perf_counter() - started
+    finally:
+        writer.close()
+        await done.wait()
+        server.close()
+        await server.wait_closed()
     return seconds
+
+
+async def _tcp_copy(path: Path, piece_bytes: int = 4 << 20) -> float:
+    """Seconds to send ``path`` over a loopback TCP socket and read it all on the other side."""
+    size, piece, close = file_pieces(path)
+    try:
+        return await tcp_copy(size, piece, piece_bytes)
+    finally:
+        close()
 
 
 async def _libp2p_copy(donor_p2p, joiner_p2p, path: Path, piece_bytes: int) -> float:
     """Seconds to send ``path`` over one libp2p stream, read and discarded: the transport's ceiling
     (no framing, hashing or writing), through the same two ``p2pd`` daemons."""
-    size = path.stat().st_size
+    size, piece, close = file_pieces(path)
 
     async def send(_info, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for offset in range(0, size, piece_bytes):
-                writer.write(os.pread(fd, piece_bytes, offset))
-                await writer.drain()
-        finally:
-            os.close(fd)
-            writer.close()
+        await _send_pieces(writer, size, piece, piece_bytes)
 
     await donor_p2p.add_binary_stream_handler("/p2pfm-bench/raw/1", send)
-    started = time.perf_counter()
-    _, reader, writer = await joiner_p2p.call_binary_stream_handler(donor_p2p.peer_id, "/p2pfm-bench/raw/1")
-    received = 0
-    while received < size:
-        data = await reader.read(piece_bytes)
-        if not data:
-            break
-        received += len(data)
-    seconds = time.perf_counter() - started
-    writer.close()
-    await donor_p2p.remove_binary_stream_handler("/p2pfm-bench/raw/1")
-    if received != size:
-        raise RuntimeError(f"libp2p copy read {received} of {size} bytes")
-    return seconds
+    try:
+        started = time.perf_counter()
+        _, reader, writer = await joiner_p2p.call_binary_stream_handler(
+            donor_p2p.peer_id, "/p2pfm-bench/raw/1"
+        )
+        try:
+            await _read_all(reader, size, piece_bytes, "libp2p copy")
+            return time.perf_counter() - started
+        finally:
+            writer.close()
+    finally:
+        await donor_p2p.remove_binary_stream_handler("/p2pfm-bench/raw/1")
+        close()
 
 
 async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, repeats: int) -> dict[str, Any]:
