@@ -277,11 +277,14 @@ def test_a_running_hash_that_is_not_the_manifests_is_refused_even_if_the_buffer_
 
 
 def test_the_joiners_reader_buffers_up_to_two_chunks_and_no_more():
-    reader = asyncio.StreamReader()  # the default limit: 64 KiB
-    widen_reader(reader, 4 << 20)
-    assert reader._limit == 4 << 20  # paused beyond 2 x limit: two chunks
-    widen_reader(reader, 1024)  # never narrowed
-    assert reader._limit == 4 << 20
+    async def limits() -> list[int]:
+        reader = asyncio.StreamReader()  # the default limit: 64 KiB
+        widen_reader(reader, 4 << 20)
+        seen = [reader._limit]  # paused beyond 2 x limit: two chunks
+        widen_reader(reader, 1024)  # never narrowed
+        return [*seen, reader._limit]
+
+    assert asyncio.run(limits()) == [4 << 20, 4 << 20]
 
 
 # --- the donor's handler and a whole download, in process ----------------------------------------
