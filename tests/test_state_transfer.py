@@ -282,9 +282,11 @@ def test_the_joiners_reader_buffers_up_to_two_chunks_and_no_more():
         widen_reader(reader, 4 << 20)
         seen = [reader._limit]  # paused beyond 2 x limit: two chunks
         widen_reader(reader, 1024)  # never narrowed
+        seen.append(reader._limit)
+        widen_reader(reader, 64 << 20)  # a donor's huge chunks get no more read-ahead
         return [*seen, reader._limit]
 
-    assert asyncio.run(limits()) == [4 << 20, 4 << 20]
+    assert asyncio.run(limits()) == [4 << 20, 4 << 20, 4 << 20]
 
 
 # --- the donor's handler and a whole download, in process ----------------------------------------

@@ -53,6 +53,7 @@ PROGRESS_EVERY_S = 2.0  # the joiner logs its progress at most this often (and a
 # write and running hash (on two cores the single worker was the bottleneck once it also kept the
 # whole-state hash).
 WRITES_IN_FLIGHT = 2
+READ_AHEAD_CHUNK = 4 << 20  # the joiner's stream reads ahead up to two such chunks (widen_reader)
 
 
 # --- the donor's side --------------------------------------------------------------------------
@@ -256,17 +257,19 @@ class Progress:
 
 
 def widen_reader(reader: asyncio.StreamReader, chunk_bytes: int) -> None:
-    """Let ``reader`` buffer up to two chunks before it stops reading the socket.
+    """Let ``reader`` read ahead up to two chunks (of at most ``READ_AHEAD_CHUNK`` bytes) before it
+    stops reading the socket.
 
     asyncio's default limit (64 KiB) pauses the transport after every 256 KiB read once its
-    buffer holds more than 128 KiB: reading one 4 MiB frame took ~16 pause/resume round trips
-    through the event loop, and the socket stood still while the previous chunk was hashed.
-    At twice the chunk size the buffer stays bounded (two chunks plus one read) and the bytes
-    keep flowing while the worker checks and writes. ``_limit`` is ``StreamReader``'s own
-    (private, unchanged since Python 3.7); a reader without it is left as it is.
+    buffer holds more than 128 KiB (twice the limit): while the loop waited for the chunks in
+    the workers, the socket stood still. With the limit at the chunk size the next frames keep
+    coming meanwhile; the read-ahead stays bounded (a donor's 64 MiB chunks get no more of it
+    than 4 MiB ones). ``_limit`` is ``StreamReader``'s own (private, unchanged since Python 3.7);
+    a reader without it is left as it is.
     """
-    if chunk_bytes > getattr(reader, "_limit", chunk_bytes):
-        reader._limit = chunk_bytes  # type: ignore[attr-defined]
+    limit = min(chunk_bytes, READ_AHEAD_CHUNK)
+    if limit > getattr(reader, "_limit", limit):
+        reader._limit = limit  # type: ignore[attr-defined]
 
 
 async def receive_chunks(
