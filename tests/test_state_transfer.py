@@ -43,9 +43,9 @@ from p2pfm.core.transfer import (
 from p2pfm.daemon.config import NetConfig, PeerConfig
 from p2pfm.daemon.handlers import StreamClient, StreamHandlers
 from p2pfm.daemon.metrics import MetricsLog
-from p2pfm.daemon.net import FRAME_HEADER, PeerNetwork
+from p2pfm.daemon.net import FRAME_HEADER, FrameTooLarge, PeerNetwork
 from p2pfm.daemon.runtime import PeerRuntime
-from p2pfm.daemon.statestream import PartialState
+from p2pfm.daemon.statestream import PartialState, Progress, receive_chunks, widen_reader
 from p2pfm.daemon.trainer import ModelAdapter
 
 RUN = "transfer-test"
@@ -233,9 +233,60 @@ def test_a_lying_manifest_reusing_our_hash_cannot_slip_in_unverified_chunks(tmp_
     unpacked = []
     with pytest.raises(HashMismatch):
         partial.open_state(
-            lambda m, b: unpacked.append(check_state_buffer(m, b, numel=1, max_state_bytes=1 << 20))
+            lambda m, b, h: unpacked.append(
+                check_state_buffer(m, b, numel=1, max_state_bytes=1 << 20, whole_hash=h)
+            )
         )
     assert unpacked == [] and not partial.path.exists() and partial.manifest is None
+
+
+def test_the_running_whole_hash_is_the_files_hash_in_any_order_of_arrival(tmp_path):
+    """Chunks written in order feed the whole-state hash from memory; a gap is filled from the
+    file once the chunks before it are there; kept chunks count too. The result is always the
+    hash of the file's bytes, and None until every chunk is in."""
+    rng = np.random.default_rng(5)
+    blocks = [rng.bytes(CHUNK) for _ in range(5)] + [rng.bytes(CHUNK // 3)]
+    state = b"".join(blocks)
+    partial = PartialState(tmp_path / "transfer")
+    partial.take_manifest(manifest_of(state))
+    for index in (0, 1, 4, 3, 5):
+        partial.write_chunk(index, blocks[index])
+        assert partial.whole_hash() is None
+    partial.write_chunk(2, blocks[2])  # fills the gap: 3, 4, 5 are read back from the file
+    assert partial.whole_hash() == hashlib.sha256(state).digest() == partial.manifest.model_hash
+    # Another state sharing chunks 0 and 4 (kept at new indexes when its manifest comes).
+    other = [blocks[4], rng.bytes(CHUNK), blocks[0]]
+    partial.take_manifest(manifest_of(b"".join(other)))
+    assert sorted(partial.verified) == [0, 2] and partial.whole_hash() is None
+    partial.write_chunk(1, other[1])
+    assert partial.whole_hash() == hashlib.sha256(b"".join(other)).digest()
+    seen = []
+    partial.open_state(lambda m, b, h: seen.append(h))
+    assert seen == [partial.manifest.model_hash]
+
+
+def test_a_running_hash_that_is_not_the_manifests_is_refused_even_if_the_buffer_is():
+    """``whole_hash`` replaces the pass over the buffer, never the rule: it must equal model_hash."""
+    state = pack_state(np.ones(3, np.float32), 0, {})
+    manifest = manifest_of(state)
+    assert check_state_buffer(
+        manifest, state, numel=3, max_state_bytes=1 << 20, whole_hash=manifest.model_hash
+    )
+    with pytest.raises(HashMismatch):
+        check_state_buffer(manifest, state, numel=3, max_state_bytes=1 << 20, whole_hash=bytes(32))
+
+
+def test_the_joiners_reader_buffers_up_to_two_chunks_and_no_more():
+    async def limits() -> list[int]:
+        reader = asyncio.StreamReader()  # the default limit: 64 KiB
+        widen_reader(reader, 4 << 20)
+        seen = [reader._limit]  # paused beyond 2 x limit: two chunks
+        widen_reader(reader, 1024)  # never narrowed
+        seen.append(reader._limit)
+        widen_reader(reader, 64 << 20)  # a donor's huge chunks get no more read-ahead
+        return [*seen, reader._limit]
+
+    assert asyncio.run(limits()) == [4 << 20, 4 << 20, 4 << 20]
 
 
 # --- the donor's handler and a whole download, in process ----------------------------------------
@@ -524,3 +575,35 @@ def test_deadlines_scale_with_the_state_size():
     assert net.state_deadline_s(12_000_000) == pytest.approx(72.0)  # ~1M parameters with AdamW moments
     assert net.state_deadline_s(1_500_000_000) == pytest.approx(1560.0)  # ~124M: 26 minutes at worst
     assert net.state_stall_s == 30.0 and net.state_chunk_bytes == 4 << 20
+
+
+def test_a_hostile_chunk_mid_stream_is_refused_and_no_write_outlives_the_stream(tmp_path):
+    """Chunks are checked two at a time: a wrong or short chunk raises HASH_MISMATCH once the chunk
+    already in flight beside it is settled (kept: it is the manifest's); an oversized frame is
+    refused by its exact length before its body is read. Nothing is written as verified that
+    does not hash to its entry, and nothing is counted as fetched that was not verified."""
+    state = np.random.default_rng(6).bytes(8 * CHUNK)
+    pieces = chunks_of(state)
+
+    def run(*frames: bytes) -> tuple[PartialState, Progress, BaseException]:
+        partial = PartialState(tmp_path / f"transfer{len(frames)}-{len(frames[-1])}")
+        partial.take_manifest(manifest_of(state))
+        progress = Progress(donor="d")
+
+        async def scenario() -> BaseException:
+            with pytest.raises(Exception) as caught:
+                await receive_chunks(reader_of(*frames), partial, list(range(8)), progress, stall_s=5.0)
+            return caught.value
+
+        return partial, progress, asyncio.run(scenario())
+
+    bad = bytes(CHUNK)
+    partial, progress, error = run(*pieces[:3], bad, *pieces[4:])
+    assert isinstance(error, HashMismatch)
+    assert 3 not in partial.verified and {0, 1, 2} <= set(partial.verified)
+    assert progress.fetched == len(partial.verified) * CHUNK  # counted only once verified
+    assert partial.path.read_bytes()[3 * CHUNK : 4 * CHUNK] == bytes(CHUNK)
+    partial, _, error = run(*pieces[:2], pieces[2] + b"x")
+    assert isinstance(error, FrameTooLarge) and sorted(partial.verified) == [0, 1]
+    partial, _, error = run(*pieces[:5], pieces[5][:-1])  # a short chunk: not the manifest's
+    assert isinstance(error, HashMismatch) and sorted(partial.verified) == [0, 1, 2, 3, 4]

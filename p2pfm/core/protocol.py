@@ -571,11 +571,15 @@ class PeerProtocol:
             manifest, pieces, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes
         )
 
-    def open_state_buffer(self, manifest: Manifest, blob: Buffer) -> tuple[dict[str, np.ndarray], int]:
-        """:meth:`open_state` of a state assembled in a file (``mmap``): the arrays are views of it."""
+    def open_state_buffer(
+        self, manifest: Manifest, blob: Buffer, whole_hash: bytes | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """:meth:`open_state` of a state assembled in a file (``mmap``): the arrays are views of it.
+        ``whole_hash``: the hash of the bytes taken as they were written (``check_state_buffer``)."""
         return check_state_buffer(
-            manifest, blob, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes, copy=False
-        )
+            manifest, blob, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes,
+            copy=False, whole_hash=whole_hash,
+        )  # fmt: skip
 
     def adopt(self, params: np.ndarray, round: int) -> None:
         """Replace our state with a donor's (joining, or too far behind to mix)."""

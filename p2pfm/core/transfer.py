@@ -304,18 +304,30 @@ def check_state(
 
 
 def check_state_buffer(
-    manifest: Manifest, blob: Buffer, *, numel: int, max_state_bytes: int, copy: bool = True
+    manifest: Manifest,
+    blob: Buffer,
+    *,
+    numel: int,
+    max_state_bytes: int,
+    copy: bool = True,
+    whole_hash: bytes | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """:func:`check_state` of a state already assembled in one buffer (an ``mmap`` of the
     downloaded file: hashed in pieces, unpacked without copying when ``copy`` is false). The
-    same rules in the same order."""
+    same rules in the same order.
+
+    ``whole_hash``: the SHA-256 of exactly these bytes, computed by the caller as it wrote them
+    (the joiner hashes each verified chunk into a running hash in order): it replaces the pass
+    over the buffer, and must equal ``model_hash`` all the same."""
     view = memoryview(blob).cast("B")
     if len(view) != manifest.total_bytes:
         raise HashMismatch("downloaded state does not match the manifest hash")
-    whole = hashlib.sha256()
-    for start in range(0, len(view), HASH_PIECE_BYTES):
-        whole.update(view[start : start + HASH_PIECE_BYTES])
-    if whole.digest() != manifest.model_hash:
+    if whole_hash is None:
+        whole = hashlib.sha256()
+        for start in range(0, len(view), HASH_PIECE_BYTES):
+            whole.update(view[start : start + HASH_PIECE_BYTES])
+        whole_hash = whole.digest()
+    if whole_hash != manifest.model_hash:
         raise HashMismatch("downloaded state does not match the manifest hash")
     arrays, _ = unpack_arrays(blob, max_bytes=max_state_bytes, copy=copy)
     params = arrays.get("params")
