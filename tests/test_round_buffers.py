@@ -165,3 +165,29 @@ def test_sparse_forms_are_the_dense_vectors(spec):
     np.testing.assert_array_equal(
         decode_sparse(wire, expected_numel=vector.size).nonzero(), np.flatnonzero(dense)
     )
+
+
+@pytest.mark.parametrize(
+    "spec", [CodecSpec(), CodecSpec("topk", topk_fraction=0.2, value_bits=16), CodecSpec("int8")]
+)
+def test_the_outlier_rule_decides_as_the_dense_norm_does(spec):
+    """receive keeps a top-k update sparse; the outlier decision (and the norm it reports) is the
+    dense float32 norm's, also within an ulp of the limit, where only the exact norm can tell."""
+    from p2pfm.core.aggregation import norm
+    from p2pfm.core.errors import Outlier
+
+    rng = np.random.default_rng(4)
+    n = 50_000
+    wire = encode(rng.standard_normal(n).astype(np.float32), spec)
+    exact = norm(decode(wire, expected_numel=n))
+    config = GossipConfig(outlier_multiplier=50.0)
+    for factor in (0.5, 1 - 1e-7, 1.0, 1 + 1e-7, 2.0):
+        learner = GossipLearner(np.zeros(n, np.float32), config)
+        learner._last_own_norm = exact * factor / 50.0
+        limit = 50.0 * learner._last_own_norm
+        if exact > limit:
+            with pytest.raises(Outlier, match=f"norm {exact:.3g} "):
+                learner.receive("peer", 0, wire)
+        else:
+            got = learner.receive("peer", 0, wire)
+            np.testing.assert_array_equal(bits(got.dense()), bits(decode(wire, expected_numel=n)))

@@ -25,6 +25,10 @@ The one exception is small: a top-k of at most 128 indices (256 index bytes), or
 block, is handled with Python ints or numpy scalars, where numpy's fixed cost per call would
 dominate (the simulator's 2,762-parameter model sends 28 values); the results are the same bits.
 Bytes are always read with explicit little-endian dtypes; nothing is ever unpickled.
+
+:func:`encode_sparse` and :func:`decode_sparse` give the same vectors as :class:`SparseVector`,
+kept as indices and values for topk: the gossip learner never builds a dense copy of a top-k
+update (0.5 GB each at 124M parameters) except in the one buffer it reuses every round.
 """
 
 from __future__ import annotations
@@ -611,6 +615,11 @@ class SparseVector:
         out = np.zeros(self.numel, np.float32)
         out[self.indices] = self.values
         return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(sparse)`` is :meth:`dense` (a fresh model-sized array: for tests and small models)."""
+        dense = self.dense()
+        return dense if dtype is None else dense.astype(dtype)
 
     def scatter(self, out: np.ndarray) -> None:
         """Write the stored entries into ``out`` (all of it for a dense form); a zero ``out`` becomes the vector."""

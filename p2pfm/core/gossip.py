@@ -216,6 +216,34 @@ def aggregate(
     return rule_for(config).combine(own, received, expected_received)
 
 
+_F32_UNIT = 2.0**-24  # unit roundoff of float32
+
+
+def dense_norm_unless_below(update: SparseVector, limit: float) -> float:
+    """``norm(update.dense())``, or a number no larger than ``limit`` if that norm is certainly not larger.
+
+    The outlier rule compares the dense float32 norm (a BLAS dot product, summed in an order of its
+    own) with a limit. Summing m non-negative rounded squares in any order is within
+    ``gamma_m = m u / (1 - m u)`` of the exact sum (u = 2^-24; Higham, *Accuracy and Stability of
+    Numerical Algorithms*, 2nd ed., sections 3.1 and 4.2); the zeros of a sparse vector add exactly,
+    so m is the count of stored values, and the square root adds one more u. A float64 norm of the
+    stored values times ``1 + gamma_m`` (plus slack) below the limit therefore decides as the dense
+    norm would, with no dense vector: an honest update is ~1x ours, the limit 50x. Near or over the
+    limit, for dense forms, and for huge or tiny values (overflow, underflow) the dense norm is
+    computed as before, so the decision and the reported size never change.
+    """
+    k = 0 if update.indices is None else int(update.values.size)
+    if 0 < k and k * _F32_UNIT < 0.5:
+        values = update.values.astype(np.float64)
+        squares = float(values.dot(values))
+        gamma = k * _F32_UNIT / (1.0 - k * _F32_UNIT)
+        # + k 2^-149: a square that underflows to a subnormal may be off by that much, absolutely.
+        bound = math.sqrt(squares * (1.0 + gamma) + k * 2.0**-149) * (1.0 + 1e-6)
+        if bound < limit and squares < 1e36:  # far below float32's overflow to inf
+            return bound
+    return norm(update.dense())
+
+
 @dataclass
 class RoundReport:
     """What happened in one round, for metrics."""
@@ -292,7 +320,7 @@ class GossipLearner:
         self._own = sent
         return wire
 
-    def receive(self, sender_id: str, sender_round: int, wire: dict) -> np.ndarray:
+    def receive(self, sender_id: str, sender_round: int, wire: dict) -> SparseVector:
         """Decode and queue a verified peer's update; raises a Refusal if it is not used.
 
         A round counts at most one update per (sender, sender round) (a duplicate replaces
@@ -303,7 +331,7 @@ class GossipLearner:
         used to count 33 times; many keys are bounded by the cap (and by admission), and the
         inbox stays bounded whatever arrives.
         It holds the compressed wire form (top-k: ~1 % of a dense vector), decoded again when
-        the round ends. Returns the decoded vector.
+        the round ends. Returns the decoded update (sparse for top-k; ``.dense()`` for the vector).
         """
         # [IGNORE] STALE_ROUND: updates from far behind would drag us back to old parameters.
         # An honest laggard sends them until it catches up: not held against the sender.
@@ -324,15 +352,16 @@ class GossipLearner:
             if len(queued) < UPDATES_PER_SENDER and self._queued >= self.config.max_updates_per_round:
                 raise RoundFull(f"this round already counts {self._queued} updates (the cap)")
         # decode raises NonFinite for NaN/Inf anywhere in the wire and never returns such a vector,
-        # so there is no second finiteness pass over the decoded vector here.
-        decoded = decode(wire, expected_numel=self.numel)
-        if decoded.shape != self.params.shape:  # decode enforces it; keep the rule visible
-            raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
+        # so there is no second finiteness pass over the decoded vector here. Kept sparse (top-k):
+        # a dense decode was a fresh 0.5 GB vector per update at 124M parameters.
+        decoded = decode_sparse(wire, expected_numel=self.numel)
+        if decoded.numel != self.numel:  # decode enforces it; keep the rule visible
+            raise ShapeMismatch(f"update has {decoded.numel} entries, model has {self.numel}")
         # [REJECT] OUTLIER (severity 10): honest updates of one round are of similar size (same H
         # steps, same schedule); one 50x ours is deliberate (20x was seen once in an honest churn run). Clipping would bound its effect, but
         # only a rejection lets the sender's score fall until it is ignored.
         limit = self.config.outlier_multiplier * self._last_own_norm
-        if limit > 0 and (size := norm(decoded)) > limit:
+        if limit > 0 and (size := dense_norm_unless_below(decoded, limit)) > limit:
             raise Outlier(
                 f"update of norm {size:.3g} is over {self.config.outlier_multiplier:g}x ours ({self._last_own_norm:.3g})"
             )
