@@ -31,7 +31,14 @@ import numpy as np
 
 from p2pfm.config import require
 from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
-from p2pfm.core.codecs import CodecSpec, SparseVector, all_finite, decode, decode_sparse, encode
+from p2pfm.core.codecs import (
+    CodecSpec,
+    SparseVector,
+    all_finite,
+    decode,
+    decode_sparse,
+    encode_difference,
+)
 from p2pfm.core.errors import FutureRound, NonFinite, Outlier, RoundFull, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
@@ -180,7 +187,7 @@ def encode_sync(params: np.ndarray, initial: np.ndarray, config: GossipConfig) -
     Every peer builds the initial parameters from the run seed, so the codec's error is relative to
     what training changed, not to the weights themselves.
     """
-    return encode(params - initial, config.sync_codec)
+    return encode_difference(params, initial, config.sync_codec)  # int8: no 0.5 GB temporaries at 124M
 
 
 def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:
