@@ -289,7 +289,7 @@ def test_outer_step_in_place_matches_the_formula_bit_for_bit(outer_momentum):
         old_params, old_momentum = learner.params.copy(), learner.momentum.copy()
         local = learner.params - 0.01 * rng.standard_normal(5000).astype(np.float32)
         learner.make_update(local)
-        own = learner._own.copy()
+        own = learner._own.dense().copy()
         new, report = learner.finish_round(1)
         combined = aggregate(own, [], config, 1)
         if outer_momentum:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from p2pfm.core.codecs import SparseVector
+
 if TYPE_CHECKING:
     from p2pfm.core.gossip import GossipConfig
 
@@ -92,6 +94,49 @@ class AggregationRule(ABC):
         if not received:
             return own / denominator(0, expected_received) if expected_received is not None else own.copy()
         return self.merge(own, received, expected_received)
+
+    def combine_sparse(
+        self,
+        own: SparseVector,
+        received: Sequence[SparseVector],
+        expected_received: int | None,
+        buffer: np.ndarray,
+    ) -> np.ndarray:
+        """:meth:`combine` of updates in sparse form, bit for bit, with ``buffer`` as its scratch.
+
+        ``buffer`` (float32, numel) must be all +0.0 on entry; the result is either ``buffer``
+        itself, filled, or a fresh array (then ``buffer`` is left all +0.0 or unspecified: the
+        caller must zero it before the next use). With nothing received the result is built in
+        ``buffer``; otherwise :meth:`merge_sparse` may, and a rule without it gets dense vectors.
+        """
+        if not received:
+            if own.indices is None:
+                if expected_received is None:
+                    np.copyto(buffer, own.values)
+                else:
+                    np.divide(own.values, denominator(0, expected_received), out=buffer)
+            elif expected_received is None:
+                buffer[own.indices] = own.values
+            else:  # elsewhere 0.0 / d == +0.0, what the buffer holds
+                buffer[own.indices] = own.values / denominator(0, expected_received)
+            return buffer
+        merged = self.merge_sparse(own, received, expected_received, buffer)
+        if merged is not None:
+            return merged
+        return self.merge(own.dense(), [update.dense() for update in received], expected_received)
+
+    def merge_sparse(
+        self,
+        own: SparseVector,
+        received: Sequence[SparseVector],
+        expected_received: int | None,
+        buffer: np.ndarray,
+    ) -> np.ndarray | None:
+        """:meth:`merge` of sparse forms into the zero ``buffer``, or None: use dense vectors instead.
+
+        The default is None; a rule that can work on supports overrides it (``clipped_mean``).
+        """
+        return None
 
     def drain(
         self,
@@ -222,6 +267,48 @@ class ClippedMean(AggregationRule):
         result = np.zeros_like(own)
         result[support] = (total_s / divisor).astype(np.float32)
         return result
+
+    def merge_sparse(
+        self,
+        own: SparseVector,
+        received: Sequence[SparseVector],
+        expected_received: int | None,
+        buffer: np.ndarray,
+    ) -> np.ndarray | None:
+        """:meth:`merge`'s sparse path with every update kept sparse: no dense copy of any of them.
+
+        The dense vectors the distances need are scattered into ``buffer`` one at a time (``update``
+        there, minus ``own`` at own's positions: the exact ``update - own`` of every coordinate,
+        since ``u - 0.0 == u``) and cleared again, so the dot products, and every other operation,
+        are those of :meth:`merge`. None (use :meth:`merge`) for a dense input or a dense support.
+        """
+        own_idx = own.indices
+        if own_idx is None or any(update.indices is None for update in received):
+            return None
+        # The union of the nonzero positions, marked in the buffer: np.unique of the concatenated
+        # indices took 2.6 s at 124M parameters (a hash table), this takes one scan of the buffer.
+        for vector in (own, *received):
+            buffer[vector.nonzero()] = 1.0
+        support = np.flatnonzero(buffer)  # sorted, as _sparse_support's
+        buffer[support] = 0.0
+        if support.size > SPARSE_MERGE_DENSITY * own.numel:
+            return None
+        own.scatter(buffer)
+        radius = self.clip_multiplier * norm(buffer)
+        own_s = buffer[support]
+        own.clear(buffer)
+        divisor = denominator(len(received), expected_received)
+        total_s = own_s.astype(np.float64)
+        for update in received:
+            update.scatter(buffer)
+            update_s = buffer[support]
+            buffer[own_idx] -= own.values  # buffer = update - own, coordinate by coordinate
+            distance = norm(buffer)
+            update.clear(buffer)
+            own.clear(buffer)
+            total_s += self._clipped(own_s, update_s, update_s - own_s, distance, radius)
+        buffer[support] = (total_s / divisor).astype(np.float32)
+        return buffer
 
     @staticmethod
     def _clipped(

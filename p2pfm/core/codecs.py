@@ -25,6 +25,10 @@ The one exception is small: a top-k of at most 128 indices (256 index bytes), or
 block, is handled with Python ints or numpy scalars, where numpy's fixed cost per call would
 dominate (the simulator's 2,762-parameter model sends 28 values); the results are the same bits.
 Bytes are always read with explicit little-endian dtypes; nothing is ever unpickled.
+
+:func:`encode_sparse` and :func:`decode_sparse` give the same vectors as :class:`SparseVector`,
+kept as indices and values for topk: the gossip learner never builds a dense copy of a top-k
+update (0.5 GB each at 124M parameters) except in the one buffer it reuses every round.
 """
 
 from __future__ import annotations
@@ -290,9 +294,14 @@ def _check_input(vector: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vector)
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """``np.isfinite(x).all()`` without its bool array (124 MB at 124M parameters): max and min
+    propagate NaN and keep inf, two allocation-free reductions."""
+    return bool(np.isfinite(x.max()) and np.isfinite(x.min()))
+
+
 def _require_finite(x: np.ndarray) -> None:
-    # max/min propagate NaN and keep inf: two allocation-free reductions instead of isfinite().
-    if not (np.isfinite(x.max()) and np.isfinite(x.min())):
+    if not all_finite(x):
         raise ValueError("vector contains NaN or Inf; refusing to encode it")
 
 
@@ -372,8 +381,12 @@ def _quantize_int8_one_block(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s], np.float32), q
 
 
-def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
+def topk_indices(x: np.ndarray, k: int, *, scratch: np.ndarray | None = None) -> np.ndarray:
     """Sorted int64 indices of exactly the k entries with the largest |x|; ties go to the lower index.
+
+    ``scratch``: a float32 array shaped like ``x`` (not ``x`` itself) that receives ``|x|`` instead
+    of a fresh one; at 124M parameters that is 0.5 GB and its first-touch page faults every round.
+    Its contents afterwards are unspecified; the indices are the same either way.
 
     A fixed-seed subsample gives a threshold t that leaves a little more than k candidates
     (|x| >= t); only those are partitioned. If the sample was unlucky and fewer than k
@@ -383,7 +396,9 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     n = x.size
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    a = np.abs(x)
+    if scratch is not None and (scratch.shape != x.shape or scratch.dtype != np.float32 or scratch is x):
+        raise ValueError("scratch must be a separate float32 array shaped like x")
+    a = np.abs(x) if scratch is None else np.abs(x, out=scratch)
     if not math.isfinite(np.maximum.reduce(a)):
         raise ValueError("vector contains NaN or Inf; refusing to encode it")
     if k == n:
@@ -550,6 +565,12 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
     ShapeMismatch, BadIndex, NonFinite); checks run cheapest first, sizes before contents:
     the map, the id and the field table here, then the codec's own rules.
     """
+    codec, n = _checked_codec(wire, expected_numel, max_numel)
+    return codec.decode(wire, n)
+
+
+def _checked_codec(wire: Any, expected_numel: int, max_numel: int | None) -> tuple[Codec, int]:
+    """The map's codec and numel after the checks every codec shares (:func:`decode`'s first half)."""
     expected_numel = operator.index(expected_numel)  # int or numpy integer; TypeError otherwise
     if not 1 <= expected_numel <= MAX_NUMEL:
         raise ValueError(f"expected_numel must be in [1, {MAX_NUMEL}], got {expected_numel!r}")
@@ -562,7 +583,121 @@ def decode(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> n
     if n != expected_numel:
         # [REJECT] the update does not fit the receiver's model.
         raise ShapeMismatch(f"numel={n}, expected {expected_numel}")
-    return codec.decode(wire, n)
+    return codec, n
+
+
+# --------------------------------------------------------------------------- sparse forms
+# A top-k update of a 124M-parameter model is ~1.2M values, 1 % of its dense 0.5 GB vector. The
+# gossip learner keeps its own sent update and the received ones in this form and scatters them
+# into one reused buffer when it needs dense arithmetic, instead of holding a dense copy of each.
+
+
+@dataclass(frozen=True, eq=False)
+class SparseVector:
+    """A float32 vector of ``numel`` entries: ``values`` at the sorted, distinct ``indices``, +0.0 elsewhere.
+
+    ``indices`` None: ``values`` is the whole vector (a dense codec's). :meth:`dense` is bit for bit
+    what :func:`decode` returns for the same wire (or ``encode_with_decoded``'s vector).
+    """
+
+    numel: int
+    values: np.ndarray
+    indices: np.ndarray | None = None
+
+    @classmethod
+    def zeros(cls, numel: int) -> SparseVector:
+        return cls(numel, np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def dense(self) -> np.ndarray:
+        """The vector as a float32 array (fresh for sparse forms; the dense values themselves otherwise)."""
+        if self.indices is None:
+            return self.values
+        out = np.zeros(self.numel, np.float32)
+        out[self.indices] = self.values
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(sparse)`` is :meth:`dense` (a fresh model-sized array: for tests and small models)."""
+        dense = self.dense()
+        return dense if dtype is None else dense.astype(dtype)
+
+    def scatter(self, out: np.ndarray) -> None:
+        """Write the stored entries into ``out`` (all of it for a dense form); a zero ``out`` becomes the vector."""
+        if self.indices is None:
+            np.copyto(out, self.values)
+        else:
+            out[self.indices] = self.values
+
+    def clear(self, out: np.ndarray) -> None:
+        """Set back to +0.0 what :meth:`scatter` wrote."""
+        if self.indices is None:
+            out.fill(0.0)
+        else:
+            out[self.indices] = 0.0
+
+    def nonzero(self) -> np.ndarray:
+        """Sorted int64 positions of the nonzero entries (what ``np.flatnonzero(self.dense())`` gives)."""
+        if self.indices is None:
+            return np.flatnonzero(self.values)
+        return self.indices[self.values != 0]
+
+
+def encode_sparse(
+    vector: np.ndarray, spec: CodecSpec, *, scratch: np.ndarray | None = None
+) -> tuple[dict[str, Any], SparseVector]:
+    """:func:`encode_with_decoded`, with the decoded vector kept sparse where the codec is (topk).
+
+    The wire is the one :func:`encode` gives. ``scratch`` (topk only; see :func:`topk_indices`)
+    takes the encoder's model-sized temporary; a dense codec ignores it.
+    """
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
+    x = _check_input(vector)
+    codec = _codec_of(spec)
+    if isinstance(codec, TopkCodec):
+        wire, idx, values = codec.encode_parts(x, spec, with_decoded=True, scratch=scratch)
+        if values is None:  # with_decoded=True always gives values
+            raise TypeError("topk returned no decoded values")
+        return wire, SparseVector(int(x.size), values, idx)
+    wire, dense = encode_with_decoded(x, spec)
+    return wire, SparseVector(int(x.size), dense)
+
+
+def encode_difference(
+    a: np.ndarray, b: np.ndarray, spec: CodecSpec, *, chunk_elements: int = 1 << 20
+) -> dict[str, Any]:
+    """:func:`encode` of ``a - b``; for int8 a block-aligned chunk at a time, with no full-size temporary.
+
+    A 124M-parameter peer answering a consensus pull or confirming a joiner's state encoded
+    ``params - initial`` (0.5 GB) through int8, whose division made another 0.5 GB: the peak of a
+    whole bench run. int8 works block by block, so chunks that start on a block boundary give the
+    same scales and values, byte for byte (a test compares them); only the two output arrays are
+    full-size (1 byte per value). Other codecs get ``encode(a - b, spec)``.
+    """
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.shape != b.shape:
+        raise ValueError("a and b must be numpy arrays of the same shape")
+    if spec.name != "int8" or not isinstance(_codec_of(spec), Int8Codec):
+        return encode(a - b, spec)
+    x, y = _check_input(a), _check_input(b)  # 1-D float32 of an allowed size
+    n, block = int(x.size), spec.block_size
+    step = max(1, chunk_elements // block) * block
+    scales = np.empty(-(-n // block), np.float32)
+    q = np.empty(n, _I8)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        chunk_scales, chunk_q = _quantize_int8(x[start:end] - y[start:end], block)  # checks finiteness
+        scales[start // block : start // block + chunk_scales.size] = chunk_scales
+        q[start:end] = chunk_q
+    return {"codec": "int8", "numel": n, "block": block, "scales": scales.tobytes(), "values": q.tobytes()}
+
+
+def decode_sparse(wire: Any, *, expected_numel: int, max_numel: int | None = None) -> SparseVector:
+    """:func:`decode` (the same checks and Rejects, in the same order), kept sparse for topk."""
+    codec, n = _checked_codec(wire, expected_numel, max_numel)
+    if isinstance(codec, TopkCodec):
+        idx, values = codec.decode_parts(wire, n)
+        return SparseVector(n, values, np.asarray(idx, dtype=np.int64))
+    return SparseVector(n, codec.decode(wire, n))
 
 
 def _topk_positions(indices: bytes, k: int, n: int) -> np.ndarray | list[int]:
@@ -878,9 +1013,24 @@ class TopkCodec(Codec):
     def encode(
         self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool
     ) -> tuple[dict[str, Any], np.ndarray | None]:
+        wire, idx, values = self.encode_parts(x, spec, with_decoded=with_decoded)
+        if values is None:
+            return wire, None
+        out = np.zeros(x.size, np.float32)
+        out[idx] = values
+        return wire, out
+
+    def encode_parts(
+        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool, scratch: np.ndarray | None = None
+    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+        """The wire map, the sorted kept indices and (if ``with_decoded``) their decoded values.
+
+        :meth:`encode` scatters the values into zeros; :func:`encode_sparse` keeps them sparse.
+        ``scratch``: see :func:`topk_indices`.
+        """
         n = int(x.size)
         k = topk_count(n, spec.topk_fraction)
-        idx = topk_indices(x, k)  # checks finiteness
+        idx = topk_indices(x, k, scratch=scratch)  # checks finiteness
         picked = x[idx]
         wire = {
             "codec": "topk",
@@ -900,13 +1050,16 @@ class TopkCodec(Codec):
             wire["values"] = half.tobytes()
             if with_decoded:
                 values = half.astype(np.float32)
-        if values is None:
-            return wire, None
-        out = np.zeros(n, np.float32)
-        out[idx] = values
-        return wire, out
+        return wire, idx, values
 
     def decode(self, wire: dict[str, Any], numel: int) -> np.ndarray:
+        idx, values = self.decode_parts(wire, numel)
+        out = np.zeros(numel, np.float32)
+        out[idx] = values
+        return out
+
+    def decode_parts(self, wire: dict[str, Any], numel: int) -> tuple[np.ndarray | list[int], np.ndarray]:
+        """The checked positions and values of a map (every [REJECT] rule of :meth:`decode`), unscattered."""
         n = numel
         k = wire["k"]
         if wire["value_bits"] == 8:
@@ -927,9 +1080,7 @@ class TopkCodec(Codec):
             values = _dequantize_int8(wire["scales"], wire["values"], k, wire["block"])
         else:
             values = _fp16_values(wire["values"])
-        out = np.zeros(n, np.float32)
-        out[idx] = values
-        return out
+        return idx, values
 
     def size_estimate(self, numel: int, spec: CodecSpec) -> int:
         k = topk_count(numel, spec.topk_fraction)
@@ -964,6 +1115,7 @@ CODEC_IDS = tuple(CODECS)
 
 
 __all__ = [
+    "all_finite",
     "CODECS",
     "CODEC_IDS",
     "COMMON_FIELDS",
@@ -973,8 +1125,12 @@ __all__ = [
     "FP16_MAX",
     "MAX_BLOCK",
     "MAX_NUMEL",
+    "SparseVector",
     "decode",
+    "decode_sparse",
     "encode",
+    "encode_difference",
+    "encode_sparse",
     "encode_with_decoded",
     "encoded_size_estimate",
     "register_codec",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pfm.core.codecs import CodecSpec, encode_with_decoded
+from p2pfm.core.codecs import CodecSpec, SparseVector, all_finite, encode_sparse, encode_with_decoded
 
 
 class ErrorFeedback:
@@ -50,6 +50,47 @@ class ErrorFeedback:
         np.subtract(corrected, sent, out=corrected)
         self.residual = corrected
         return wire, sent
+
+    def compress_into(
+        self, update: np.ndarray, spec: CodecSpec
+    ) -> tuple[dict[str, Any], SparseVector, np.ndarray]:
+        """:meth:`compress` without a model-sized temporary: ``update`` is consumed.
+
+        ``update`` (float32, numel; not the residual) becomes ``update + residual`` in place, is
+        encoded, and, less what was sent, becomes the new residual. The old residual array serves
+        as the encoder's scratch and is returned (third item) for the caller to reuse: the three
+        model-sized vectors of a round (``update + residual``, ``|.|`` for top-k, and the sent
+        vector) were fresh 0.5 GB arrays at 124M parameters. The sent vector comes back sparse
+        for top-k (its indices and values), which is all a merge needs.
+
+        Bit for bit :meth:`compress`: ``update + residual`` is the same IEEE sum in either order,
+        and ``corrected - sent`` is ``corrected`` wherever ``sent`` is +0.0 (``x - 0.0 == x``, -0.0
+        included), so subtracting only at the sent positions leaves the same residual. If encoding
+        fails (NaN/Inf in ``update + residual``), the residual is left untouched, as in
+        :meth:`compress`; ``update`` is then garbage.
+        """
+        if (
+            not isinstance(update, np.ndarray)
+            or update.dtype != np.float32
+            or update.shape != (self.numel,)
+            or not update.flags.c_contiguous
+            or not update.flags.writeable
+            or np.shares_memory(update, self.residual)
+        ):
+            raise ValueError(
+                f"update must be a writeable contiguous float32 array of shape ({self.numel},), not the residual"
+            )
+        corrected = np.add(update, self.residual, out=update)
+        if not all_finite(corrected):  # before the residual serves as scratch: a failure leaves it intact
+            raise ValueError("vector contains NaN or Inf; refusing to encode it")
+        spare = self.residual
+        wire, sent = encode_sparse(corrected, spec, scratch=spare)
+        if sent.indices is None:
+            np.subtract(corrected, sent.values, out=corrected)
+        else:
+            corrected[sent.indices] -= sent.values
+        self.residual = corrected
+        return wire, sent, spare
 
     def reset(self) -> None:
         """Forget the residual (e.g. after loading a fresh model from a peer)."""

@@ -22,6 +22,7 @@ No clocks, sockets or threads: the driver passes rounds, randomness and bytes in
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +31,14 @@ import numpy as np
 
 from p2pfm.config import require
 from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
-from p2pfm.core.codecs import CodecSpec, decode, encode
+from p2pfm.core.codecs import (
+    CodecSpec,
+    SparseVector,
+    all_finite,
+    decode,
+    decode_sparse,
+    encode_difference,
+)
 from p2pfm.core.errors import FutureRound, NonFinite, Outlier, RoundFull, ShapeMismatch, StaleRound
 from p2pfm.core.feedback import ErrorFeedback
 
@@ -179,7 +187,7 @@ def encode_sync(params: np.ndarray, initial: np.ndarray, config: GossipConfig) -
     Every peer builds the initial parameters from the run seed, so the codec's error is relative to
     what training changed, not to the weights themselves.
     """
-    return encode(params - initial, config.sync_codec)
+    return encode_difference(params, initial, config.sync_codec)  # int8: no 0.5 GB temporaries at 124M
 
 
 def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:
@@ -215,6 +223,34 @@ def aggregate(
     return rule_for(config).combine(own, received, expected_received)
 
 
+_F32_UNIT = 2.0**-24  # unit roundoff of float32
+
+
+def dense_norm_unless_below(update: SparseVector, limit: float) -> float:
+    """``norm(update.dense())``, or a number no larger than ``limit`` if that norm is certainly not larger.
+
+    The outlier rule compares the dense float32 norm (a BLAS dot product, summed in an order of its
+    own) with a limit. Summing m non-negative rounded squares in any order is within
+    ``gamma_m = m u / (1 - m u)`` of the exact sum (u = 2^-24; Higham, *Accuracy and Stability of
+    Numerical Algorithms*, 2nd ed., sections 3.1 and 4.2); the zeros of a sparse vector add exactly,
+    so m is the count of stored values, and the square root adds one more u. A float64 norm of the
+    stored values times ``1 + gamma_m`` (plus slack) below the limit therefore decides as the dense
+    norm would, with no dense vector: an honest update is ~1x ours, the limit 50x. Near or over the
+    limit, for dense forms, and for huge or tiny values (overflow, underflow) the dense norm is
+    computed as before, so the decision and the reported size never change.
+    """
+    k = 0 if update.indices is None else int(update.values.size)
+    if 0 < k and k * _F32_UNIT < 0.5:
+        values = update.values.astype(np.float64)
+        squares = float(values.dot(values))
+        gamma = k * _F32_UNIT / (1.0 - k * _F32_UNIT)
+        # + k 2^-149: a square that underflows to a subnormal may be off by that much, absolutely.
+        bound = math.sqrt(squares * (1.0 + gamma) + k * 2.0**-149) * (1.0 + 1e-6)
+        if bound < limit and squares < 1e36:  # far below float32's overflow to inf
+            return bound
+    return norm(update.dense())
+
+
 @dataclass
 class RoundReport:
     """What happened in one round, for metrics."""
@@ -245,7 +281,10 @@ class GossipLearner:
         self.momentum = np.zeros(self.params.shape, np.float32)
         self.feedback = ErrorFeedback(self.params.size)
         self.round = round
-        self._own: np.ndarray | None = None
+        self._own: SparseVector | None = None  # the update we sent this round, as receivers decode it
+        # One model-sized scratch vector, reused every round (see local_buffer): at 124M parameters
+        # each fresh 0.5 GB array also costs its first-touch page faults (0.5-1.7 s on shared cores).
+        self._buffer: np.ndarray | None = None
         self._last_own_norm = 0.0  # size of our last update: the drain's clipping radius
         self._inbox: dict[str, dict[int, dict]] = {}  # sender -> its round -> compressed update
         self._queued = 0  # updates in the inbox
@@ -254,16 +293,41 @@ class GossipLearner:
     def numel(self) -> int:
         return int(self.params.size)
 
+    @property
+    def scratch(self) -> np.ndarray | None:
+        """The round buffer if one is allocated now (for memory reports); see :meth:`local_buffer`."""
+        return self._buffer
+
+    def local_buffer(self) -> np.ndarray:
+        """The learner's round buffer: a float32 vector shaped like ``params`` for the driver to fill.
+
+        A driver may write the local parameters into it (``trainer.flat(out=...)``) and pass it to
+        :meth:`make_update`, which then needs no model-sized array of its own. Its contents belong
+        to the learner: :meth:`make_update` and :meth:`finish_round` overwrite them (and may swap
+        in another array: ask again each round). A peer's round then holds its anchor, residual
+        and this one buffer, instead of ~8 fresh 0.5 GB temporaries at 124M parameters.
+        """
+        if self._buffer is None:
+            self._buffer = np.empty(self.params.shape, np.float32)
+        return self._buffer
+
     def make_update(self, local_params: np.ndarray) -> dict:
-        """Compress this round's pseudo-gradient (anchor - local) with error feedback."""
+        """Compress this round's pseudo-gradient (anchor - local) with error feedback.
+
+        ``local_params`` may be :meth:`local_buffer` (it is then consumed); any other array is only read.
+        """
         if local_params.shape != self.params.shape:
             raise ValueError(f"local params have shape {local_params.shape}, expected {self.params.shape}")
-        delta = self.params - local_params
-        wire, sent = self.feedback.compress(delta, self.config.codec)
+        if np.result_type(self.params, local_params) != np.float32:  # as before: a float64 delta is refused
+            raise ValueError(f"update must be float32, got local params of {local_params.dtype}")
+        buffer = self.local_buffer()
+        delta = np.subtract(self.params, local_params, out=buffer)  # the same float32 subtraction
+        wire, sent, spare = self.feedback.compress_into(delta, self.config.codec)
+        self._buffer = spare  # the delta became the residual; the old residual is the next buffer
         self._own = sent
         return wire
 
-    def receive(self, sender_id: str, sender_round: int, wire: dict) -> np.ndarray:
+    def receive(self, sender_id: str, sender_round: int, wire: dict) -> SparseVector:
         """Decode and queue a verified peer's update; raises a Refusal if it is not used.
 
         A round counts at most one update per (sender, sender round) (a duplicate replaces
@@ -274,7 +338,7 @@ class GossipLearner:
         used to count 33 times; many keys are bounded by the cap (and by admission), and the
         inbox stays bounded whatever arrives.
         It holds the compressed wire form (top-k: ~1 % of a dense vector), decoded again when
-        the round ends. Returns the decoded vector.
+        the round ends. Returns the decoded update (sparse for top-k; ``.dense()`` for the vector).
         """
         # [IGNORE] STALE_ROUND: updates from far behind would drag us back to old parameters.
         # An honest laggard sends them until it catches up: not held against the sender.
@@ -295,15 +359,16 @@ class GossipLearner:
             if len(queued) < UPDATES_PER_SENDER and self._queued >= self.config.max_updates_per_round:
                 raise RoundFull(f"this round already counts {self._queued} updates (the cap)")
         # decode raises NonFinite for NaN/Inf anywhere in the wire and never returns such a vector,
-        # so there is no second finiteness pass over the decoded vector here.
-        decoded = decode(wire, expected_numel=self.numel)
-        if decoded.shape != self.params.shape:  # decode enforces it; keep the rule visible
-            raise ShapeMismatch(f"update has {decoded.size} entries, model has {self.numel}")
+        # so there is no second finiteness pass over the decoded vector here. Kept sparse (top-k):
+        # a dense decode was a fresh 0.5 GB vector per update at 124M parameters.
+        decoded = decode_sparse(wire, expected_numel=self.numel)
+        if decoded.numel != self.numel:  # decode enforces it; keep the rule visible
+            raise ShapeMismatch(f"update has {decoded.numel} entries, model has {self.numel}")
         # [REJECT] OUTLIER (severity 10): honest updates of one round are of similar size (same H
         # steps, same schedule); one 50x ours is deliberate (20x was seen once in an honest churn run). Clipping would bound its effect, but
         # only a rejection lets the sender's score fall until it is ignored.
         limit = self.config.outlier_multiplier * self._last_own_norm
-        if limit > 0 and (size := norm(decoded)) > limit:
+        if limit > 0 and (size := dense_norm_unless_below(decoded, limit)) > limit:
             raise Outlier(
                 f"update of norm {size:.3g} is over {self.config.outlier_multiplier:g}x ours ({self._last_own_norm:.3g})"
             )
@@ -328,10 +393,14 @@ class GossipLearner:
 
     def _received(self, inbox: dict[str, dict[int, dict]] | None = None) -> list[np.ndarray]:
         """The queued updates, decoded, in sender order (an order-independent result); empties the inbox."""
+        return [update.dense() for update in self._received_sparse(inbox)]
+
+    def _received_sparse(self, inbox: dict[str, dict[int, dict]] | None = None) -> list[SparseVector]:
+        """:meth:`_received` kept sparse: top-k updates as their indices and values (~1 % of a dense vector)."""
         if inbox is None:
             inbox = self.close_inbox()
         return [
-            decode(inbox[sender][r], expected_numel=self.numel)
+            decode_sparse(inbox[sender][r], expected_numel=self.numel)
             for sender in sorted(inbox)
             for r in sorted(inbox[sender])
         ]
@@ -344,15 +413,25 @@ class GossipLearner:
         Pass ``expected_received = min(fanout, live peers)`` for sum-preserving weights (see
         :func:`aggregate`); None averages over what actually arrived. ``inbox``: what
         :meth:`close_inbox` took (None = take it now).
+
+        The anchor comes back as a read-only view of :attr:`params`, not a copy: the learner never
+        writes into an anchor array (each round's is a new one), so it stays valid as long as the
+        caller holds it. Bit for bit the arithmetic of :func:`aggregate` on dense vectors (a test
+        compares them over several rounds); top-k updates stay sparse and are scattered into the
+        round buffer where a dense dot product is needed, so norms round exactly as before.
         """
-        own = self._own if self._own is not None else np.zeros_like(self.params)
-        received = self._received(inbox)
+        own = self._own if self._own is not None else SparseVector.zeros(self.numel)
+        received = self._received_sparse(inbox)
+        buffer = self.local_buffer()
+        buffer.fill(0.0)  # the merge's scratch is kept all +0.0 between uses (see combine_sparse)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, not warned about
-            combined = aggregate(own, received, self.config, expected_received)
-            own_norm, received_count = norm(own), len(received)
+            own.scatter(buffer)
+            own_norm, received_count = norm(buffer), len(received)
+            own.clear(buffer)
+            combined = rule_for(self.config).combine_sparse(own, received, expected_received, buffer)
             del own, received
-            # In place where nothing is lost (one new momentum, one scratch vector, instead of
-            # seven model-sized temporaries): a 124M-parameter model's vectors are 0.5 GB each.
+            # In place where nothing is lost: at outer momentum 0 the combined step is written into
+            # the round buffer, which becomes the new anchor; no model-sized temporary at all.
             # Same float32 operations, same bits (x + y == y + x in IEEE arithmetic).
             momentum = self.momentum
             step = combined
@@ -366,11 +445,18 @@ class GossipLearner:
             step_norm = norm(step)
             candidate = np.multiply(step, self.config.outer_lr, out=step)  # the step is not needed after
             np.subtract(self.params, candidate, out=candidate)
+            del step
         # Decoded updates are finite, but finite sums can overflow float32: a model with NaN/Inf
         # is never taken (nor checkpointed, served or announced); the round's step is dropped.
-        rolled_back = not bool(np.isfinite(candidate).all())
+        rolled_back = not all_finite(candidate)
         if not rolled_back:
+            old = self.params
             self.params, self.momentum = candidate, momentum
+            if candidate is buffer:
+                self._buffer = None
+                self._recycle(old)
+            del old
+        del candidate
         report = RoundReport(
             round=self.round,
             received=received_count,
@@ -381,7 +467,25 @@ class GossipLearner:
         self._last_own_norm = report.own_norm
         self._own = None
         self.round += 1
-        return self.params.copy(), report
+        anchor = self.params.view()
+        anchor.flags.writeable = False
+        return anchor, report
+
+    def _recycle(self, old: np.ndarray) -> None:
+        """Keep the previous anchor as the next round buffer if nothing else can see it.
+
+        Two references are ours (the argument and getrefcount's); any other (a caller's array, a
+        view of it, a snapshot) keeps it out, and the next round allocates a fresh buffer instead.
+        """
+        if (
+            type(old) is np.ndarray
+            and old.flags.owndata
+            and old.flags.writeable
+            and old.shape == self.params.shape
+            and old.dtype == np.float32
+            and sys.getrefcount(old) <= 3
+        ):
+            self._buffer = old
 
     def drain(self, expected_received: int | None = None) -> tuple[np.ndarray, int]:
         """Apply updates that arrived after our last round, without a round or update of our own.

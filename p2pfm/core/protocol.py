@@ -218,7 +218,8 @@ class LocalWork:
 
 def anchor_hash(params: np.ndarray) -> bytes:
     """The ``model_hash`` of an update: SHA-256 of the anchor parameters its delta applies to."""
-    return digest(np.ascontiguousarray(params, dtype=np.float32).tobytes())
+    # The array's own buffer, not ``tobytes()``: that was a 0.5 GB copy every round at 124M parameters.
+    return digest(np.ascontiguousarray(params, dtype=np.float32).data.cast("B"))
 
 
 def update_payload(wire: dict, work: LocalWork, anchor: bytes) -> dict:

@@ -16,11 +16,13 @@ The driver decides nothing itself: every *whether* is a call into ``PeerProtocol
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
 import numpy as np
 
+from p2pfm.core.codecs import all_finite
 from p2pfm.core.gossip import choose_partners
 from p2pfm.core.protocol import CatchUp, Event, LocalWork, Sync
 from p2pfm.core.quorum import QuorumView
@@ -309,8 +311,12 @@ class RoundDriver:
         work = LocalWork(samples=stats.samples, inner_steps=stats.steps, train_loss=stats.mean_loss)
         # Encoding (top-k over every parameter) and the merge take seconds at 100M+ parameters:
         # both run in a worker thread so the event loop keeps answering pushes and requests.
-        local = await loop.run_in_executor(None, rt.trainer.flat)
-        if await loop.run_in_executor(None, lambda: bool(np.isfinite(local).all())):
+        # The local parameters go into the learner's round buffer, which make_update then consumes;
+        # the finiteness check is two reductions (no 124M-entry bool array): no fresh model-sized array.
+        local = await loop.run_in_executor(
+            None, functools.partial(rt.trainer.flat, out=self.protocol.learner.local_buffer())
+        )
+        if await loop.run_in_executor(None, all_finite, local):
             payload = await loop.run_in_executor(None, self.protocol.make_update, local, work)
             message = self.protocol.seal("update", payload, time.time())
             del local, payload

@@ -299,7 +299,7 @@ class PeerRuntime:
         learner = self.protocol.learner
         named = {
             "gossip_anchor": learner.params, "outer_momentum": learner.momentum,
-            "error_feedback_residual": learner.feedback.residual,
+            "error_feedback_residual": learner.feedback.residual, "round_buffer": learner.scratch,
             "initial_params": self.protocol.initial_params,
         }  # fmt: skip
         report = buffer_breakdown(self.trainer.model, self.trainer.optimizer, named)
