@@ -255,6 +255,7 @@ class StreamHandlers:
             return
         loop = asyncio.get_running_loop()
         message = await loop.run_in_executor(None, self.protocol.serve_params, request, time.time())
+        self.rt.release_cold_pages()  # the answer read all of the initial parameters
         await write_frame(writer, message)
         self.rt.counters["bytes_sent"] += len(message)
         self.rt.counters["sync_bytes_sent"] += len(message)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from p2pfm.daemon.snapshots import mapping_of
+
 
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
@@ -29,9 +31,9 @@ def _array_bytes(array: object) -> tuple[int, int]:
     while isinstance(base.base, np.ndarray):
         base = base.base
     # A memmap subclass instance made by copy() or zeros_like() has no file behind it (_mmap None).
-    mapped = (isinstance(base, np.memmap) and getattr(base, "_mmap", None) is not None) or type(
-        base.base
-    ).__name__ == "mmap"
+    mapped = (isinstance(base, np.memmap) and getattr(base, "_mmap", None) is not None) or (
+        mapping_of(array) is not None
+    )
     return (0, array.nbytes) if mapped else (array.nbytes, 0)
 
 

@@ -363,6 +363,7 @@ class RoundDriver:
         # thread, while the loop goes on serving the previous snapshot. No training runs meanwhile.
         await loop.run_in_executor(None, rt.refresh_snapshot)
         snapshot_seconds = time.perf_counter() - snapshot_start
+        rt.release_cold_pages()  # a sync, catch-up or state check this round read the initial parameters
         if self.await_first_update:
             self.await_first_update = False
             await self.wait_for_first_update()

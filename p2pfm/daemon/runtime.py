@@ -34,7 +34,7 @@ from p2pfm.daemon.memory import buffer_breakdown, process_rss
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.records import Record, as_record
-from p2pfm.daemon.snapshots import Snapshot, SnapshotStore
+from p2pfm.daemon.snapshots import Snapshot, SnapshotStore, drop_mapped_pages
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
 from p2pfm.energy.meters import PowerModel
 from p2pfm.energy.report import energy_report, peer_figures, report_from_announcements
@@ -293,6 +293,11 @@ class PeerRuntime:
             claims["grid_g_per_kwh"],
         )  # fmt: skip
         return {**energy_report(rows), "unreported": report["unreported"]}
+
+    def release_cold_pages(self) -> None:
+        """Unmap the pages of the file-backed initial parameters from our resident set (they are read
+        only every few rounds; :func:`p2pfm.daemon.snapshots.drop_mapped_pages`)."""
+        drop_mapped_pages(self.protocol.initial_params)
 
     def memory_report(self) -> dict:
         """The process's RSS (now, peak) and its full-size buffers by name (p2pfm.daemon.memory)."""
