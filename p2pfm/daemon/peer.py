@@ -35,6 +35,7 @@ from p2pfm.core.protocol import Event, PeerProtocol, PeerSetup, Phase
 from p2pfm.core.tensorfile import digest
 from p2pfm.daemon.config import PeerConfig
 from p2pfm.daemon.handlers import StreamClient, StreamHandlers
+from p2pfm.daemon.heap import fix_mmap_threshold
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
 from p2pfm.daemon.pausing import PolicyDriver
@@ -288,5 +289,10 @@ class PeerDaemon:
 
 
 def run_peer(config: PeerConfig) -> int:
-    """Run one peer until done or stopped; the CLI's ``p2pfm peer`` calls this."""
+    """Run one peer until done or stopped; the CLI's ``p2pfm peer`` calls this.
+
+    A peer process owns its allocator: large buffers get their own mappings, returned on free
+    (:mod:`p2pfm.daemon.heap`; a library user's process keeps its own settings).
+    """
+    fix_mmap_threshold()
     return asyncio.run(PeerDaemon(config).run())

@@ -27,6 +27,7 @@ from p2pfm.core.gossip import choose_partners
 from p2pfm.core.protocol import CatchUp, Event, LocalWork, Sync
 from p2pfm.core.quorum import QuorumView
 from p2pfm.daemon.handlers import StreamClient
+from p2pfm.daemon.heap import release_free_heap
 from p2pfm.daemon.records import (
     DrainRecord,
     QuorumTimeoutRecord,
@@ -364,6 +365,7 @@ class RoundDriver:
         await loop.run_in_executor(None, rt.refresh_snapshot)
         snapshot_seconds = time.perf_counter() - snapshot_start
         rt.release_cold_pages()  # a sync, catch-up or state check this round read the initial parameters
+        release_free_heap()  # what the round's threads freed goes back to the system (p2pfm.daemon.heap)
         if self.await_first_update:
             self.await_first_update = False
             await self.wait_for_first_update()
