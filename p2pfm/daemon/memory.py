@@ -27,14 +27,9 @@ def _array_bytes(array: object) -> tuple[int, int]:
     """(bytes in anonymous memory, bytes memory-mapped) of one numpy array (views count their base)."""
     if not isinstance(array, np.ndarray):
         return 0, 0
-    base = array
-    while isinstance(base.base, np.ndarray):
-        base = base.base
-    # A memmap subclass instance made by copy() or zeros_like() has no file behind it (_mmap None).
-    mapped = (isinstance(base, np.memmap) and getattr(base, "_mmap", None) is not None) or (
-        mapping_of(array) is not None
-    )
-    return (0, array.nbytes) if mapped else (array.nbytes, 0)
+    # A file mapping at the bottom of the view chain (np.memmap's too; a memmap made by copy() or
+    # zeros_like() has none) is page cache the kernel may drop, not heap.
+    return (0, array.nbytes) if mapping_of(array) is not None else (array.nbytes, 0)
 
 
 def process_rss() -> dict[str, int]:
