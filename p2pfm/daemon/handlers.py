@@ -224,10 +224,13 @@ class StreamHandlers:
             return
         async with self.serving_state:
             net = self.rt.config.net
-            snapshot = self.rt.snapshot
-            fd = snapshot.open()  # before any await: the snapshot cannot be replaced in between
+            try:  # the newest snapshot with its file, atomically: a round may write one meanwhile
+                snapshot, fd = self.rt.snapshots.open_latest()
+            except FileNotFoundError:
+                await self._refuse(remote, writer, RateLimited("no state to serve yet"), counted=False)
+                return
             try:
-                assert snapshot.layout is not None
+                assert snapshot.layout is not None  # every written snapshot has one
                 try:
                     manifest, indexes = self.protocol.serve_layout(
                         request, snapshot.layout, snapshot.round, time.time()

@@ -12,12 +12,18 @@ round moves on: the handler opens the file before it signs the manifest and read
 that open descriptor; a newer snapshot replaces the file by name and the old one is unlinked
 at once, so its bytes live exactly as long as the streams still reading them (at most the
 two upload slots) and nobody can open it any more. Files left by a crash are removed at start.
+
+Snapshots are written in a worker thread (the round driver does not block the event loop on
+~1.5 GB at 124M) while handlers open them on the event loop: the store swaps files and opens
+the latest one under one lock (:meth:`SnapshotStore.open_latest`), so a handler can never hold
+a snapshot whose file a newer write has just unlinked (a race ``p2pfm bench fuzz`` found).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +47,8 @@ class Snapshot:
 
     def open(self) -> int:
         """A read-only descriptor of this snapshot's file: it keeps the bytes even once a newer
-        snapshot replaced the file. Must be called in the event loop's thread, where
-        :meth:`SnapshotStore.write` swaps files (so the file cannot vanish in between)."""
+        snapshot replaced the file. Only safe while no newer snapshot can be written meanwhile:
+        servers use :meth:`SnapshotStore.open_latest`."""
         if self.path is None:
             raise FileNotFoundError("no snapshot written yet")
         return os.open(self.path, os.O_RDONLY)
@@ -64,6 +70,8 @@ class SnapshotStore:
         self.directory = directory
         self.written = 0
         self.current: Path | None = None
+        self.latest = Snapshot()  # what open_latest serves; Snapshot() until the first write
+        self._swap = threading.Lock()  # write's swap+unlink vs open_latest's read+open
         if directory.is_dir():  # files of a previous life of this peer: nobody reads them
             for stale in directory.iterdir():
                 if stale.name.startswith("snapshot-"):
@@ -83,12 +91,22 @@ class SnapshotStore:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        previous, self.current = self.current, path
-        if previous is not None:
-            previous.unlink(missing_ok=True)  # streams reading it hold their descriptors
-        return Snapshot(
+        snapshot = Snapshot(
             hash=layout.model_hash, round=round, size=layout.total_bytes, layout=layout, path=path
         )
+        with self._swap:
+            previous, self.current, self.latest = self.current, path, snapshot
+            if previous is not None:
+                previous.unlink(missing_ok=True)  # streams reading it hold their descriptors
+        return snapshot
+
+    def open_latest(self) -> tuple[Snapshot, int]:
+        """The newest snapshot and a read-only descriptor of its file, taken together: safe from
+        any thread while another writes (the descriptor keeps the bytes once the file is replaced).
+        ``FileNotFoundError`` before the first snapshot is written."""
+        with self._swap:
+            snapshot = self.latest
+            return snapshot, snapshot.open()
 
 
 def map_initial_params(directory: Path, initial: np.ndarray) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""The served snapshot's file under a round that writes the next one in a worker thread.
+
+``p2pfm bench fuzz`` once caught the state handler opening a snapshot whose file a newer write
+(in the round driver's worker thread) had just unlinked: ``FileNotFoundError`` escaped the
+handler and a valid state request got no answer. ``SnapshotStore.open_latest`` swaps and opens
+under one lock; these tests hammer that window.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2pfm.core.transfer import write_state
+from p2pfm.daemon.snapshots import SnapshotStore, read_chunk
+
+CHUNK = 4096
+
+
+def _write(store: SnapshotStore, round_: int) -> None:
+    params = np.full(3000, float(round_), np.float32)  # 12 kB: a few chunks, content names the round
+    store.write(lambda write: write_state(write, params, round_, {}, CHUNK), round_)
+
+
+def test_open_latest_before_any_write_is_a_named_file_not_found(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="no snapshot written yet"):
+        SnapshotStore(tmp_path).open_latest()
+
+
+def test_open_latest_never_misses_a_file_while_another_thread_writes_snapshots(tmp_path: Path):
+    store = SnapshotStore(tmp_path)
+    _write(store, 0)
+    stop, failures = threading.Event(), []
+
+    def rounds() -> None:
+        round_ = 1
+        while not stop.is_set():
+            _write(store, round_)
+            round_ += 1
+
+    writer = threading.Thread(target=rounds)
+    writer.start()
+    try:
+        for _ in range(3000):
+            try:
+                snapshot, fd = store.open_latest()
+            except FileNotFoundError as exc:  # the race: the old file unlinked under us
+                failures.append(exc)
+                continue
+            try:
+                assert snapshot.layout is not None
+                for index in range(len(snapshot.layout.chunk_hashes)):
+                    read_chunk(fd, snapshot.layout, index)  # the descriptor still has every byte
+            finally:
+                os.close(fd)
+    finally:
+        stop.set()
+        writer.join()
+    assert failures == []
+    assert len(list(tmp_path.glob("snapshot-*"))) == 1  # older files unlinked once replaced
