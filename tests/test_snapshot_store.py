@@ -62,3 +62,40 @@ def test_open_latest_never_misses_a_file_while_another_thread_writes_snapshots(t
         writer.join()
     assert failures == []
     assert len(list(tmp_path.glob("snapshot-*"))) == 1  # older files unlinked once replaced
+
+
+def test_a_cut_upload_leaves_no_orphaned_read_to_fail_after_its_file_is_closed(tmp_path: Path):
+    """``send_chunks`` reads one chunk ahead; when the joiner goes away mid-transfer the handler
+    closes the descriptor while that read may still run: its failure must not surface as an
+    unretrieved future's error (the fuzz bench counts ERROR lines as crashes)."""
+    import asyncio
+    import gc
+
+    from p2pfm.daemon.statestream import send_chunks
+
+    store = SnapshotStore(tmp_path)
+    _write(store, 1)
+    snapshot, fd = store.open_latest()
+    assert snapshot.layout is not None
+    reported: list[dict] = []
+
+    class GoneJoiner:  # the transport a joiner closed: every write fails
+        def write(self, data: bytes) -> None:
+            raise ConnectionResetError("joiner went away")
+
+        async def drain(self) -> None:
+            return None
+
+    async def serve() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        try:
+            await send_chunks(GoneJoiner(), fd, snapshot.layout, [0, 1, 2], stall_s=5.0)  # type: ignore[arg-type]
+        except ConnectionResetError:
+            pass
+        finally:
+            os.close(fd)
+        await asyncio.get_running_loop().shutdown_default_executor()  # the read-ahead has finished
+        gc.collect()
+
+    asyncio.run(serve())
+    assert reported == []

@@ -75,20 +75,26 @@ async def send_chunks(
     loop = asyncio.get_running_loop()
     sent, started = 0, loop.time()
     upcoming = loop.run_in_executor(None, read_chunk, fd, layout, indexes[0]) if indexes else None
-    for position in range(len(indexes)):
-        assert upcoming is not None
-        piece = await upcoming
-        upcoming = (
-            loop.run_in_executor(None, read_chunk, fd, layout, indexes[position + 1])
-            if position + 1 < len(indexes)
-            else None
-        )
-        await asyncio.wait_for(write_frame(writer, piece), stall_s)
-        sent += len(piece)
-        if rate_bps > 0:
-            ahead = started + sent / rate_bps - loop.time()
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+    try:
+        for position in range(len(indexes)):
+            assert upcoming is not None
+            piece = await upcoming
+            upcoming = (
+                loop.run_in_executor(None, read_chunk, fd, layout, indexes[position + 1])
+                if position + 1 < len(indexes)
+                else None
+            )
+            await asyncio.wait_for(write_frame(writer, piece), stall_s)
+            sent += len(piece)
+            if rate_bps > 0:
+                ahead = started + sent / rate_bps - loop.time()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+    finally:
+        # A stalled or cut transfer leaves one read ahead; the caller closes ``fd`` next, so that
+        # read may fail: cancelling its future drops the outcome (no "exception never retrieved").
+        if upcoming is not None:
+            upcoming.cancel()
     return sent
 
 
