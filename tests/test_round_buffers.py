@@ -205,6 +205,15 @@ def test_encode_difference_is_encode_of_the_difference_byte_for_byte(n, spec):
     b[: n // 3] = a[: n // 3]  # whole zero blocks too
     assert encode_difference(a, b, spec, chunk_elements=512) == encode(a - b, spec)
     assert encode_difference(a, b, spec) == encode(a - b, spec)
+    blocks: list[tuple[int, int]] = []
+    assert encode_difference(
+        a, b, spec, chunk_elements=512, after_block=lambda *r: blocks.append(r)
+    ) == encode(a - b, spec)
+    # after_block covers [0, n) once, in order, in blocks no larger than the chunk (whole for fp16)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(end == start for (_, end), (start, _) in zip(blocks, blocks[1:], strict=False))
+    if spec.name == "int8":
+        assert max(end - start for start, end in blocks) <= max(512, spec.block_size)
     a[n // 2] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf"):
         encode_difference(a, b, spec, chunk_elements=512)

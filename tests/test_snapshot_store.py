@@ -99,3 +99,39 @@ def test_a_cut_upload_leaves_no_orphaned_read_to_fail_after_its_file_is_closed(t
 
     asyncio.run(serve())
     assert reported == []
+
+
+def test_a_large_frame_reaches_the_reader_whole_without_a_second_copy_in_the_transport():
+    """write_frame hands a big frame to the transport a slice at a time: asyncio (3.11) copied the
+    part the socket did not take into its buffer, a second 126 MB for a 124M params answer."""
+    import asyncio
+    import socket
+
+    from p2pfm.daemon.net import WRITE_SLICE, read_frame, write_frame
+
+    data = bytes(range(256)) * ((8 << 20) // 256)  # 8 MiB
+
+    async def exchange() -> tuple[bytes, int]:
+        left, right = socket.socketpair()
+        reader, reader_side = await asyncio.open_connection(sock=left)  # both ends kept: a
+        writer_side, writer = await asyncio.open_connection(sock=right)  # collected one closes
+        buffered = [0]
+
+        async def watch() -> None:  # what the transport holds while the reader is slow
+            while True:
+                buffered[0] = max(buffered[0], writer.transport.get_write_buffer_size())
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        sending = asyncio.create_task(write_frame(writer, data))
+        received = await read_frame(reader, len(data))
+        await sending
+        watcher.cancel()
+        writer.close()
+        reader_side.close()
+        assert writer_side is not None
+        return received, buffered[0]
+
+    received, buffered = asyncio.run(exchange())
+    assert received == data
+    assert buffered <= WRITE_SLICE + (1 << 16), buffered

@@ -53,3 +53,48 @@ def test_dropping_the_pages_takes_a_read_mapping_out_of_the_resident_set(tmp_pat
     dropped = _rss_file_bytes()
     assert paged_in - dropped > size // 2, (paged_in, dropped)
     assert float(mapped.sum(dtype=np.float64)) == total  # read again, from the page cache
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile is Linux's /proc")
+def test_dropping_a_block_of_pages_leaves_the_rest_of_the_mapping_resident(tmp_path: Path):
+    """A params answer drops each block of the initial parameters behind it (encode_sync's
+    after_block): only that block's pages leave, the values stay the same."""
+    size = 64 << 20
+    mapped = map_initial_params(tmp_path, np.arange(size // 4, dtype=np.float32))
+    drop_mapped_pages(mapped)
+    total = float(mapped.sum(dtype=np.float64))  # all pages in
+    paged_in = _rss_file_bytes()
+    half = mapped.size // 2
+    drop_mapped_pages(mapped, 0, half)
+    after_half = _rss_file_bytes()
+    assert size // 4 < paged_in - after_half < size * 3 // 4, (paged_in, after_half)
+    drop_mapped_pages(mapped, half, mapped.size)
+    assert after_half - _rss_file_bytes() > size // 4
+    drop_mapped_pages(mapped, 5, 3)  # an empty range is nothing to do
+    drop_mapped_pages(mapped, 7, 9)  # inside one page: widened to it
+    assert float(mapped.sum(dtype=np.float64)) == total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile is Linux's /proc")
+def test_a_params_answer_leaves_no_more_than_a_block_of_the_initial_parameters_resident(tmp_path: Path):
+    """What PeerProtocol.serve_params does with the daemon's hook (peer.py sets ``initial_read`` to
+    ``partial(drop_mapped_pages, initial)``): encode_sync reads the mapping once and drops each
+    block behind it, so an answer no longer costs 4 bytes per parameter of resident file pages."""
+    from p2pfm.core.codecs import CodecSpec
+    from p2pfm.core.gossip import encode_sync
+
+    n = (64 << 20) // 4
+    mapped = map_initial_params(tmp_path, np.zeros(n, np.float32))
+    drop_mapped_pages(mapped)
+    params = np.full(n, 0.5, np.float32)
+    config = type("Config", (), {"sync_codec": CodecSpec("int8")})()
+    before = _rss_file_bytes()
+    peak = [0]
+
+    def drop_and_watch(start: int, end: int) -> None:
+        drop_mapped_pages(mapped, start, end)
+        peak[0] = max(peak[0], _rss_file_bytes() - before)
+
+    wire = encode_sync(params, mapped, config, after_block=drop_and_watch)  # type: ignore[arg-type]
+    assert wire["numel"] == n
+    assert peak[0] < 16 << 20, peak  # a 4 MiB block (plus read-ahead), never the 64 MiB mapping

@@ -37,7 +37,7 @@ import itertools
 import math
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
@@ -664,7 +664,12 @@ def encode_sparse(
 
 
 def encode_difference(
-    a: np.ndarray, b: np.ndarray, spec: CodecSpec, *, chunk_elements: int = 1 << 20
+    a: np.ndarray,
+    b: np.ndarray,
+    spec: CodecSpec,
+    *,
+    chunk_elements: int = 1 << 20,
+    after_block: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`encode` of ``a - b``; for int8 a block-aligned chunk at a time, with no full-size temporary.
 
@@ -673,11 +678,18 @@ def encode_difference(
     whole bench run. int8 works block by block, so chunks that start on a block boundary give the
     same scales and values, byte for byte (a test compares them); only the two output arrays are
     full-size (1 byte per value). Other codecs get ``encode(a - b, spec)``.
+
+    ``after_block(start, end)`` is called once elements ``[start, end)`` of both inputs have been
+    read for the last time (once, with ``(0, n)``, for other codecs): a caller whose ``b`` is a
+    file mapping takes the pages it just read back out of its resident set (0.5 GB at 124M).
     """
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.shape != b.shape:
         raise ValueError("a and b must be numpy arrays of the same shape")
     if spec.name != "int8" or not isinstance(_codec_of(spec), Int8Codec):
-        return encode(a - b, spec)
+        wire = encode(a - b, spec)
+        if after_block is not None:
+            after_block(0, int(a.size))
+        return wire
     x, y = _check_input(a), _check_input(b)  # 1-D float32 of an allowed size
     n, block = int(x.size), spec.block_size
     step = max(1, chunk_elements // block) * block
@@ -688,6 +700,8 @@ def encode_difference(
         chunk_scales, chunk_q = _quantize_int8(x[start:end] - y[start:end], block)  # checks finiteness
         scales[start // block : start // block + chunk_scales.size] = chunk_scales
         q[start:end] = chunk_q
+        if after_block is not None:
+            after_block(start, end)
     return {"codec": "int8", "numel": n, "block": block, "scales": scales.tobytes(), "values": q.tobytes()}
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -181,13 +181,20 @@ def needs_catch_up(own_round: int, newest_round: int, config: GossipConfig, *, j
     return newest_round - own_round > config.max_round_lag
 
 
-def encode_sync(params: np.ndarray, initial: np.ndarray, config: GossipConfig) -> dict:
+def encode_sync(
+    params: np.ndarray,
+    initial: np.ndarray,
+    config: GossipConfig,
+    *,
+    after_block: Callable[[int, int], None] | None = None,
+) -> dict:
     """A consensus-pull answer: ``sync_codec`` of the parameters' difference from the run's initial ones.
 
     Every peer builds the initial parameters from the run seed, so the codec's error is relative to
-    what training changed, not to the weights themselves.
+    what training changed, not to the weights themselves. ``after_block``: see
+    :func:`~p2pfm.core.codecs.encode_difference` (int8: no 0.5 GB temporaries at 124M).
     """
-    return encode_difference(params, initial, config.sync_codec)  # int8: no 0.5 GB temporaries at 124M
+    return encode_difference(params, initial, config.sync_codec, after_block=after_block)
 
 
 def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:

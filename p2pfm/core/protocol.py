@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,6 +276,10 @@ class PeerProtocol:
         self.identity = setup.identity
         self.peer_id = setup.identity.peer_id
         self.initial_params = initial_params
+        # Told which elements of ``initial_params`` a params answer has read for the last time
+        # (``encode_sync``'s ``after_block``): the daemon, whose initial parameters are a file
+        # mapping, takes those pages back out of its resident set block by block.
+        self.initial_read: Callable[[int, int], None] | None = None
         self.learner = GossipLearner(initial_params, setup.gossip, round=round)
         self.phase = Phase.STARTING
         self.seq = seq
@@ -545,7 +549,9 @@ class PeerProtocol:
 
     def serve_params(self, request: Envelope, now: float) -> bytes:
         """A signed ``params_sync`` answer: ``sync_codec`` of our params - initial, echoing the nonce."""
-        wire = encode_sync(self.learner.params, self.initial_params, self.config)
+        wire = encode_sync(
+            self.learner.params, self.initial_params, self.config, after_block=self.initial_read
+        )
         return self.seal(
             "params_sync", {"tensor": wire, "round": self.round, "nonce": request.payload["nonce"]}, now
         )

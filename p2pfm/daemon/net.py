@@ -37,9 +37,22 @@ class FrameTooLarge(Oversize):
     """A peer announced a frame larger than we accept; the stream is dropped unread."""
 
 
+WRITE_SLICE = 1 << 20  # bytes handed to the transport at once (see write_frame)
+
+
 async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """One length-prefixed frame. A large frame goes to the transport ``WRITE_SLICE`` at a time,
+    each drained before the next: asyncio's socket transport (3.11) copies whatever the socket
+    did not take at once into its own buffer, so writing a 126 MB params answer in one call held
+    a second copy of it until the asker had read it all."""
     writer.write(len(data).to_bytes(FRAME_HEADER, "big"))
-    writer.write(data)
+    if len(data) <= WRITE_SLICE:
+        writer.write(data)
+    else:
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_SLICE):
+            writer.write(view[start : start + WRITE_SLICE])
+            await writer.drain()
     await writer.drain()
 
 

@@ -22,6 +22,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from p2pfm.daemon.readings import ReadingSource
 from p2pfm.daemon.records import LeaveRecord, StartRecord
 from p2pfm.daemon.rounds import RoundDriver
 from p2pfm.daemon.runtime import PeerRuntime, load_or_create_identity
-from p2pfm.daemon.snapshots import map_initial_params
+from p2pfm.daemon.snapshots import drop_mapped_pages, map_initial_params
 from p2pfm.daemon.trainer import LocalTrainer, ModelAdapter
 from p2pfm.model.data import ShardSpec
 from p2pfm.model.device import resolve_device
@@ -141,6 +142,8 @@ class PeerDaemon:
         # Sequence numbers start at the clock in ms: monotone across restarts, never reusing (key, seq).
         initial = map_initial_params(config.work_dir / "snapshots", trainer.flat())  # file-backed, not heap
         self.protocol = PeerProtocol(setup, initial, seq=time.time_ns() // 1_000_000)
+        # A params answer reads the mapping once, block by block: each block's pages leave our RSS behind it.
+        self.protocol.initial_read = partial(drop_mapped_pages, initial)
         self.runtime = PeerRuntime(
             config=config, protocol=self.protocol, trainer=trainer,
             net=PeerNetwork(config.net, identity, config.run_id, admission),

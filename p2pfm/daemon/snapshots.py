@@ -140,8 +140,12 @@ def mapping_of(array: object) -> mmap.mmap | None:
     return base if isinstance(base, mmap.mmap) else None
 
 
-def drop_mapped_pages(array: object) -> None:
+def drop_mapped_pages(array: object, start: int = 0, end: int | None = None) -> None:
     """Take a mapped array's pages out of this process's resident set (they stay in the page cache).
+
+    ``start``/``end``: only the pages under elements ``[start, end)`` of a 1-D ``array`` (widened
+    to whole pages: a neighbour's page dropped early is only read again). Readers that walk the
+    array block by block drop each block behind them, so the mapping never adds more than a block.
 
     The initial parameters are read every few rounds (a params answer, a state check, a sync) and
     each read pages in all 0.5 GB at 124M parameters, which then count in RSS until the kernel
@@ -150,5 +154,23 @@ def drop_mapped_pages(array: object) -> None:
     from the cache (or the file). Safe while another thread reads the array. No-op elsewhere.
     """
     mapping = mapping_of(array)
-    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if start == 0 and end is None:
         mapping.madvise(mmap.MADV_DONTNEED)
+        return
+    assert isinstance(array, np.ndarray) and array.ndim == 1
+    origin = array.__array_interface__["data"][0] - _address_of(mapping)  # a view's offset in the mapping
+    stop = array.size if end is None else min(end, array.size)
+    if stop <= start:
+        return
+    first = origin + start * array.itemsize
+    last = origin + stop * array.itemsize
+    first -= first % mmap.PAGESIZE
+    last = min(len(mapping), -(-last // mmap.PAGESIZE) * mmap.PAGESIZE)
+    mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    """Where ``mapping`` starts in our address space (a zero-copy numpy view tells us)."""
+    return np.frombuffer(mapping, np.uint8, count=1).__array_interface__["data"][0] if len(mapping) else 0
