@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,6 +71,46 @@ def peak_rss_of(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def rss_of(pid: int) -> int:
+    """VmRSS of a live process (bytes); 0 if it is gone or this is not Linux."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PhasePeaks:
+    """Each peer's peak RSS per phase of the run ("training", then "joining": while the joiner
+    downloads), sampled from ``/proc`` every ``period_s`` in a thread: VmHWM alone cannot say
+    whether a peak came from a peer's own rounds or from serving a joiner."""
+
+    def __init__(self, period_s: float = 0.2) -> None:
+        self.period_s = period_s
+        self.phase = "training"
+        self.pids: list[int] = []
+        self.peaks: dict[int, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            phase = self.phase
+            for pid in list(self.pids):
+                peaks = self.peaks.setdefault(pid, {})
+                peaks[phase] = max(peaks.get(phase, 0), rss_of(pid))
 
 
 def round_split(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -141,9 +182,12 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
     ]  # fmt: skip
     swarm = LocalSwarm(out_dir / preset, peer_args, threads_per_peer=threads, run_id=f"bench-scale-{preset}")
     result: dict[str, Any] = {"preset": preset, "plain": plain}
+    sampler = PhasePeaks()
     try:
+        sampler.start()
         for index in range(config.peers):
             swarm.start_peer(swarm.add_peer(shard=index, num_shards=config.peers + 1), wait=index == 0)
+            sampler.pids.append(swarm.peers[-1].process.pid)
         log(f"[{preset}] {config.peers} peers training {config.rounds + 1} rounds ...")
         _wait(
             lambda: min(_rounds(p) for p in swarm.peers) >= config.rounds + 1,
@@ -152,6 +196,7 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
         trainers = list(swarm.peers)
         log(f"[{preset}] a joiner downloads the state ...")
         joiner = swarm.add_peer(shard=config.peers, num_shards=config.peers + 1, extra=["--rounds", "0"])
+        sampler.phase = "joining"
         swarm.start_peer(joiner)
         _wait(
             lambda: any(r.get("event") == "state_download" for r in joiner.metrics()),
@@ -160,7 +205,9 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
         peaks = [peak_rss_of(p.process.pid) for p in swarm.peers]
         statuses = [p.status() for p in swarm.peers]
     finally:
+        sampler.stop()
         swarm.stop_all()
+    phase_peaks = [sampler.peaks.get(p.process.pid, {}) for p in swarm.peers]
     download = next(r for r in joiner.metrics() if r.get("event") == "state_download")
     state_bytes = int(download.get("bytes") or 0)
     download_seconds = float(download.get("seconds") or 0.0)
@@ -170,8 +217,15 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
         {
             "params": plain["params"],
             "peers": [
-                {"peak_rss": peak, "memory": status.get("memory", {}), "split": split}
-                for peak, status, split in zip(peaks, statuses, [*splits, {}], strict=True)
+                {
+                    "peak_rss": peak,
+                    "peak_rss_by_phase": phases,
+                    "memory": status.get("memory", {}),
+                    "split": split,
+                }
+                for peak, phases, status, split in zip(
+                    peaks, phase_peaks, statuses, [*splits, {}], strict=True
+                )
             ],
             "peak_rss_ratio": max(peaks[: config.peers]) / plain["peak_rss"] if plain["peak_rss"] else None,
             "joiner_peak_rss": peaks[-1],
@@ -254,6 +308,15 @@ def format_report(report: dict[str, Any]) -> str:
             f"{d['mb_per_s'] or float('nan'):>8.1f} {d['tcp_mb_per_s'] or float('nan'):>8.1f} "
             f"{pct(d['ratio_to_tcp']):>6}"
         )
+        by_phase = [p.get("peak_rss_by_phase") or {} for p in r["peers"][: c["peers"]]]
+        if any(by_phase) and r["plain"]["peak_rss"]:
+            plain_rss = r["plain"]["peak_rss"]
+            parts = [
+                f"peer {i}: {mb(ph.get('training'))} ({ph.get('training', 0) / plain_rss:.2f}x) training, "
+                f"{mb(ph.get('joining'))} ({ph.get('joining', 0) / plain_rss:.2f}x) while the joiner downloads"
+                for i, ph in enumerate(by_phase)
+            ]
+            lines.append(f"{'':>8} sampled VmRSS peaks: " + "; ".join(parts))
     lines.append(
         "codec = top-k + int8 with error feedback + sign; receive = verify + decode on arrival; merge = "
         "aggregate + outer step + load; snap = pack + hash the served state; other = waits, pushes, eval; "
