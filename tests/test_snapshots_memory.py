@@ -98,3 +98,25 @@ def test_a_params_answer_leaves_no_more_than_a_block_of_the_initial_parameters_r
     wire = encode_sync(params, mapped, config, after_block=drop_and_watch)  # type: ignore[arg-type]
     assert wire["numel"] == n
     assert peak[0] < 16 << 20, peak  # a 4 MiB block (plus read-ahead), never the 64 MiB mapping
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile is Linux's /proc")
+def test_a_downloaded_states_copy_on_write_mapping_drops_its_pages_and_keeps_its_values(tmp_path: Path):
+    """A joiner adopts views of its downloaded file's private mapping (``PartialState.open_state``),
+    copies them, and drops the mapping's pages (``RoundDriver.catch_up``): values stay readable."""
+    import mmap as mmap_module
+
+    size = 32 << 20
+    path = tmp_path / "partial.state"
+    path.write_bytes(np.arange(size // 4, dtype=np.float32).tobytes())
+    with open(path, "rb") as source:
+        mapping = mmap_module.mmap(source.fileno(), size, access=mmap_module.ACCESS_COPY)
+    params = np.frombuffer(mapping, np.float32)[1024:]  # a view, as unpack_arrays gives
+    assert mapping_of(params) is mapping
+    before = _rss_file_bytes()
+    total = float(params.sum(dtype=np.float64))
+    assert _rss_file_bytes() - before > size // 2
+    drop_mapped_pages(params)
+    assert _rss_file_bytes() - before < size // 4
+    path.unlink()  # discard(): the mapping keeps the inode
+    assert float(params.sum(dtype=np.float64)) == total

@@ -198,8 +198,15 @@ def encode_sync(
 
 
 def decode_sync(wire: dict, initial: np.ndarray) -> np.ndarray:
-    """Parameters from an :func:`encode_sync` answer (raises a Reject subclass on bad input)."""
-    return (initial + decode(wire, expected_numel=initial.size)).astype(np.float32)
+    """Parameters from an :func:`encode_sync` answer (raises a Reject subclass on bad input).
+
+    The decoded difference is added to ``initial`` in its own array when it is a float32 one of
+    ours (the same IEEE sum): ``(initial + d).astype(float32)`` made two more 0.5 GB arrays at 124M.
+    """
+    difference = decode(wire, expected_numel=initial.size)
+    if initial.dtype == np.float32 and difference.dtype == np.float32 and difference.flags.writeable:
+        return np.add(difference, initial.reshape(difference.shape), out=difference)
+    return (initial + difference).astype(np.float32)
 
 
 def aggregate(
@@ -511,22 +518,39 @@ class GossipLearner:
                 self.params = candidate
         return self.params.copy(), len(received)
 
-    def mix_with(self, partner_params: np.ndarray, partner_round: int, weight: float | None = None) -> None:
-        """Move towards a peer's parameters (periodic sync). Rounds take the max, so laggards catch up."""
+    def _check_partner(self, partner_params: np.ndarray) -> None:
         if partner_params.shape != self.params.shape:
             raise ShapeMismatch(f"partner state has {partner_params.size} entries, model has {self.numel}")
-        if not np.isfinite(partner_params).all():
+        if not all_finite(partner_params):  # no 124 MB bool array at 124M parameters
             raise NonFinite("partner state contains NaN or Inf")
+
+    def mix_with(self, partner_params: np.ndarray, partner_round: int, weight: float | None = None) -> None:
+        """Move towards a peer's parameters (periodic sync). Rounds take the max, so laggards catch up."""
+        self._check_partner(partner_params)
         alpha = self.config.sync_weight if weight is None else weight
-        self.params = ((1.0 - alpha) * self.params + alpha * partner_params).astype(np.float32)
+        if partner_params.dtype == np.float32:
+            # ``(1 - a) * params + a * partner`` in float32, the same three operations and bits, in
+            # two model-sized arrays instead of four (a new one: the old anchor may still be read).
+            blended = np.multiply(self.params, 1.0 - alpha)
+            blended += np.multiply(partner_params, alpha)
+            self.params = blended
+        else:
+            self.params = ((1.0 - alpha) * self.params + alpha * partner_params).astype(np.float32)
         # A laggard catches up, but never further than one peer's word may carry it.
         self.round = max(self.round, min(partner_round, self.round + future_window(self.config)))
 
     def adopt(self, params: np.ndarray, round: int) -> None:
-        """Replace our state with a live peer's (joining, or too far behind to mix)."""
-        self.mix_with(params, round, weight=1.0)
+        """Replace our state with a live peer's (joining, or too far behind to mix).
+
+        An exact float32 copy of ``params`` (not ``0 * ours + 1 * theirs``, which made four 0.5 GB
+        arrays at 124M parameters and could turn a -0.0 into +0.0), and fresh zero momentum
+        (``np.zeros``: pages untouched until a momentum step writes them; zeroing the old array
+        in place made all 0.5 GB resident even at outer momentum 0).
+        """
+        self._check_partner(params)
+        self.params = np.array(params, dtype=np.float32)
         self.round = round
-        self.momentum[:] = 0.0
+        self.momentum = np.zeros(self.params.shape, np.float32)
         self.feedback.reset()
 
     # --- checkpoints: plain arrays and ints only, nothing executable -----------------

@@ -36,6 +36,7 @@ from p2pfm.daemon.records import (
     StateRefusedRecord,
 )
 from p2pfm.daemon.runtime import PeerRuntime
+from p2pfm.daemon.snapshots import drop_mapped_pages
 from p2pfm.daemon.trainer import StepStats
 
 log = logging.getLogger("p2pfm.peer")
@@ -200,10 +201,16 @@ class RoundDriver:
                 continue
             self.protocol.adopt(arrays["params"], round_)
             rt.trainer.load_flat(self.protocol.params)
+            # The arrays are views of the downloaded file's mapping: whatever was read of it counts
+            # in our RSS until dropped (1.5 GB at 124M). Copied now, so their pages leave, and the
+            # initial parameters' pages the confirmation read with them.
+            drop_mapped_pages(arrays["params"])
+            rt.release_cold_pages()
             try:
                 rt.trainer.load_optimizer_arrays({k: v for k, v in arrays.items() if k.startswith("opt.")})
             except (ValueError, KeyError) as exc:
                 log.warning("donor optimizer state unusable (%s); keeping ours", exc)
+            drop_mapped_pages(arrays["params"])  # the moments' pages too (one mapping for the state)
             self.client.partial().discard()  # adopted: the file goes (our copies are made)
             del arrays
             rt.refresh_snapshot()
