@@ -316,6 +316,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{mb(ph.get('joining'))} ({ph.get('joining', 0) / plain_rss:.2f}x) while the joiner downloads"
                 for i, ph in enumerate(by_phase)
             ]
+            joiner = r.get("joiner_peak_rss") or 0
+            parts.append(f"joiner: {mb(joiner)} ({joiner / plain_rss:.2f}x, VmHWM)")
             lines.append(f"{'':>8} sampled VmRSS peaks: " + "; ".join(parts))
     lines.append(
         "codec = top-k + int8 with error feedback + sign; receive = verify + decode on arrival; merge = "
