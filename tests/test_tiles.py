@@ -321,3 +321,49 @@ def test_learner_rounds_on_the_sampled_path_match_plain_numpy(config):
             np.testing.assert_array_equal(bits(learners[i].params), bits(ref_params[i]))
             np.testing.assert_array_equal(bits(learners[i].momentum), bits(ref_momentum[i]))
             np.testing.assert_array_equal(bits(learners[i].feedback.residual), bits(ref_feedback[i].residual))
+
+
+@pytest.mark.parametrize("n,tile", [(1, 1), (1000, 7), (1000, 1 << 16)])
+def test_nesterov_updates_momentum_in_place_with_the_same_bits(n, tile):
+    rng = np.random.default_rng(n)
+    params, momentum, combined = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    want_momentum = np.multiply(momentum, 0.9)
+    want_momentum += combined
+    want_step = np.multiply(want_momentum, 0.9)
+    want_step += combined
+    assert tiles.nesterov_step_is_finite(params, momentum, combined, 0.9, 0.7, tile=tile)
+    tiles.nesterov_into(momentum, combined, 0.9, momentum, combined, tile=tile)
+    np.testing.assert_array_equal(bits(momentum), bits(want_momentum))
+    np.testing.assert_array_equal(bits(combined), bits(want_step))
+
+
+@pytest.mark.parametrize("where", [0, 6, 7, 999])
+def test_nesterov_step_is_finite_finds_an_overflow_in_any_tile_and_writes_nothing(where):
+    rng = np.random.default_rng(where)
+    params, momentum, combined = (rng.standard_normal(1000).astype(np.float32) for _ in range(3))
+    combined[where] = np.float32(-3e38)  # step = 1.9 x that overflows
+    kept = [array.copy() for array in (params, momentum, combined)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not tiles.nesterov_step_is_finite(params, momentum, combined, 0.9, 1.0, tile=7)
+    for array, copy in zip((params, momentum, combined), kept, strict=True):
+        np.testing.assert_array_equal(bits(array), bits(copy))
+
+
+def test_a_round_that_would_overflow_is_dropped_and_leaves_the_momentum_alone():
+    """With outer momentum the new momentum is written in place, so only after the round is known kept."""
+    n = 1000
+    config = GossipConfig(aggregation="mean", outer_momentum=0.9, outer_lr=0.7)
+    rng = np.random.default_rng(15)
+    init = rng.standard_normal(n).astype(np.float32)
+    learner = GossipLearner(init, config)
+    learner.momentum[:] = rng.standard_normal(n).astype(np.float32)
+    params, momentum = learner.params.copy(), learner.momentum.copy()
+    learner.make_update(init - np.float32(1e-3))
+    for sender in ("a", "c"):  # two updates of -3e38: their sum overflows float32
+        peer = GossipLearner(init, config)
+        learner.receive(sender, 0, peer.make_update(init + np.float32(3e38)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        anchor, report = learner.finish_round(2)
+    assert report.rolled_back and report.applied_norm == 0.0
+    np.testing.assert_array_equal(bits(anchor), bits(params))
+    np.testing.assert_array_equal(bits(learner.momentum), bits(momentum))

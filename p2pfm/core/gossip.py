@@ -443,32 +443,35 @@ class GossipLearner:
             )
             del own, received
             # The step and the new anchor are written into the round buffer (which becomes the
-            # anchor): no model-sized temporary at outer momentum 0, and one (the new momentum)
-            # otherwise. Cache-tiled (p2pfm.core.tiles): the float32 operations of
-            # ``momentum * mu + combined``, ``momentum * mu + combined`` again for the Nesterov
-            # step, ``params - step * lr`` and the finiteness test, each vector read once; the
-            # step's norm stays a dot product over the whole vector, so it rounds as before.
-            momentum = self.momentum
-            step = combined
-            if self.config.outer_momentum > 0.0:
-                momentum = np.empty_like(self.momentum)
-                tiles.nesterov_into(self.momentum, combined, self.config.outer_momentum, momentum, buffer)
-                step = buffer
-                del combined
-            step_norm = norm(step)
+            # anchor): no model-sized temporary. Cache-tiled (p2pfm.core.tiles): the float32
+            # operations of ``momentum * mu + combined``, ``momentum * mu + combined`` again for
+            # the Nesterov step, ``params - step * lr`` and the finiteness test, each vector read
+            # once; the step's norm stays a dot product over the whole vector, so it rounds as before.
             # Decoded updates are finite, but finite sums can overflow float32: a model with NaN/Inf
             # is never taken (nor checkpointed, served or announced); the round's step is dropped.
-            rolled_back = not tiles.outer_step_into(self.params, step, self.config.outer_lr, buffer)
-            candidate = buffer
-            del step
+            mu, lr = self.config.outer_momentum, self.config.outer_lr
+            step_norm = 0.0
+            if mu > 0.0:
+                # The new momentum goes into the old one's array, so it must be known first that
+                # the round is kept: a read-only pass computes the candidate anchor tile by tile
+                # (the same operations as below) and only tests it. A fresh 0.5 GB momentum array
+                # a round (at 124M) cost more in page faults than this pass reads.
+                rolled_back = not tiles.nesterov_step_is_finite(self.params, self.momentum, combined, mu, lr)
+                if not rolled_back:
+                    tiles.nesterov_into(self.momentum, combined, mu, self.momentum, buffer)
+                    step_norm = norm(buffer)
+                    # The same operations on the same operands as the test: finite again.
+                    tiles.outer_step_into(self.params, buffer, lr, buffer)
+            else:
+                step_norm = norm(combined)
+                rolled_back = not tiles.outer_step_into(self.params, combined, lr, buffer)
+            del combined
         if not rolled_back:
             old = self.params
-            self.params, self.momentum = candidate, momentum
-            if candidate is buffer:
-                self._buffer = None
-                self._recycle(old)
+            self.params = buffer
+            self._buffer = None
+            self._recycle(old)
             del old
-        del candidate
         report = RoundReport(
             round=self.round,
             received=received_count,

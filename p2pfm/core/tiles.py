@@ -100,8 +100,8 @@ def nesterov_into(
 
     The outer Nesterov step's two vectors with the operations (and operand order) of the untiled
     ``np.multiply(momentum, mu)``, ``+= combined``, ``np.multiply(new momentum, mu)``, ``+= combined``.
-    ``step_out`` may be ``combined`` itself (it is then overwritten); ``momentum_out`` must be a
-    separate array.
+    ``step_out`` may be ``combined`` itself (it is then overwritten), and ``momentum_out`` may be
+    ``momentum`` itself (updated in place); otherwise the arrays must not overlap.
     """
     tile = _check_tile(tile)
     n = momentum_out.size
@@ -111,6 +111,39 @@ def nesterov_into(
         new = np.multiply(momentum[start:end], mu, out=momentum_out[start:end])
         np.add(new, combined[start:end], out=new)
         np.add(np.multiply(new, mu, out=scaled[: end - start]), combined[start:end], out=step_out[start:end])
+
+
+def nesterov_step_is_finite(
+    params: np.ndarray,
+    momentum: np.ndarray,
+    combined: np.ndarray,
+    mu: float,
+    lr: float,
+    *,
+    tile: int = TILE,
+) -> bool:
+    """Whether :func:`nesterov_into` then :func:`outer_step_into` would give a finite anchor; writes nothing.
+
+    The same operations on the same operands, tile by tile, into tile temporaries: the answer is
+    the one :func:`outer_step_into` would give afterwards, so the caller may update ``momentum`` in
+    place only once it knows the round is kept.
+    """
+    tile = _check_tile(tile)
+    n = params.size
+    new = np.empty(min(tile, n), np.float32)
+    step = np.empty(new.size, np.float32)
+    for start in range(0, n, tile):
+        end = min(n, start + tile)
+        size = end - start
+        np.multiply(momentum[start:end], mu, out=new[:size])
+        np.add(new[:size], combined[start:end], out=new[:size])
+        np.multiply(new[:size], mu, out=step[:size])
+        np.add(step[:size], combined[start:end], out=step[:size])
+        np.multiply(step[:size], lr, out=step[:size])
+        candidate = np.subtract(params[start:end], step[:size], out=step[:size])
+        if not (np.isfinite(candidate.max()) and np.isfinite(candidate.min())):
+            return False
+    return True
 
 
 def outer_step_into(
