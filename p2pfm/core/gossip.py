@@ -539,6 +539,8 @@ class GossipLearner:
 
     # --- checkpoints: plain arrays and ints only, nothing executable -----------------
     def state_arrays(self) -> dict[str, np.ndarray]:
+        """The live arrays, not copies: later rounds overwrite the momentum and residual arrays in
+        place (and reuse the anchor's as a buffer once no one refers to it); copy what is kept."""
         return {
             "params": self.params,
             "momentum": self.momentum,
