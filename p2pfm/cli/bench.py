@@ -1,4 +1,4 @@
-"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``, ``fuzz``).
+"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``, ``fuzz``, ``scale``, ``round``).
 
 To add one, write ``register_<name>(bench_subparsers)`` that declares its flags and sets
 ``handler``, and append it to :data:`BENCHES`. Handlers import the bench module lazily so
@@ -339,11 +339,56 @@ def _run_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_round(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench round``: seconds of a round's arithmetic (make_update, receive, finish_round)."""
+    parser = bench_subparsers.add_parser(
+        "round",
+        help="seconds of one peer's round arithmetic at any size, and a digest to compare code versions",
+        description=(
+            "Two in-process gossip learners (no torch, no network) run rounds: local = anchor + noise, "
+            "make_update, receive the other's update, finish_round. Prints seconds per part (first "
+            "round, best of the rest) and a SHA-256 of every wire and final array: two versions of the "
+            "code with the same digest computed the same bits. See p2pfm/bench/round.py."
+        ),
+    )
+    parser.add_argument("--numel", type=int, default=10_000_000, help="parameters (default 10,000,000)")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the first (default 3)")
+    parser.add_argument("--codec", default="topk", help="codec id (default topk: top-1%% + int8)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="outer Nesterov momentum (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the anchor and noise (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=_run_round)
+
+
+def _run_round(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from p2pfm.bench.round import RoundBenchConfig, format_report, run_round_bench
+    from p2pfm.config import ConfigError
+
+    try:
+        config = RoundBenchConfig(
+            numel=args.numel,
+            rounds=args.rounds,
+            codec=args.codec,
+            outer_momentum=args.momentum,
+            seed=args.seed,
+        )
+    except ConfigError as exc:
+        print(f"p2pfm: error: {exc}", file=sys.stderr)
+        return 2
+    result = run_round_bench(config)
+    print(json.dumps(result, indent=1, sort_keys=True) if args.json else format_report(result))
+    return 0
+
+
 BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [
     register_codecs,
     register_swarm,
     register_compare,
     register_fuzz,
     register_scale,
+    register_round,
 ]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""

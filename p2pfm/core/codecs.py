@@ -391,7 +391,8 @@ def topk_indices(x: np.ndarray, k: int, *, scratch: np.ndarray | None = None) ->
     A fixed-seed subsample gives a threshold t that leaves a little more than k candidates
     (|x| >= t); only those are partitioned. If the sample was unlucky and fewer than k
     candidates pass, the full vector is used. Either way the answer is exact: every entry
-    at least as large as the k-th largest is a candidate.
+    at least as large as the k-th largest is a candidate. (:mod:`p2pfm.core.tiles` finds the
+    same candidates in one cache-tiled pass that also builds ``x``: the same three steps.)
     """
     n = x.size
     if not 1 <= k <= n:
@@ -404,16 +405,41 @@ def topk_indices(x: np.ndarray, k: int, *, scratch: np.ndarray | None = None) ->
     if k == n:
         return np.arange(n, dtype=np.int64)
     cand: np.ndarray | None = None
-    if n > 4 * _TOPK_SAMPLE:
-        rng = np.random.default_rng(_TOPK_SEED)
-        sample = a[rng.integers(0, n, _TOPK_SAMPLE)]
-        expected = _TOPK_SAMPLE * k / n
-        rank = min(_TOPK_SAMPLE, math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0))
-        threshold = np.partition(sample, _TOPK_SAMPLE - rank)[_TOPK_SAMPLE - rank]
-        found = np.flatnonzero(a >= threshold)
+    if topk_samples(n):
+        found = np.flatnonzero(a >= topk_threshold(a[topk_sample_positions(n)], n, k))
         if found.size >= k:
             cand = found
-    values = a if cand is None else a[cand]
+    return topk_select(a if cand is None else a[cand], k, cand)
+
+
+def topk_samples(n: int) -> bool:
+    """Whether a top-k of ``n`` entries estimates its threshold from a sample (else: all entries)."""
+    return n > 4 * _TOPK_SAMPLE
+
+
+def topk_sample_positions(n: int) -> np.ndarray:
+    """The fixed-seed sample positions (with repeats) a top-k of ``n`` entries takes its threshold from."""
+    return np.random.default_rng(_TOPK_SEED).integers(0, n, _TOPK_SAMPLE)
+
+
+def topk_threshold(sample: np.ndarray, n: int, k: int) -> np.float32:
+    """The candidate threshold from ``|x|`` at :func:`topk_sample_positions` (``sample`` is reordered).
+
+    A rank a few standard deviations below the sample's expected count of top-k entries: a little
+    more than k entries of ``|x|`` are at least the threshold, unless the sample was unlucky.
+    """
+    expected = _TOPK_SAMPLE * k / n
+    rank = min(_TOPK_SAMPLE, math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0))
+    sample.partition(_TOPK_SAMPLE - rank)
+    return cast(np.float32, sample[_TOPK_SAMPLE - rank])
+
+
+def topk_select(values: np.ndarray, k: int, cand: np.ndarray | None) -> np.ndarray:
+    """The exact top-k among candidates: ``values`` is ``|x|`` at the sorted positions ``cand``
+    (None: at every position), holding every entry at least as large as the k-th largest of ``|x|``.
+
+    Sorted int64 positions in ``x``; ties at the k-th magnitude go to the lower index.
+    """
     kth = np.partition(values, values.size - k)[values.size - k]  # k-th largest magnitude
     picked = (values >= kth).nonzero()[0]  # at least k: everything above kth, and every tie with it
     if picked.size != k:  # ties at the k-th magnitude: all above it, then the lowest-index ties
@@ -643,22 +669,30 @@ class SparseVector:
 
 
 def encode_sparse(
-    vector: np.ndarray, spec: CodecSpec, *, scratch: np.ndarray | None = None
+    vector: np.ndarray,
+    spec: CodecSpec,
+    *,
+    scratch: np.ndarray | None = None,
+    indices: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], SparseVector]:
     """:func:`encode_with_decoded`, with the decoded vector kept sparse where the codec is (topk).
 
     The wire is the one :func:`encode` gives. ``scratch`` (topk only; see :func:`topk_indices`)
-    takes the encoder's model-sized temporary; a dense codec ignores it.
+    takes the encoder's model-sized temporary; a dense codec ignores it. ``indices`` (topk only):
+    what ``topk_indices(vector, k)`` returns, found by the caller (:mod:`p2pfm.core.tiles` finds
+    them while it builds ``vector``, which it also checked finite); they are not searched again.
     """
     if not isinstance(spec, CodecSpec):
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
     x = _check_input(vector)
     codec = _codec_of(spec)
     if isinstance(codec, TopkCodec):
-        wire, idx, values = codec.encode_parts(x, spec, with_decoded=True, scratch=scratch)
+        wire, idx, values = codec.encode_parts(x, spec, with_decoded=True, scratch=scratch, indices=indices)
         if values is None:  # with_decoded=True always gives values
             raise TypeError("topk returned no decoded values")
         return wire, SparseVector(int(x.size), values, idx)
+    if indices is not None:
+        raise ValueError(f"indices are for the topk codec, not {spec.name!r}")
     wire, dense = encode_with_decoded(x, spec)
     return wire, SparseVector(int(x.size), dense)
 
@@ -1035,16 +1069,27 @@ class TopkCodec(Codec):
         return wire, out
 
     def encode_parts(
-        self, x: np.ndarray, spec: CodecSpec, *, with_decoded: bool, scratch: np.ndarray | None = None
+        self,
+        x: np.ndarray,
+        spec: CodecSpec,
+        *,
+        with_decoded: bool,
+        scratch: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
     ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
         """The wire map, the sorted kept indices and (if ``with_decoded``) their decoded values.
 
         :meth:`encode` scatters the values into zeros; :func:`encode_sparse` keeps them sparse.
-        ``scratch``: see :func:`topk_indices`.
+        ``scratch``: see :func:`topk_indices`; ``indices``: see :func:`encode_sparse`.
         """
         n = int(x.size)
         k = topk_count(n, spec.topk_fraction)
-        idx = topk_indices(x, k, scratch=scratch)  # checks finiteness
+        if indices is None:
+            idx = topk_indices(x, k, scratch=scratch)  # checks finiteness
+        elif indices.dtype != np.int64 or indices.shape != (k,):
+            raise ValueError(f"indices must be {k} int64 positions, got {indices.dtype} {indices.shape}")
+        else:
+            idx = indices
         picked = x[idx]
         wire = {
             "codec": "topk",
@@ -1150,6 +1195,10 @@ __all__ = [
     "register_codec",
     "topk_count",
     "topk_indices",
+    "topk_sample_positions",
+    "topk_samples",
+    "topk_select",
+    "topk_threshold",
     "varint_decode",
     "varint_encode",
 ]

@@ -21,7 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from p2pfm.core.codecs import CodecSpec, SparseVector, all_finite, encode_sparse, encode_with_decoded
+from p2pfm.core import tiles
+from p2pfm.core.codecs import (
+    CODECS,
+    CodecSpec,
+    SparseVector,
+    TopkCodec,
+    all_finite,
+    encode_sparse,
+    encode_with_decoded,
+    topk_count,
+    topk_sample_positions,
+    topk_samples,
+    topk_select,
+    topk_threshold,
+)
 
 
 class ErrorFeedback:
@@ -69,17 +83,7 @@ class ErrorFeedback:
         fails (NaN/Inf in ``update + residual``), the residual is left untouched, as in
         :meth:`compress`; ``update`` is then garbage.
         """
-        if (
-            not isinstance(update, np.ndarray)
-            or update.dtype != np.float32
-            or update.shape != (self.numel,)
-            or not update.flags.c_contiguous
-            or not update.flags.writeable
-            or np.shares_memory(update, self.residual)
-        ):
-            raise ValueError(
-                f"update must be a writeable contiguous float32 array of shape ({self.numel},), not the residual"
-            )
+        self._check_out(update)
         corrected = np.add(update, self.residual, out=update)
         if not all_finite(corrected):  # before the residual serves as scratch: a failure leaves it intact
             raise ValueError("vector contains NaN or Inf; refusing to encode it")
@@ -91,6 +95,83 @@ class ErrorFeedback:
             corrected[sent.indices] -= sent.values
         self.residual = corrected
         return wire, sent, spare
+
+    def compress_difference_into(
+        self,
+        params: np.ndarray,
+        local: np.ndarray,
+        out: np.ndarray,
+        spec: CodecSpec,
+        *,
+        tile: int = tiles.TILE,
+    ) -> tuple[dict[str, Any], SparseVector, np.ndarray]:
+        """:meth:`compress_into` of ``params - local``, written into ``out``, in one cache-tiled pass.
+
+        ``out`` (writeable contiguous float32, numel; not the residual) receives ``params - local``,
+        then ``+ residual``, tile by tile (:func:`~p2pfm.core.tiles.corrected_into`); ``local`` may be
+        ``out`` itself. Bit for bit ``compress_into(params - local)``, with the same refusal (ValueError,
+        residual untouched) for NaN or Inf, and the same return values (``out`` becomes the residual,
+        the old residual array comes back as the caller's next buffer).
+
+        Untiled, the delta, the sum, the finiteness check, ``|.|`` and top-k's candidate search were
+        seven passes over three 0.5 GB arrays at 124M parameters; tiled, ``params``, ``local`` and
+        the residual are read once and ``out`` written once. Top-k's threshold comes from ``|x|`` at
+        fixed sample positions, which are computed first from the same operands with the same
+        float32 operations, so the threshold, the candidates and the exact selection among them are
+        those of :func:`~p2pfm.core.codecs.topk_indices` (including its fall back to the whole vector
+        when the sample leaves fewer than k candidates).
+        """
+        self._check_out(out)
+        if not (
+            isinstance(params, np.ndarray)
+            and isinstance(local, np.ndarray)
+            and params.shape == local.shape == (self.numel,)
+            and params.dtype == np.float32
+            and np.result_type(params, local) == np.float32
+        ):
+            raise ValueError(f"params and local must be float32-compatible of shape ({self.numel},)")
+        if (local is not out and np.may_share_memory(local, out)) or np.may_share_memory(params, out):
+            # An overlap other than "local is out" could change operands under a tile: untiled instead.
+            return self.compress_into(np.subtract(params, local, out=out), spec)
+        if not isinstance(spec, CodecSpec):
+            raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
+        n = self.numel
+        topk = isinstance(CODECS.get(spec.name), TopkCodec)  # what encode_sparse dispatches on
+        k = topk_count(n, spec.topk_fraction) if topk else n
+        threshold = None
+        if topk and k < n and topk_samples(n):
+            sample = tiles.sample_corrected(params, local, self.residual, topk_sample_positions(n))
+            threshold = topk_threshold(sample, n, k)
+        found = tiles.corrected_into(params, local, self.residual, out, threshold=threshold, tile=tile)
+        spare = self.residual  # finite: from here on the old residual is only scratch
+        indices: np.ndarray | None = None
+        if topk:
+            if k == n:
+                indices = np.arange(n, dtype=np.int64)
+            elif found is not None and found.size >= k:
+                indices = topk_select(np.abs(out[found]), k, found)
+            else:  # no sample (a small vector), or an unlucky one: the whole vector, as topk_indices does
+                indices = topk_select(np.abs(out, out=spare), k, None)
+        wire, sent = encode_sparse(out, spec, indices=indices)
+        if sent.indices is None:
+            np.subtract(out, sent.values, out=out)
+        else:
+            out[sent.indices] -= sent.values
+        self.residual = out
+        return wire, sent, spare
+
+    def _check_out(self, update: np.ndarray) -> None:
+        if (
+            not isinstance(update, np.ndarray)
+            or update.dtype != np.float32
+            or update.shape != (self.numel,)
+            or not update.flags.c_contiguous
+            or not update.flags.writeable
+            or np.shares_memory(update, self.residual)
+        ):
+            raise ValueError(
+                f"update must be a writeable contiguous float32 array of shape ({self.numel},), not the residual"
+            )
 
     def reset(self) -> None:
         """Forget the residual (e.g. after loading a fresh model from a peer)."""

@@ -30,11 +30,11 @@ from typing import Literal
 import numpy as np
 
 from p2pfm.config import require
+from p2pfm.core import tiles
 from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
 from p2pfm.core.codecs import (
     CodecSpec,
     SparseVector,
-    all_finite,
     decode,
     decode_sparse,
     encode_difference,
@@ -335,8 +335,11 @@ class GossipLearner:
         if np.result_type(self.params, local_params) != np.float32:  # as before: a float64 delta is refused
             raise ValueError(f"update must be float32, got local params of {local_params.dtype}")
         buffer = self.local_buffer()
-        delta = np.subtract(self.params, local_params, out=buffer)  # the same float32 subtraction
-        wire, sent, spare = self.feedback.compress_into(delta, self.config.codec)
+        # (anchor - local) + residual into the buffer, its finiteness and top-k's candidates in one
+        # cache-tiled pass: the float32 operations of np.subtract, then compress_into, bit for bit.
+        wire, sent, spare = self.feedback.compress_difference_into(
+            self.params, local_params, buffer, self.config.codec
+        )
         self._buffer = spare  # the delta became the residual; the old residual is the next buffer
         self._own = sent
         return wire
@@ -442,35 +445,40 @@ class GossipLearner:
             own.scatter(buffer)
             own_norm, received_count = norm(buffer), len(received)
             own.clear(buffer)
-            combined = rule_for(self.config).combine_sparse(own, received, expected_received, buffer)
+            combined = rule_for(self.config).combine_sparse(
+                own, received, expected_received, buffer, own_norm=own_norm
+            )
             del own, received
-            # In place where nothing is lost: at outer momentum 0 the combined step is written into
-            # the round buffer, which becomes the new anchor; no model-sized temporary at all.
-            # Same float32 operations, same bits (x + y == y + x in IEEE arithmetic).
-            momentum = self.momentum
-            step = combined
-            if self.config.outer_momentum > 0.0:
-                mu = self.config.outer_momentum
-                momentum = np.multiply(self.momentum, mu)
-                momentum += combined
-                step = np.multiply(momentum, mu)
-                step += combined  # Nesterov: combined + mu * momentum
-                del combined
-            step_norm = norm(step)
-            candidate = np.multiply(step, self.config.outer_lr, out=step)  # the step is not needed after
-            np.subtract(self.params, candidate, out=candidate)
-            del step
-        # Decoded updates are finite, but finite sums can overflow float32: a model with NaN/Inf
-        # is never taken (nor checkpointed, served or announced); the round's step is dropped.
-        rolled_back = not all_finite(candidate)
+            # The step and the new anchor are written into the round buffer (which becomes the
+            # anchor): no model-sized temporary. Cache-tiled (p2pfm.core.tiles): the float32
+            # operations of ``momentum * mu + combined``, ``momentum * mu + combined`` again for
+            # the Nesterov step, ``params - step * lr`` and the finiteness test, each vector read
+            # once; the step's norm stays a dot product over the whole vector, so it rounds as before.
+            # Decoded updates are finite, but finite sums can overflow float32: a model with NaN/Inf
+            # is never taken (nor checkpointed, served or announced); the round's step is dropped.
+            mu, lr = self.config.outer_momentum, self.config.outer_lr
+            step_norm = 0.0
+            if mu > 0.0:
+                # The new momentum goes into the old one's array, so it must be known first that
+                # the round is kept: a read-only pass computes the candidate anchor tile by tile
+                # (the same operations as below) and only tests it. A fresh 0.5 GB momentum array
+                # a round (at 124M) cost more in page faults than this pass reads.
+                rolled_back = not tiles.nesterov_step_is_finite(self.params, self.momentum, combined, mu, lr)
+                if not rolled_back:
+                    tiles.nesterov_into(self.momentum, combined, mu, self.momentum, buffer)
+                    step_norm = norm(buffer)
+                    # The same operations on the same operands as the test: finite again.
+                    tiles.outer_step_into(self.params, buffer, lr, buffer)
+            else:
+                step_norm = norm(combined)
+                rolled_back = not tiles.outer_step_into(self.params, combined, lr, buffer)
+            del combined
         if not rolled_back:
             old = self.params
-            self.params, self.momentum = candidate, momentum
-            if candidate is buffer:
-                self._buffer = None
-                self._recycle(old)
+            self.params = buffer
+            self._buffer = None
+            self._recycle(old)
             del old
-        del candidate
         report = RoundReport(
             round=self.round,
             received=received_count,
@@ -555,6 +563,8 @@ class GossipLearner:
 
     # --- checkpoints: plain arrays and ints only, nothing executable -----------------
     def state_arrays(self) -> dict[str, np.ndarray]:
+        """The live arrays, not copies: later rounds overwrite the momentum and residual arrays in
+        place (and reuse the anchor's as a buffer once no one refers to it); copy what is kept."""
         return {
             "params": self.params,
             "momentum": self.momentum,
