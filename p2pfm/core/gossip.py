@@ -35,6 +35,7 @@ from p2pfm.core.aggregation import AGGREGATIONS, norm, rule_for
 from p2pfm.core.codecs import (
     CodecSpec,
     SparseVector,
+    all_finite,
     decode,
     decode_sparse,
     encode_difference,
