@@ -447,3 +447,34 @@ def test_params_answers_are_bounded_by_the_model_not_the_gossip_limit():
     assert params_answer_limit(1000, 64 << 20) == 64 << 20  # small models: the gossip limit is larger
     with pytest.raises(Oversize):  # an update is still held to the gossip limit
         b.receive_update(a.identity.peer_id, b"\x00" * 300, NOW)
+
+
+def test_the_anchor_hash_is_computed_once_per_anchor_and_again_after_any_change(monkeypatch):
+    """PeerProtocol.anchor_hash caches by the learner's params_version: the daemon hashes the anchor
+    while the local steps run and make_update finds it; any new anchor (a round, an adoption, a
+    sync, a plain assignment) is hashed again, and the cache never holds the array itself."""
+    import sys
+
+    import p2pfm.core.protocol as protocol_module
+
+    calls = []
+    real = protocol_module.anchor_hash
+    monkeypatch.setattr(protocol_module, "anchor_hash", lambda params: calls.append(1) or real(params))
+    pair = Pair()
+    peer = pair.a
+    first = peer.anchor_hash()
+    assert first == real(peer.params) and len(calls) == 1
+    payload = peer.make_update(peer.params - 0.1, WORK)
+    assert payload["model_hash"] == first and len(calls) == 1  # found ready
+    assert sys.getrefcount(peer.learner.params) <= 3  # no reference kept beside the learner's
+
+    peer.finish_round(live_others=0)
+    assert peer.anchor_hash() == real(peer.params) != first and len(calls) == 2
+    for change in (
+        lambda: peer.adopt((peer.params + 1.0).astype(np.float32), 5),
+        lambda: peer.learner.mix_with((peer.params - 1.0).astype(np.float32), 5, weight=0.5),
+        lambda: setattr(peer.learner, "params", (peer.params * 2.0).astype(np.float32)),
+    ):
+        before = peer.anchor_hash()
+        change()
+        assert peer.anchor_hash() == real(peer.params) != before

@@ -204,12 +204,15 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
         )  # fmt: skip
         peaks = [peak_rss_of(p.process.pid) for p in swarm.peers]
         statuses = [p.status() for p in swarm.peers]
+        # The download ran while both trainers kept training on the same cores; the same TCP copy
+        # under that load is its like-for-like baseline (the idle copy below is the link's best).
+        download = next(r for r in joiner.metrics() if r.get("event") == "state_download")
+        state_bytes = int(download.get("bytes") or 0)
+        tcp_loaded_seconds = tcp_copy_seconds(state_bytes) if state_bytes else float("nan")
     finally:
         sampler.stop()
         swarm.stop_all()
     phase_peaks = [sampler.peaks.get(p.process.pid, {}) for p in swarm.peers]
-    download = next(r for r in joiner.metrics() if r.get("event") == "state_download")
-    state_bytes = int(download.get("bytes") or 0)
     download_seconds = float(download.get("seconds") or 0.0)
     tcp_seconds = tcp_copy_seconds(state_bytes) if state_bytes else float("nan")
     splits = [round_split(p.metrics()) for p in trainers]
@@ -239,6 +242,8 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
                 "tcp_seconds": tcp_seconds,
                 "tcp_mb_per_s": state_bytes / tcp_seconds / 1e6 if state_bytes else None,
                 "ratio_to_tcp": tcp_seconds / download_seconds if download_seconds else None,
+                "tcp_loaded_seconds": tcp_loaded_seconds,
+                "ratio_to_tcp_loaded": tcp_loaded_seconds / download_seconds if download_seconds else None,
             },  # fmt: skip
         }
     )
@@ -319,6 +324,12 @@ def format_report(report: dict[str, Any]) -> str:
             joiner = r.get("joiner_peak_rss") or 0
             parts.append(f"joiner: {mb(joiner)} ({joiner / plain_rss:.2f}x, VmHWM)")
             lines.append(f"{'':>8} sampled VmRSS peaks: " + "; ".join(parts))
+        loaded = d.get("tcp_loaded_seconds")
+        if loaded and d["bytes"] and np.isfinite(loaded):
+            lines.append(
+                f"{'':>8} TCP copy while the peers still train (the download's conditions): "
+                f"{d['bytes'] / loaded / 1e6:,.1f} MB/s; download / that copy: {pct(d.get('ratio_to_tcp_loaded'))}"
+            )
     lines.append(
         "codec = top-k + int8 with error feedback + sign; receive = verify + decode on arrival; merge = "
         "aggregate + outer step + load; snap = pack + hash the served state; other = waits, pushes, eval; "

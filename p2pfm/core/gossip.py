@@ -290,6 +290,7 @@ class GossipLearner:
         if params.dtype != np.float32 or params.ndim != 1:
             raise ValueError("params must be a flat float32 vector")
         self.config = config
+        self.params_version = 0  # bumped by every assignment to params (see the property)
         # A plain array even from a memory-mapped one (the initial parameters are mapped from a file):
         # ``memmap.copy()`` and ``zeros_like(memmap)`` keep the subclass, which is no mapping at all.
         self.params = np.array(params, dtype=np.float32, copy=True, subok=False)
@@ -300,6 +301,9 @@ class GossipLearner:
         # One model-sized scratch vector, reused every round (see local_buffer): at 124M parameters
         # each fresh 0.5 GB array also costs its first-touch page faults (0.5-1.7 s on shared cores).
         self._buffer: np.ndarray | None = None
+        # Round buffers allocated so far: one, then one per round whose old anchor someone still
+        # held (_recycle). Fresh 0.5 GB arrays cost their page faults every round at 124M.
+        self.buffers_allocated = 0
         self._last_own_norm = 0.0  # size of our last update: the drain's clipping radius
         self._inbox: dict[str, dict[int, dict]] = {}  # sender -> its round -> compressed update
         self._queued = 0  # updates in the inbox
@@ -313,6 +317,18 @@ class GossipLearner:
         """The round buffer if one is allocated now (for memory reports); see :meth:`local_buffer`."""
         return self._buffer
 
+    @property
+    def params(self) -> np.ndarray:
+        """The anchor. Never written in place (every change assigns a new array), so
+        :attr:`params_version`, bumped on each assignment, names its contents: what a cache of
+        something computed from the anchor (its hash, :meth:`PeerProtocol.anchor_hash`) keys on."""
+        return self._params
+
+    @params.setter
+    def params(self, value: np.ndarray) -> None:
+        self._params = value
+        self.params_version += 1
+
     def local_buffer(self) -> np.ndarray:
         """The learner's round buffer: a float32 vector shaped like ``params`` for the driver to fill.
 
@@ -324,6 +340,7 @@ class GossipLearner:
         """
         if self._buffer is None:
             self._buffer = np.empty(self.params.shape, np.float32)
+            self.buffers_allocated += 1
         return self._buffer
 
     def make_update(self, local_params: np.ndarray) -> dict:

@@ -310,7 +310,7 @@ class PeerRuntime:
         report = buffer_breakdown(self.trainer.model, self.trainer.optimizer, named)
         if self.snapshot.size:  # a file, read a chunk at a time (p2pfm.daemon.snapshots): no heap copy
             report["on_disk"] = {"served_snapshot": self.snapshot.size}
-        return {**process_rss(), **report}
+        return {**process_rss(), **report, "round_buffers_allocated": learner.buffers_allocated}
 
     @property
     def compute_device(self) -> str:
