@@ -113,9 +113,10 @@ class PhasePeaks:
                 peaks[phase] = max(peaks.get(phase, 0), rss_of(pid))
 
 
-def round_split(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per round by part, over the rounds after the first (warm-up)."""
-    rounds = [r for r in records if r.get("event") == "round"]
+def round_split(records: list[dict[str, Any]], last: int | None = None) -> dict[str, float]:
+    """Mean seconds per round by part, over the rounds after the first (warm-up), up to the
+    ``last``-th round record (None: all)."""
+    rounds = [r for r in records if r.get("event") == "round"][:last]
     if len(rounds) < 2:
         return {}
     measured = rounds[1:]
@@ -194,6 +195,10 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
             config.timeout_s, f"{config.rounds + 1} rounds", swarm,
         )  # fmt: skip
         trainers = list(swarm.peers)
+        # The split is of training rounds: those that ended before the joiner came (a round that
+        # overlaps the joiner's download and confirmation shares the cores with both; the memory
+        # peaks below cover that phase).
+        rounds_before_join = [_rounds(p) for p in trainers]
         log(f"[{preset}] a joiner downloads the state ...")
         joiner = swarm.add_peer(shard=config.peers, num_shards=config.peers + 1, extra=["--rounds", "0"])
         sampler.phase = "joining"
@@ -215,7 +220,7 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
     phase_peaks = [sampler.peaks.get(p.process.pid, {}) for p in swarm.peers]
     download_seconds = float(download.get("seconds") or 0.0)
     tcp_seconds = tcp_copy_seconds(state_bytes) if state_bytes else float("nan")
-    splits = [round_split(p.metrics()) for p in trainers]
+    splits = [round_split(p.metrics(), last=n) for p, n in zip(trainers, rounds_before_join, strict=True)]
     result.update(
         {
             "params": plain["params"],
