@@ -36,6 +36,7 @@ import numpy as np
 from p2pfm.bench.scale_config import DEFAULT_SIZES, ScaleBenchConfig
 from p2pfm.bench.transfer import tcp_copy
 from p2pfm.core.gossip import GossipConfig
+from p2pfm.daemon.memory import proc_rss
 
 __all__ = ["DEFAULT_SIZES", "ScaleBenchConfig", "run_scale_bench", "format_report"]
 
@@ -64,24 +65,12 @@ def plain_loop_in_subprocess(preset: str, config: ScaleBenchConfig, threads: int
 
 def peak_rss_of(pid: int) -> int:
     """VmHWM of a live process (bytes); 0 if it is gone or this is not Linux."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (proc_rss(pid) or {}).get("peak_rss", 0)
 
 
 def rss_of(pid: int) -> int:
     """VmRSS of a live process (bytes); 0 if it is gone or this is not Linux."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (proc_rss(pid) or {}).get("rss", 0)
 
 
 class PhasePeaks:

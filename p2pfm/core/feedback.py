@@ -89,11 +89,7 @@ class ErrorFeedback:
             raise ValueError("vector contains NaN or Inf; refusing to encode it")
         spare = self.residual
         wire, sent = encode_sparse(corrected, spec, scratch=spare)
-        if sent.indices is None:
-            np.subtract(corrected, sent.values, out=corrected)
-        else:
-            corrected[sent.indices] -= sent.values
-        self.residual = corrected
+        self.residual = _less_sent(corrected, sent)
         return wire, sent, spare
 
     def compress_difference_into(
@@ -153,11 +149,7 @@ class ErrorFeedback:
             else:  # no sample (a small vector), or an unlucky one: the whole vector, as topk_indices does
                 indices = topk_select(np.abs(out, out=spare), k, None)
         wire, sent = encode_sparse(out, spec, indices=indices)
-        if sent.indices is None:
-            np.subtract(out, sent.values, out=out)
-        else:
-            out[sent.indices] -= sent.values
-        self.residual = out
+        self.residual = _less_sent(out, sent)
         return wire, sent, spare
 
     def _check_out(self, update: np.ndarray) -> None:
@@ -195,3 +187,13 @@ class ErrorFeedback:
         if not np.isfinite(residual).all():
             raise ValueError("residual contains NaN or Inf")
         self.residual = residual.copy()
+
+
+def _less_sent(corrected: np.ndarray, sent: SparseVector) -> np.ndarray:
+    """``corrected - sent`` in place (the next residual): only at the sent positions for top-k,
+    where ``x - 0.0 == x`` everywhere else leaves the same bits as the dense subtraction."""
+    if sent.indices is None:
+        np.subtract(corrected, sent.values, out=corrected)
+    else:
+        corrected[sent.indices] -= sent.values
+    return corrected

@@ -257,8 +257,9 @@ class StreamHandlers:
         if request is None:
             return
         loop = asyncio.get_running_loop()
+        # serve_params drops the initial parameters' pages block by block as it reads them
+        # (PeerProtocol.initial_read, set by the daemon): nothing to release afterwards.
         message = await loop.run_in_executor(None, self.protocol.serve_params, request, time.time())
-        self.rt.release_cold_pages()  # the answer read all of the initial parameters
         await write_frame(writer, message)
         self.rt.counters["bytes_sent"] += len(message)
         self.rt.counters["sync_bytes_sent"] += len(message)

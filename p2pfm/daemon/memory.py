@@ -32,16 +32,26 @@ def _array_bytes(array: object) -> tuple[int, int]:
     return (0, array.nbytes) if mapping_of(array) is not None else (array.nbytes, 0)
 
 
+def proc_rss(pid: int | str = "self") -> dict[str, int] | None:
+    """A process's resident set now and at its peak (``VmRSS``/``VmHWM``, bytes) from Linux's
+    ``/proc``; None where there is no such file (the process is gone, or this is not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024
+    return {"rss": fields.get("VmRSS", 0), "peak_rss": fields.get("VmHWM", 0)}
+
+
 def process_rss() -> dict[str, int]:
     """Resident set now and at its peak, in bytes (``VmRSS``/``VmHWM`` on Linux; ru_maxrss elsewhere)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        fields = {}
-        for line in status.read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                fields[name] = int(value.split()[0]) * 1024
-        return {"rss": fields.get("VmRSS", 0), "peak_rss": fields.get("VmHWM", 0)}
+    found = proc_rss()
+    if found is not None:
+        return found
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"rss": 0, "peak_rss": peak if sys.platform == "darwin" else peak * 1024}
 
