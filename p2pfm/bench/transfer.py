@@ -5,7 +5,8 @@ AdamW-moment-sized arrays, as ``pack_state`` lays out a 124M model's ~1.5 GB), s
 donor's snapshot file with the daemon's own handler (``StreamHandlers.handle_state``) over a real
 libp2p stream between two ``p2pd`` daemons on loopback, and downloads it with the daemon's own
 client (``StreamClient.download_state``: signed manifest, every chunk hash-checked and written to
-the partial file, whole-state hash and container checks on a memory map). In the same run it
+the partial file, whole-state hash and container checks on a memory map), twice: with the chunks
+on the libp2p stream, and on the direct lane the manifest offers (sealed TCP, ``p2pfm.core.lane``). In the same run it
 copies the same file over a loopback TCP socket with asyncio (no framing, no hashing, bytes
 discarded): the raw rate the state stream is measured against; and over one bare libp2p stream
 through the same daemons (read and discarded): the transport's own ceiling.
@@ -19,6 +20,7 @@ page cache of the files), which bounded-memory transfer keeps to a few chunks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import socket
@@ -222,7 +224,9 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
 
     net = NetConfig(state_chunk_bytes=chunk_bytes, max_state_bytes=max(4096, total_bytes + (1 << 20)))
     donor = _runtime(work / "donor", net)
-    joiner = _runtime(work / "joiner", net, _AnyModelSize)
+    joiner = _runtime(work / "joiner", net, _AnyModelSize)  # takes the direct lane (p2pfm.core.lane)
+    # the same joiner's protocol with no lane: the chunks over the libp2p stream
+    stream_joiner = _runtime(work / "joiner-stream", dataclasses.replace(net, state_lane_port=-1), _AnyModelSize)
     started = time.perf_counter()
     _write_big_snapshot(donor, total_bytes, chunk_bytes, seed)
     write_seconds = time.perf_counter() - started
@@ -230,40 +234,53 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
 
     donor_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     joiner_p2p = None
+    handlers = StreamHandlers(donor)
     try:
         donor.net.p2p = donor_p2p
-        await StreamHandlers(donor).install()
+        await handlers.install()
+        assert donor.lanes is not None, "the donor's state lane did not start"
         maddrs = [str(m) for m in await donor_p2p.get_visible_maddrs()]
         joiner_p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        joiner.net.p2p = joiner_p2p
+        joiner.net.p2p = stream_joiner.net.p2p = joiner_p2p
         claim = Announcement(
             peer_id=donor.peer_id, public_key=donor.protocol.identity.public_key_bytes,
             libp2p_id=donor_p2p.peer_id.to_base58(), maddrs=tuple(maddrs), round=0,
             model_hash=donor.snapshot.hash, device_class="cpu", power_w=0.0, state_bytes=donor.snapshot.size,
             seq=1, timestamp=time.time(),
         )  # fmt: skip
-        client = StreamClient(joiner)
-        tcp_runs, raw_runs, stream_runs, download_runs, peak = [], [], [], [], 0
-        for _ in range(repeats):  # alternated: the machine's load drifts, all see the same drift
-            tcp_runs.append(await _tcp_copy(donor.snapshot.path, chunk_bytes))
-            raw_runs.append(await _libp2p_copy(donor_p2p, joiner_p2p, donor.snapshot.path, chunk_bytes))
+        lane_client, stream_client = StreamClient(joiner), StreamClient(stream_joiner)
+        runs: dict[str, list[float]] = {
+            key: [] for key in ("tcp", "libp2p_raw", "stream", "download", "lane", "lane_download")
+        }
+        peak = 0
+
+        async def download(client: StreamClient, via: str, chunks_key: str, whole_key: str) -> None:
+            nonlocal peak
             with _PeakAnon() as memory:
                 started = time.perf_counter()
                 arrays, _ = await client.download_state(claim)
-                download_runs.append(time.perf_counter() - started)
+                runs[whole_key].append(time.perf_counter() - started)
             progress = client.last_download
             assert progress is not None and progress.fetched == donor.snapshot.size and progress.reused == 0
-            stream_runs.append(progress.seconds)
+            assert progress.via == via, f"the download came by {progress.via}, not {via}"
+            runs[chunks_key].append(progress.seconds)
             peak = max(peak, memory.growth_bytes)
             del arrays
             client.partial().discard()
+
+        for _ in range(repeats):  # alternated: the machine's load drifts, all see the same drift
+            runs["tcp"].append(await _tcp_copy(donor.snapshot.path, chunk_bytes))
+            runs["libp2p_raw"].append(await _libp2p_copy(donor_p2p, joiner_p2p, donor.snapshot.path, chunk_bytes))
+            await download(stream_client, "stream", "stream", "download")
+            await download(lane_client, "lane", "lane", "lane_download")
     finally:
+        await handlers.close()
         if joiner_p2p is not None:
             await joiner_p2p.shutdown()
         await donor_p2p.shutdown()
     size = donor.snapshot.size
-    tcp_s, raw_s, stream_s, download_s = (
-        float(np.median(runs)) for runs in (tcp_runs, raw_runs, stream_runs, download_runs)
+    tcp_s, raw_s, stream_s, download_s, lane_s, lane_download_s = (
+        float(np.median(runs[key])) for key in ("tcp", "libp2p_raw", "stream", "download", "lane", "lane_download")
     )
     return {
         "total_bytes": size,
@@ -285,8 +302,15 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
         "libp2p_raw_vs_tcp": round(tcp_s / raw_s, 3),
         "stream_vs_tcp": round(tcp_s / stream_s, 3),
         "download_vs_tcp": round(tcp_s / download_s, 3),
+        # the same download with the chunks on the direct lane (sealed TCP, p2pfm.core.lane)
+        "lane_s": round(lane_s, 6),
+        "lane_download_s": round(lane_download_s, 6),
+        "lane_MBps": round(size / lane_s / 1e6, 1),
+        "lane_download_MBps": round(size / lane_download_s / 1e6, 1),
+        "lane_vs_tcp": round(tcp_s / lane_s, 3),
+        "lane_download_vs_tcp": round(tcp_s / lane_download_s, 3),
         "joiner_peak_heap_growth_bytes": peak,  # donor and joiner share this process here
-        "runs_s": {"tcp": tcp_runs, "libp2p_raw": raw_runs, "stream": stream_runs, "download": download_runs},
+        "runs_s": runs,
     }
 
 

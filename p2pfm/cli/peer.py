@@ -139,6 +139,11 @@ PEER_FLAGS: dict[str, tuple[str, Any, str]] = {
         float,
         "seconds without a state chunk before another donor is tried",
     ),
+    "--state-lane-port": (
+        "net.state_lane_port",
+        int,
+        "TCP port of the direct, sealed lane for state downloads (0 = any free port, -1 = no lane)",
+    ),
     "--state-serve-rate": (
         "net.state_serve_rate_bps",
         float,

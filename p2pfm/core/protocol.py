@@ -49,6 +49,7 @@ from p2pfm.core.gossip import (
     sync_due,
 )
 from p2pfm.core.identity import Identity
+from p2pfm.core.lane import LaneOffer
 from p2pfm.core.limits import RateLimiter, RateLimits
 from p2pfm.core.scoring import Scoreboard
 from p2pfm.core.tensorfile import Buffer, digest
@@ -365,12 +366,17 @@ class PeerProtocol:
             self._anchor_hash = cached
         return cached[1]
 
-    def state_request(self, nonce: bytes, now: float, want: dict | None = None) -> bytes:
+    def state_request(
+        self, nonce: bytes, now: float, want: dict | None = None, *, lane: bool = False
+    ) -> bytes:
         """A signed ``state_request`` (both the state and the params streams take one); ``want``
-        (``{"model_hash", "ranges"}``) resumes a state download (:func:`wanted_chunks`)."""
+        (``{"model_hash", "ranges"}``) resumes a state download (:func:`wanted_chunks`); ``lane``
+        says we can take the chunks on a direct lane (:mod:`p2pfm.core.lane`)."""
         payload: dict = {"round": self.round, "nonce": nonce}
         if want is not None:
             payload["want"] = want
+        if lane:
+            payload["lane"] = True
         if self.setup.certificate is not None:
             payload["cert"] = self.setup.certificate
         return self.seal("state_request", payload, now)
@@ -571,15 +577,23 @@ class PeerProtocol:
         return self.seal("state_manifest", payload, now, round=snapshot_round), chunks
 
     def serve_layout(
-        self, request: Envelope, layout: StateLayout, snapshot_round: int, now: float
-    ) -> tuple[bytes, list[int]]:
-        """The signed manifest of a snapshot laid out as ``layout`` and the chunk indexes to send
-        after it: those the request's ``want`` asks for ([REJECT] BAD_INDEX), or all of them."""
+        self,
+        request: Envelope,
+        layout: StateLayout,
+        snapshot_round: int,
+        now: float,
+        lane: LaneOffer | None = None,
+    ) -> tuple[bytes, list[int], LaneOffer | None]:
+        """The signed manifest of a snapshot laid out as ``layout``, the chunk indexes to send
+        after it (those the request's ``want`` asks for, [REJECT] BAD_INDEX, or all of them), and
+        the lane offered in it: ``lane`` if the request asked for one, else None."""
         indexes = wanted_chunks(request.payload.get("want"), layout)
-        manifest = self.seal(
-            "state_manifest", layout_payload(layout, snapshot_round), now, round=snapshot_round
-        )
-        return manifest, indexes
+        payload = layout_payload(layout, snapshot_round)
+        offered = lane if lane is not None and request.payload.get("lane") is True else None
+        if offered is not None:
+            payload["lane"] = offered.payload()
+        manifest = self.seal("state_manifest", payload, now, round=snapshot_round)
+        return manifest, indexes, offered
 
     def serve_params(self, request: Envelope, now: float) -> bytes:
         """A signed ``params_sync`` answer: ``sync_codec`` of our params - initial, echoing the nonce."""

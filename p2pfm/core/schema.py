@@ -345,7 +345,11 @@ register_kind(
             "total_bytes": Int(),
             "chunk_size": Int(min=1),
             "chunk_hashes": List(HASH32, 65536),
-        }
+            # lane: the donor's offer of a direct, sealed TCP lane for the chunks (p2pfm.core.lane),
+            # only in answer to a request that asked for one. Optional.
+            "lane": Map({"port": Int(min=1, max=65535), "secret": Bytes(length=32)}),
+        },
+        optional=frozenset({"lane"}),
     ),
 )
 register_kind(
@@ -355,13 +359,15 @@ register_kind(
         # the asker's announcement yet can still tell a member from a stranger. Optional.
         # want: resume a download (p2pfm.core.transfer.wanted_chunks): only these chunk ranges
         # [start, stop) of the state whose hash is model_hash. Optional; bounded here.
+        # lane: the asker can take the chunks on a direct, sealed TCP lane (p2pfm.core.lane). Optional.
         {
             "round": Int(),
             "nonce": Bytes(length=16),
             "cert": Bytes(max_len=512),
             "want": Map({"model_hash": HASH32, "ranges": List(List(Int(), 2), 256)}),
+            "lane": Bool(),
         },
-        optional=frozenset({"cert", "want"}),
+        optional=frozenset({"cert", "want", "lane"}),
     ),
 )
 register_kind(

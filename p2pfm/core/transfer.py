@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from p2pfm.core.errors import (
     WrongKind,
 )
 from p2pfm.core.gossip import MAX_ROUND
+from p2pfm.core.lane import LaneOffer
 from p2pfm.core.tensorfile import Buffer, LazyArray, digest, pack_arrays, unpack_arrays, write_arrays
 
 MAX_CHUNKS = 65536  # the manifest schema's bound on chunk_hashes
@@ -225,6 +226,9 @@ class Manifest:
     total_bytes: int
     chunk_size: int
     chunk_hashes: tuple[bytes, ...]
+    # The donor's lane offer (p2pfm.core.lane), if any: how this transfer's chunks may travel, not
+    # what they are, so two manifests of one state are equal whatever they offer (resume keys on it).
+    lane: LaneOffer | None = field(default=None, compare=False, repr=False)
 
     @property
     def layout(self) -> StateLayout:
@@ -274,9 +278,11 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
             f"state manifest lists {len(m['chunk_hashes'])} chunk hashes for {m['total_bytes']} bytes "
             f"in chunks of {m['chunk_size']} (expected {expected_chunks})"
         )
+    offer = m.get("lane")
     return Manifest(
         round=m["round"], model_hash=m["model_hash"], total_bytes=m["total_bytes"],
         chunk_size=m["chunk_size"], chunk_hashes=tuple(m["chunk_hashes"]),
+        lane=None if offer is None else LaneOffer(port=offer["port"], secret=offer["secret"]),
     )  # fmt: skip
 
 

@@ -73,6 +73,10 @@ class NetConfig:
     max_message_bytes: int = 64 << 20  # larger gossip messages are refused unread
     max_state_bytes: int = 2 << 30  # cap on a downloaded state snapshot
     state_chunk_bytes: int = 4 << 20  # chunk of the state we serve (ours; a donor's is bounded by 64 MiB)
+    # The direct lane of state downloads (p2pfm.core.lane: sealed chunks over plain TCP, the signed
+    # manifest still over libp2p): the TCP port we serve it on, on the listen hosts; 0 = any free
+    # port (the manifest names it), -1 = no lane either way (chunks only over the libp2p stream).
+    state_lane_port: int = 0
 
     def __post_init__(self) -> None:
         require(len(self.listen) > 0, "net.listen", "needs at least one multiaddr")
@@ -103,6 +107,11 @@ class NetConfig:
         require(self.state_timeout_s > 0, "net.state_timeout_s", "must be positive")
         require(self.max_message_bytes >= 4096, "net.max_message_bytes", "must be at least 4096")
         require(self.max_state_bytes >= 4096, "net.max_state_bytes", "must be at least 4096")
+        require(
+            -1 <= self.state_lane_port <= 65535,
+            "net.state_lane_port",
+            "must be a TCP port, 0 for any free one, or -1 for no direct lane",
+        )
         require(
             1024 <= self.state_chunk_bytes <= MAX_CHUNK_BYTES,
             "net.state_chunk_bytes",

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,9 @@ import numpy as np
 from p2pfm.core.announce import Announcement
 from p2pfm.core.envelope import Envelope
 from p2pfm.core.errors import RateLimited, Refusal
-from p2pfm.core.transfer import Donor, params_answer_limit
+from p2pfm.core.lane import VIA_FRAME_BYTES, LaneOffer, LaneSealBroken, lane_hosts, parse_via, via_frame
+from p2pfm.core.transfer import Donor, Manifest, StateLayout, params_answer_limit
+from p2pfm.daemon.lanes import LaneServer, open_lane, receive_sealed, send_sealed
 from p2pfm.daemon.net import IgnoredRecords, read_frame, write_frame
 from p2pfm.daemon.runtime import PeerRuntime
 from p2pfm.daemon.statestream import PartialState, Progress, receive_chunks, send_chunks
@@ -101,9 +104,20 @@ class StreamHandlers:
         self.refusals = IgnoredRecords(what="message from libp2p peer")  # logs each offender once a minute
 
     async def install(self) -> None:
+        net = self.rt.config.net
+        if net.state_lane_port >= 0:
+            lanes = LaneServer(net.listen, net.state_lane_port, net.request_timeout_s, self.rt.counters)
+            if await lanes.start():
+                self.rt.lanes = lanes
         await self.rt.net.add_handler("gossip", self.handle_gossip)
         await self.rt.net.add_handler("state", self.handle_state)
         await self.rt.net.add_handler("params", self.handle_params)
+
+    async def close(self) -> None:
+        """Stop serving the lane (the libp2p handlers go with the network)."""
+        if self.rt.lanes is not None:
+            await self.rt.lanes.close()
+            self.rt.lanes = None
 
     async def _refuse(
         self, remote: str, writer: asyncio.StreamWriter, exc: Refusal, *, counted: bool
@@ -231,23 +245,65 @@ class StreamHandlers:
                 return
             try:
                 assert snapshot.layout is not None  # every written snapshot has one
+                lane = self.rt.lanes.offer() if self.rt.lanes is not None else None
                 try:
-                    manifest, indexes = self.protocol.serve_layout(
-                        request, snapshot.layout, snapshot.round, time.time()
-                    )
+                    manifest, indexes, offered = self.protocol.serve_layout(
+                        request, snapshot.layout, snapshot.round, time.time(),
+                        lane=None if lane is None else lane[0],
+                    )  # fmt: skip
                 except Refusal as exc:  # a want that is no honest joiner's
                     await self._refuse(remote, writer, exc, counted=False)
                     return
                 async with asyncio.timeout(net.state_deadline_s(snapshot.size)):
                     await asyncio.wait_for(write_frame(writer, manifest), net.state_stall_s)
-                    sent = await send_chunks(
-                        writer, fd, snapshot.layout, indexes,
-                        stall_s=net.state_stall_s, rate_bps=net.state_serve_rate_bps,
+                    sent = await self._send_state(
+                        remote, reader, writer, fd, snapshot.layout, indexes,
+                        None if offered is None or lane is None else lane,
                     )  # fmt: skip
             finally:
+                if lane is not None and self.rt.lanes is not None:
+                    self.rt.lanes.withdraw(*lane)
                 os.close(fd)
             self.rt.counters["state_bytes_served"] += sent
             self.rt.counters["bytes_sent"] += sent
+
+    async def _send_state(
+        self,
+        remote: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        fd: int,
+        layout: StateLayout,
+        indexes: list[int],
+        lane: tuple[LaneOffer, asyncio.Future[socket.socket]] | None,
+    ) -> int:
+        """The chunks after the manifest: over the lane if we offered one and the joiner says it
+        connected (its ``{"via": ...}`` frame), else over this stream; returns the bytes sent."""
+        net = self.rt.config.net
+        if lane is not None:
+            offer, waiter = lane
+            try:
+                via = parse_via(
+                    await asyncio.wait_for(read_frame(reader, VIA_FRAME_BYTES), net.state_stall_s)
+                )
+            except Refusal as exc:
+                await self._refuse(remote, writer, exc, counted=False)
+                return 0
+            if via == "lane":
+                sock = await asyncio.wait_for(waiter, net.state_stall_s)
+                self.rt.counters["state_lane_uploads"] += 1
+                return await send_sealed(
+                    sock,
+                    fd,
+                    layout,
+                    indexes,
+                    offer,
+                    stall_s=net.state_stall_s,
+                    rate_bps=net.state_serve_rate_bps,
+                )
+        return await send_chunks(
+            writer, fd, layout, indexes, stall_s=net.state_stall_s, rate_bps=net.state_serve_rate_bps
+        )
 
     async def _params(
         self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: list[int]
@@ -263,6 +319,10 @@ class StreamHandlers:
         await write_frame(writer, message)
         self.rt.counters["bytes_sent"] += len(message)
         self.rt.counters["sync_bytes_sent"] += len(message)
+
+
+class LaneFailed(ConnectionError):
+    """The direct lane broke mid-transfer; the verified chunks stay, the rest come over the stream."""
 
 
 class StreamClient:
@@ -327,12 +387,23 @@ class StreamClient:
         partial = self.partial()
         progress = Progress(donor=donor.peer_id, reused=partial.verified_bytes())
         started = time.perf_counter()
+        lane = self.rt.config.net.state_lane_port >= 0  # ask for the direct lane (p2pfm.core.lane)
         try:
             want = partial.want_for(donor.model_hash)
             while True:
                 progress.attempts += 1
-                retry = await self._fetch(donor, claim, want, progress)
-                if retry is None:
+                try:
+                    retry = await self._fetch(donor, claim, want, progress, lane=lane)
+                except LaneFailed as exc:
+                    # the lane broke (path, firewall, or a bad seal): keep the verified chunks and
+                    # ask this donor again for the rest over the stream, once
+                    self.rt.counters["state_lane_failures"] += 1
+                    log.info(
+                        "state lane from %s failed (%s): the rest over the libp2p stream", donor.peer_id, exc
+                    )
+                    lane, progress.via = False, "lane+stream"
+                    retry = partial.want_for(progress.model_hash)
+                if retry is None and not partial.missing():
                     break
                 want = retry  # the donor's manifest lists chunks we hold: ask again for the rest only
         except Refusal as exc:
@@ -358,10 +429,12 @@ class StreamClient:
         return result
 
     async def _fetch(
-        self, donor: Announcement, claim: Donor, want: dict | None, progress: Progress
+        self, donor: Announcement, claim: Donor, want: dict | None, progress: Progress, *, lane: bool
     ) -> dict | None:
-        """One stream: request, manifest, chunks. Returns a ``want`` to ask again with when the
-        manifest is of another state than ``want`` named and we already hold some of its chunks."""
+        """One stream: request, manifest, chunks (over the lane the manifest offers, if ``lane``
+        and we reach it; :class:`LaneFailed` if it breaks). Returns a ``want`` to ask again with
+        when the manifest is of another state than ``want`` named and we already hold some of
+        its chunks."""
         net = self.rt.config.net
         partial = self.partial()
         loop = asyncio.get_running_loop()
@@ -370,7 +443,7 @@ class StreamClient:
         )
         try:
             async with asyncio.timeout(net.state_stall_s * 2) as deadline:
-                request = self.protocol.state_request(secrets.token_bytes(16), time.time(), want)
+                request = self.protocol.state_request(secrets.token_bytes(16), time.time(), want, lane=lane)
                 await write_frame(writer, request)
                 first = await asyncio.wait_for(read_frame(reader, MANIFEST_FRAME_BYTES), net.state_stall_s)
                 raise_if_refused(first, "state download")
@@ -381,15 +454,53 @@ class StreamClient:
                     indexes = [i for start, stop in want["ranges"] for i in range(start, stop)]
                 else:  # the donor sends every chunk
                     if partial.verified and progress.attempts == 1:
+                        if manifest.lane is not None:  # it waits for our word on the lane first
+                            await write_frame(writer, via_frame("stream"))
                         return partial.want_for(manifest.model_hash)
                     indexes = list(range(len(manifest.chunk_hashes)))
                 progress.total_bytes, progress.model_hash = manifest.total_bytes, manifest.model_hash
-                await receive_chunks(reader, partial, indexes, progress, stall_s=net.state_stall_s)
+                await self._receive(donor, reader, writer, manifest, indexes, progress)
         finally:
             writer.close()
         if partial.missing():
             raise ConnectionError(f"donor's stream ended with {len(partial.missing())} chunks missing")
         return None
+
+    async def _receive(
+        self,
+        donor: Announcement,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        manifest: Manifest,
+        indexes: list[int],
+        progress: Progress,
+    ) -> None:
+        """The chunks after the manifest: over its lane if it offers one and we reach the donor
+        there (we tell it which way on the stream), else over the stream."""
+        net = self.rt.config.net
+        partial = self.partial()
+        if manifest.lane is None or not indexes:
+            if manifest.lane is not None:
+                await write_frame(writer, via_frame("stream"))
+            await receive_chunks(reader, partial, indexes, progress, stall_s=net.state_stall_s)
+            return
+        sock = await open_lane(lane_hosts(donor.maddrs), manifest.lane, net.request_timeout_s)
+        if sock is None:
+            self.rt.counters["state_lane_unreachable"] += 1
+            await write_frame(writer, via_frame("stream"))
+            await receive_chunks(reader, partial, indexes, progress, stall_s=net.state_stall_s)
+            return
+        progress.via = "lane"
+        try:
+            await write_frame(writer, via_frame("lane"))
+            await receive_sealed(sock, partial, indexes, progress, manifest.lane, stall_s=net.state_stall_s)
+        except LaneSealBroken as exc:
+            self.rt.counters["state_lane_seal_broken"] += 1
+            raise LaneFailed(str(exc)) from exc
+        except (OSError, TimeoutError) as exc:  # the lane (or the stream we spoke on) broke
+            raise LaneFailed(repr(exc)) from exc
+        finally:
+            sock.close()
 
     def partial(self) -> PartialState:
         if self._partial is None:

@@ -253,6 +253,7 @@ class PeerDaemon:
         rt.write_status()
         self.metrics.close()
         rt.energy.close()
+        await self.handlers.close()
         await self.net.shutdown()
 
     async def run(self) -> int:
@@ -260,6 +261,7 @@ class PeerDaemon:
         try:
             await self.start()
         except BaseException:
+            await self.handlers.close()
             await self.net.shutdown()
             self.metrics.close()
             raise

@@ -97,6 +97,7 @@ class StateDownloadRecord:
     seconds: float = 0.0  # the last donor's transfer, manifest to last chunk
     rate_bps: float = 0.0  # bytes_fetched / seconds: the link rate the download measured
     model_hash: str = ""  # hex SHA-256 of the adopted state (its manifest's, checked on the whole file)
+    via: str = "stream"  # how the chunks came: "stream" (libp2p), "lane" (direct, sealed), "lane+stream"
     event: str = "state_download"
 
 

@@ -228,6 +228,7 @@ class RoundDriver:
                     seconds=figures.seconds if figures else 0.0,
                     rate_bps=figures.rate_bps if figures else 0.0,
                     model_hash=figures.model_hash.hex() if figures else "",
+                    via=figures.via if figures else "stream",
                 )
             )
             log.info("adopted state of round %d from %s (%s)", round_, donor.peer_id, reason)

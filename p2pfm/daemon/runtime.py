@@ -30,6 +30,7 @@ from p2pfm.core.transfer import write_state
 from p2pfm.daemon.checkpoint import load_checkpoint, save_checkpoint
 from p2pfm.daemon.config import PeerConfig
 from p2pfm.daemon.energy import open_tracker
+from p2pfm.daemon.lanes import LaneServer
 from p2pfm.daemon.memory import buffer_breakdown, process_rss
 from p2pfm.daemon.metrics import MetricsLog
 from p2pfm.daemon.net import PeerNetwork
@@ -71,6 +72,7 @@ class PeerRuntime:
     live: dict[str, Announcement] = field(default_factory=dict)
     snapshot: Snapshot = field(default_factory=Snapshot)
     snapshots: SnapshotStore = field(init=False)  # the served snapshot's file, in the work dir
+    lanes: LaneServer | None = None  # the direct lane we serve state downloads on (StreamHandlers.install)
     eval_loss: float = float("nan")
     train_loss: float = float("nan")
     compute_seconds: float = 0.0

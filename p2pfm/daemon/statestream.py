@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,6 +256,7 @@ class Progress:
     reused: int = 0  # verified bytes kept from earlier attempts (not fetched again)
     seconds: float = 0.0
     attempts: int = 0
+    via: str = "stream"  # how the chunks came: "stream" (libp2p), "lane" (p2pfm.core.lane), "lane+stream"
 
     @property
     def rate_bps(self) -> float:
@@ -286,12 +287,30 @@ async def receive_chunks(
     *,
     stall_s: float,
 ) -> None:
-    """Read chunks ``indexes`` (in order) into ``partial``: each frame bounded by its exact length,
-    within ``stall_s``; each verified and written in a worker thread while the next ones are read
-    (``WRITES_IN_FLIGHT`` at most: the joiner holds a few chunks, never the state)."""
+    """Read chunks ``indexes`` (in order) from the libp2p stream into ``partial``: each frame bounded
+    by its exact length, within ``stall_s`` (:func:`receive_pieces` checks and writes them)."""
     manifest = partial.manifest
     assert manifest is not None
     widen_reader(reader, max((manifest.chunk_length(i) for i in indexes[:1]), default=0))
+
+    async def next_piece(index: int) -> bytes:
+        return await asyncio.wait_for(read_frame(reader, manifest.chunk_length(index)), stall_s)
+
+    await receive_pieces(next_piece, partial.write_chunk, partial, indexes, progress)
+
+
+async def receive_pieces(
+    next_piece: Callable[[int], Awaitable[bytes | bytearray]],
+    write: Callable[[int, bytes | bytearray], None],
+    partial: PartialState,
+    indexes: list[int],
+    progress: Progress,
+) -> None:
+    """Take chunks ``indexes`` in order (``await next_piece(index)``, from the stream or the lane),
+    each verified and written by ``write(index, piece)`` in a worker thread while the next ones
+    are read (``WRITES_IN_FLIGHT`` at most: the joiner holds a few chunks, never the state)."""
+    manifest = partial.manifest
+    assert manifest is not None
     loop = asyncio.get_running_loop()
     pending: deque[tuple[asyncio.Future, int]] = deque()  # (job, bytes), oldest first
     started, last_log = time.perf_counter(), float("-inf")
@@ -307,9 +326,9 @@ async def receive_chunks(
 
     try:
         for index in indexes:
-            piece = await asyncio.wait_for(read_frame(reader, manifest.chunk_length(index)), stall_s)
+            piece = await next_piece(index)
             await settle(WRITES_IN_FLIGHT - 1)
-            pending.append((loop.run_in_executor(None, partial.write_chunk, index, piece), len(piece)))
+            pending.append((loop.run_in_executor(None, write, index, piece), manifest.chunk_length(index)))
             now = time.perf_counter()
             if progress.fetched and now - last_log >= PROGRESS_EVERY_S:
                 last_log = now

@@ -101,6 +101,7 @@ def test_late_joiner_downloads_state_and_catches_up(make_swarm):
     records = joiner.metrics()
     downloads = [r for r in records if r.get("event") == "state_download"]
     assert downloads and downloads[0]["reason"] == "join" and downloads[0]["round"] >= 10, records[:3]
+    assert downloads[0]["via"] == "lane", downloads  # the chunks took the direct, sealed lane
     start = next(r for r in records if r.get("event") == "start")
     first_round = round_records(joiner)[0]
     # Within its first round the joiner is far below the untrained loss it started from.
