@@ -226,7 +226,9 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
     donor = _runtime(work / "donor", net)
     joiner = _runtime(work / "joiner", net, _AnyModelSize)  # takes the direct lane (p2pfm.core.lane)
     # the same joiner's protocol with no lane: the chunks over the libp2p stream
-    stream_joiner = _runtime(work / "joiner-stream", dataclasses.replace(net, state_lane_port=-1), _AnyModelSize)
+    stream_joiner = _runtime(
+        work / "joiner-stream", dataclasses.replace(net, state_lane_port=-1), _AnyModelSize
+    )
     started = time.perf_counter()
     _write_big_snapshot(donor, total_bytes, chunk_bytes, seed)
     write_seconds = time.perf_counter() - started
@@ -270,7 +272,9 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
 
         for _ in range(repeats):  # alternated: the machine's load drifts, all see the same drift
             runs["tcp"].append(await _tcp_copy(donor.snapshot.path, chunk_bytes))
-            runs["libp2p_raw"].append(await _libp2p_copy(donor_p2p, joiner_p2p, donor.snapshot.path, chunk_bytes))
+            runs["libp2p_raw"].append(
+                await _libp2p_copy(donor_p2p, joiner_p2p, donor.snapshot.path, chunk_bytes)
+            )
             await download(stream_client, "stream", "stream", "download")
             await download(lane_client, "lane", "lane", "lane_download")
     finally:
@@ -280,7 +284,8 @@ async def _measure(total_bytes: int, chunk_bytes: int, work: Path, seed: int, re
         await donor_p2p.shutdown()
     size = donor.snapshot.size
     tcp_s, raw_s, stream_s, download_s, lane_s, lane_download_s = (
-        float(np.median(runs[key])) for key in ("tcp", "libp2p_raw", "stream", "download", "lane", "lane_download")
+        float(np.median(runs[key]))
+        for key in ("tcp", "libp2p_raw", "stream", "download", "lane", "lane_download")
     )
     return {
         "total_bytes": size,
