@@ -238,6 +238,7 @@ def measure_size(preset: str, config: ScaleBenchConfig, out_dir: Path, log=print
                 "ratio_to_tcp": tcp_seconds / download_seconds if download_seconds else None,
                 "tcp_loaded_seconds": tcp_loaded_seconds,
                 "ratio_to_tcp_loaded": tcp_loaded_seconds / download_seconds if download_seconds else None,
+                "via": download.get("via", "stream"),  # the chunks' way: the direct lane or the libp2p stream
             },  # fmt: skip
         }
     )
@@ -322,7 +323,8 @@ def format_report(report: dict[str, Any]) -> str:
         if loaded and d["bytes"] and np.isfinite(loaded):
             lines.append(
                 f"{'':>8} TCP copy while the peers still train (the download's conditions): "
-                f"{d['bytes'] / loaded / 1e6:,.1f} MB/s; download / that copy: {pct(d.get('ratio_to_tcp_loaded'))}"
+                f"{d['bytes'] / loaded / 1e6:,.1f} MB/s; download / that copy: {pct(d.get('ratio_to_tcp_loaded'))}; "
+                f"chunks via {d.get('via', 'stream')}"
             )
     lines.append(
         "codec = top-k + int8 with error feedback + sign; receive = verify + decode on arrival; merge = "
