@@ -165,12 +165,16 @@ def test_state_streams_take_only_state_requests(stream):
 def serve(donor: PeerProtocol, chunk: int = 300) -> tuple[bytes, list[bytes], Donor]:
     snapshot = pack_state(donor.params, donor.round, {"opt.0.exp_avg": np.ones(3, np.float32)})
     manifest, chunks = donor.serve_state(snapshot, donor.round, chunk, NOW)
-    from p2pfm.core.tensorfile import digest
+    from p2pfm.core.transfer import state_hash
 
     return (
         manifest,
         chunks,
-        Donor(public_key=donor.identity.public_key_bytes, round=donor.round, model_hash=digest(snapshot)),
+        Donor(
+            public_key=donor.identity.public_key_bytes,
+            round=donor.round,
+            model_hash=state_hash(snapshot, chunk),
+        ),
     )
 
 
@@ -209,10 +213,10 @@ def test_state_transfer_refuses_strangers_lies_and_tampering():
         small.open_manifest(manifest_bytes, claim, NOW)
     other_model = pack_arrays({"params": np.zeros(NUMEL + 1, np.float32), "round": np.array([0], np.int64)})
     manifest_bytes, chunks = pair.a.serve_state(other_model, 0, 1000, NOW)
-    from p2pfm.core.tensorfile import digest
+    from p2pfm.core.transfer import state_hash
 
     manifest = pair.b.open_manifest(
-        manifest_bytes, dataclasses.replace(claim, model_hash=digest(other_model)), NOW
+        manifest_bytes, dataclasses.replace(claim, model_hash=state_hash(other_model, 1000)), NOW
     )
     with pytest.raises(BadState):
         pair.b.open_state(manifest, chunks)
@@ -320,6 +324,7 @@ def test_rounds_beyond_any_run_are_refused_everywhere_they_enter():
     from p2pfm.core.errors import BadRound
     from p2pfm.core.gossip import MAX_ROUND
     from p2pfm.core.tensorfile import digest
+    from p2pfm.core.transfer import state_hash
 
     pair = Pair()
     liar = pair.a
@@ -327,13 +332,15 @@ def test_rounds_beyond_any_run_are_refused_everywhere_they_enter():
     snapshot = pack_state(liar.params, 0, {})
     payload = {
         "round": huge,
-        "model_hash": digest(snapshot),
+        "model_hash": state_hash(snapshot, len(snapshot)),
         "total_bytes": len(snapshot),
         "chunk_size": len(snapshot),
         "chunk_hashes": [digest(snapshot)],
     }
     manifest = liar.seal("state_manifest", payload, NOW, round=huge)
-    claim = Donor(public_key=liar.identity.public_key_bytes, round=huge, model_hash=digest(snapshot))
+    claim = Donor(
+        public_key=liar.identity.public_key_bytes, round=huge, model_hash=state_hash(snapshot, len(snapshot))
+    )
     with pytest.raises(BadRound):
         pair.b.open_manifest(manifest, claim, NOW)
     request = pair.b.state_request(b"z" * 16, NOW)

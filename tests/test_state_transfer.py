@@ -10,6 +10,7 @@ The same over real libp2p peers: ``tests/integration/test_state_resume.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import socket
 import time
@@ -36,6 +37,8 @@ from p2pfm.core.transfer import (
     manifest_payload,
     pack_state,
     reusable,
+    state_hash,
+    state_root,
     want_ranges,
     wanted_chunks,
     write_state,
@@ -220,7 +223,7 @@ def test_partial_state_refuses_a_chunk_that_is_not_the_manifests_and_writes_noth
 def test_a_lying_manifest_reusing_our_hash_cannot_slip_in_unverified_chunks(tmp_path):
     """A manifest claiming the hash of the state we hold part of, with other chunk hashes: only
     chunks whose bytes hash to its entries are kept, and the whole must still hash to its
-    model_hash, so the forged file is refused (and discarded), never unpacked."""
+    model_hash's root, so the forged file is refused (and discarded), never unpacked."""
     state = np.random.default_rng(4).bytes(3 * CHUNK)
     honest = manifest_of(state)
     partial = PartialState(tmp_path / "transfer")
@@ -233,47 +236,59 @@ def test_a_lying_manifest_reusing_our_hash_cannot_slip_in_unverified_chunks(tmp_
     unpacked = []
     with pytest.raises(HashMismatch):
         partial.open_state(
-            lambda m, b, h: unpacked.append(
-                check_state_buffer(m, b, numel=1, max_state_bytes=1 << 20, whole_hash=h)
+            lambda m, b, checked: unpacked.append(
+                check_state_buffer(m, b, numel=1, max_state_bytes=1 << 20, chunks_checked=checked)
             )
         )
     assert unpacked == [] and not partial.path.exists() and partial.manifest is None
 
 
-def test_the_running_whole_hash_is_the_files_hash_in_any_order_of_arrival(tmp_path):
-    """Chunks written in order feed the whole-state hash from memory; a gap is filled from the
-    file once the chunks before it are there; kept chunks count too. The result is always the
-    hash of the file's bytes, and None until every chunk is in."""
+def test_the_state_hash_is_the_root_of_its_chunk_hashes_and_nobody_hashes_the_whole(tmp_path):
+    """``model_hash`` is ``state_root`` of the chunk hashes (with the sizes): the joiner's file,
+    whose chunks were all checked on arrival in any order, is opened with ``chunks_checked``."""
     rng = np.random.default_rng(5)
     blocks = [rng.bytes(CHUNK) for _ in range(5)] + [rng.bytes(CHUNK // 3)]
     state = b"".join(blocks)
-    partial = PartialState(tmp_path / "transfer")
-    partial.take_manifest(manifest_of(state))
-    for index in (0, 1, 4, 3, 5):
-        partial.write_chunk(index, blocks[index])
-        assert partial.whole_hash() is None
-    partial.write_chunk(2, blocks[2])  # fills the gap: 3, 4, 5 are read back from the file
-    assert partial.whole_hash() == hashlib.sha256(state).digest() == partial.manifest.model_hash
-    # Another state sharing chunks 0 and 4 (kept at new indexes when its manifest comes).
-    other = [blocks[4], rng.bytes(CHUNK), blocks[0]]
-    partial.take_manifest(manifest_of(b"".join(other)))
-    assert sorted(partial.verified) == [0, 2] and partial.whole_hash() is None
-    partial.write_chunk(1, other[1])
-    assert partial.whole_hash() == hashlib.sha256(b"".join(other)).digest()
-    seen = []
-    partial.open_state(lambda m, b, h: seen.append(h))
-    assert seen == [partial.manifest.model_hash]
-
-
-def test_a_running_hash_that_is_not_the_manifests_is_refused_even_if_the_buffer_is():
-    """``whole_hash`` replaces the pass over the buffer, never the rule: it must equal model_hash."""
-    state = pack_state(np.ones(3, np.float32), 0, {})
     manifest = manifest_of(state)
-    assert check_state_buffer(
-        manifest, state, numel=3, max_state_bytes=1 << 20, whole_hash=manifest.model_hash
+    hashes = [hashlib.sha256(block).digest() for block in blocks]
+    assert manifest.chunk_hashes == tuple(hashes)
+    assert (
+        manifest.model_hash
+        == hashlib.sha256(
+            b"p2pfm/state-root/v1\x00"
+            + len(state).to_bytes(8, "big")
+            + CHUNK.to_bytes(8, "big")
+            + b"".join(hashes)
+        ).digest()
+        == state_root(len(state), CHUNK, hashes)
+        == state_hash(state, CHUNK)
     )
-    with pytest.raises(HashMismatch):
-        check_state_buffer(manifest, state, numel=3, max_state_bytes=1 << 20, whole_hash=bytes(32))
+    assert state_hash(state, CHUNK * 2) != manifest.model_hash  # the chunking is part of it
+    assert manifest.model_hash != hashlib.sha256(state).digest()
+    partial = PartialState(tmp_path / "transfer")
+    partial.take_manifest(manifest)
+    for index in (0, 1, 4, 3, 5, 2):
+        partial.write_chunk(index, blocks[index])
+    seen = []
+    partial.open_state(lambda m, b, checked: seen.append((m.model_hash, bytes(b), checked)))
+    assert seen == [(manifest.model_hash, state, True)]
+
+
+def test_a_root_that_is_not_the_manifests_is_refused_even_if_every_chunk_matches():
+    """``chunks_checked`` spares the pass over the buffer, never the rules: the root must be the
+    manifest's, and without it every chunk is hashed again."""
+    state = pack_state(np.ones(3, np.float32), 0, {})
+    manifest = manifest_of(state, chunk=64)
+    assert check_state_buffer(manifest, state, numel=3, max_state_bytes=1 << 20, chunks_checked=True)
+    assert check_state_buffer(manifest, state, numel=3, max_state_bytes=1 << 20)
+    lying = dataclasses.replace(manifest, model_hash=bytes(32))
+    for checked in (True, False):
+        with pytest.raises(HashMismatch):
+            check_state_buffer(lying, state, numel=3, max_state_bytes=1 << 20, chunks_checked=checked)
+    changed = bytearray(state)
+    changed[-1] ^= 1  # inside the last chunk: caught by its hash when the caller did not check
+    with pytest.raises(HashMismatch, match="chunk"):
+        check_state_buffer(manifest, bytes(changed), numel=3, max_state_bytes=1 << 20)
 
 
 def test_the_joiners_reader_buffers_up_to_two_chunks_and_no_more():

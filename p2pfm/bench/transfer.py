@@ -47,13 +47,13 @@ RUN = "bench-transfer"
 class _AnyModelSize(PeerProtocol):
     """A joiner whose model size is the downloaded state's: spares building a 124M model."""
 
-    def open_state_buffer(self, manifest: Manifest, blob: Buffer, whole_hash: bytes | None = None):  # type: ignore[override]
+    def open_state_buffer(self, manifest: Manifest, blob: Buffer, chunks_checked: bool = False):  # type: ignore[override]
         from p2pfm.core.tensorfile import unpack_arrays
 
         numel = unpack_arrays(blob, max_bytes=self.setup.max_state_bytes, copy=False)[0]["params"].size
         return check_state_buffer(
             manifest, blob, numel=numel, max_state_bytes=self.setup.max_state_bytes, copy=False,
-            whole_hash=whole_hash,
+            chunks_checked=chunks_checked,
         )  # fmt: skip
 
 

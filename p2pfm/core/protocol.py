@@ -627,13 +627,13 @@ class PeerProtocol:
         )
 
     def open_state_buffer(
-        self, manifest: Manifest, blob: Buffer, whole_hash: bytes | None = None
+        self, manifest: Manifest, blob: Buffer, chunks_checked: bool = False
     ) -> tuple[dict[str, np.ndarray], int]:
         """:meth:`open_state` of a state assembled in a file (``mmap``): the arrays are views of it.
-        ``whole_hash``: the hash of the bytes taken as they were written (``check_state_buffer``)."""
+        ``chunks_checked``: every chunk of it was checked as it was written (``check_state_buffer``)."""
         return check_state_buffer(
             manifest, blob, numel=self.learner.numel, max_state_bytes=self.setup.max_state_bytes,
-            copy=False, whole_hash=whole_hash,
+            copy=False, chunks_checked=chunks_checked,
         )  # fmt: skip
 
     def adopt(self, params: np.ndarray, round: int) -> None:

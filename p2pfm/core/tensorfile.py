@@ -186,5 +186,5 @@ def unpack_arrays(
 
 
 def digest(data: Buffer) -> bytes:
-    """SHA-256: the model hash announced by peers and checked by downloaders."""
+    """SHA-256: of a state chunk (the state's own hash is their root, ``transfer.state_root``)."""
     return hashlib.sha256(data).digest()

@@ -36,7 +36,7 @@ from p2pfm.core.tensorfile import Buffer, LazyArray, digest, pack_arrays, unpack
 MAX_CHUNKS = 65536  # the manifest schema's bound on chunk_hashes
 MAX_CHUNK_BYTES = 64 << 20  # a donor's chunk_size beyond this is refused: each chunk is one frame in RAM
 MAX_WANT_RANGES = 256  # the state_request schema's bound on want.ranges: ~3 KB of request at most
-HASH_PIECE_BYTES = 8 << 20  # the whole-state hash reads the assembled file in pieces of this size
+FINITE_PIECE_BYTES = 8 << 20  # the params' NaN/Inf check reads them in pieces of this size
 
 
 # --- which kind each stream takes --------------------------------------------------------
@@ -82,15 +82,36 @@ class StateLayout:
         return start, max(0, min(self.chunk_size, self.total_bytes - start))
 
 
+STATE_ROOT_DOMAIN = b"p2pfm/state-root/v1\x00"
+
+
+def state_root(total_bytes: int, chunk_size: int, chunk_hashes: Sequence[bytes]) -> bytes:
+    """A state's ``model_hash``: SHA-256 over its size, chunk size and chunk hashes (a hash list's
+    root), not over its bytes.
+
+    Why: the chunk hashes already pin every byte, so a hash of the bytes themselves was a second
+    SHA-256 pass over 1.5 GB at 124M parameters, once a round on every peer (the served snapshot)
+    and once more on a joiner. The root binds the manifest's hashes to the announced state, so a
+    manifest whose chunk hashes are not those of the state it names is refused before any chunk
+    is read (``check_manifest``), not after the whole download.
+    """
+    root = hashlib.sha256(STATE_ROOT_DOMAIN)
+    root.update(total_bytes.to_bytes(8, "big"))
+    root.update(chunk_size.to_bytes(8, "big"))
+    for chunk_hash in chunk_hashes:
+        root.update(chunk_hash)
+    return root.digest()
+
+
 class ChunkHasher:
-    """Hashes a byte stream as it is written: the whole (``model_hash``) and every ``chunk_size``
-    piece (``chunk_hashes``), so a snapshot streamed to a file is never read back to be hashed."""
+    """Hashes a byte stream as it is written, every ``chunk_size`` piece (``chunk_hashes``; the
+    state's ``model_hash`` is their :func:`state_root`), so a snapshot streamed to a file is
+    never read back to be hashed."""
 
     def __init__(self, chunk_size: int) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         self.chunk_size = chunk_size
-        self.whole = hashlib.sha256()
         self.chunk = hashlib.sha256()
         self.in_chunk = 0
         self.total = 0
@@ -98,7 +119,6 @@ class ChunkHasher:
 
     def update(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
-        self.whole.update(view)
         self.total += len(view)
         while len(view):
             take = min(len(view), self.chunk_size - self.in_chunk)
@@ -110,8 +130,17 @@ class ChunkHasher:
                 self.chunk, self.in_chunk = hashlib.sha256(), 0
 
     def layout(self) -> StateLayout:
-        hashes = [*self.hashes, self.chunk.digest()] if self.in_chunk else list(self.hashes)
-        return StateLayout(self.whole.digest(), self.total, self.chunk_size, tuple(hashes))
+        hashes = (*self.hashes, self.chunk.digest()) if self.in_chunk else tuple(self.hashes)
+        return StateLayout(
+            state_root(self.total, self.chunk_size, hashes), self.total, self.chunk_size, hashes
+        )
+
+
+def state_hash(state: Buffer, chunk_size: int) -> bytes:
+    """The ``model_hash`` of ``state`` served in chunks of ``chunk_size`` (:func:`state_root`)."""
+    hasher = ChunkHasher(chunk_size)
+    hasher.update(state)
+    return hasher.layout().model_hash
 
 
 def write_state(
@@ -278,6 +307,8 @@ def check_manifest(envelope: Envelope, donor: Donor, *, max_state_bytes: int) ->
             f"state manifest lists {len(m['chunk_hashes'])} chunk hashes for {m['total_bytes']} bytes "
             f"in chunks of {m['chunk_size']} (expected {expected_chunks})"
         )
+    if state_root(m["total_bytes"], m["chunk_size"], m["chunk_hashes"]) != m["model_hash"]:
+        raise BadManifest("state manifest's model_hash is not the root of its chunk hashes")
     offer = m.get("lane")
     return Manifest(
         round=m["round"], model_hash=m["model_hash"], total_bytes=m["total_bytes"],
@@ -299,12 +330,13 @@ def check_chunk(manifest: Manifest, index: int, piece: bytes) -> None:
 def check_state(
     manifest: Manifest, pieces: list[bytes], *, numel: int, max_state_bytes: int
 ) -> tuple[dict[str, np.ndarray], int]:
-    """The assembled state, checked: its hash, then its contents.
+    """The assembled state, checked: its hashes, then its contents.
 
-    [REJECT] HASH_MISMATCH unless the chunks add up to ``total_bytes`` and hash to
-    ``model_hash``; the container's own checks (``tensorfile``: MALFORMED, SCHEMA, OVERSIZE,
-    SHAPE_MISMATCH); [REJECT] BAD_STATE unless it holds float32 ``params`` of our model's size
-    and an int64 ``round`` of one element equal to the manifest's round.
+    [REJECT] HASH_MISMATCH unless the chunks add up to ``total_bytes``, ``model_hash`` is the
+    root of the chunk hashes (:func:`state_root`) and every chunk matches its hash; the
+    container's own checks (``tensorfile``: MALFORMED, SCHEMA, OVERSIZE, SHAPE_MISMATCH);
+    [REJECT] BAD_STATE unless it holds float32 ``params`` of our model's size and an int64
+    ``round`` of one element equal to the manifest's round.
     """
     return check_state_buffer(manifest, b"".join(pieces), numel=numel, max_state_bytes=max_state_bytes)
 
@@ -316,25 +348,25 @@ def check_state_buffer(
     numel: int,
     max_state_bytes: int,
     copy: bool = True,
-    whole_hash: bytes | None = None,
+    chunks_checked: bool = False,
 ) -> tuple[dict[str, np.ndarray], int]:
     """:func:`check_state` of a state already assembled in one buffer (an ``mmap`` of the
-    downloaded file: hashed in pieces, unpacked without copying when ``copy`` is false). The
-    same rules in the same order.
+    downloaded file: unpacked without copying when ``copy`` is false). The same rules in the
+    same order.
 
-    ``whole_hash``: the SHA-256 of exactly these bytes, computed by the caller as it wrote them
-    (the joiner hashes each verified chunk into a running hash in order): it replaces the pass
-    over the buffer, and must equal ``model_hash`` all the same."""
+    ``chunks_checked``: the caller checked every chunk of exactly these bytes against this
+    manifest as it wrote them (the joiner checks each chunk on arrival, and each kept one again
+    as it moves): no second pass over the buffer. The root rule holds all the same."""
     view = memoryview(blob).cast("B")
     if len(view) != manifest.total_bytes:
-        raise HashMismatch("downloaded state does not match the manifest hash")
-    if whole_hash is None:
-        whole = hashlib.sha256()
-        for start in range(0, len(view), HASH_PIECE_BYTES):
-            whole.update(view[start : start + HASH_PIECE_BYTES])
-        whole_hash = whole.digest()
-    if whole_hash != manifest.model_hash:
-        raise HashMismatch("downloaded state does not match the manifest hash")
+        raise HashMismatch(f"downloaded state has {len(view)} bytes, its manifest {manifest.total_bytes}")
+    if state_root(manifest.total_bytes, manifest.chunk_size, manifest.chunk_hashes) != manifest.model_hash:
+        raise HashMismatch("downloaded state's chunk hashes do not add up to the manifest hash")
+    if not chunks_checked:
+        for index, chunk_hash in enumerate(manifest.chunk_hashes):
+            start = index * manifest.chunk_size
+            if digest(view[start : start + manifest.chunk_length(index)]) != chunk_hash:
+                raise HashMismatch(f"state chunk {index} does not match its hash")
     arrays, _ = unpack_arrays(blob, max_bytes=max_state_bytes, copy=copy)
     params = arrays.get("params")
     if params is None or params.dtype != np.float32 or params.shape != (numel,):
@@ -344,7 +376,7 @@ def check_state_buffer(
         raise BadState("donor state has no round counter")
     if int(round_[0]) != manifest.round:
         raise BadState(f"donor state is of round {int(round_[0])}, its manifest says {manifest.round}")
-    step = HASH_PIECE_BYTES // 4  # bounded temporaries: isfinite of 124M floats at once is 124 MB
+    step = FINITE_PIECE_BYTES // 4  # bounded temporaries: isfinite of 124M floats at once is 124 MB
     if not all(np.isfinite(params[i : i + step]).all() for i in range(0, params.size, step)):
         raise BadState("donor state's params contain NaN or Inf")
     return arrays, int(round_[0])

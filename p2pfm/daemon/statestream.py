@@ -6,19 +6,18 @@ Both sides hold a few chunks in memory at a time, never the state (~1.5 GB at 12
   before sending it, the next one read in a worker thread while the current one is written;
 - the joiner checks each chunk's hash (in a worker thread: ``hashlib`` releases the GIL, so
   the next frame is read meanwhile) and only then writes it into :class:`PartialState`'s file
-  at its offset, then feeds it to a running hash of the whole state while its bytes are still
-  in memory (chunks that arrive in order, as a fresh download's do; a gap is filled from the file
-  once the chunks before it are there). The container's checks run on an ``mmap`` of the finished
-  file (``PeerProtocol.open_state_buffer``), and the arrays handed back are views of it; the
-  whole-state hash is that running one, or, if it did not cover every chunk, one more pass over
-  the file (it used to be a second read of all 1.5 GB after the last chunk: ~1.1 s at 124M).
+  at its offset. The container's checks run on an ``mmap`` of the finished file
+  (``PeerProtocol.open_state_buffer``), and the arrays handed back are views of it. No pass
+  over the whole: the state's ``model_hash`` is the root of its chunk hashes
+  (``p2pfm.core.transfer.state_root``, checked with the manifest), and every chunk in the file
+  was checked against them (a SHA-256 of the whole used to cost ~1.1 s of CPU at 124M).
 
 Resume: chunks are content-addressed. :class:`PartialState` remembers the hash of every chunk
 it verified; a download from another donor (or the same one, back from a restart) keeps every
 verified chunk whose hash the new manifest lists, at any index, and asks only for the rest
 (``want`` in the ``state_request``; ``p2pfm.core.transfer.wanted_chunks``). A chunk is
 reused only if its bytes hash to the new manifest's entry for that index (checked again as it is
-moved), and the whole file must still hash to the new manifest's ``model_hash``, so reuse
+moved), and the new manifest's ``model_hash`` must be the root of its chunk hashes, so reuse
 never admits a byte the new manifest does not vouch for.
 
 Deadlines: no chunk for ``stall_s`` ends a transfer on either side; so does the whole
@@ -50,8 +49,7 @@ log = logging.getLogger("p2pfm.peer")
 
 PROGRESS_EVERY_S = 2.0  # the joiner logs its progress at most this often (and after the first chunk)
 # Chunks checked and written at once on the joiner: one chunk's hash runs beside the previous one's
-# write and running hash (on two cores the single worker was the bottleneck once it also kept the
-# whole-state hash).
+# write (on two cores a single worker was the bottleneck).
 WRITES_IN_FLIGHT = 2
 READ_AHEAD_CHUNK = 4 << 20  # the joiner's stream reads ahead up to two such chunks (widen_reader)
 
@@ -111,10 +109,6 @@ class PartialState:
         # Worker threads write chunks; a write left running by a cancelled transfer must not
         # interleave with the next manifest's layout (it is checked against whichever it finds).
         self.lock = threading.Lock()
-        # The running hash of chunks [0, _whole_next), in order; taken after ``lock`` when both are.
-        self.whole_lock = threading.Lock()
-        self._whole = hashlib.sha256()
-        self._whole_next = 0
         directory.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)  # a previous life's file: its record is gone with it
 
@@ -137,7 +131,7 @@ class PartialState:
     def take_manifest(self, manifest: Manifest) -> int:
         """Lay the file out as ``manifest``, keeping every verified chunk whose hash it lists (at
         any index); returns the bytes kept. Blocking file I/O: run it in a worker thread."""
-        with self.lock, self.whole_lock:
+        with self.lock:
             return self._take_manifest(manifest)
 
     def _take_manifest(self, manifest: Manifest) -> int:
@@ -166,13 +160,11 @@ class PartialState:
                         kept[new_index] = manifest.chunk_hashes[new_index]
         os.replace(target, self.path)
         self.manifest, self.verified = manifest, kept
-        self._whole, self._whole_next = hashlib.sha256(), 0
         return self.verified_bytes()
 
     def write_chunk(self, index: int, piece: bytes) -> None:
-        """Check chunk ``index`` against the manifest (HASH_MISMATCH), then write it in place and
-        feed the running whole-state hash. Two calls may run at once (different chunks): the checks
-        in parallel, the writes one at a time, the running hash in order."""
+        """Check chunk ``index`` against the manifest (HASH_MISMATCH), then write it in place. Two
+        calls may run at once (different chunks): the checks in parallel, the writes one at a time."""
         manifest = self.manifest
         assert manifest is not None
         check_chunk(manifest, index, piece)
@@ -185,46 +177,13 @@ class PartialState:
             finally:
                 os.close(fd)
             self.verified[index] = manifest.chunk_hashes[index]
-        with self.whole_lock:  # the next chunk's write may run meanwhile
-            if self.manifest is manifest:
-                self._advance_whole(manifest, index, piece)
 
-    def _advance_whole(self, manifest: Manifest, index: int, piece: bytes) -> None:
-        """Feed the running whole-state hash every verified chunk from where it stands: ``piece``
-        (chunk ``index``, just written) from memory, any other from the file (kept, or written
-        out of order)."""
-        fd = -1
-        try:
-            while self._whole_next in self.verified:
-                at = self._whole_next
-                if at == index:
-                    self._whole.update(piece)
-                else:
-                    fd = os.open(self.path, os.O_RDONLY) if fd < 0 else fd
-                    start, length = manifest.layout.chunk_range(at)
-                    self._whole.update(os.pread(fd, length, start))
-                self._whole_next += 1
-        finally:
-            if fd >= 0:
-                os.close(fd)
-
-    def whole_hash(self) -> bytes | None:
-        """SHA-256 of the whole file if the running hash covered every chunk (else None: hash it)."""
-        manifest = self.manifest
-        if manifest is None or self._whole_next != len(manifest.chunk_hashes):
-            return None
-        return self._whole.digest()
-
-    def open_state(
-        self, check: Callable[[Manifest, mmap.mmap, bytes | None], tuple[dict[str, np.ndarray], int]]
-    ):
-        """``check(manifest, buffer, whole_hash)`` on a private ``mmap`` of the finished file
-        (writable views, copy-on-write: nothing the caller does reaches the file), with the running
-        hash of its bytes when it covered them all (:meth:`whole_hash`; None: ``check`` hashes the
-        buffer). A refused state is discarded."""
+    def open_state(self, check: Callable[[Manifest, mmap.mmap, bool], tuple[dict[str, np.ndarray], int]]):
+        """``check(manifest, buffer, chunks_checked=True)`` on a private ``mmap`` of the finished
+        file (writable views, copy-on-write: nothing the caller does reaches the file): every chunk
+        in it was checked against ``manifest`` on its way in. A refused state is discarded."""
         manifest = self.manifest
         assert manifest is not None and not self.missing()
-        whole_hash = self.whole_hash()
         with open(self.path, "rb") as source:
             buffer = (
                 mmap.mmap(source.fileno(), manifest.total_bytes, access=mmap.ACCESS_COPY)
@@ -232,17 +191,16 @@ class PartialState:
                 else mmap.mmap(-1, 1)
             )
         try:
-            return check(manifest, buffer, whole_hash)
+            return check(manifest, buffer, True)
         except HashMismatch:
             self.discard()
             raise
 
     def discard(self) -> None:
         """Forget the download (adopted, or its whole failed its hash): the file goes, mappings stay valid."""
-        with self.lock, self.whole_lock:
+        with self.lock:
             self.path.unlink(missing_ok=True)
             self.manifest, self.verified = None, {}
-            self._whole, self._whole_next = hashlib.sha256(), 0
 
 
 @dataclass

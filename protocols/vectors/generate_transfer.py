@@ -293,7 +293,7 @@ ANNOUNCE = {
     "libp2p_id": "12D3KooWVectorDonorVectorDonorVectorDonorVectorDo",
     "maddrs": ["/ip4/127.0.0.1/tcp/31337"],
     "round": STATE_ROUND,
-    "model_hash": digest(STATE),
+    "model_hash": MANIFEST["model_hash"],  # the root of its chunk hashes (transfer.state_root)
     "device_class": "raspberry-pi-4",
     "power_w": 6.4,
     "state_bytes": len(STATE),
@@ -576,9 +576,13 @@ UPDATE_CASES = [
 _DONOR_CLAIM = {
     "public_key": DONOR.public_key_bytes.hex(),
     "round": STATE_ROUND,
-    "model_hash": digest(STATE).hex(),
+    "model_hash": MANIFEST["model_hash"].hex(),
 }
 _NEWER_MANIFEST, _ = manifest_payload(NEWER_STATE, STATE_ROUND + 2, CHUNK)
+# another state of the announced round (the donor trained on within it, or a liar's): self-consistent
+_SAME_ROUND_MANIFEST, _ = manifest_payload(
+    pack_state(PARAMS + 2.0, STATE_ROUND, OPTIMIZER), STATE_ROUND, CHUNK
+)
 _OTHER_HASH = digest(b"another state")
 
 MANIFEST_CASES = [
@@ -591,7 +595,7 @@ MANIFEST_CASES = [
     Case(
         "manifest_accept_same_round_other_hash",
         "another hash at the announced round (>= is enough)",
-        lambda: manifest_msg(model_hash=_OTHER_HASH),
+        lambda: manifest_msg(**_SAME_ROUND_MANIFEST),
     ),
     Case(
         "manifest_accept_at_size_limit",
@@ -682,6 +686,18 @@ MANIFEST_CASES = [
         lambda: manifest_msg(chunk_size=CHUNK * 4),
         R.BAD_MANIFEST,
     ),
+    Case(
+        "manifest_reject_bad_manifest_root",
+        "model_hash that is not the root of its chunk hashes (another state's chunks under the announced hash)",
+        lambda: manifest_msg(chunk_hashes=_SAME_ROUND_MANIFEST["chunk_hashes"]),
+        R.BAD_MANIFEST,
+    ),
+    Case(
+        "manifest_reject_bad_manifest_root_whole_hash",
+        "model_hash = SHA-256 of the whole state (the rule before the root): refused",
+        lambda: manifest_msg(model_hash=digest(STATE)),
+        R.BAD_MANIFEST,
+    ),
 ]
 
 _LAST = len(CHUNKS) - 1
@@ -735,7 +751,7 @@ STATE_CASES = [
     ),
     Case(
         "state_reject_hash_mismatch_model_hash",
-        "chunks match their hashes, the whole does not match model_hash (a lying manifest)",
+        "chunks match their hashes, model_hash is not their root (a lying manifest, checked again here)",
         lambda: CHUNKS,
         R.HASH_MISMATCH,
         {"manifest": hexify({**MANIFEST, "model_hash": _OTHER_HASH})},
@@ -991,7 +1007,7 @@ N_CHUNKS = len(MANIFEST["chunk_hashes"])
 
 
 def want_request(ranges: list, model_hash: bytes | None = None) -> bytes:
-    want = {"model_hash": digest(STATE) if model_hash is None else model_hash, "ranges": ranges}
+    want = {"model_hash": MANIFEST["model_hash"] if model_hash is None else model_hash, "ranges": ranges}
     return sealed_unchecked("state_request", {**REQUEST, "want": want})
 
 

@@ -12,12 +12,12 @@ rest fetched, and the adopted state hashes to the donors' snapshot.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 
 import pytest
 
+from p2pfm.core.transfer import state_hash
 from p2pfm.daemon.checkpoint import CHECKPOINT_NAME
 from tests.integration.conftest import wait_all_exit, wait_for
 
@@ -50,7 +50,7 @@ def test_a_joiner_resumes_from_another_donor_when_its_donor_dies_mid_transfer(ma
     wait_for(lambda: all(d.status().get("peer_id") for d in donors), 60, "the donors' status", swarm.peers)
     by_id = {d.status()["peer_id"]: d for d in donors}
     snapshots = [next((d.work_dir / "snapshots").glob("snapshot-*")) for d in donors]
-    hashes = {hashlib.sha256(path.read_bytes()).hexdigest() for path in snapshots}
+    hashes = {state_hash(path.read_bytes(), 16384).hex() for path in snapshots}  # --state-chunk-bytes
     assert len(hashes) == 1, "the donors' snapshots differ: they must serve one state"
     state_size = snapshots[0].stat().st_size
 
