@@ -54,14 +54,60 @@ def test_open_latest_never_misses_a_file_while_another_thread_writes_snapshots(t
             try:
                 assert snapshot.layout is not None
                 for index in range(len(snapshot.layout.chunk_hashes)):
-                    read_chunk(fd, snapshot.layout, index)  # the descriptor still has every byte
+                    # the descriptor still has every byte, and they are this snapshot's
+                    check_chunk(snapshot.layout, index, read_chunk(fd, snapshot.layout, index))
             finally:
-                os.close(fd)
+                store.release(fd)
     finally:
         stop.set()
         writer.join()
     assert failures == []
-    assert len(list(tmp_path.glob("snapshot-*"))) == 1  # older files unlinked once replaced
+    assert len(list(tmp_path.glob("snapshot-*"))) <= 2  # the current one and a spare; older files unlinked
+    assert store.reused > 0  # replaced files nobody read were rewritten in place
+
+
+def check_chunk(layout, index: int, piece: bytes) -> None:
+    import hashlib
+
+    assert hashlib.sha256(piece).digest() == layout.chunk_hashes[index], f"chunk {index} was overwritten"
+
+
+def test_a_file_a_transfer_reads_is_never_rewritten_and_one_nobody_reads_is(tmp_path: Path):
+    """The replaced snapshot's file becomes the next write's target only if no descriptor of it is
+    out: a transfer reading round 0's snapshot keeps round 0's bytes through two more writes."""
+    store = SnapshotStore(tmp_path)
+    _write(store, 0)
+    snapshot, fd = store.open_latest()  # a transfer of round 0 starts
+    first_inode = os.fstat(fd).st_ino
+    try:
+        _write(store, 1)  # round 0's file is read: unlinked, not kept
+        assert store.spare is None
+        _write(store, 2)  # round 1's file nobody read: the spare
+        assert store.spare is not None and store.reused == 0
+        spare_inode = os.stat(store.spare).st_ino
+        _write(store, 3)  # written into round 1's file, in place
+        assert store.reused == 1 and os.stat(store.current).st_ino == spare_inode != first_inode
+        assert snapshot.layout is not None
+        for index in range(len(snapshot.layout.chunk_hashes)):
+            check_chunk(snapshot.layout, index, read_chunk(fd, snapshot.layout, index))
+    finally:
+        store.release(fd)
+    latest, fd = store.open_latest()
+    try:
+        assert latest.round == 3 and os.fstat(fd).st_size == latest.size
+        for index in range(len(latest.layout.chunk_hashes)):
+            check_chunk(latest.layout, index, read_chunk(fd, latest.layout, index))
+    finally:
+        store.release(fd)
+
+
+def test_a_shorter_snapshot_written_over_a_longer_one_leaves_no_tail(tmp_path: Path):
+    store = SnapshotStore(tmp_path)
+    big = np.ones(5000, np.float32)
+    store.write(lambda write: write_state(write, big, 0, {}, CHUNK), 0)
+    store.write(lambda write: write_state(write, big, 1, {}, CHUNK), 1)  # round 0's file: the spare
+    small = store.write(lambda write: write_state(write, np.ones(10, np.float32), 2, {}, CHUNK), 2)
+    assert store.reused == 1 and small.path is not None and small.path.stat().st_size == small.size
 
 
 def test_a_cut_upload_leaves_no_orphaned_read_to_fail_after_its_file_is_closed(tmp_path: Path):
@@ -93,7 +139,7 @@ def test_a_cut_upload_leaves_no_orphaned_read_to_fail_after_its_file_is_closed(t
         except ConnectionResetError:
             pass
         finally:
-            os.close(fd)
+            store.release(fd)
         await asyncio.get_running_loop().shutdown_default_executor()  # the read-ahead has finished
         gc.collect()
 

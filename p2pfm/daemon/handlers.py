@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import socket
 import time
@@ -263,7 +262,7 @@ class StreamHandlers:
             finally:
                 if lane is not None and self.rt.lanes is not None:
                     self.rt.lanes.withdraw(*lane)
-                os.close(fd)
+                self.rt.snapshots.release(fd)
             self.rt.counters["state_bytes_served"] += sent
             self.rt.counters["bytes_sent"] += sent
 

@@ -312,6 +312,12 @@ class PeerRuntime:
         report = buffer_breakdown(self.trainer.model, self.trainer.optimizer, named)
         if self.snapshot.size:  # a file, read a chunk at a time (p2pfm.daemon.snapshots): no heap copy
             report["on_disk"] = {"served_snapshot": self.snapshot.size}
+            spare = self.snapshots.spare  # the replaced one, kept to be rewritten in place next round
+            try:  # (a write in a worker thread may be taking it right now)
+                if spare is not None:
+                    report["on_disk"]["spare_snapshot"] = spare.stat().st_size
+            except OSError:
+                pass
         return {**process_rss(), **report, "round_buffers_allocated": learner.buffers_allocated}
 
     @property
