@@ -95,3 +95,39 @@ def test_decode_sync_is_initial_plus_the_difference_bit_for_bit(spec):
     assert got.dtype == np.float32
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert not np.shares_memory(got, initial)
+
+
+def test_mix_with_blends_into_the_round_buffer_and_recycles_the_old_anchor():
+    """A sync's blend is written into the learner's round buffer, which becomes the anchor; the old
+    anchor (nobody else holds it) is the next buffer: no model-sized array allocated, none kept."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    numel = 2_000_000  # 8 MB a vector
+    ours = rng.standard_normal(numel).astype(np.float32)
+    theirs = rng.standard_normal(numel).astype(np.float32)
+    expected = ((1.0 - 0.5) * ours + 0.5 * theirs).astype(np.float32)
+    learner = GossipLearner(ours, GossipConfig(sync_weight=0.5))
+    del ours
+    buffer = learner.local_buffer()
+    allocated = learner.buffers_allocated
+    old_anchor_address = learner.params.__array_interface__["data"][0]
+    tracemalloc.start()
+    try:
+        learner.mix_with(theirs, 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < numel * 4 // 4, peak  # tile temporaries only (was two 8 MB arrays)
+    assert learner.params is buffer and learner.buffers_allocated == allocated
+    assert np.array_equal(learner.params.view(np.uint32), expected.view(np.uint32))
+    assert learner.local_buffer().__array_interface__["data"][0] == old_anchor_address  # recycled
+    assert learner.buffers_allocated == allocated
+
+
+def test_blend_into_refuses_an_output_that_overlaps_an_operand():
+    from p2pfm.core import tiles
+
+    a = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        tiles.blend_into(a, np.ones(10, np.float32), 0.5, a)

@@ -554,12 +554,18 @@ class GossipLearner:
         """Move towards a peer's parameters (periodic sync). Rounds take the max, so laggards catch up."""
         self._check_partner(partner_params)
         alpha = self.config.sync_weight if weight is None else weight
-        if partner_params.dtype == np.float32:
-            # ``(1 - a) * params + a * partner`` in float32, the same three operations and bits, in
-            # two model-sized arrays instead of four (a new one: the old anchor may still be read).
-            blended = np.multiply(self.params, 1.0 - alpha)
-            blended += np.multiply(partner_params, alpha)
-            self.params = blended
+        if partner_params.dtype == np.float32 and not np.may_share_memory(partner_params, self.local_buffer()):
+            # ``(1 - a) * params + a * partner`` in float32, the same three operations and bits,
+            # written tile by tile into the round buffer, which becomes the anchor (as in
+            # finish_round; the old anchor is never written: it may still be read, and is recycled
+            # as the next buffer once nobody does). Was two fresh model-sized arrays per sync.
+            buffer = self.local_buffer()
+            tiles.blend_into(self.params, partner_params, alpha, buffer)
+            old = self.params
+            self.params = buffer
+            self._buffer = None
+            self._recycle(old)
+            del old
         else:
             self.params = ((1.0 - alpha) * self.params + alpha * partner_params).astype(np.float32)
         # A laggard catches up, but never further than one peer's word may carry it.
