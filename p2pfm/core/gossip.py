@@ -554,7 +554,9 @@ class GossipLearner:
         """Move towards a peer's parameters (periodic sync). Rounds take the max, so laggards catch up."""
         self._check_partner(partner_params)
         alpha = self.config.sync_weight if weight is None else weight
-        if partner_params.dtype == np.float32 and not np.may_share_memory(partner_params, self.local_buffer()):
+        if partner_params.dtype == np.float32 and not np.may_share_memory(
+            partner_params, self.local_buffer()
+        ):
             # ``(1 - a) * params + a * partner`` in float32, the same three operations and bits,
             # written tile by tile into the round buffer, which becomes the anchor (as in
             # finish_round; the old anchor is never written: it may still be read, and is recycled

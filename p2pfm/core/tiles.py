@@ -163,7 +163,9 @@ def outer_step_into(
     return True
 
 
-def blend_into(params: np.ndarray, partner: np.ndarray, alpha: float, out: np.ndarray, *, tile: int = TILE) -> None:
+def blend_into(
+    params: np.ndarray, partner: np.ndarray, alpha: float, out: np.ndarray, *, tile: int = TILE
+) -> None:
     """``out = params * (1 - alpha) + partner * alpha`` in float32, tiled: the operations of
     ``np.multiply(params, 1 - alpha)`` then ``+= np.multiply(partner, alpha)``, bit for bit, with
     temporaries of one tile instead of two model-sized arrays (a periodic sync at 124M parameters
