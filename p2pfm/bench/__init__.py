@@ -16,4 +16,8 @@ Map:
                    launches (or attaches to) the target, announces member keys, rotates
                    libp2p senders under the ban threshold, tallies answers by reason.
                    Its messages: ``fuzz_cases.py`` (sans-IO, deterministic from a seed).
+- ``transfer.py``  a joiner's state download (libp2p stream and direct lane) against a plain TCP
+                   copy of the same bytes, in one process on loopback. Over a shaped link between
+                   two network namespaces (root): ``transfer_shaped.py`` (the lab, the two
+                   processes) and ``transfer_node.py`` (the donor or the joiner in its host).
 """

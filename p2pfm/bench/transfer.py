@@ -88,16 +88,29 @@ class _PeakAnon:
         return (self.peak - self.base) * 1024
 
 
-def _runtime(work_dir: Path, net: NetConfig, protocol_class: type[PeerProtocol] = PeerProtocol):
-    """A peer runtime with a tiny model whose network is a bare ``hivemind.P2P`` (set later)."""
+def _runtime(
+    work_dir: Path,
+    net: NetConfig,
+    protocol_class: type[PeerProtocol] = PeerProtocol,
+    *,
+    open_swarm: bool = False,
+):
+    """A peer runtime with a tiny model whose network is a bare ``hivemind.P2P`` (set later).
+
+    ``open_swarm``: the config allows listening beyond loopback with no authority (the shaped
+    benchmark's hosts, :mod:`p2pfm.bench.transfer_node`); nothing else changes."""
     import torch
 
+    from p2pfm.daemon.config import AdmissionConfig
     from p2pfm.daemon.metrics import MetricsLog
     from p2pfm.daemon.net import PeerNetwork
     from p2pfm.daemon.runtime import PeerRuntime
     from p2pfm.daemon.trainer import ModelAdapter
 
-    config = PeerConfig(run_id=RUN, work_dir=work_dir, key=work_dir / "peer.key", net=net)
+    config = PeerConfig(
+        run_id=RUN, work_dir=work_dir, key=work_dir / "peer.key", net=net,
+        admission=AdmissionConfig(open=open_swarm),
+    )  # fmt: skip
     model = torch.nn.Linear(2, 2)
     trainer = ModelAdapter(model, torch.optim.SGD(model.parameters(), lr=0.1))
     identity = Identity.generate()

@@ -1,4 +1,5 @@
-"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``, ``fuzz``, ``scale``, ``round``).
+"""``p2pfm bench``: benchmarks, one sub-subcommand each (``codecs``, ``swarm``, ``compare``, ``fuzz``, ``scale``, ``round``,
+``transfer``).
 
 To add one, write ``register_<name>(bench_subparsers)`` that declares its flags and sets
 ``handler``, and append it to :data:`BENCHES`. Handlers import the bench module lazily so
@@ -383,6 +384,129 @@ def _run_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_shaped(text: str) -> tuple[float, float]:
+    """``--shaped RATE_MBIT[,DELAY_MS]`` as (rate, delay); argparse reports a bad value with the flag."""
+    parts = text.split(",")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        rate, delay = float(parts[0]), float(parts[1]) if len(parts) == 2 else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected RATE_MBIT or RATE_MBIT,DELAY_MS (e.g. 300 or 200,5)"
+        ) from None
+    if not rate > 0 or not delay >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the rate must be positive and the delay 0 or more")
+    return rate, delay
+
+
+def register_transfer(bench_subparsers: argparse._SubParsersAction) -> None:
+    """``p2pfm bench transfer``: a joiner's state download against a plain TCP copy of the same bytes."""
+    from pathlib import Path
+
+    parser = bench_subparsers.add_parser(
+        "transfer",
+        help="state download (libp2p stream and direct lane) vs a plain TCP copy of the same bytes",
+        description=(
+            "Serve a random state of --bytes (params + two AdamW moments; 1.49e9 is a 124M model's) from a "
+            "donor's snapshot with the daemon's own handlers and download it with the daemon's own client "
+            "(signed manifest, every chunk hash-checked and written, whole-state checks), once with the "
+            "chunks on the libp2p stream and once on the direct lane (sealed TCP); time each against a "
+            "plain TCP copy of the same file (no framing, no hashing, bytes discarded). Report seconds, "
+            "MB/s and each download's ratio to the TCP copy (medians of --repeats). Without --shaped all "
+            "runs in one process on loopback (CPU-bound: it measures our CPU cost, not a link). With "
+            "--shaped (root) donor and joiner are two processes in two network namespaces joined by links "
+            "shaped to RATE_MBIT (and DELAY_MS each way of each link): the TCP copy and both downloads "
+            "cross the same shaped link. Needs ~2x --bytes of free disk. See p2pfm/bench/transfer.py "
+            "and transfer_shaped.py."
+        ),
+    )
+    parser.add_argument(
+        "--bytes",
+        type=int,
+        default=1_490_000_000,
+        help="state size in bytes (default 1,490,000,000: a 124M model with its AdamW moments)",
+    )
+    parser.add_argument(
+        "--shaped",
+        type=parse_shaped,
+        default=None,
+        metavar="RATE_MBIT[,DELAY_MS]",
+        help="root only: donor and joiner in two network namespaces, links shaped to RATE_MBIT Mbit/s "
+        "and DELAY_MS ms on each direction of each link (round trip +4x DELAY_MS), e.g. 300 or 200,5",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="alternated rounds of TCP copy and downloads, medians (default 2)",
+    )
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=4 << 20, help="the donor's state chunk (default 4 MiB)"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="snapshot and partial files here (default: a temp dir)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=_run_transfer)
+
+
+def _run_transfer(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    if args.bytes < 4096 or args.repeats < 1:
+        print("p2pfm: error: --bytes must be at least 4096 and --repeats at least 1", file=sys.stderr)
+        return 2
+    if args.shaped is not None:
+        from p2pfm.bench.transfer_shaped import measure_shaped_download
+        from p2pfm.netlab.netns import available
+
+        reason = available()
+        if reason:
+            print(
+                f"p2pfm: error: --shaped needs root and iproute2 ({reason}): run it with sudo, "
+                "or drop --shaped for the loopback measurement",
+                file=sys.stderr,
+            )
+            return 2
+        rate, delay = args.shaped
+        result = measure_shaped_download(
+            args.bytes, rate, delay, args.repeats, args.work_dir, chunk_bytes=args.chunk_bytes
+        )
+    else:
+        from p2pfm.bench.transfer import measure_download
+
+        result = measure_download(
+            args.bytes, chunk_bytes=args.chunk_bytes, work_dir=args.work_dir, repeats=args.repeats
+        )
+    print(json.dumps(result, indent=1) if args.json else format_transfer(result))
+    return 0
+
+
+def format_transfer(result: dict) -> str:
+    """A few lines: the TCP copy, then each download's MB/s and share of the TCP copy's rate."""
+    link = result.get("link")
+    where = (
+        f"links {link['rate_mbit']:g} Mbit/s ({link['link_MBps']:g} MB/s), +{link['rtt_added_ms']:g} ms RTT, "
+        f"{link['shaper']}"
+        if link
+        else "loopback, one process"
+    )
+    lines = [
+        f"p2pfm bench transfer: {result['total_bytes']:,} bytes, {where}, median of {result['repeats']}",
+        f"  {'TCP copy':<30} {result['tcp_copy_MBps']:>8.1f} MB/s",
+    ]
+    for label, key, ratio in (
+        ("download, libp2p stream", "libp2p_download_MBps", "download_vs_tcp"),
+        ("  its chunks", "libp2p_stream_MBps", "stream_vs_tcp"),
+        ("download, direct lane", "lane_download_MBps", "lane_download_vs_tcp"),
+        ("  its chunks", "lane_MBps", "lane_vs_tcp"),
+    ):
+        lines.append(f"  {label:<30} {result[key]:>8.1f} MB/s  {100 * result[ratio]:5.1f} % of TCP")
+    return "\n".join(lines)
+
+
 BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [
     register_codecs,
     register_swarm,
@@ -390,5 +514,6 @@ BENCHES: list[Callable[[argparse._SubParsersAction], None]] = [
     register_fuzz,
     register_scale,
     register_round,
+    register_transfer,
 ]
 """Registration functions of every ``p2pfm bench`` subcommand, in help order."""
