@@ -131,3 +131,36 @@ def test_blend_into_refuses_an_output_that_overlaps_an_operand():
     a = np.ones(10, np.float32)
     with pytest.raises(ValueError, match="overlaps"):
         tiles.blend_into(a, np.ones(10, np.float32), 0.5, a)
+
+
+def test_a_round_whose_local_steps_diverged_sends_nothing_and_keeps_its_residual(tmp_path):
+    """The daemon's round has no separate finiteness pass over the local parameters: the encoder's
+    own pass refuses a NaN (NonFiniteVector), the round is counted as diverged, nothing is sent,
+    the residual is untouched and the anchor stays finite."""
+    import asyncio
+    import time
+
+    import torch
+
+    from p2pfm.daemon.handlers import StreamClient
+    from p2pfm.daemon.rounds import RoundDriver
+    from p2pfm.daemon.trainer import StepStats
+    from tests.test_state_transfer import peer_runtime
+
+    rt = peer_runtime(tmp_path, "peer", seed=0)
+    learner = rt.protocol.learner
+    learner.feedback.residual[:] = 0.25
+    residual = learner.feedback.residual.copy()
+    anchor = learner.params.copy()
+    with torch.no_grad():
+        next(rt.trainer.model.parameters()).view(-1)[7] = float("nan")  # the local steps diverged
+    driver = RoundDriver(rt, StreamClient(rt))
+    asyncio.run(
+        driver.gossip_round(
+            StepStats(steps=1, samples=1, mean_loss=1.0, compute_seconds=0.1), time.perf_counter()
+        )
+    )
+    assert rt.counters["diverged_rounds"] == 1 and rt.counters["update_bytes_sent"] == 0
+    assert np.array_equal(learner.feedback.residual, residual)
+    assert np.array_equal(learner.params, anchor) and np.isfinite(learner.params).all()
+    assert np.isfinite(rt.trainer.flat()).all()  # the model is back on the (finite) anchor

@@ -164,7 +164,8 @@ class Codec(ABC):
         """The wire map of ``x`` and, if ``with_decoded``, the vector :meth:`decode` returns for it.
 
         ``x`` is 1-D contiguous float32 with 1..MAX_NUMEL elements; NaN or Inf in it must raise
-        ValueError (a local bug, never sent). The map holds ``codec`` and ``numel`` first, then
+        ValueError (a local bug, never sent; the built-in codecs raise :class:`NonFiniteVector`, and
+        the learner refuses a non-finite delta before any codec sees it). The map holds ``codec`` and ``numel`` first, then
         this codec's fields in table order. The decoded vector must be bit-identical to
         decoding the map (error feedback relies on it) and fresh (the caller may write to it);
         a flag rather than always building it because it costs a pass over the output that
@@ -294,6 +295,11 @@ def _check_input(vector: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vector)
 
 
+class NonFiniteVector(ValueError):
+    """A vector we were asked to encode holds NaN or Inf (local steps diverged, or a delta
+    overflowed float32): nothing is sent, and the error-feedback residual is left as it was."""
+
+
 def all_finite(x: np.ndarray) -> bool:
     """``np.isfinite(x).all()`` without its bool array (124 MB at 124M parameters): max and min
     propagate NaN and keep inf, two allocation-free reductions."""
@@ -302,7 +308,7 @@ def all_finite(x: np.ndarray) -> bool:
 
 def _require_finite(x: np.ndarray) -> None:
     if not all_finite(x):
-        raise ValueError("vector contains NaN or Inf; refusing to encode it")
+        raise NonFiniteVector("vector contains NaN or Inf; refusing to encode it")
 
 
 def _to_fp16(x: np.ndarray) -> np.ndarray:
@@ -347,7 +353,7 @@ def _quantize_int8_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.nda
         rest = x[full * block :]
         absmax[full] = max(rest.max(), -rest.min())
     if not np.isfinite(absmax).all():
-        raise ValueError("vector contains NaN or Inf; refusing to encode it")
+        raise NonFiniteVector("vector contains NaN or Inf; refusing to encode it")
     scales = _int8_scales(absmax)
     safe = np.where(scales > 0, scales, np.float32(1.0))  # all-zero block: q = 0 whatever the divisor
     # No clip needed: 127*s >= absmax exactly, so |x/s| <= 127 after correctly rounded division
@@ -369,7 +375,7 @@ def _quantize_int8_one_block(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     absmax = max(np.maximum.reduce(x), -np.minimum.reduce(x))
     if not math.isfinite(absmax):
-        raise ValueError("vector contains NaN or Inf; refusing to encode it")
+        raise NonFiniteVector("vector contains NaN or Inf; refusing to encode it")
     absmax = abs(absmax)  # a float32 scalar; -0.0 becomes +0.0
     s = absmax / _F32_127  # float32 division, as in _int8_scales
     if float(s) * 127.0 < float(absmax):  # exact in float64; rounded down: one ulp up
@@ -401,7 +407,7 @@ def topk_indices(x: np.ndarray, k: int, *, scratch: np.ndarray | None = None) ->
         raise ValueError("scratch must be a separate float32 array shaped like x")
     a = np.abs(x) if scratch is None else np.abs(x, out=scratch)
     if not math.isfinite(np.maximum.reduce(a)):
-        raise ValueError("vector contains NaN or Inf; refusing to encode it")
+        raise NonFiniteVector("vector contains NaN or Inf; refusing to encode it")
     if k == n:
         return np.arange(n, dtype=np.int64)
     cand: np.ndarray | None = None

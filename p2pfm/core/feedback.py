@@ -25,6 +25,7 @@ from p2pfm.core import tiles
 from p2pfm.core.codecs import (
     CODECS,
     CodecSpec,
+    NonFiniteVector,
     SparseVector,
     TopkCodec,
     all_finite,
@@ -86,7 +87,7 @@ class ErrorFeedback:
         self._check_out(update)
         corrected = np.add(update, self.residual, out=update)
         if not all_finite(corrected):  # before the residual serves as scratch: a failure leaves it intact
-            raise ValueError("vector contains NaN or Inf; refusing to encode it")
+            raise NonFiniteVector("vector contains NaN or Inf; refusing to encode it")
         spare = self.residual
         wire, sent = encode_sparse(corrected, spec, scratch=spare)
         self.residual = _less_sent(corrected, sent)
