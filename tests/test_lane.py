@@ -421,3 +421,19 @@ def test_a_lane_that_stalls_ends_at_the_stall_deadline_keeping_what_arrived(tmp_
 
     partial, _, failure = transfer(tmp_path, data, path_filter=stall_after_cut, stall_s=1.0, hold=True)
     assert isinstance(failure, TimeoutError) and sorted(partial.verified) == [0, 1, 2]
+
+
+def test_a_connection_its_transfer_never_took_is_closed_when_the_offer_is_withdrawn():
+    async def scenario() -> bool:
+        server = LaneServer(("/ip4/127.0.0.1/tcp/0",), 0, 5.0, Counter())
+        assert await server.start()
+        try:
+            offer, waiter = server.offer()
+            client = await connect(server.port, lane_ticket(offer.secret))
+            await asyncio.wait_for(asyncio.shield(waiter), 10)  # arrived; the transfer ended before taking it
+            server.withdraw(offer, waiter)
+            return await closed_by_peer(client)
+        finally:
+            await server.close()
+
+    assert asyncio.run(scenario())

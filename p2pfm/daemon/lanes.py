@@ -147,10 +147,13 @@ class LaneServer:
         return offer, waiter
 
     def withdraw(self, offer: LaneOffer, waiter: asyncio.Future[socket.socket]) -> None:
-        """The transfer is over: its ticket no longer opens anything."""
+        """The transfer is over: its ticket no longer opens anything, and a connection that came
+        for it is closed (a no-op if the transfer used and closed it already)."""
         self._offers.pop(lane_ticket(offer.secret), None)
         if not waiter.done():
             waiter.cancel()
+        elif not waiter.cancelled() and waiter.exception() is None:
+            waiter.result().close()
 
     async def close(self) -> None:
         for task in list(self._tasks):
