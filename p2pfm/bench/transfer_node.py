@@ -38,9 +38,10 @@ from p2pfm.bench.transfer import (
     _runtime,
     _send_pieces,
     _write_big_snapshot,
+    donor_claim,
     file_pieces,
+    rate_figures,
 )
-from p2pfm.core.announce import Announcement
 from p2pfm.daemon.config import NetConfig
 
 PIECE_BYTES = 4 << 20  # TCP copy's read/write size: the state's chunk, as in measure_download
@@ -138,10 +139,9 @@ async def joiner(args: argparse.Namespace) -> None:
     stream_rt = _runtime(
         args.work / "stream", dataclasses.replace(net, state_lane_port=-1), _AnyModelSize, open_swarm=True
     )
-    claim = Announcement(
-        peer_id=ready["peer_id"], public_key=bytes.fromhex(ready["public_key"]), libp2p_id=ready["libp2p_id"],
-        maddrs=tuple(ready["maddrs"]), round=0, model_hash=bytes.fromhex(ready["model_hash"]),
-        device_class="cpu", power_w=0.0, state_bytes=size, seq=1, timestamp=time.time(),
+    claim = donor_claim(
+        ready["peer_id"], bytes.fromhex(ready["public_key"]), ready["libp2p_id"], ready["maddrs"],
+        bytes.fromhex(ready["model_hash"]), size,
     )  # fmt: skip
     p2p = await P2P.create(initial_peers=ready["maddrs"], host_maddrs=[f"/ip4/{args.address}/tcp/0"])
     runs: dict[str, list[float]] = {key: [] for key in ("tcp", "stream", "download", "lane", "lane_download")}
@@ -188,30 +188,13 @@ def _result(
     """Medians, rates and ratios to the TCP copy (the same key names as ``measure_download``'s, where
     they mean the same)."""
     size = int(ready["state_bytes"])
-    tcp_s, stream_s, download_s, lane_s, lane_download_s = (
-        float(np.median(runs[key])) for key in ("tcp", "stream", "download", "lane", "lane_download")
-    )
     return {
         "total_bytes": size,
         "chunks": ready["chunks"],
         "repeats": repeats,
         "snapshot_write_s": ready["snapshot_write_s"],
-        # medians; tcp: connect to last byte read; stream / lane: manifest and chunks, each verified and
-        # written to the partial file; download / lane_download: request to checked arrays
-        "tcp_copy_s": round(tcp_s, 6),
-        "libp2p_stream_s": round(stream_s, 6),
-        "libp2p_download_s": round(download_s, 6),
-        "lane_s": round(lane_s, 6),
-        "lane_download_s": round(lane_download_s, 6),
-        "tcp_copy_MBps": round(size / tcp_s / 1e6, 1),
-        "libp2p_stream_MBps": round(size / stream_s / 1e6, 1),
-        "libp2p_download_MBps": round(size / download_s / 1e6, 1),
-        "lane_MBps": round(size / lane_s / 1e6, 1),
-        "lane_download_MBps": round(size / lane_download_s / 1e6, 1),
-        "stream_vs_tcp": round(tcp_s / stream_s, 3),
-        "download_vs_tcp": round(tcp_s / download_s, 3),
-        "lane_vs_tcp": round(tcp_s / lane_s, 3),
-        "lane_download_vs_tcp": round(tcp_s / lane_download_s, 3),
+        # medians; tcp: connect to last byte read (the rest as in measure_download)
+        **rate_figures(size, runs),
         # the joiner's Python process only (its p2pd, and the donor, are other processes)
         "joiner_cpu_s": {key: round(float(np.median(v)), 3) for key, v in cpu.items()},
         "joiner_peak_heap_growth_bytes": peak,

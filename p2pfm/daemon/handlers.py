@@ -257,7 +257,7 @@ class StreamHandlers:
                     await asyncio.wait_for(write_frame(writer, manifest), net.state_stall_s)
                     sent = await self._send_state(
                         remote, reader, writer, fd, snapshot.layout, indexes,
-                        None if offered is None or lane is None else lane,
+                        lane if offered is not None else None,
                     )  # fmt: skip
             finally:
                 if lane is not None and self.rt.lanes is not None:

@@ -305,7 +305,6 @@ async def receive_sealed(
     loop = asyncio.get_running_loop()
     arrived: asyncio.Queue[bytearray | BaseException] = asyncio.Queue()
     room = threading.Semaphore(READ_AHEAD)  # sealed chunks read and not yet taken
-    stop = threading.Event()
 
     def read_all(stop: threading.Event) -> None:
         for index in indexes:
@@ -331,15 +330,13 @@ async def receive_sealed(
             raise item
         return item
 
-    def write(index: int, sealed: bytearray) -> None:
+    def write(index: int, sealed: bytes | bytearray) -> None:
         partial.write_chunk(index, cipher.open_chunk(index, sealed))
 
-    reading = loop.run_in_executor(_POOL, read_all, stop)
+    reading = asyncio.ensure_future(_in_lane_thread(sock, read_all))
     try:
         await receive_pieces(next_piece, write, partial, indexes, progress)
     finally:
-        stop.set()
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        await asyncio.wait({reading})
+        reading.cancel()  # stops the reader thread (socket shut) and waits for it, if it still runs
+        await asyncio.gather(reading, return_exceptions=True)
         sock.close()

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2pfm.bench.transfer import _AnyModelSize, _runtime, _write_big_snapshot
-from p2pfm.core.announce import Announcement
+from p2pfm.bench.transfer import _AnyModelSize, _runtime, _write_big_snapshot, donor_claim
 from p2pfm.core.lane import LaneCipher
 from p2pfm.daemon.config import NetConfig
 from p2pfm.daemon.handlers import StreamClient, StreamHandlers
@@ -40,11 +39,9 @@ async def _download(tmp_path: Path, joiner_net: NetConfig | None = None):
         maddrs = [str(m) for m in await donor_p2p.get_visible_maddrs()]
         joiner_p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         joiner.net.p2p = joiner_p2p
-        claim = Announcement(
-            peer_id=donor.peer_id, public_key=donor.protocol.identity.public_key_bytes,
-            libp2p_id=donor_p2p.peer_id.to_base58(), maddrs=tuple(maddrs), round=0,
-            model_hash=donor.snapshot.hash, device_class="cpu", power_w=0.0, state_bytes=donor.snapshot.size,
-            seq=1, timestamp=time.time(),
+        claim = donor_claim(
+            donor.peer_id, donor.protocol.identity.public_key_bytes, donor_p2p.peer_id.to_base58(),
+            maddrs, donor.snapshot.hash, donor.snapshot.size,
         )  # fmt: skip
         client = StreamClient(joiner)
         arrays, _ = await client.download_state(claim)
